@@ -1,0 +1,286 @@
+"""The arguments of the entrypoints, in one place.
+
+The Python API (``oneshot(**kwargs)``), config files (``--config run.yaml``) and the CLI flags are
+all generated from the attrs fields below, so the three can never drift apart. One cattrs
+converter structures keyword arguments into these classes; an unknown name is refused with the
+closest valid name and a wrong type names the field, what it expects and what it got.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import cattrs
+from attrs import validators as v
+
+from llmc.errors import ArgumentError, did_you_mean
+
+__all__ = [
+    "ARGUMENT_CLASSES",
+    "DatasetArguments",
+    "ModelArguments",
+    "OutputArguments",
+    "RecipeArguments",
+    "parse_arguments",
+]
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def _help(text: str, *, cli: bool = True, cli_type: str | None = None) -> dict[str, Any]:
+    """Field metadata read by the CLI generator: help text, and how the flag is typed."""
+    return {"help": text, "cli": cli, "cli_type": cli_type}
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ArgumentError(
+            f"'{attribute.name}' must be a positive integer (got {value!r})", name=attribute.name
+        )
+
+
+def _model_like(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return
+    if hasattr(value, "forward") and hasattr(value, "named_modules"):
+        return
+    raise ArgumentError(
+        f"'{attribute.name}' must be a local path, a hub name or a loaded model "
+        f"(got {type(value).__name__})",
+        name=attribute.name,
+    )
+
+
+def _path_or_none(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+@attrs.frozen(kw_only=True)
+class ModelArguments:
+    """Which model to compress and how to load it."""
+
+    model: Any = attrs.field(
+        default=None,
+        converter=_path_or_none,
+        validator=_model_like,
+        metadata=_help(
+            "model to compress: a local directory, a hub name, or (from Python) a loaded model; "
+            "'llmc:tiny-llama' is the embedded demo model",
+            cli_type="str",
+        ),
+    )
+    tokenizer: Any = attrs.field(
+        default=None,
+        converter=_path_or_none,
+        metadata=_help("tokenizer path or hub name (default: the model's)", cli_type="str"),
+    )
+    precision: str = attrs.field(
+        default="auto",
+        validator=v.in_(PRECISIONS),
+        metadata=_help(f"dtype to load the model in: {', '.join(PRECISIONS)}"),
+    )
+    device: str | None = attrs.field(
+        default=None,
+        metadata=_help("device for calibration (default: the model's, else cuda if present, else cpu)"),
+    )
+    cache_dir: str | None = attrs.field(
+        default=None, converter=_path_or_none, metadata=_help("where hub downloads are cached")
+    )
+    revision: str | None = attrs.field(
+        default=None, metadata=_help("hub revision (branch, tag or commit) of the model")
+    )
+    trust_remote_code: bool = attrs.field(
+        default=False,
+        metadata=_help("run model code shipped with a hub repository (off unless asked)"),
+    )
+    save_compressed: bool = attrs.field(
+        default=True,
+        metadata=_help("pack quantized weights (compressed-tensors); off writes dense fake-quantized weights"),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class DatasetArguments:
+    """Which calibration data to use and how to cut it into samples."""
+
+    dataset: Any = attrs.field(
+        default=None,
+        converter=_path_or_none,
+        metadata=_help(
+            "calibration data: a hub name, a local json/jsonl/csv/parquet/txt file or folder, a "
+            "registered preset such as 'llmc:stdlib-docs', or (from Python) a datasets.Dataset",
+            cli_type="str",
+        ),
+    )
+    dataset_config_name: str | None = attrs.field(
+        default=None, metadata=_help("configuration name of a hub dataset")
+    )
+    dataset_path: str | None = attrs.field(
+        default=None,
+        converter=_path_or_none,
+        metadata=_help("local file or folder to load the data from (instead of --dataset)"),
+    )
+    splits: str | None = attrs.field(
+        default=None,
+        metadata=_help("split to calibrate on, e.g. 'train' or 'train[:10%]' (default: train)"),
+    )
+    text_column: str = attrs.field(default="text", metadata=_help("column holding the raw text"))
+    num_calibration_samples: int = attrs.field(
+        default=512, validator=_positive, metadata=_help("number of calibration samples")
+    )
+    max_seq_length: int = attrs.field(
+        default=384, validator=_positive, metadata=_help("tokens per sample (longer ones are cut)")
+    )
+    shuffle_calibration_samples: bool = attrs.field(
+        default=True, metadata=_help("shuffle (seeded) before taking the samples")
+    )
+    seed: int = attrs.field(default=42, metadata=_help("seed of the shuffle"))
+    preprocessing_func: Any = attrs.field(
+        default=None,
+        metadata=_help(
+            "function applied to each example before tokenization; from the CLI 'module:function'",
+            cli_type="str",
+        ),
+    )
+    concatenate_data: bool = attrs.field(
+        default=False,
+        metadata=_help("join all texts and cut them into samples of exactly max_seq_length tokens"),
+    )
+    batch_size: int = attrs.field(
+        default=1, validator=_positive, metadata=_help("samples per calibration forward pass")
+    )
+    sequential_targets: list[str] | None = attrs.field(
+        default=None,
+        metadata=_help(
+            "module names or class names of the blocks calibrated one at a time "
+            "(default: the model's decoder layers)",
+            cli_type="list",
+        ),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class RecipeArguments:
+    """What to do to the model."""
+
+    recipe: Any = attrs.field(
+        default=None,
+        metadata=_help(
+            "a recipe YAML file, a YAML string, or a shipped recipe name such as 'llmc:w4a16'; "
+            "from Python also a modifier or a list of modifiers",
+            cli_type="str",
+        ),
+    )
+    recipe_args: dict[str, Any] | None = attrs.field(
+        default=None,
+        metadata=_help(
+            "values that override the recipe: {'scheme': 'W8A16'} sets that field in every "
+            "modifier that has it, {'quant_stage.quant_modifiers.QuantizationModifier.scheme': ...} "
+            "sets one",
+            cli_type="mapping",
+        ),
+    )
+    stage: str | None = attrs.field(default=None, metadata=_help("run only this recipe stage"))
+
+
+@attrs.frozen(kw_only=True)
+class OutputArguments:
+    """Where the compressed checkpoint goes."""
+
+    output_dir: str | None = attrs.field(
+        default=None,
+        converter=_path_or_none,
+        metadata=_help("directory for the compressed checkpoint (nothing is saved without it)"),
+    )
+    overwrite: bool = attrs.field(
+        default=False, metadata=_help("replace an existing non-empty output directory")
+    )
+
+
+ARGUMENT_CLASSES: tuple[type, ...] = (
+    ModelArguments,
+    DatasetArguments,
+    RecipeArguments,
+    OutputArguments,
+)
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    # Fields typed Any keep Python objects (a model, a Dataset, a modifier list) as they are.
+    return converter
+
+
+CONVERTER = _make_converter()
+
+
+def field_owner(classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, type]:
+    """Map each argument name to the class that holds it."""
+    owners: dict[str, type] = {}
+    for cls in classes:
+        for field in attrs.fields(cls):
+            owners[field.name] = cls
+    return owners
+
+
+def _describe_cattrs_error(error: BaseException, cls: type) -> str:
+    messages = cattrs.transform_error(error, path=cls.__name__)
+    return "; ".join(messages)
+
+
+def structure_one(cls: type, values: Mapping[str, Any]) -> Any:
+    """Build one argument class, turning attrs/cattrs failures into one-line ArgumentErrors."""
+    try:
+        return CONVERTER.structure(dict(values), cls)
+    except ArgumentError:
+        raise
+    except cattrs.BaseValidationError as error:
+        for leaf in _leaf_exceptions(error):
+            if isinstance(leaf, ArgumentError):
+                raise leaf from None
+        raise ArgumentError(_describe_field_errors(error, cls)) from None
+    except (TypeError, ValueError) as error:
+        raise ArgumentError(str(error)) from None
+
+
+def _leaf_exceptions(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        for sub in error.exceptions:
+            leaves.extend(_leaf_exceptions(sub))
+        return leaves
+    return [error]
+
+
+def _describe_field_errors(error: BaseException, cls: type) -> str:
+    problems = []
+    for message in cattrs.transform_error(error, path=""):
+        # cattrs says "invalid value for type, expected int @ $.batch_size"; make it name the field.
+        text, _, where = message.partition(" @ ")
+        field = where.lstrip("$.") or cls.__name__
+        problems.append(f"'{field}': {text}")
+    return "; ".join(problems)
+
+
+def parse_arguments(
+    values: Mapping[str, Any], classes: tuple[type, ...] = ARGUMENT_CLASSES
+) -> tuple[Any, ...]:
+    """Sort keyword arguments into the argument classes, refusing unknown names.
+
+    Why one flat namespace: users write ``oneshot(model=..., recipe=..., dataset=...)`` (as in
+    llm-compressor) without knowing which class holds which field.
+    """
+    owners = field_owner(classes)
+    unknown = [name for name in values if name not in owners]
+    if unknown:
+        name = unknown[0]
+        raise ArgumentError(
+            f"unknown argument {name!r}{did_you_mean(name, owners)}", name=name
+        )
+    grouped: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
+    for name, value in values.items():
+        grouped[owners[name]][name] = value
+    return tuple(structure_one(cls, grouped[cls]) for cls in classes)

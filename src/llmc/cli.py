@@ -1,0 +1,257 @@
+"""The ``llmc`` command.
+
+The flags of ``llmc oneshot`` are generated from the attrs fields in ``llmc.args``, so the CLI,
+config files and the Python API accept exactly the same names. Bad input prints one line
+(``llmc: error: ...``) and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from llmc.args import ARGUMENT_CLASSES, field_owner
+from llmc.errors import ArgumentError, LlmcError, did_you_mean
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("llmc")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_mapping(text: str) -> dict[str, Any]:
+    """``--recipe-args`` takes ``key=value`` (value read as a YAML scalar) or a YAML mapping."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="safe", pure=True)
+    if "=" in text and not text.lstrip().startswith("{"):
+        key, _, value = text.partition("=")
+        return {key.strip(): yaml.load(value) if value.strip() else None}
+    loaded = yaml.load(text)
+    if not isinstance(loaded, dict):
+        raise argparse.ArgumentTypeError(f"expected key=value or a YAML mapping, got {text!r}")
+    return loaded
+
+
+class _MergeMapping(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        merged = dict(getattr(namespace, self.dest) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+def _add_argument_fields(parser: argparse.ArgumentParser, classes: Sequence[type]) -> None:
+    for cls in classes:
+        group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+        for field in attrs.fields(cls):
+            meta = field.metadata
+            if not meta.get("cli", True):
+                continue
+            help_text = meta.get("help", "")
+            cli_type = meta.get("cli_type")
+            flag = _flag(field.name)
+            if field.type in ("bool", bool):
+                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                   default=None, help=f"{help_text} (default: {field.default})")
+            elif field.type in ("int", int, "int | None"):
+                group.add_argument(flag, dest=field.name, type=int, default=None,
+                                   help=f"{help_text} (default: {field.default})")
+            elif cli_type == "list":
+                group.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text)
+            elif cli_type == "mapping":
+                group.add_argument(flag, dest=field.name, type=_parse_mapping, action=_MergeMapping,
+                                   default=None, metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
+            else:
+                default = field.default if field.default is not None else None
+                suffix = f" (default: {default})" if default not in (None, attrs.NOTHING) else ""
+                group.add_argument(flag, dest=field.name, default=None, help=help_text + suffix)
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    """A YAML or JSON file of argument names to values (dashes or underscores)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    if not os.path.isfile(path):
+        raise ArgumentError(f"config file {path!r} does not exist", name="config")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = YAML(typ="safe", pure=True).load(handle)
+    except YAMLError as error:
+        raise ArgumentError(f"config file {path!r} is not valid YAML: {error}".replace("\n", " ")) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ArgumentError(f"config file {path!r} must hold a mapping of argument names to values")
+    return {str(key).replace("-", "_"): value for key, value in loaded.items()}
+
+
+def _collect(namespace: argparse.Namespace, classes: Sequence[type]) -> dict[str, Any]:
+    """Config-file values overridden by the flags that were given."""
+    values: dict[str, Any] = {}
+    if getattr(namespace, "config", None):
+        values.update(_read_config(namespace.config))
+    for name in field_owner(tuple(classes)):
+        value = getattr(namespace, name, None)
+        if value is not None:
+            values[name] = value
+    return values
+
+
+def _refuse_unknown(unknown: list[str], parser: argparse.ArgumentParser) -> None:
+    if not unknown:
+        return
+    flags = [opt for action in parser._actions for opt in action.option_strings]
+    first = next((item for item in unknown if item.startswith("-")), unknown[0])
+    flag = first.split("=")[0]
+    if flag.startswith("-"):
+        raise ArgumentError(f"unknown option {flag!r}{did_you_mean(flag, flags)}", name=flag)
+    raise ArgumentError(f"unexpected argument {first!r}", name=first)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmc", description="Compress Hugging Face language models with recipes and plugins."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    oneshot = commands.add_parser(
+        "oneshot", help="calibrate and compress a model (no training)",
+        description="Calibrate and compress a model with a recipe, then save a compressed-tensors checkpoint.",
+    )
+    oneshot.add_argument("--config", help="YAML/JSON file of arguments; flags override it")
+    _add_argument_fields(oneshot, ARGUMENT_CLASSES)
+
+    evaluate = commands.add_parser("eval", help="perplexity of a model or checkpoint on held-out text")
+    evaluate.add_argument("--model", required=True, help="checkpoint directory, hub name, or llmc:tiny-llama")
+    evaluate.add_argument("--dataset", default=None, help="text to evaluate on (default: llmc:stdlib-docs-heldout)")
+    evaluate.add_argument("--text-column", default="text")
+    evaluate.add_argument("--max-seq-length", type=int, default=512)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-chunks", type=int, default=None, help="evaluate at most this many chunks")
+    evaluate.add_argument("--precision", default="auto")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--trust-remote-code", action="store_true")
+
+    commands.add_parser("plugins", help="list installed plugins, their versions and modifiers")
+    commands.add_parser("recipes", help="list the shipped recipes (use them as llmc:<name>)")
+
+    demo = commands.add_parser(
+        "demo", help="compress the embedded tiny model (W4A16 and W8A8) and show what changed"
+    )
+    demo.add_argument("--output-dir", default="llmc-demo", help="where the checkpoints go")
+    demo.add_argument("--num-calibration-samples", type=int, default=64)
+    demo.add_argument("--max-chunks", type=int, default=64, help="held-out chunks of 512 tokens to evaluate")
+    return parser
+
+
+def _run_oneshot(namespace: argparse.Namespace) -> int:
+    from llmc.entrypoints.oneshot import oneshot
+
+    result = oneshot(**_collect(namespace, ARGUMENT_CLASSES))
+    for modifier, summary in result.report["summary"].items():
+        logger.info(
+            "%s: %d modules, mean weight error %.4f (worst %s)",
+            modifier, summary["modules"], summary["mean_weight_error"] or 0.0, summary["worst_module"],
+        )
+    if result.output_dir is not None:
+        print(f"saved {result.output_dir}")
+    else:
+        print("no --output-dir given: nothing was saved")
+    return 0
+
+
+def _run_eval(namespace: argparse.Namespace) -> int:
+    from llmc.evaluate import heldout_token_ids, load_model_for_eval, perplexity
+
+    model, tokenizer = load_model_for_eval(
+        namespace.model, precision=namespace.precision,
+        trust_remote_code=namespace.trust_remote_code, device=namespace.device,
+    )
+    tokens = heldout_token_ids(tokenizer, namespace.dataset, text_column=namespace.text_column)
+    value = perplexity(
+        model, tokens, seq_len=namespace.max_seq_length, batch_size=namespace.batch_size,
+        max_chunks=namespace.max_chunks,
+    )
+    print(f"perplexity {value:.3f}  ({namespace.model}, seq_len {namespace.max_seq_length})")
+    return 0
+
+
+def _run_plugins(_: argparse.Namespace) -> int:
+    from llmc.plugins import load_registry
+
+    registry = load_registry()
+    for info in registry.describe():
+        print(f"{info.name}  ({info.package} {info.version})")
+        print(f"    modifiers: {', '.join(info.modifiers) or '-'}")
+        if info.recipes:
+            print(f"    recipes:   {', '.join('llmc:' + r for r in info.recipes)}")
+    for name, reason in registry.plugins.failed.items():
+        print(f"{name}  (failed to load: {reason})")
+    return 0
+
+
+def _run_recipes(_: argparse.Namespace) -> int:
+    from llmc.plugins import load_registry
+
+    registry = load_registry()
+    for name, (plugin, path) in sorted(registry.recipes.items()):
+        first_line = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"llmc:{name:<16} [{plugin}] {first_line}")
+    return 0
+
+
+def _run_demo(namespace: argparse.Namespace) -> int:
+    from llmc.demo import run_demo
+
+    run_demo(
+        output_dir=namespace.output_dir,
+        num_calibration_samples=namespace.num_calibration_samples,
+        max_chunks=namespace.max_chunks,
+    )
+    return 0
+
+
+COMMANDS = {
+    "oneshot": _run_oneshot,
+    "eval": _run_eval,
+    "plugins": _run_plugins,
+    "recipes": _run_recipes,
+    "demo": _run_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        namespace, unknown = parser.parse_known_args(argv)
+        if unknown:
+            subparser = parser._subparsers._group_actions[0].choices[namespace.command]  # type: ignore[union-attr]
+            _refuse_unknown(unknown, subparser)
+        logging.basicConfig(
+            level=logging.WARNING if namespace.quiet else logging.INFO,
+            format="llmc: %(message)s",
+        )
+        return COMMANDS[namespace.command](namespace)
+    except LlmcError as error:
+        print(f"llmc: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

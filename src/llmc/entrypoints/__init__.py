@@ -1,0 +1,1 @@
+"""Entrypoints: `oneshot` (calibrate + compress); each in its own module, read top to bottom."""

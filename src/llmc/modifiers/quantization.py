@@ -1,0 +1,181 @@
+"""Round-to-nearest weight quantization (and dynamic activation quantization), data-free.
+
+The baseline every smarter quantizer (GPTQ) is measured against, and the quickest way to a
+checkpoint vLLM serves. Needs no calibration data: the weights' own min/max fix the scales.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import torch
+
+from llmc.context import RunContext
+from llmc.errors import CalibrationError, RecipeError
+from llmc.hookspecs import hookimpl
+from llmc.modifier import Modifier
+from llmc.quantization import (
+    QuantizationScheme,
+    preset_scheme,
+    quantize_linear_,
+    scheme_from_config_group,
+)
+from llmc.targets import match_modules
+
+__all__ = ["QuantizationModifier", "resolve_schemes", "target_linears"]
+
+logger = logging.getLogger("llmc.quantization")
+
+
+def _as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _scheme_form(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return
+    raise RecipeError(
+        "'scheme' must be a preset name such as 'W4A16' or a mapping {preset: [targets]} "
+        f"(got {value!r})"
+    )
+
+
+def resolve_schemes(
+    scheme: str | dict[str, Any] | None,
+    config_groups: dict[str, dict[str, Any]] | None,
+    targets: list[str],
+) -> list[QuantizationScheme]:
+    """The schemes a quantizing modifier applies, first match wins, from either form it accepts.
+
+    ``scheme: W4A16`` applies a preset to ``targets``; ``scheme: {W4A16: [...], W8A16: [...]}``
+    gives each preset its own targets; ``config_groups`` is the explicit compressed-tensors form.
+    """
+    if (scheme is None) == (config_groups is None):
+        raise RecipeError("give exactly one of 'scheme' and 'config_groups'")
+    if isinstance(scheme, str):
+        return [preset_scheme(scheme, targets)]
+    if isinstance(scheme, dict):
+        return [preset_scheme(name, _as_list(group)) for name, group in scheme.items()]
+    assert config_groups is not None
+    return [scheme_from_config_group(group) for group in config_groups.values()]
+
+
+def target_linears(
+    root: torch.nn.Module,
+    schemes: list[QuantizationScheme],
+    ignore: list[str],
+    prefix: str = "",
+) -> list[tuple[str, torch.nn.Linear, QuantizationScheme]]:
+    """Each Linear under ``root`` that a scheme targets, with the first scheme that does."""
+    found: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = {}
+    for scheme in schemes:
+        for name, module in match_modules(root, scheme.targets, ignore, prefix=prefix):
+            if isinstance(module, torch.nn.Linear) and name not in found:
+                found[name] = (module, scheme)
+    return [(name, module, scheme) for name, (module, scheme) in found.items()]
+
+
+def incompatible_group_size(module: torch.nn.Linear, scheme: QuantizationScheme) -> int | None:
+    """The group size that does not divide this module's input width, if any."""
+    weights = scheme.weights
+    if weights is None or weights.strategy != "group" or weights.group_size is None:
+        return None
+    return weights.group_size if module.in_features % weights.group_size else None
+
+
+@attrs.frozen(kw_only=True)
+class QuantizationModifier(Modifier):
+    """Round-to-nearest quantization of Linear weights with min-max scales.
+
+    ``targets``/``ignore`` take class names, module names and ``re:`` patterns. With
+    ``skip_incompatible=True`` a module whose input width the group size does not divide is
+    left unquantized (and listed in the checkpoint's ``ignore``) instead of stopping the run.
+    """
+
+    requires_calibration_data = False
+
+    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=_as_list)
+    ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=_as_list)
+    scheme: Any = attrs.field(default=None, validator=_scheme_form)
+    config_groups: dict[str, dict[str, Any]] | None = None
+    skip_incompatible: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        # Validates the scheme now, so a bad recipe fails before any model is loaded.
+        resolve_schemes(self.scheme, self.config_groups, self.targets)
+
+    def start(self, context: RunContext) -> QuantizationRun:
+        schemes = resolve_schemes(self.scheme, self.config_groups, self.targets)
+        return QuantizationRun(config=self, schemes=schemes)
+
+
+@attrs.define
+class QuantizationRun:
+    """Run state of a QuantizationModifier: which modules it will quantize and has quantized."""
+
+    config: QuantizationModifier
+    schemes: list[QuantizationScheme]
+    pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
+
+    @hookimpl
+    def llmc_initialize(self, context: RunContext) -> None:
+        for name, module, scheme in target_linears(context.model, self.schemes, self.config.ignore):
+            group_size = incompatible_group_size(module, scheme)
+            if group_size is not None:
+                if self.config.skip_incompatible:
+                    logger.warning(
+                        "leaving %s unquantized: group size %d does not divide its input width %d",
+                        name, group_size, module.in_features,
+                    )
+                    continue
+                raise CalibrationError(
+                    f"group size {group_size} does not divide the input width "
+                    f"{module.in_features} of {name}; choose a group size that divides it, "
+                    "ignore the module, or set skip_incompatible: true",
+                    module=name,
+                )
+            self.pending[name] = (module, scheme)
+        if not self.pending:
+            raise CalibrationError(
+                f"QuantizationModifier targets {self.config.targets} (ignoring "
+                f"{self.config.ignore}) match no Linear module of this model"
+            )
+        logger.info("QuantizationModifier: %d Linear modules to quantize", len(self.pending))
+
+    @hookimpl
+    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
+        return False
+
+    @hookimpl
+    def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        prefix = f"{layer_name}."
+        for name in [n for n in self.pending if n.startswith(prefix)]:
+            self._quantize(context, name)
+
+    @hookimpl
+    def llmc_finalize(self, context: RunContext) -> None:
+        for name in list(self.pending):
+            self._quantize(context, name)
+
+    def _quantize(self, context: RunContext, name: str) -> None:
+        module, scheme = self.pending.pop(name)
+        original = module.weight.detach().clone()
+        quantize_linear_(module, scheme)
+        error = relative_error(original, module.weight.detach())
+        context.record(
+            modifier="QuantizationModifier",
+            module=name,
+            scheme=scheme.describe(),
+            weight_error=error,
+        )
+
+
+def relative_error(original: torch.Tensor, changed: torch.Tensor) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F: how much of the weight a compression step changed."""
+    original = original.float()
+    denominator = torch.linalg.vector_norm(original).item() or 1.0
+    return torch.linalg.vector_norm(original - changed.float()).item() / denominator

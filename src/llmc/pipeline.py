@@ -1,0 +1,237 @@
+"""Layer-by-layer calibration, without tracing the model.
+
+Tracing (torch.fx) breaks on new architectures; hooks do not. The pipeline only assumes the model
+is a stack of blocks in a ``ModuleList`` (decoder layers, encoder layers), which holds for
+Llama, Qwen, Mistral, Gemma, Phi, BERT and most others::
+
+    capture: run the model on every batch until the first block, keep its inputs (on CPU)
+    for each block:
+        modifiers attach hooks           (llmc_layer_start)
+        calibration pass                 the samples through the block, hooks see the inputs
+        modifiers compress the block     (llmc_layer_end)
+        propagation pass                 the samples through the *compressed* block
+                                         -> the next block's inputs, so later blocks see
+                                            (and compensate) the errors made here
+    modifiers finish                     (llmc_finalize)
+
+The inputs of a block are kept per batch as the positional and keyword arguments the model
+passed to it (hidden states, attention mask, rotary embeddings...), so any block signature works.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import pluggy
+import torch
+from tqdm.auto import tqdm
+
+from llmc import hookspecs
+from llmc.context import RunContext
+from llmc.errors import CalibrationError
+from llmc.targets import is_match
+
+__all__ = ["BlockInputs", "LayerwisePipeline", "find_blocks", "make_lifecycle"]
+
+logger = logging.getLogger("llmc.pipeline")
+
+
+def make_lifecycle(run_states: Sequence[object]) -> pluggy.PluginManager:
+    """A plugin manager whose hooks call the modifiers' run states in recipe order.
+
+    pluggy calls the most recently registered implementation first, so the run states are
+    registered in reverse.
+    """
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    for index in reversed(range(len(run_states))):
+        manager.register(run_states[index], name=f"modifier-{index}")
+    return manager
+
+
+def find_blocks(
+    model: torch.nn.Module, sequential_targets: Sequence[str] | None = None
+) -> list[tuple[str, torch.nn.Module]]:
+    """The blocks to calibrate one at a time, with their full names, in execution order.
+
+    Without ``sequential_targets``: the ``ModuleList`` of same-class modules holding the most
+    parameters (a decoder's ``model.layers``, BERT's ``encoder.layer``).
+    """
+    if sequential_targets:
+        blocks = [
+            (name, module)
+            for name, module in model.named_modules()
+            if name and is_match(name, module, sequential_targets)
+        ]
+        # Keep the outermost matches only: a block must not be nested in another.
+        outer = [
+            (name, module)
+            for name, module in blocks
+            if not any(name.startswith(f"{other}.") for other, _ in blocks if other != name)
+        ]
+        if not outer:
+            raise CalibrationError(
+                f"sequential_targets {list(sequential_targets)} match no module of "
+                f"{type(model).__name__}"
+            )
+        return outer
+    best: tuple[int, str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise CalibrationError(
+            f"found no ModuleList of blocks in {type(model).__name__}; pass "
+            "sequential_targets=[<class name of its layers>]"
+        )
+    _, list_name, blocks_list = best
+    return [(f"{list_name}.{index}", block) for index, block in enumerate(blocks_list)]
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(_to(item, device) for item in value)
+    if isinstance(value, list):
+        return [_to(item, device) for item in value]
+    if isinstance(value, dict):
+        return {key: _to(item, device) for key, item in value.items()}
+    return value
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+@attrs.define
+class BlockInputs:
+    """What one batch passes to a block: its arguments (hidden states first) and mask."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    attention_mask: torch.Tensor | None
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden_states(self, hidden_states: torch.Tensor) -> BlockInputs:
+        if self.args:
+            return attrs.evolve(self, args=(hidden_states, *self.args[1:]))
+        return attrs.evolve(self, kwargs={**self.kwargs, "hidden_states": hidden_states})
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise CalibrationError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
+
+
+@attrs.define
+class LayerwisePipeline:
+    """Runs the calibration data through the model one block at a time (see module docstring).
+
+    ``storage_device`` holds the block inputs between blocks (CPU by default, so activations
+    for many samples never sit on the accelerator).
+    """
+
+    model: torch.nn.Module
+    context: RunContext
+    lifecycle: pluggy.PluginManager
+    sequential_targets: Sequence[str] | None = None
+    storage_device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    show_progress: bool = True
+    timings: dict[str, float] = attrs.field(factory=dict)
+
+    def run(self, batches: Sequence[dict[str, torch.Tensor]] | None) -> None:
+        blocks = find_blocks(self.model, self.sequential_targets)
+        self.context.layer_names = [name for name, _ in blocks]
+        hook = self.lifecycle.hook
+        hook.llmc_initialize(context=self.context)
+        inputs = self._capture(blocks[0][1], batches) if batches else None
+        progress = tqdm(blocks, desc="calibrating", unit="layer", disable=not self.show_progress)
+        for name, block in progress:
+            progress.set_postfix_str(name)
+            started = time.perf_counter()
+            wants_data = any(hook.llmc_layer_start(context=self.context, layer_name=name, layer=block))
+            if wants_data:
+                if inputs is None:
+                    raise CalibrationError(
+                        f"a modifier needs calibration data at {name} but no dataset was given; "
+                        "pass dataset=... (for example 'llmc:stdlib-docs')",
+                        module=name,
+                    )
+                for _ in self._forward(block, inputs):
+                    pass
+            hook.llmc_layer_end(context=self.context, layer_name=name, layer=block)
+            if inputs is not None and name != blocks[-1][0]:
+                inputs = [
+                    batch.with_hidden_states(output.to(self.storage_device))
+                    for batch, output in zip(inputs, self._forward(block, inputs))
+                ]
+            self.timings[name] = time.perf_counter() - started
+            logger.debug("%s done in %.2f s", name, self.timings[name])
+        hook.llmc_finalize(context=self.context)
+
+    def _device(self) -> torch.device:
+        return self.context.device
+
+    @torch.no_grad()
+    def _capture(
+        self, first_block: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]
+    ) -> list[BlockInputs]:
+        """The first block's inputs for every batch, from forwards cut short at that block."""
+        captured: list[BlockInputs] = []
+        current_mask: list[torch.Tensor | None] = [None]
+
+        def grab(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.append(
+                BlockInputs(
+                    args=_to(args, self.storage_device),
+                    kwargs=_to(kwargs, self.storage_device),
+                    attention_mask=current_mask[0],
+                )
+            )
+            raise _StopForward
+
+        handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+        device = self._device()
+        try:
+            for batch in tqdm(batches, desc="capturing inputs", unit="batch", disable=not self.show_progress):
+                current_mask[0] = batch.get("attention_mask")
+                try:
+                    self.model(**_to(batch, device), use_cache=False)
+                except _StopForward:
+                    continue
+                raise CalibrationError(
+                    "the model finished a forward pass without calling its first block; "
+                    "check sequential_targets"
+                )
+        finally:
+            handle.remove()
+        return captured
+
+    @torch.no_grad()
+    def _forward(self, block: torch.nn.Module, inputs: list[BlockInputs]) -> Iterator[torch.Tensor]:
+        device = self._device()
+        for batch in inputs:
+            mask = batch.attention_mask
+            self.context.attention_mask = None if mask is None else mask.to(device)
+            output = block(*_to(batch.args, device), **_to(batch.kwargs, device))
+            yield _first_output(output)
+        self.context.attention_mask = None

@@ -1,0 +1,413 @@
+"""What a quantized Linear stores and how, in the terms of the compressed-tensors format.
+
+The classes mirror compressed-tensors' ``QuantizationArgs`` and ``QuantizationScheme`` field for
+field, so a scheme written into ``config.json`` is read back by transformers and vLLM unchanged,
+and a ``config_groups`` entry copied from an llm-compressor recipe is accepted as is. They are
+frozen attrs classes (not the pydantic originals) so that recipes, the CLI and plugins share one
+validation story: every invalid value is an ``ArgumentError`` naming the field, what is allowed
+and what was given.
+
+Only what llmc can compute and save exactly is accepted: integer weights of 2, 3, 4 or 8 bits
+with a tensor, channel or group scale, and dynamic integer input activations. Everything else
+compressed-tensors knows (floats, static activation scales, blocks) is refused up front with a
+message saying so, instead of producing a checkpoint that fails to load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from llmc.errors import ArgumentError, did_you_mean
+
+__all__ = [
+    "ACTORDERS",
+    "FORMATS",
+    "NUM_BITS",
+    "PRESET_SCHEMES",
+    "STRATEGIES",
+    "QuantizationArgs",
+    "QuantizationScheme",
+    "args_from_config_dict",
+    "preset_scheme",
+    "scheme_from_config_dict",
+    "schemes_from_config_groups",
+]
+
+NUM_BITS = (2, 3, 4, 8)
+TYPES = ("int", "float")
+STRATEGIES = ("tensor", "channel", "group", "token")
+ACTORDERS = (None, "weight", "group", "static")
+# Formats a group can be saved in; "dense" keeps the fake-quantized float weight.
+FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "dense")
+
+
+def _quote(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _one_of(choices: Iterable[Any]):
+    choices = tuple(choices)
+    listed = ", ".join(_quote(c) for c in choices)
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices or isinstance(value, bool):
+            raise ArgumentError(
+                f"'{attribute.name}' must be one of {listed} (got {_quote(value)})",
+                name=attribute.name,
+            )
+
+    return check
+
+
+def _is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ArgumentError(
+            f"'{attribute.name}' must be true or false (got {_quote(value)})", name=attribute.name
+        )
+
+
+def _check_type(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value == "float":
+        raise ArgumentError(
+            "'type' 'float' (FP8/FP4) is not supported yet; use type 'int'", name="type"
+        )
+    _one_of(TYPES)(instance, attribute, value)
+
+
+def _check_group_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ArgumentError(
+            f"'group_size' must be a positive integer or None (got {_quote(value)})",
+            name="group_size",
+        )
+
+
+def _check_actorder(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value == "group":
+        raise ArgumentError(
+            "'actorder' 'group' is not supported: it needs a g_idx tensor that compressed-tensors "
+            "0.20 no longer loads; use actorder 'weight' (same accuracy gain, no runtime cost)",
+            name="actorder",
+        )
+    _one_of(ACTORDERS)(instance, attribute, value)
+
+
+def _canonical_actorder(value: Any) -> Any:
+    # compressed-tensors treats "static" as an alias of "weight"; store one spelling.
+    return "weight" if value == "static" else value
+
+
+@attrs.frozen(kw_only=True)
+class QuantizationArgs:
+    """How one tensor (a weight, or a Linear's input) is mapped to integers.
+
+    The fields and their JSON spelling are those of compressed-tensors' ``QuantizationArgs``.
+    ``observer`` only names how static parameters are estimated ("minmax" is what llmc's
+    round-to-nearest uses); it is written to the config for the record.
+    """
+
+    num_bits: int = attrs.field(validator=_one_of(NUM_BITS))
+    type: str = attrs.field(default="int", validator=_check_type)
+    symmetric: bool = attrs.field(default=True, validator=_is_bool)
+    strategy: str = attrs.field(validator=_one_of(STRATEGIES))
+    group_size: int | None = attrs.field(default=None, validator=_check_group_size)
+    dynamic: bool = attrs.field(default=False, validator=_is_bool)
+    actorder: str | None = attrs.field(
+        default=None, converter=_canonical_actorder, validator=_check_actorder
+    )
+    observer: str | None = attrs.field(default="minmax")
+
+    def __attrs_post_init__(self) -> None:
+        if self.strategy == "group" and self.group_size is None:
+            raise ArgumentError(
+                "'group_size' is required when strategy is 'group' (got None); "
+                "set group_size, e.g. 128",
+                name="group_size",
+            )
+        if self.strategy != "group" and self.group_size is not None:
+            raise ArgumentError(
+                f"'group_size' must be None unless strategy is 'group' "
+                f"(got group_size {self.group_size} with strategy {self.strategy!r})",
+                name="group_size",
+            )
+        if self.strategy == "token" and not self.dynamic:
+            raise ArgumentError(
+                "strategy 'token' needs dynamic true: per-token scales are computed at run time",
+                name="dynamic",
+            )
+        if self.dynamic and self.strategy == "channel":
+            raise ArgumentError(
+                "'dynamic' quantization supports strategies 'token', 'tensor', 'group' "
+                "(got 'channel')",
+                name="strategy",
+            )
+
+    @property
+    def q_min(self) -> int:
+        """Smallest signed code, e.g. -8 for 4 bits."""
+        return -(1 << (self.num_bits - 1))
+
+    @property
+    def q_max(self) -> int:
+        """Largest signed code, e.g. 7 for 4 bits."""
+        return (1 << (self.num_bits - 1)) - 1
+
+    def to_config_dict(self) -> dict[str, Any]:
+        """The JSON object compressed-tensors reads for these arguments."""
+        return {
+            "num_bits": self.num_bits,
+            "type": self.type,
+            "symmetric": self.symmetric,
+            "group_size": self.group_size,
+            "strategy": self.strategy,
+            "block_structure": None,
+            "dynamic": self.dynamic,
+            "actorder": self.actorder,
+            "observer": self.observer,
+            "observer_kwargs": {},
+        }
+
+
+def _weights_are_static(
+    instance: Any, attribute: attrs.Attribute, value: QuantizationArgs | None
+) -> None:
+    if value is None:
+        raise ArgumentError(
+            "'weights' is required: schemes that quantize only activations are not supported yet",
+            name="weights",
+        )
+    if not isinstance(value, QuantizationArgs):
+        raise ArgumentError(
+            f"'weights' must be QuantizationArgs (got {type(value).__name__})", name="weights"
+        )
+    if value.dynamic:
+        raise ArgumentError(
+            "'weights' must have dynamic false: weight scales are computed once, at compression",
+            name="weights",
+        )
+
+
+def _inputs_are_dynamic(
+    instance: Any, attribute: attrs.Attribute, value: QuantizationArgs | None
+) -> None:
+    if value is None:
+        return
+    if not isinstance(value, QuantizationArgs):
+        raise ArgumentError(
+            f"'input_activations' must be QuantizationArgs or None (got {type(value).__name__})",
+            name="input_activations",
+        )
+    if not value.dynamic:
+        raise ArgumentError(
+            "'input_activations' with dynamic false (static activation scales) is not supported "
+            "yet; set dynamic true",
+            name="input_activations",
+        )
+    if value.actorder is not None:
+        raise ArgumentError(
+            f"'input_activations' cannot have an actorder (got {value.actorder!r})",
+            name="input_activations",
+        )
+
+
+def _no_outputs(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None:
+        raise ArgumentError(
+            "'output_activations' quantization is not supported; set it to None",
+            name="output_activations",
+        )
+
+
+def _targets(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def _check_targets(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    if not value or not all(isinstance(t, str) and t for t in value):
+        raise ArgumentError(
+            f"'targets' must be a non-empty list of module names, 're:' regexes or class names "
+            f"(got {list(value)!r})",
+            name="targets",
+        )
+
+
+@attrs.frozen(kw_only=True)
+class QuantizationScheme:
+    """Which Linear modules are quantized, and how their weights and inputs are.
+
+    ``targets`` uses compressed-tensors' matching rules: an exact module name, a ``re:`` regex
+    on the module name, or a class name such as ``Linear``. It is stored as a tuple so that a
+    scheme is immutable and hashable; lists are accepted.
+    """
+
+    targets: tuple[str, ...] = attrs.field(
+        default=("Linear",), converter=_targets, validator=_check_targets
+    )
+    weights: QuantizationArgs | None = attrs.field(validator=_weights_are_static)
+    input_activations: QuantizationArgs | None = attrs.field(
+        default=None, validator=_inputs_are_dynamic
+    )
+    output_activations: None = attrs.field(default=None, validator=_no_outputs)
+    format: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_one_of(FORMATS))
+    )
+
+    def to_config_dict(self) -> dict[str, Any]:
+        """The ``config_groups`` entry compressed-tensors reads for this scheme."""
+        return {
+            "targets": list(self.targets),
+            "weights": self.weights.to_config_dict() if self.weights else None,
+            "input_activations": (
+                self.input_activations.to_config_dict() if self.input_activations else None
+            ),
+            "output_activations": None,
+            "format": self.format,
+        }
+
+
+_ARGS_KEYS = {a.name for a in attrs.fields(QuantizationArgs)}
+# Keys compressed-tensors writes that carry no information for the schemes we support, when
+# they hold their neutral value.
+_ARGS_NEUTRAL = {"block_structure": None, "observer_kwargs": {}, "scale_dtype": None}
+_SCHEME_KEYS = {a.name for a in attrs.fields(QuantizationScheme)}
+
+
+def args_from_config_dict(entry: Mapping[str, Any], *, where: str = "weights") -> QuantizationArgs:
+    """Build arguments from a compressed-tensors JSON object, with its defaults and inference.
+
+    As in compressed-tensors, a missing ``strategy`` is inferred from ``group_size`` (absent:
+    tensor; positive: group; -1: channel), and ``num_bits`` defaults to 8.
+    """
+    if not isinstance(entry, Mapping):
+        raise ArgumentError(
+            f"'{where}' must be a mapping of quantization arguments (got {type(entry).__name__})",
+            name=where,
+        )
+    values = dict(entry)
+    for key, neutral in _ARGS_NEUTRAL.items():
+        if key in values:
+            given = values.pop(key)
+            if given not in (neutral, None):
+                raise ArgumentError(
+                    f"'{where}.{key}' is not supported (got {given!r}); remove it", name=key
+                )
+    # zp_dtype is implied by num_bits for integer types; compressed-tensors writes it for
+    # asymmetric schemes.
+    zp_dtype = values.pop("zp_dtype", None)
+    if zp_dtype not in (None, "torch.int8", "int8"):
+        raise ArgumentError(
+            f"'{where}.zp_dtype' must be int8 for integer quantization (got {zp_dtype!r})",
+            name="zp_dtype",
+        )
+    unknown = sorted(set(values) - _ARGS_KEYS)
+    if unknown:
+        raise ArgumentError(
+            f"unknown key {unknown[0]!r} in '{where}'{did_you_mean(unknown[0], _ARGS_KEYS)}",
+            name=unknown[0],
+        )
+    if values.get("actorder") is False:
+        values["actorder"] = None
+    if isinstance(values.get("type"), str):
+        values["type"] = values["type"].lower()
+    if isinstance(values.get("strategy"), str):
+        values["strategy"] = values["strategy"].lower()
+    values.setdefault("num_bits", 8)
+    group_size = values.get("group_size")
+    if values.get("strategy") is None:
+        if group_size is None:
+            values["strategy"] = "tensor"
+        elif group_size == -1:
+            values["strategy"] = "channel"
+        else:
+            values["strategy"] = "group"
+    if group_size == -1 and values["strategy"] == "channel":
+        values["group_size"] = None
+    return QuantizationArgs(**values)
+
+
+def scheme_from_config_dict(entry: Mapping[str, Any]) -> QuantizationScheme:
+    """Build a scheme from one compressed-tensors ``config_groups`` entry.
+
+    This is the form llm-compressor recipes use for explicit schemes, e.g.
+    ``{"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": true,
+    "strategy": "group", "group_size": 128}}``.
+    """
+    if not isinstance(entry, Mapping):
+        raise ArgumentError(
+            f"a config group must be a mapping with 'targets' and 'weights' "
+            f"(got {type(entry).__name__})",
+            name="config_groups",
+        )
+    unknown = sorted(set(entry) - _SCHEME_KEYS)
+    if unknown:
+        raise ArgumentError(
+            f"unknown key {unknown[0]!r} in config group{did_you_mean(unknown[0], _SCHEME_KEYS)}",
+            name=unknown[0],
+        )
+    if "targets" not in entry:
+        raise ArgumentError(
+            "config group has no 'targets'; add e.g. targets: [Linear]", name="targets"
+        )
+    weights = entry.get("weights")
+    inputs = entry.get("input_activations")
+    return QuantizationScheme(
+        targets=entry["targets"],
+        weights=args_from_config_dict(weights, where="weights") if weights is not None else None,
+        input_activations=(
+            args_from_config_dict(inputs, where="input_activations") if inputs is not None else None
+        ),
+        output_activations=entry.get("output_activations"),
+        format=entry.get("format"),
+    )
+
+
+def schemes_from_config_groups(
+    config_groups: Mapping[str, Any],
+) -> dict[str, QuantizationScheme]:
+    """Build every scheme of a ``config_groups`` mapping.
+
+    A group is either a full entry (see ``scheme_from_config_dict``) or, as compressed-tensors
+    allows, a preset name mapped to its list of targets: ``{"W4A16": ["Linear"]}``.
+    """
+    schemes = {}
+    for name, entry in config_groups.items():
+        if isinstance(entry, (list, tuple)):
+            schemes[name] = preset_scheme(name, entry)
+        else:
+            schemes[name] = scheme_from_config_dict(entry)
+    return schemes
+
+
+def _int_args(num_bits: int, strategy: str, **kwargs: Any) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=num_bits, type="int", strategy=strategy, **kwargs)
+
+
+# The presets of compressed-tensors llmc supports, with its names. W8A16 here is per-channel
+# (compressed-tensors 0.20 makes it group-128); both load the same way.
+PRESET_SCHEMES: dict[str, QuantizationScheme] = {
+    "W4A16": QuantizationScheme(weights=_int_args(4, "group", group_size=128)),
+    "W4A16_ASYM": QuantizationScheme(
+        weights=_int_args(4, "group", group_size=128, symmetric=False)
+    ),
+    "W8A16": QuantizationScheme(weights=_int_args(8, "channel")),
+    "W8A8": QuantizationScheme(
+        weights=_int_args(8, "channel"),
+        input_activations=_int_args(8, "token", dynamic=True, observer=None),
+    ),
+}
+
+
+def preset_scheme(name: str, targets: Iterable[str] | str = ("Linear",)) -> QuantizationScheme:
+    """The preset scheme called ``name`` (case-insensitive), applied to ``targets``."""
+    key = name.upper() if isinstance(name, str) else name
+    if key not in PRESET_SCHEMES:
+        raise ArgumentError(
+            f"unknown quantization scheme {name!r}{did_you_mean(str(key), PRESET_SCHEMES)}",
+            name="scheme",
+        )
+    return attrs.evolve(PRESET_SCHEMES[key], targets=targets)
