@@ -16,6 +16,7 @@ import attrs
 import cattrs
 from attrs import validators as v
 
+from llmc.converters import make_converter, validation_problems
 from llmc.errors import ArgumentError, did_you_mean
 
 __all__ = [
@@ -208,13 +209,8 @@ ARGUMENT_CLASSES: tuple[type, ...] = (
 )
 
 
-def _make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter(forbid_extra_keys=True)
-    # Fields typed Any keep Python objects (a model, a Dataset, a modifier list) as they are.
-    return converter
-
-
-CONVERTER = _make_converter()
+# Fields typed Any keep Python objects (a model, a Dataset, a modifier list) as they are.
+CONVERTER = make_converter()
 
 
 def field_owner(classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, type]:
@@ -224,11 +220,6 @@ def field_owner(classes: tuple[type, ...] = ARGUMENT_CLASSES) -> dict[str, type]
         for field in attrs.fields(cls):
             owners[field.name] = cls
     return owners
-
-
-def _describe_cattrs_error(error: BaseException, cls: type) -> str:
-    messages = cattrs.transform_error(error, path=cls.__name__)
-    return "; ".join(messages)
 
 
 def structure_one(cls: type, values: Mapping[str, Any]) -> Any:
@@ -241,7 +232,9 @@ def structure_one(cls: type, values: Mapping[str, Any]) -> Any:
         for leaf in _leaf_exceptions(error):
             if isinstance(leaf, ArgumentError):
                 raise leaf from None
-        raise ArgumentError(_describe_field_errors(error, cls)) from None
+        problems = validation_problems(error, values)
+        text = "; ".join(f"'{field}': {message}" if field else message for field, message in problems)
+        raise ArgumentError(text, name=problems[0][0] or None) from None
     except (TypeError, ValueError) as error:
         raise ArgumentError(str(error)) from None
 
@@ -253,16 +246,6 @@ def _leaf_exceptions(error: BaseException) -> list[BaseException]:
             leaves.extend(_leaf_exceptions(sub))
         return leaves
     return [error]
-
-
-def _describe_field_errors(error: BaseException, cls: type) -> str:
-    problems = []
-    for message in cattrs.transform_error(error, path=""):
-        # cattrs says "invalid value for type, expected int @ $.batch_size"; make it name the field.
-        text, _, where = message.partition(" @ ")
-        field = where.lstrip("$.") or cls.__name__
-        problems.append(f"'{field}': {text}")
-    return "; ".join(problems)
 
 
 def parse_arguments(

@@ -56,7 +56,7 @@ def _add_argument_fields(parser: argparse.ArgumentParser, classes: Sequence[type
             meta = field.metadata
             if not meta.get("cli", True):
                 continue
-            help_text = meta.get("help", "")
+            help_text = meta.get("help", "").replace("%", "%%")
             cli_type = meta.get("cli_type")
             flag = _flag(field.name)
             if field.type in ("bool", bool):

@@ -29,6 +29,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from llmc.converters import make_converter, validation_problems
 from llmc.errors import LlmcError, PluginError, RecipeError, did_you_mean
 from llmc.modifier import Modifier
 from llmc.plugins import Registry
@@ -96,22 +97,7 @@ class Recipe:
 # --- converting recipe values into modifier classes ---------------------------------------
 
 
-def _make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter(forbid_extra_keys=True)
-
-    # llm-compressor recipes write `targets: Linear` for a one-element list.
-    def structure_str_list(value: Any, _: Any) -> list[str]:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-            return list(value)
-        raise TypeError(f"expected a string or a list of strings, got {value!r}")
-
-    converter.register_structure_hook(list[str], structure_str_list)
-    return converter
-
-
-CONVERTER = _make_converter()
+CONVERTER = make_converter()
 
 
 def _plain(node: Any) -> Any:
@@ -334,9 +320,8 @@ def _structure_modifier(
     try:
         return CONVERTER.structure(values, modifier_class)
     except cattrs.BaseValidationError as error:
-        for message in cattrs.transform_error(error, path=""):
-            text, _, where = message.partition(" @ ")
-            field = where.removeprefix("$").lstrip(".").split(".")[0].split("[")[0]
+        for field, text in validation_problems(error, values):
+            text = text.removeprefix("invalid recipe: ")
             problems.add(f"{path}.{field}" if field else path, text, _line(node, field) if field else _line(node))
     except (LlmcError, TypeError, ValueError) as error:
         problems.add(path, str(error).removeprefix("invalid recipe: "), _line(node))
@@ -413,9 +398,9 @@ def _recipe_from_tree(
                     problems.add(f"{stage_name}.{group_name}.{name}", str(error), _line(params))
     if not stages and not problems.items:
         problems.add("", "recipe has no stages or modifiers")
-    problems.raise_if_any()
 
-    if recipe_args:
+    # Overrides only make sense once every name resolved; otherwise report what is known.
+    if recipe_args and not problems.items:
         field_names = {
             position: {f.name for f in attrs.fields(cls)} for position, (_, cls) in resolved.items()
         }
@@ -426,6 +411,8 @@ def _recipe_from_tree(
         built: list[RecipeModifier] = []
         for group_name, entries in groups.items():
             for index, (name, params) in enumerate(entries):
+                if (stage_name, group_name, index) not in resolved:
+                    continue
                 plugin, modifier_class = resolved[(stage_name, group_name, index)]
                 path = f"{stage_name}.{group_name}.{name}"
                 modifier = _structure_modifier(modifier_class, params, path, params, problems)

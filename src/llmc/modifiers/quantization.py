@@ -20,7 +20,7 @@ from llmc.quantization import (
     QuantizationScheme,
     preset_scheme,
     quantize_linear_,
-    scheme_from_config_group,
+    schemes_from_config_groups,
 )
 from llmc.targets import match_modules
 
@@ -61,7 +61,7 @@ def resolve_schemes(
     if isinstance(scheme, dict):
         return [preset_scheme(name, _as_list(group)) for name, group in scheme.items()]
     assert config_groups is not None
-    return [scheme_from_config_group(group) for group in config_groups.values()]
+    return list(schemes_from_config_groups(config_groups).values())
 
 
 def target_linears(
@@ -82,7 +82,7 @@ def target_linears(
 def incompatible_group_size(module: torch.nn.Linear, scheme: QuantizationScheme) -> int | None:
     """The group size that does not divide this module's input width, if any."""
     weights = scheme.weights
-    if weights is None or weights.strategy != "group" or weights.group_size is None:
+    if weights is None or weights.strategy != "group" or not weights.group_size:
         return None
     return weights.group_size if module.in_features % weights.group_size else None
 
@@ -169,9 +169,21 @@ class QuantizationRun:
         context.record(
             modifier="QuantizationModifier",
             module=name,
-            scheme=scheme.describe(),
+            scheme=describe_scheme(scheme),
             weight_error=error,
         )
+
+
+def describe_scheme(scheme: QuantizationScheme) -> str:
+    """A short label such as 'int4 group128 sym' for reports."""
+    parts = []
+    if scheme.weights is not None:
+        w = scheme.weights
+        strategy = f"group{w.group_size}" if w.strategy == "group" else w.strategy
+        parts.append(f"w:int{w.num_bits} {strategy} {'sym' if w.symmetric else 'asym'}")
+    if scheme.input_activations is not None:
+        parts.append(f"a:int{scheme.input_activations.num_bits} {scheme.input_activations.strategy}")
+    return ", ".join(parts)
 
 
 def relative_error(original: torch.Tensor, changed: torch.Tensor) -> float:

@@ -1,0 +1,81 @@
+"""A third-party-style plugin used by the tests: it records what the pipeline shows it.
+
+It is registered through a (fake) entry point exactly like an installed package would be, so the
+tests exercise the same discovery path as a real third-party plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+import torch
+
+from llmc import Modifier, RunContext, hookimpl
+
+EVENTS: list[tuple[str, ...]] = []
+RUNS: list[RecordInputsRun] = []
+
+
+@attrs.frozen(kw_only=True)
+class RecordInputsModifier(Modifier):
+    """Keeps the hidden states each block receives, to check error propagation."""
+
+    label: str = "recorder"
+    needs_data: bool = True
+
+    def start(self, context: RunContext) -> RecordInputsRun:
+        run = RecordInputsRun(self)
+        RUNS.append(run)
+        return run
+
+
+@attrs.define
+class RecordInputsRun:
+    config: RecordInputsModifier
+    inputs: dict[str, list[torch.Tensor]] = attrs.field(factory=dict)
+    masks_seen: int = 0
+    handle: Any = None
+
+    @hookimpl
+    def llmc_initialize(self, context: RunContext) -> None:
+        EVENTS.append((self.config.label, "initialize"))
+
+    @hookimpl
+    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
+        EVENTS.append((self.config.label, "layer_start", layer_name))
+        store = self.inputs.setdefault(layer_name, [])
+
+        def grab(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            store.append(hidden.detach().clone())
+            if context.attention_mask is not None:
+                self.masks_seen += 1
+
+        self.handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        return self.config.needs_data
+
+    @hookimpl
+    def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        EVENTS.append((self.config.label, "layer_end", layer_name))
+        self.handle.remove()
+
+    @hookimpl
+    def llmc_finalize(self, context: RunContext) -> None:
+        EVENTS.append((self.config.label, "finalize"))
+
+
+@attrs.frozen(kw_only=True)
+class ShadowQuantizationModifier(Modifier):
+    """Offers a name core also offers, to test how the registry resolves a clash."""
+
+    modifier_name: ClassVar[str] = "QuantizationModifier"
+    requires_calibration_data: ClassVar[bool] = False
+
+    def start(self, context: RunContext) -> object:
+        return object()
+
+
+@hookimpl
+def llmc_register_modifiers() -> list[type[Modifier]]:
+    return [RecordInputsModifier, ShadowQuantizationModifier]

@@ -1,0 +1,81 @@
+"""Arguments: one set of names for Python, config files and the CLI."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmc.args import (
+    ARGUMENT_CLASSES,
+    CONVERTER,
+    DatasetArguments,
+    ModelArguments,
+    OutputArguments,
+    RecipeArguments,
+    parse_arguments,
+)
+from llmc.cli import build_parser
+from llmc.errors import ArgumentError
+
+
+def test_parse_arguments_sorts_names_into_classes():
+    model, data, recipe, output = parse_arguments(
+        {"model": "some/path", "num_calibration_samples": 8, "recipe": "llmc:w4a16", "output_dir": "out"}
+    )
+    assert model == ModelArguments(model="some/path")
+    assert data.num_calibration_samples == 8 and data.max_seq_length == 384
+    assert recipe == RecipeArguments(recipe="llmc:w4a16")
+    assert output == OutputArguments(output_dir="out")
+    assert model.trust_remote_code is False
+
+
+def test_parse_arguments_unknown_name_suggests_closest():
+    with pytest.raises(ArgumentError, match=r"unknown argument 'num_calibration_sample'; did you mean 'num_calibration_samples'\?"):
+        parse_arguments({"num_calibration_sample": 8})
+
+
+def test_parse_arguments_wrong_type_names_field_expected_and_got():
+    with pytest.raises(ArgumentError, match=r"'num_calibration_samples'.*int") as caught:
+        parse_arguments({"num_calibration_samples": "many"})
+    assert "\n" not in str(caught.value)
+
+
+def test_parse_arguments_bad_value_names_accepted_values():
+    with pytest.raises(ArgumentError, match=r"'precision' must be in \('auto', 'float32', 'bfloat16', 'float16'\)"):
+        parse_arguments({"precision": "fp8"})
+    with pytest.raises(ArgumentError, match=r"'batch_size' must be a positive integer \(got 0\)"):
+        parse_arguments({"batch_size": 0})
+
+
+def test_parse_arguments_keeps_python_objects():
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    parsed, *_ = parse_arguments({"model": model})
+    assert parsed.model is model
+    with pytest.raises(ArgumentError, match=r"'model' must be a local path, a hub name or a loaded model \(got int\)"):
+        parse_arguments({"model": 3})
+
+
+def test_cli_flags_cover_every_field():
+    help_text = build_parser()._subparsers._group_actions[0].choices["oneshot"].format_help()
+    for cls in ARGUMENT_CLASSES:
+        for field in attrs.fields(cls):
+            assert "--" + field.name.replace("_", "-") in help_text, field.name
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    samples=st.integers(1, 4096),
+    seq=st.integers(1, 8192),
+    shuffle=st.booleans(),
+    targets=st.none() | st.lists(st.sampled_from(["LlamaDecoderLayer", "re:.*layers\\.\\d+"]), max_size=2),
+)
+def test_dataset_arguments_structure_unstructure_round_trip(samples, seq, shuffle, targets):
+    args = DatasetArguments(
+        num_calibration_samples=samples, max_seq_length=seq,
+        shuffle_calibration_samples=shuffle, sequential_targets=targets,
+    )
+    assert CONVERTER.structure(CONVERTER.unstructure(args), DatasetArguments) == args

@@ -1,0 +1,115 @@
+"""The layer-by-layer pipeline: block discovery, capture, and error propagation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_causal_lm
+from plugin_entry_points import TEST_PLUGIN
+
+import llmc_test_plugin as recorder_plugin
+from llmc.context import RunContext
+from llmc.errors import CalibrationError
+from llmc.pipeline import LayerwisePipeline, find_blocks, make_lifecycle
+
+
+def test_find_blocks_decoder_layers():
+    model = build_causal_lm("llama", layers=3)
+    names = [name for name, _ in find_blocks(model)]
+    assert names == ["model.layers.0", "model.layers.1", "model.layers.2"]
+
+
+def test_find_blocks_by_sequential_targets():
+    model = build_causal_lm("llama", layers=2)
+    blocks = find_blocks(model, ["LlamaMLP"])
+    assert [name for name, _ in blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    with pytest.raises(CalibrationError, match=r"sequential_targets \['NoSuchBlock'\] match no module"):
+        find_blocks(model, ["NoSuchBlock"])
+
+
+def _batches(vocab: int, lengths=(12, 9, 12)) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for length in lengths:
+        ids = torch.randint(4, vocab, (2, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[1, length - 3:] = 0  # right padding on the second row
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def _run_recorder(model, batches):
+    recorder_plugin.RUNS.clear()
+    context = RunContext(model=model, device=torch.device("cpu"))
+    run = recorder_plugin.RecordInputsModifier().start(context)
+    LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([run]), show_progress=False).run(batches)
+    return run
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_pipeline_block_inputs_equal_model_hidden_states(kind):
+    """What each block is fed equals what the whole model feeds it (no architecture code)."""
+    model = build_causal_lm(kind, layers=3)
+    batches = _batches(model.config.vocab_size)
+    run = _run_recorder(model, batches)
+    for index, name in enumerate(f"model.layers.{i}" for i in range(3)):
+        for batch, seen in zip(batches, run.inputs[name]):
+            with torch.no_grad():
+                expected = model(**batch, output_hidden_states=True).hidden_states[index]
+            torch.testing.assert_close(seen, expected, rtol=1e-5, atol=1e-5)
+    assert run.masks_seen == 3 * len(batches)
+
+
+def test_pipeline_bert_encoder_without_model_specific_code():
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    batches = _batches(200, lengths=(10, 10))
+    run = _run_recorder(model, batches)
+    assert list(run.inputs) == ["encoder.layer.0", "encoder.layer.1"]
+    for batch, seen in zip(batches, run.inputs["encoder.layer.1"]):
+        with torch.no_grad():
+            expected = model(**batch, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(seen, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_propagates_from_compressed_layers(monkeypatch, tiny_model_dir, text_file):
+    """Block i is fed by blocks < i *after* they were compressed (GPTQ-style error propagation)."""
+    import llmc.plugins
+    from llmc import oneshot
+
+    real = llmc.plugins.importlib.metadata.entry_points
+    monkeypatch.setattr(
+        llmc.plugins.importlib.metadata, "entry_points",
+        lambda group=None: [TEST_PLUGIN] if group == "llmc" else real(group=group),
+    )
+    recorder_plugin.RUNS.clear()
+    recipe = (
+        "quant_stage:\n  quant_modifiers:\n"
+        "    - acme.RecordInputsModifier: {}\n"
+        "    - core.QuantizationModifier: {scheme: W4A16_ASYM}\n"
+    )
+    result = oneshot(
+        model=str(tiny_model_dir), recipe=recipe, dataset=str(text_file),
+        num_calibration_samples=6, max_seq_length=16, batch_size=3, shuffle_calibration_samples=False,
+    )
+    (run,) = recorder_plugin.RUNS
+    from llmc.data import load_calibration_data, make_batches
+    from llmc.args import DatasetArguments
+
+    samples = load_calibration_data(
+        DatasetArguments(dataset=str(text_file), num_calibration_samples=6, max_seq_length=16,
+                         shuffle_calibration_samples=False), result.tokenizer)
+    batches = make_batches(samples, 3, result.tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = [result.model(**b, output_hidden_states=True).hidden_states for b in batches]
+    for index in range(2):
+        for batch_index, seen in enumerate(run.inputs[f"model.layers.{index}"]):
+            torch.testing.assert_close(seen, hidden[batch_index][index], rtol=1e-5, atol=1e-5)
+    # and the compressed layers really differ from the original ones
+    assert result.report["summary"]["QuantizationModifier"]["mean_weight_error"] > 0
