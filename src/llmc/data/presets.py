@@ -79,9 +79,7 @@ def get_dataset_preset(name: str) -> datasets.Dataset:
     try:
         loader = _PRESETS[name]
     except KeyError:
-        raise DataError(
-            f"unknown dataset preset {name!r}{did_you_mean(name, _PRESETS)}"
-        ) from None
+        raise DataError(f"unknown dataset preset {name!r}{did_you_mean(name, _PRESETS)}") from None
     dataset = loader()
     if not isinstance(dataset, datasets.Dataset):
         raise DataError(
@@ -94,9 +92,7 @@ def _stdlib_docs_loader(split: str) -> DatasetLoader:
     def load() -> datasets.Dataset:
         path = asset_path("stdlib_docs", f"{split}.jsonl.gz")
         if not path.is_file():
-            raise DataError(
-                f"the embedded corpus file {path} is missing; reinstall llmc-core"
-            )
+            raise DataError(f"the embedded corpus file {path} is missing; reinstall llmc-core")
         return datasets.load_dataset("json", data_files=str(path), split="train")
 
     load.__doc__ = f"The {split} split of the embedded standard-library docstring corpus."

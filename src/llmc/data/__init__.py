@@ -1,0 +1,32 @@
+"""Calibration and evaluation data: presets, loading, tokenization and batching."""
+
+from llmc.data.batching import make_batches, padding_token_id
+from llmc.data.loading import (
+    hub_is_reachable,
+    hub_offline_mode,
+    load_calibration_data,
+    load_raw_dataset,
+    resolve_preprocessing_func,
+    tokenize_calibration_data,
+)
+from llmc.data.presets import (
+    asset_path,
+    dataset_presets,
+    get_dataset_preset,
+    register_dataset_preset,
+)
+
+__all__ = [
+    "asset_path",
+    "dataset_presets",
+    "get_dataset_preset",
+    "hub_is_reachable",
+    "hub_offline_mode",
+    "load_calibration_data",
+    "load_raw_dataset",
+    "make_batches",
+    "padding_token_id",
+    "register_dataset_preset",
+    "resolve_preprocessing_func",
+    "tokenize_calibration_data",
+]

@@ -1,0 +1,231 @@
+"""Load the model and tokenizer named by ``ModelArguments``, shared by ``oneshot`` and ``eval``.
+
+The loaders are transformers' own ``AutoModelForCausalLM``/``AutoTokenizer``; what this module
+adds is the part users trip over: the embedded demo model by name, a dtype chosen by one word,
+and one-line errors for a missing path, a hub that cannot be reached (decided in a moment rather
+than after transformers' ~25 s of retries) or a checkpoint that needs a package not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from llmc.args import ModelArguments
+from llmc.data.loading import hub_is_reachable
+from llmc.data.presets import asset_path
+from llmc.errors import ArgumentError, ModelLoadError, did_you_mean
+
+__all__ = [
+    "MODEL_PRESETS",
+    "default_device",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model_path",
+]
+
+logger = logging.getLogger("llmc.models")
+
+# Preset name → folder under llmc/assets holding a save_pretrained checkpoint.
+MODEL_PRESETS: dict[str, str] = {"llmc:tiny-llama": "tiny-llama"}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_COMPRESSED_TENSORS = {"compressed-tensors", "compressed_tensors"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a missing ``name`` was meant as a local folder rather than a hub repository id."""
+    if (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    ):
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(os.path.expanduser(parent))
+
+
+def resolve_model_path(name: str | os.PathLike[str]) -> str:
+    """A local folder for presets and paths, or the hub id unchanged.
+
+    Checking local paths here, before transformers sees them, turns a typo in a path into
+    "model path './x' does not exist" instead of a hub lookup of a malformed repository id.
+    """
+    name = os.fspath(name)
+    if name in MODEL_PRESETS or name.startswith("llmc:"):
+        if name not in MODEL_PRESETS:
+            raise ModelLoadError(
+                f"unknown model preset {name!r}{did_you_mean(name, MODEL_PRESETS)}"
+            )
+        folder = asset_path(MODEL_PRESETS[name])
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"the embedded model {name!r} is missing from {folder}; reinstall llmc-core"
+            )
+        return str(folder)
+    local = os.path.expanduser(name)
+    if os.path.exists(local):
+        if not os.path.isdir(local):
+            raise ModelLoadError(
+                f"model path {name!r} is a file; pass the folder that holds config.json"
+            )
+        return local
+    if _looks_like_path(name):
+        raise ModelLoadError(f"model path {name!r} does not exist")
+    return name
+
+
+def default_device(requested: str | torch.device | None = None) -> torch.device:
+    """The requested device, else the first GPU when there is one, else the CPU."""
+    if requested is None or requested == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(requested)
+    except (RuntimeError, TypeError) as error:
+        raise ArgumentError(
+            f"'device' must be a torch device such as 'cpu', 'cuda' or 'cuda:1' (got {requested!r})",
+            name="device",
+        ) from error
+
+
+def _offline_message(kind: str, name: str) -> str:
+    return (
+        f"cannot load {kind} {name!r} from the Hugging Face hub (offline or unreachable); "
+        f"pass a local directory with {kind}=path/to/{kind}"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _hub_kwargs(path: str, model_args: ModelArguments) -> dict[str, Any]:
+    """Keyword arguments shared by the config, model and tokenizer loaders.
+
+    For a hub id while the hub is unreachable, ``local_files_only`` lets a model already in the
+    local cache load at once and makes a missing one fail at once.
+    """
+    is_hub_name = not os.path.isdir(path)
+    kwargs: dict[str, Any] = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.cache_dir is not None:
+        kwargs["cache_dir"] = model_args.cache_dir
+    if model_args.revision is not None:
+        kwargs["revision"] = model_args.revision
+    if is_hub_name and not hub_is_reachable():
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _load_error(kind: str, name: str, kwargs: dict[str, Any], error: Exception) -> ModelLoadError:
+    if kwargs.get("local_files_only") or (
+        isinstance(error, OSError) and "connect" in str(error).lower()
+    ):
+        return ModelLoadError(_offline_message(kind, name))
+    return ModelLoadError(f"cannot load {kind} {name!r}: {_first_line(error)}")
+
+
+def _check_quantization_support(name: str, config: Any) -> None:
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    method = getattr(method, "value", method)
+    if (
+        str(method) in _COMPRESSED_TENSORS
+        and importlib.util.find_spec("compressed_tensors") is None
+    ):
+        raise ModelLoadError(
+            f"model {name!r} is a compressed-tensors checkpoint but the compressed-tensors package "
+            "is not installed; pip install compressed-tensors (or llmc-core[load])"
+        )
+
+
+def _dtype_of(model: torch.nn.Module) -> torch.dtype | None:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return None
+
+
+def load_model(model_args: ModelArguments) -> PreTrainedModel:
+    """The causal LM named by ``model_args.model``, in eval mode, on the chosen device.
+
+    ``precision='auto'`` keeps the checkpoint's dtype (what it was trained or saved in). A model
+    object passed in is returned as it is: moving or casting it would silently change the
+    caller's object, and its placement (possibly across devices) is the caller's decision.
+    """
+    model = model_args.model
+    if model is None:
+        raise ArgumentError(
+            "no model given; pass model= a local directory, a hub name or 'llmc:tiny-llama'",
+            name="model",
+        )
+    if not isinstance(model, str):
+        wanted = _DTYPES.get(model_args.precision)
+        if wanted is not None and _dtype_of(model) not in (None, wanted):
+            logger.warning(
+                "precision=%r is not applied to a model object (it is %s); cast it with "
+                "model.to(torch.%s) before passing it",
+                model_args.precision,
+                _dtype_of(model),
+                model_args.precision,
+            )
+        return model
+    path = resolve_model_path(model)
+    device = default_device(model_args.device)
+    kwargs = _hub_kwargs(path, model_args)
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise _load_error("model", model, kwargs, error) from error
+    _check_quantization_support(model, config)
+    dtype = "auto" if model_args.precision == "auto" else _DTYPES[model_args.precision]
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise _load_error("model", model, kwargs, error) from error
+    loaded.eval()
+    if any(p.device != device for p in loaded.parameters()):
+        loaded.to(device)
+    return loaded
+
+
+def load_tokenizer(model_args: ModelArguments, model: Any = None) -> Any:
+    """The tokenizer from ``model_args.tokenizer``, else from where the model was loaded.
+
+    A tokenizer object passed in is returned as it is. For a model object, the folder it was
+    loaded from (``config._name_or_path``) is used, since a model object does not carry one.
+    """
+    tokenizer = model_args.tokenizer
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        return tokenizer
+    source = tokenizer
+    if source is None and isinstance(model_args.model, str):
+        source = model_args.model
+    if source is None and model is not None:
+        config = getattr(model, "config", None)
+        source = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not source:
+        raise ArgumentError(
+            "cannot tell where the tokenizer is: the model object records no path; "
+            "pass tokenizer=path/to/tokenizer",
+            name="tokenizer",
+        )
+    path = resolve_model_path(source)
+    kwargs = _hub_kwargs(path, model_args)
+    if tokenizer is not None:
+        kwargs.pop("revision", None)  # the revision names a commit of the model repository
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError, TypeError) as error:
+        raise _load_error("tokenizer", source, kwargs, error) from error
