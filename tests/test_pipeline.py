@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import llmc_test_plugin as recorder_plugin
 import pytest
 import torch
 from conftest import build_causal_lm
 from plugin_entry_points import TEST_PLUGIN
 
-import llmc_test_plugin as recorder_plugin
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
 from llmc.pipeline import LayerwisePipeline, find_blocks, make_lifecycle
@@ -99,8 +99,8 @@ def test_pipeline_propagates_from_compressed_layers(monkeypatch, tiny_model_dir,
         num_calibration_samples=6, max_seq_length=16, batch_size=3, shuffle_calibration_samples=False,
     )
     (run,) = recorder_plugin.RUNS
-    from llmc.data import load_calibration_data, make_batches
     from llmc.args import DatasetArguments
+    from llmc.data import load_calibration_data, make_batches
 
     samples = load_calibration_data(
         DatasetArguments(dataset=str(text_file), num_calibration_samples=6, max_seq_length=16,

@@ -104,3 +104,14 @@ def test_every_registered_modifier_has_docstring_and_unique_name():
         assert len(owners) == 1, name
         for modifier_class in owners.values():
             assert inspect.getdoc(modifier_class), name
+
+
+def test_plugin_docs_are_generated_from_hookspecs():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_plugin_docs", root / "scripts" / "gen_plugin_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "plugins.md").read_text() == module.render(), "run scripts/gen_plugin_docs.py"

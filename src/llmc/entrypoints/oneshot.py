@@ -17,7 +17,7 @@ import torch
 
 from llmc.args import parse_arguments
 from llmc.context import RunContext
-from llmc.data import load_calibration_data, make_batches
+from llmc.data import load_calibration_data, make_batches, padding_token_id
 from llmc.models import load_model, load_tokenizer
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import load_registry
@@ -68,7 +68,7 @@ def oneshot(**kwargs: Any) -> OneshotResult:
     batches = None
     if recipe.requires_calibration_data:
         samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
-        batches = make_batches(samples, data_args.batch_size, tokenizer.pad_token_id)
+        batches = make_batches(samples, data_args.batch_size, padding_token_id(tokenizer))
         logger.info("calibration data: %d samples in %d batches", len(samples), len(batches))
     elif data_args.dataset is not None:
         logger.info("the recipe is data-free; the dataset is not used")
