@@ -1,0 +1,53 @@
+"""Integer quantization of Linear weights (and dynamic input activations) in the
+compressed-tensors format: schemes, the exact round-to-nearest math, int32 packing, and the
+in-memory representation of a quantized Linear that algorithms and the saver share."""
+
+from llmc.quantization.math import (
+    compute_qparams,
+    dequantize,
+    dynamic_activation_fake_quantize,
+    fake_quantize,
+    qparam_shape,
+    quantize,
+)
+from llmc.quantization.module import (
+    is_quantized,
+    quantize_linear_,
+    quantized_linears,
+    set_quantized_weight_,
+    weight_codes,
+)
+from llmc.quantization.packing import pack_to_int32, packed_size, unpack_from_int32
+from llmc.quantization.scheme import (
+    PRESET_SCHEMES,
+    QuantizationArgs,
+    QuantizationScheme,
+    args_from_config_dict,
+    preset_scheme,
+    scheme_from_config_dict,
+    schemes_from_config_groups,
+)
+
+__all__ = [
+    "PRESET_SCHEMES",
+    "QuantizationArgs",
+    "QuantizationScheme",
+    "args_from_config_dict",
+    "compute_qparams",
+    "dequantize",
+    "dynamic_activation_fake_quantize",
+    "fake_quantize",
+    "is_quantized",
+    "pack_to_int32",
+    "packed_size",
+    "preset_scheme",
+    "qparam_shape",
+    "quantize",
+    "quantize_linear_",
+    "quantized_linears",
+    "scheme_from_config_dict",
+    "schemes_from_config_groups",
+    "set_quantized_weight_",
+    "unpack_from_int32",
+    "weight_codes",
+]

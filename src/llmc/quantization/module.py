@@ -1,0 +1,232 @@
+"""The in-memory form of a quantized Linear, shared by every algorithm and by the saver.
+
+A quantized ``nn.Linear`` stays an ``nn.Linear`` whose ``weight`` holds the fake-quantized
+values (``(q - zero_point) * scale``, in the weight's own dtype), plus buffers
+``weight_scale`` and ``weight_zero_point`` (int8, zeros when symmetric) and an attribute
+``quantization_scheme``. Its forward is therefore exactly the forward transformers runs after
+loading the saved checkpoint (which dequantizes to the same values), so evaluation, the next
+layer's calibration inputs and the checkpoint all agree. Dynamic input quantization (W8A8) is a
+forward pre-hook doing what compressed-tensors does in its quantized forward.
+
+Keeping the float weight rather than the codes means solvers (GPTQ, ...) write their result
+once and everything downstream, including ``weight_codes``, recovers the codes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmc.errors import ArgumentError, CalibrationError
+from llmc.quantization.math import (
+    ZERO_POINT_DTYPE,
+    compute_qparams,
+    dynamic_activation_fake_quantize,
+    fake_quantize,
+    qparam_shape,
+    quantize,
+)
+from llmc.quantization.scheme import QuantizationScheme
+
+__all__ = [
+    "is_quantized",
+    "quantize_linear_",
+    "quantized_linears",
+    "set_quantized_weight_",
+    "weight_codes",
+]
+
+
+def _check_linear(module: Any, scheme: Any) -> None:
+    if not isinstance(module, nn.Linear):
+        raise ArgumentError(
+            f"only nn.Linear modules can be quantized (got {type(module).__name__})",
+            name="module",
+        )
+    if not isinstance(scheme, QuantizationScheme):
+        raise ArgumentError(
+            f"'scheme' must be a llmc QuantizationScheme (got {type(scheme).__name__}); "
+            f"use preset_scheme() or scheme_from_config_dict()",
+            name="scheme",
+        )
+
+
+def _shape(t: torch.Tensor | torch.Size | tuple) -> str:
+    return "[" + ", ".join(str(d) for d in (t.shape if isinstance(t, torch.Tensor) else t)) + "]"
+
+
+def _checked_qparams(
+    module: nn.Linear,
+    scheme: QuantizationScheme,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale`` in the weight's dtype and an int8 ``zero_point``, both checked against the weight.
+
+    The checkpoint stores the scale in the weight's dtype (compressed-tensors creates the
+    parameter that way), so the in-memory weight must be built from that same scale.
+    """
+    args = scheme.weights
+    weight = module.weight
+    expected = qparam_shape(weight.shape, args)
+    if tuple(scale.shape) != expected:
+        raise CalibrationError(
+            f"scale has shape {_shape(scale)}, expected {_shape(expected)} for a weight of "
+            f"shape {_shape(weight)} with strategy {args.strategy!r}"
+        )
+    if not scale.dtype.is_floating_point:
+        raise CalibrationError(f"scale must be a float tensor (got dtype {scale.dtype})")
+    if zero_point is None:
+        if not args.symmetric:
+            raise CalibrationError(
+                "asymmetric quantization needs a zero_point as well as a scale; pass both"
+            )
+        zero_point = torch.zeros(expected, dtype=ZERO_POINT_DTYPE, device=weight.device)
+    if tuple(zero_point.shape) != expected:
+        raise CalibrationError(
+            f"zero_point has shape {_shape(zero_point)}, expected {_shape(expected)} (the "
+            f"scale's shape)"
+        )
+    if zero_point.dtype.is_floating_point:
+        if not torch.equal(zero_point, zero_point.round()):
+            raise CalibrationError("zero_point must hold integers (got fractional values)")
+    if zero_point.numel():
+        lo, hi = int(zero_point.min()), int(zero_point.max())
+        if lo < args.q_min or hi > args.q_max:
+            raise CalibrationError(
+                f"zero_point must lie in [{args.q_min}, {args.q_max}] for {args.num_bits} bits "
+                f"(got values in [{lo}, {hi}])"
+            )
+        if args.symmetric and (lo, hi) != (0, 0):
+            raise CalibrationError(
+                "a symmetric scheme needs an all-zero zero_point (got non-zero values); "
+                "use an asymmetric scheme or pass zero_point=None"
+            )
+    device = weight.device
+    return (
+        scale.detach().to(device=device, dtype=weight.dtype),
+        zero_point.detach().to(device=device, dtype=ZERO_POINT_DTYPE),
+    )
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    if name in module._parameters:
+        del module._parameters[name]
+    if name in module._buffers:
+        module._buffers[name] = value
+    else:
+        module.register_buffer(name, value)
+
+
+def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: dynamic fake quantization of the Linear's input."""
+    scheme = getattr(module, "quantization_scheme", None)
+    if scheme is None or scheme.input_activations is None or not args:
+        return None
+    return (dynamic_activation_fake_quantize(args[0], scheme.input_activations), *args[1:])
+
+
+def _set_input_hook(module: nn.Module, enabled: bool) -> None:
+    """Install or remove the input hook; at most one is ever installed."""
+    hooks = module._forward_pre_hooks
+    installed = [key for key, hook in hooks.items() if hook is _quantize_input_hook]
+    if enabled and not installed:
+        module.register_forward_pre_hook(_quantize_input_hook)
+    elif not enabled:
+        for key in installed:
+            del hooks[key]
+
+
+@torch.no_grad()
+def set_quantized_weight_(
+    module: nn.Linear,
+    scheme: QuantizationScheme,
+    *,
+    weight_fake_quantized: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+) -> None:
+    """Install a solver's result: a weight on the quantization grid and its ``scale``/``zero_point``.
+
+    The weight is re-snapped to the grid of the stored scale (a no-op when the solver computed
+    it with that scale in the weight's dtype), so the module always computes what the saved
+    checkpoint will.
+    """
+    _check_linear(module, scheme)
+    if tuple(weight_fake_quantized.shape) != tuple(module.weight.shape):
+        raise CalibrationError(
+            f"quantized weight has shape {_shape(weight_fake_quantized)}, expected "
+            f"{_shape(module.weight)}"
+        )
+    scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
+    weight = weight_fake_quantized.detach().to(
+        device=module.weight.device, dtype=module.weight.dtype
+    )
+    module.weight.data = fake_quantize(weight, scale, zero_point, scheme.weights)
+    _set_buffer(module, "weight_scale", scale)
+    _set_buffer(module, "weight_zero_point", zero_point)
+    module.quantization_scheme = scheme
+    _set_input_hook(module, scheme.input_activations is not None)
+
+
+@torch.no_grad()
+def quantize_linear_(
+    module: nn.Linear,
+    scheme: QuantizationScheme,
+    *,
+    scale: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
+) -> None:
+    """Quantize ``module`` in place by round-to-nearest (RTN).
+
+    Without ``scale`` the min-max parameters of the current weight are used; with it (and a
+    ``zero_point`` for asymmetric schemes) the weight is rounded onto that grid instead.
+    Calling it again re-quantizes from the current weight and never stacks input hooks.
+    """
+    _check_linear(module, scheme)
+    weight = module.weight.data
+    if scale is None:
+        if zero_point is not None:
+            raise ArgumentError(
+                "zero_point was given without scale; pass both or neither", name="zero_point"
+            )
+        scale, zero_point = compute_qparams(weight, scheme.weights)
+    set_quantized_weight_(
+        module, scheme, weight_fake_quantized=weight, scale=scale, zero_point=zero_point
+    )
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` was quantized by ``quantize_linear_`` or ``set_quantized_weight_``."""
+    return (
+        isinstance(module, nn.Linear)
+        and isinstance(getattr(module, "quantization_scheme", None), QuantizationScheme)
+        and isinstance(getattr(module, "weight_scale", None), torch.Tensor)
+    )
+
+
+def quantized_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """``(name, module)`` of every quantized Linear, in ``named_modules`` order."""
+    for name, module in model.named_modules():
+        if is_quantized(module):
+            yield name, module
+
+
+@torch.no_grad()
+def weight_codes(module: nn.Linear) -> torch.Tensor:
+    """The int8 codes ``q`` of a quantized Linear's weight (exact: the weight is on the grid)."""
+    if not is_quantized(module):
+        raise ArgumentError(
+            f"module is not quantized (a {type(module).__name__} without quantization_scheme "
+            f"and weight_scale); call quantize_linear_ first",
+            name="module",
+        )
+    return quantize(
+        module.weight,
+        module.weight_scale,
+        module.weight_zero_point,
+        module.quantization_scheme.weights,
+    )

@@ -1,0 +1,151 @@
+"""Dense little-endian bit packing of signed codes into int32 words (compressed-tensors layout).
+
+The ``pack-quantized`` format stores a ``b``-bit weight as ``weight_packed: int32 [rows,
+ceil(cols * b / 32)]``: each code is shifted to unsigned (``q + 2^(b-1)``, e.g. +8 for int4)
+and the codes of a row are laid end to end as one bit stream, element ``i`` occupying stream
+bits ``[i*b, (i+1)*b)``, least significant bit first; word ``k`` holds stream bits
+``[32k, 32k+32)``. For 4 bits this is the GPTQ/Marlin layout (element 0 in bits 0-3 of word
+0); for 3 bits a code can straddle two words. Asymmetric zero points ``[rows, n_groups]`` are
+packed the same way along dim 0 (``packed_dim=0``), i.e. down each column.
+
+Codes are handled in blocks of 32 consecutive elements, which always fill exactly ``b`` words::
+
+    elements  e0 e1 ... e31      (32 codes of b bits = 32*b bits)
+    words     w0 w1 ... w(b-1)   (b words of 32 bits)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmc.errors import ArgumentError
+
+__all__ = ["pack_to_int32", "packed_size", "unpack_from_int32"]
+
+_WORD = 32
+_LOW32 = 0xFFFFFFFF
+
+
+def _check_bits(num_bits: int) -> None:
+    if num_bits not in range(1, 9):
+        raise ArgumentError(
+            f"'num_bits' must be between 1 and 8 for int32 packing (got {num_bits})",
+            name="num_bits",
+        )
+
+
+def _check_dim(packed_dim: int) -> None:
+    if packed_dim not in (0, 1):
+        raise ArgumentError(f"'packed_dim' must be 0 or 1 (got {packed_dim})", name="packed_dim")
+
+
+def packed_size(n: int, num_bits: int) -> int:
+    """Number of int32 words that hold ``n`` codes of ``num_bits`` bits."""
+    return math.ceil(n * num_bits / _WORD)
+
+
+def _element_positions(num_bits: int) -> list[tuple[int, int, int]]:
+    """For each of the 32 elements of a block: (word, bit offset, bits that fit in that word)."""
+    positions = []
+    for element in range(_WORD):
+        start = element * num_bits
+        offset = start % _WORD
+        positions.append((start // _WORD, offset, min(num_bits, _WORD - offset)))
+    return positions
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Reinterpret unsigned 32-bit values held in int64 as two's-complement int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_to_int32(codes: torch.Tensor, num_bits: int, packed_dim: int = 1) -> torch.Tensor:
+    """Pack signed codes ``[rows, cols]`` into int32 along ``packed_dim``.
+
+    ``packed_dim=1`` gives ``[rows, ceil(cols*b/32)]`` (weights); ``packed_dim=0`` gives
+    ``[ceil(rows*b/32), cols]`` (zero points). A leading batch dim (``[E, rows, cols]``) packs
+    each matrix separately.
+    """
+    _check_bits(num_bits)
+    _check_dim(packed_dim)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ArgumentError(
+            f"codes must be an integer tensor (got dtype {codes.dtype}); quantize first",
+            name="codes",
+        )
+    if codes.ndim > 2:
+        return torch.stack([pack_to_int32(c, num_bits, packed_dim) for c in codes])
+    if codes.ndim != 2:
+        raise ArgumentError(
+            f"codes must be 2-D [rows, cols] (got shape {list(codes.shape)})", name="codes"
+        )
+    q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < q_min or hi > q_max:
+            raise ArgumentError(
+                f"codes must lie in [{q_min}, {q_max}] for {num_bits}-bit packing "
+                f"(got values in [{lo}, {hi}])",
+                name="codes",
+            )
+    values = codes.to(torch.int64) - q_min  # unsigned, in [0, 2^b)
+    if packed_dim == 0:
+        values = values.T
+    rows, cols = values.shape
+    blocks = math.ceil(cols / _WORD)
+    values = torch.nn.functional.pad(values, (0, blocks * _WORD - cols))
+    values = values.reshape(rows * blocks, _WORD)  # one block of 32 codes per row
+    words = torch.zeros(rows * blocks, num_bits, dtype=torch.int64, device=codes.device)
+    for element, (word, offset, low_bits) in enumerate(_element_positions(num_bits)):
+        value = values[:, element]
+        words[:, word] |= (value << offset) & _LOW32
+        if low_bits < num_bits:  # the high bits spill into the next word
+            words[:, word + 1] |= value >> low_bits
+    packed = words.reshape(rows, blocks * num_bits)[:, : packed_size(cols, num_bits)]
+    packed = _to_int32(packed)
+    return (packed.T if packed_dim == 0 else packed).contiguous()
+
+
+def unpack_from_int32(
+    packed: torch.Tensor,
+    num_bits: int,
+    shape: tuple[int, ...] | torch.Size,
+    packed_dim: int = 1,
+) -> torch.Tensor:
+    """Inverse of ``pack_to_int32``: int8 codes of the original ``shape``."""
+    _check_bits(num_bits)
+    _check_dim(packed_dim)
+    if packed.dtype != torch.int32:
+        raise ArgumentError(
+            f"packed must be an int32 tensor (got dtype {packed.dtype})", name="packed"
+        )
+    if packed.ndim > 2:
+        return torch.stack(
+            [unpack_from_int32(p, num_bits, tuple(shape)[1:], packed_dim) for p in packed]
+        )
+    shape = tuple(int(d) for d in shape)
+    n = shape[packed_dim]
+    words = packed.T if packed_dim == 0 else packed
+    rows, n_words = words.shape
+    if n_words != packed_size(n, num_bits):
+        raise ArgumentError(
+            f"packed tensor has {n_words} words per line, expected {packed_size(n, num_bits)} "
+            f"for {n} codes of {num_bits} bits",
+            name="packed",
+        )
+    blocks = math.ceil(n / _WORD)
+    words = words.to(torch.int64) & _LOW32
+    words = torch.nn.functional.pad(words, (0, blocks * num_bits - n_words))
+    words = words.reshape(rows * blocks, num_bits)  # the b words of one block per row
+    mask = (1 << num_bits) - 1
+    values = torch.empty(rows * blocks, _WORD, dtype=torch.int64, device=packed.device)
+    for element, (word, offset, low_bits) in enumerate(_element_positions(num_bits)):
+        value = words[:, word] >> offset
+        if low_bits < num_bits:
+            value = value | (words[:, word + 1] << low_bits)
+        values[:, element] = value & mask
+    codes = values.reshape(rows, blocks * _WORD)[:, :n] - (1 << (num_bits - 1))
+    codes = codes.to(torch.int8)
+    return (codes.T if packed_dim == 0 else codes).contiguous()

@@ -1,0 +1,219 @@
+"""Write a compressed model as a checkpoint directory that transformers and vLLM load.
+
+A compression run can take hours, and its output directory is what users point serving at, so
+the write is all or nothing: everything goes into a hidden sibling directory
+(``.<name>.tmp-XXXXXXXX``, same filesystem, so the final step is a rename) and only a
+complete checkpoint ever appears at ``output_dir``. An existing non-empty directory is kept
+unless ``overwrite=True``, and even then it is replaced only after the new checkpoint is
+completely written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from torch import nn
+
+from llmc.errors import SaveError
+from llmc.save.compressed_tensors import compressed_state_dict, quantization_config
+
+__all__ = ["MAX_SHARD_SIZE", "check_output_dir", "save_checkpoint"]
+
+logger = logging.getLogger("llmc.save")
+
+MAX_SHARD_SIZE = "5GB"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_PATTERN = "model{suffix}.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return not any(path.iterdir())
+
+
+def check_output_dir(output_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Refuse an output directory ``save_checkpoint`` would refuse, before hours of work.
+
+    Returns the absolute path. Raises ``SaveError`` if the path is a file, or a non-empty
+    directory and ``overwrite`` is false.
+    """
+    output_dir = Path(output_dir).expanduser().absolute()
+    _check_destination(output_dir, overwrite)
+    return output_dir
+
+
+def _check_destination(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SaveError(
+            f"output path {output_dir} exists and is not a directory; choose another directory"
+        )
+    if output_dir.is_dir() and not overwrite and not _is_empty_dir(output_dir):
+        raise SaveError(
+            f"output directory {output_dir} is not empty; pass overwrite=True "
+            f"(CLI: --overwrite) or choose another directory"
+        )
+
+
+def _check_extra_files(extra_files: Mapping[str, str | bytes]) -> None:
+    for name, content in extra_files.items():
+        path = Path(name)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise SaveError(
+                f"extra file name {name!r} must be a relative path inside the checkpoint "
+                f"(no '..', not absolute)"
+            )
+        if not isinstance(content, (str, bytes)):
+            raise SaveError(
+                f"extra file {name!r} must be str or bytes (got {type(content).__name__})"
+            )
+
+
+def _make_temp_dir(output_dir: Path) -> Path:
+    """A new hidden sibling of ``output_dir``, created with the user's umask."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = output_dir.parent / f".{output_dir.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _write_weights(state: dict, directory: Path) -> list[str]:
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=MAX_SHARD_SIZE
+    )
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: state[name].contiguous() for name in names}
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        size = (directory / filename).stat().st_size
+        logger.info("wrote %s (%d tensors, %.1f MB)", filename, len(shard), size / 1e6)
+        written.append(filename)
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        logger.info("wrote %s (%d shards)", INDEX_NAME, len(written))
+        written.append(INDEX_NAME)
+    return written
+
+
+def _write_config(model: nn.Module, quant_config: dict[str, Any] | None, directory: Path) -> None:
+    """``config.json`` with our ``quantization_config``, from a copy of the model's config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise SaveError(
+            f"the model ({type(model).__name__}) has no 'config'; save_checkpoint needs a "
+            f"transformers PreTrainedModel"
+        )
+    config = copy.deepcopy(config)
+    if quant_config is not None:
+        config.quantization_config = quant_config
+    elif hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(directory))
+    logger.info("wrote config.json")
+
+
+def _write_extra_files(
+    extra_files: Mapping[str, str | bytes], directory: Path, existing: Iterable[str]
+) -> None:
+    existing = set(existing)
+    for name, content in extra_files.items():
+        path = directory / name
+        if name in existing or path.exists():
+            raise SaveError(
+                f"extra file {name!r} would overwrite a checkpoint file of the same name; rename it"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        logger.info("wrote %s", name)
+
+
+def _move_into_place(temp_dir: Path, output_dir: Path) -> None:
+    """Rename the finished checkpoint to ``output_dir``, replacing what was there last."""
+    if not output_dir.exists():
+        os.rename(temp_dir, output_dir)
+        return
+    if _is_empty_dir(output_dir):
+        os.replace(temp_dir, output_dir)
+        return
+    backup = output_dir.parent / f".{output_dir.name}.old-{secrets.token_hex(4)}"
+    os.rename(output_dir, backup)
+    try:
+        os.rename(temp_dir, output_dir)
+    except BaseException:
+        os.rename(backup, output_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    logger.info("replaced the previous contents of %s", output_dir)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    output_dir: str | os.PathLike[str],
+    *,
+    save_compressed: bool = True,
+    overwrite: bool = False,
+    ignore: Iterable[str] = (),
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Write ``model`` (with its quantized Linears compressed), its tokenizer and extra files.
+
+    The directory holds safetensors shards (``model.safetensors``, or 5 GB shards with
+    ``model.safetensors.index.json``), ``config.json`` with ``quantization_config``,
+    ``generation_config.json`` when the model has one, the tokenizer files when
+    ``tokenizer`` is given, and each of ``extra_files`` (name relative to the checkpoint →
+    text or bytes). ``ignore`` adds entries to the config's ignore list (every unquantized
+    Linear is listed anyway). Returns the absolute path of the checkpoint.
+    """
+    output_dir = check_output_dir(output_dir, overwrite=overwrite)
+    extra_files = dict(extra_files or {})
+    _check_extra_files(extra_files)
+
+    quant_config = quantization_config(model, list(ignore), save_compressed=save_compressed)
+    state = compressed_state_dict(model, save_compressed=save_compressed)
+
+    temp_dir = _make_temp_dir(output_dir)
+    logger.info("writing checkpoint for %s into %s", output_dir, temp_dir)
+    try:
+        written = _write_weights(state, temp_dir)
+        _write_config(model, quant_config, temp_dir)
+        written.append("config.json")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(str(temp_dir))
+            written.append("generation_config.json")
+            logger.info("wrote generation_config.json")
+        if tokenizer is not None:
+            written.extend(Path(f).name for f in tokenizer.save_pretrained(str(temp_dir)))
+            logger.info("wrote the tokenizer")
+        _write_extra_files(extra_files, temp_dir, written)
+        _check_destination(output_dir, overwrite)
+        _move_into_place(temp_dir, output_dir)
+    except OSError as error:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise SaveError(
+            f"could not write the checkpoint to {output_dir}: {error}; check free disk space "
+            f"and permissions"
+        ) from error
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    logger.info("saved checkpoint to %s", output_dir)
+    return output_dir

@@ -1,0 +1,291 @@
+"""The compressed-tensors view of a model quantized by llmc: its config dict and its tensors.
+
+What transformers (through compressed-tensors 0.20) and vLLM expect, per group format:
+
+- ``pack-quantized`` (integer weights, no activation quantization): ``weight_packed`` int32
+  ``[out, ceil(in*b/32)]``, ``weight_scale`` (weight dtype), ``weight_shape`` int64 ``[2]``,
+  and for asymmetric group/channel schemes ``weight_zero_point`` packed along dim 0.
+- ``int-quantized`` (W8A8, dynamic int8 inputs) and ``naive-quantized``: int8 ``weight`` +
+  ``weight_scale`` (+ int8 ``weight_zero_point`` when asymmetric).
+- ``dense`` (``save_compressed=False``, status ``frozen``): the fake-quantized float ``weight``,
+  ``weight_scale`` and always ``weight_zero_point``, because the loader creates a zero point
+  for every non-compressed module and re-applies fake quantization on each forward.
+
+Targets are matched by compressed-tensors as exact module names, ``re:`` regexes or class names
+anywhere in the module's MRO. When every quantized Linear shares one scheme the config says
+``targets: ["Linear"]`` and lists every other Linear in ``ignore`` (as llm-compressor does).
+With several schemes each group lists its modules by exact name: a class-name target would
+also catch vLLM's fused ``qkv_proj``/``gate_up_proj`` before their shards' exact names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmc.errors import SaveError
+from llmc.quantization.math import ZERO_POINT_DTYPE
+from llmc.quantization.module import quantized_linears, weight_codes
+from llmc.quantization.packing import pack_to_int32
+from llmc.quantization.scheme import QuantizationScheme
+
+__all__ = ["compressed_state_dict", "group_format", "quantization_config"]
+
+QUANT_METHOD = "compressed-tensors"
+# Version of the format written; compressed-tensors reads it for information only.
+FORMAT_VERSION = "0.20.0"
+
+
+def _format_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("compressed-tensors")
+    except Exception:
+        return FORMAT_VERSION
+
+
+def group_format(scheme: QuantizationScheme, *, save_compressed: bool) -> str:
+    """The compressed-tensors format a module with ``scheme`` is written in.
+
+    Follows compressed-tensors' own inference: integer weights with quantized inputs are
+    ``int-quantized``, weight-only integer schemes ``pack-quantized``; a format set on the
+    scheme wins.
+    """
+    if not save_compressed:
+        return "dense"
+    if scheme.format is not None:
+        return scheme.format
+    if scheme.input_activations is not None:
+        return "int-quantized"
+    return "pack-quantized"
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    """Whether compressed-tensors' class-name target ``Linear`` matches ``module``."""
+    return any(cls.__name__ == "Linear" for cls in type(module).__mro__)
+
+
+def _matches(name: str, module: nn.Module, target: str) -> bool:
+    """compressed-tensors' target matching: exact name, ``re:`` regex, or class name in MRO."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or any(cls.__name__ == target for cls in type(module).__mro__)
+
+
+def _scheme_key(scheme: QuantizationScheme) -> tuple:
+    return (scheme.weights, scheme.input_activations, scheme.output_activations, scheme.format)
+
+
+def quantization_config(
+    model: nn.Module, ignore: list[str] | tuple[str, ...] = (), *, save_compressed: bool = True
+) -> dict[str, Any] | None:
+    """``config.json["quantization_config"]`` for ``model``, or None when nothing is quantized.
+
+    ``ignore`` holds extra entries for the config's ignore list (names or ``re:`` regexes);
+    every Linear left unquantized is listed anyway, so that a ``Linear`` target matches
+    exactly the quantized modules. An entry that matches a quantized module is an error.
+    """
+    quantized = dict(quantized_linears(model))
+    if not quantized:
+        return None
+    for entry in ignore:
+        for name, module in quantized.items():
+            if _matches(name, module, entry):
+                raise SaveError(
+                    f"ignore entry {entry!r} matches the quantized module {name}; remove it "
+                    f"from ignore or leave {name} unquantized"
+                )
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    schemes: dict[tuple, QuantizationScheme] = {}
+    for name, module in quantized.items():
+        key = _scheme_key(module.quantization_scheme)
+        groups[key].append(name)
+        schemes.setdefault(key, module.quantization_scheme)
+
+    quantized_ids = {id(m) for m in quantized.values()}
+    unquantized = [
+        name
+        for name, module in model.named_modules()
+        if _is_linear_like(module) and id(module) not in quantized_ids
+    ]
+    ignore_list = list(dict.fromkeys(ignore))
+    for name in unquantized:
+        module = model.get_submodule(name)
+        if not any(_matches(name, module, entry) for entry in ignore_list):
+            ignore_list.append(name)
+
+    config_groups = {}
+    formats = []
+    for index, (key, names) in enumerate(groups.items()):
+        scheme = schemes[key]
+        fmt = group_format(scheme, save_compressed=save_compressed)
+        formats.append(fmt)
+        entry = scheme.to_config_dict()
+        entry["targets"] = ["Linear"] if len(groups) == 1 else sorted(names)
+        entry["format"] = fmt
+        config_groups[f"group_{index}"] = entry
+    distinct = set(formats)
+    return {
+        "config_groups": config_groups,
+        "format": distinct.pop() if len(distinct) == 1 else "mixed-precision",
+        "global_compression_ratio": None,
+        "ignore": ignore_list,
+        "kv_cache_scheme": None,
+        "quant_method": QUANT_METHOD,
+        "quantization_status": "compressed" if save_compressed else "frozen",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": _format_version(),
+    }
+
+
+def _module_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized Linear, by local name (``weight_packed``, ...)."""
+    scheme: QuantizationScheme = module.quantization_scheme
+    args = scheme.weights
+    fmt = group_format(scheme, save_compressed=save_compressed)
+    scale = module.weight_scale.detach()
+    zero_point = module.weight_zero_point.detach().to(ZERO_POINT_DTYPE)
+    tensors = {"weight_scale": scale}
+    if fmt == "dense":
+        tensors["weight"] = module.weight.detach()
+        if not save_compressed or not args.symmetric:
+            tensors["weight_zero_point"] = zero_point
+        return tensors
+    codes = weight_codes(module)
+    if fmt == "pack-quantized":
+        tensors["weight_packed"] = pack_to_int32(codes, args.num_bits, packed_dim=1)
+        tensors["weight_shape"] = torch.tensor(tuple(module.weight.shape), dtype=torch.int64)
+        if not args.symmetric:
+            if args.strategy in ("group", "channel"):
+                zero_point = pack_to_int32(zero_point, args.num_bits, packed_dim=0)
+            tensors["weight_zero_point"] = zero_point
+        return tensors
+    # int-quantized / naive-quantized: one int8 per weight
+    tensors["weight"] = codes
+    if not args.symmetric:
+        tensors["weight_zero_point"] = zero_point
+    return tensors
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.device, tensor.untyped_storage().data_ptr())
+
+
+def _declared_tied_keys(model: nn.Module) -> list[str]:
+    """State-dict keys transformers declares as copies of another (``_tied_weights_keys``)."""
+    keys = []
+    for prefix, module in model.named_modules():
+        tied = getattr(module, "_tied_weights_keys", None) or {}
+        keys.extend(f"{prefix}.{k}" if prefix else k for k in tied)
+    return keys
+
+
+def _is_declared(name: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if name == pattern:
+            return True
+        try:
+            if re.fullmatch(pattern, name):
+                return True
+        except re.error:
+            continue
+    return False
+
+
+def _drop_aliases(state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Write each storage once, keeping the name transformers re-ties on load.
+
+    As in transformers' ``save_pretrained``: of identical aliases, the keys declared in
+    ``_tied_weights_keys`` (``lm_head.weight`` under ``tie_word_embeddings``) are dropped;
+    aliases that are distinct views are cloned; anything else is an error.
+    """
+    by_storage: dict[tuple, list[str]] = defaultdict(list)
+    for name, tensor in state.items():
+        if tensor.device.type != "meta" and tensor.numel():
+            by_storage[_storage_key(tensor)].append(name)
+    declared = _declared_tied_keys(model)
+    for names in by_storage.values():
+        if len(names) < 2:
+            continue
+        first = state[names[0]]
+        identical = all(
+            state[n].data_ptr() == first.data_ptr()
+            and state[n].shape == first.shape
+            and state[n].stride() == first.stride()
+            for n in names
+        )
+        if not identical:
+            for name in names:
+                state[name] = state[name].clone()
+            continue
+        keep = [n for n in names if not _is_declared(n, declared)]
+        if len(keep) != 1:
+            raise SaveError(
+                f"tensors {', '.join(sorted(names))} share storage but the model declares "
+                f"{'all' if not keep else 'none'} of them as tied; untie them "
+                f"(e.g. clone the weight) before saving"
+            )
+        for name in names:
+            if name not in keep:
+                del state[name]
+
+
+def _revert_weight_renaming(
+    model: nn.Module, state: dict[str, torch.Tensor], kept: set[str]
+) -> dict[str, torch.Tensor]:
+    """Undo transformers' load-time weight conversions, as ``save_pretrained`` does.
+
+    The quantized modules' keys must come out unchanged, since the config names them.
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    if not isinstance(model, PreTrainedModel):
+        return state
+    reverted = revert_weight_conversion(model, state)
+    if reverted is state:
+        return state
+    reverted = dict(reverted)
+    missing = sorted(kept - set(reverted))
+    if missing:
+        raise SaveError(
+            f"transformers renames weights of this model on save, including the quantized "
+            f"{missing[0]}; saving quantized modules of such models is not supported yet"
+        )
+    return reverted
+
+
+@torch.no_grad()
+def compressed_state_dict(model: nn.Module, *, save_compressed: bool) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each quantized Linear in its compressed-tensors form.
+
+    Unquantized tensors are returned as they are (aliases removed as transformers does), so
+    nothing is copied except the compressed weights.
+    """
+    state = model.state_dict()
+    quantized = dict(quantized_linears(model))
+    weight_owner = {_storage_key(m.weight): n for n, m in quantized.items()}
+    for key, tensor in state.items():
+        owner = weight_owner.get(_storage_key(tensor)) if tensor.numel() else None
+        if owner is not None and key != f"{owner}.weight":
+            raise SaveError(
+                f"{key} shares its storage with the quantized {owner}.weight (tied weights); "
+                f"leave {owner} unquantized (e.g. ignore it) or untie the weights first"
+            )
+    compressed_keys = set()
+    for name, module in quantized.items():
+        for local in ("weight", "weight_scale", "weight_zero_point"):
+            state.pop(f"{name}.{local}", None)
+        for local, tensor in _module_tensors(module, save_compressed=save_compressed).items():
+            state[f"{name}.{local}"] = tensor
+            compressed_keys.add(f"{name}.{local}")
+    _drop_aliases(state, model)
+    return _revert_weight_renaming(model, state, compressed_keys)

@@ -1,0 +1,348 @@
+"""llmc's quantization math must equal compressed-tensors' bit for bit, since transformers and
+vLLM rebuild our checkpoints with compressed-tensors' code; and the scheme classes must refuse
+what cannot be saved with messages that say what to change."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs as CTArgs
+from compressed_tensors.quantization import QuantizationScheme as CTScheme
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+from compressed_tensors.quantization.utils import (
+    calculate_qparams,
+    compute_dynamic_scales_and_zp,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from llmc.errors import ArgumentError, CalibrationError
+from llmc.quantization import (
+    PRESET_SCHEMES,
+    QuantizationArgs,
+    QuantizationScheme,
+    compute_qparams,
+    dequantize,
+    dynamic_activation_fake_quantize,
+    fake_quantize,
+    preset_scheme,
+    quantize,
+    scheme_from_config_dict,
+    schemes_from_config_groups,
+)
+
+
+def _ct_args(args: QuantizationArgs) -> CTArgs:
+    return CTArgs.model_validate(args.to_config_dict())
+
+
+def _ct_minmax(W: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max observation llm-compressor makes before calling calculate_qparams."""
+    if args.strategy == "tensor":
+        return W.amin(), W.amax()
+    if args.strategy == "channel":
+        return W.amin(dim=1, keepdim=True), W.amax(dim=1, keepdim=True)
+    groups = W.unflatten(-1, (W.shape[1] // args.group_size, args.group_size))
+    return groups.amin(dim=-1), groups.amax(dim=-1)
+
+
+def _weights(seed: int, dtype: torch.dtype, rows: int = 48, cols: int = 256) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=generator) * 0.05
+    W[0, :] = W[0, :].abs()  # a row with no negative value: zero must still be in range
+    W[1, :] = 0.0  # an all-zero row (zero scale)
+    W[2, :128] = 0.0  # an all-zero group
+    W[3, 5] = 4.0  # an outlier
+    return W.to(dtype)
+
+
+ARGS_CASES = {
+    **{f"preset-{name}": scheme.weights for name, scheme in PRESET_SCHEMES.items()},
+    "int4-channel-sym": QuantizationArgs(num_bits=4, strategy="channel"),
+    "int4-channel-asym": QuantizationArgs(num_bits=4, strategy="channel", symmetric=False),
+    "int4-tensor-sym": QuantizationArgs(num_bits=4, strategy="tensor"),
+    "int8-tensor-asym": QuantizationArgs(num_bits=8, strategy="tensor", symmetric=False),
+    "int8-group64-asym": QuantizationArgs(
+        num_bits=8, strategy="group", group_size=64, symmetric=False
+    ),
+    "int3-group32-asym": QuantizationArgs(
+        num_bits=3, strategy="group", group_size=32, symmetric=False
+    ),
+    "int3-group64-sym": QuantizationArgs(num_bits=3, strategy="group", group_size=64),
+    "int2-group32-sym": QuantizationArgs(num_bits=2, strategy="group", group_size=32),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("args", ARGS_CASES.values(), ids=ARGS_CASES.keys())
+def test_compute_qparams_equals_compressed_tensors(args: QuantizationArgs, dtype: torch.dtype):
+    W = _weights(0, dtype)
+    scale, zero_point = compute_qparams(W, args)
+    ct_scale, ct_zero_point = calculate_qparams(*_ct_minmax(W, args), _ct_args(args))
+    assert scale.dtype == dtype == ct_scale.dtype
+    assert zero_point.dtype == torch.int8 == ct_zero_point.dtype
+    assert torch.equal(scale, ct_scale)
+    assert torch.equal(zero_point, ct_zero_point)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("args", ARGS_CASES.values(), ids=ARGS_CASES.keys())
+def test_quantize_and_fake_quantize_equal_compressed_tensors(
+    args: QuantizationArgs, dtype: torch.dtype
+):
+    W = _weights(1, dtype)
+    scale, zero_point = compute_qparams(W, args)
+    ct_args = _ct_args(args)
+    codes = quantize(W, scale, zero_point, args)
+    assert codes.dtype == torch.int8
+    assert torch.equal(codes, ct_quantize(W, scale, zero_point, ct_args, dtype=torch.int8))
+    fake = fake_quantize(W, scale, zero_point, args)
+    assert fake.dtype == dtype
+    assert torch.equal(fake, ct_fake_quantize(W, scale, zero_point, ct_args))
+    assert torch.equal(dequantize(codes, scale, zero_point, args, dtype), fake)
+
+
+ACTIVATION_CASES = {
+    "int8-token-sym": QuantizationArgs(num_bits=8, strategy="token", dynamic=True),
+    "int8-token-asym": QuantizationArgs(
+        num_bits=8, strategy="token", dynamic=True, symmetric=False
+    ),
+    "int8-tensor-sym": QuantizationArgs(num_bits=8, strategy="tensor", dynamic=True),
+    "int4-group32-sym": QuantizationArgs(num_bits=4, strategy="group", group_size=32, dynamic=True),
+}
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 64), (7, 64)], ids=["3d", "2d"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("args", ACTIVATION_CASES.values(), ids=ACTIVATION_CASES.keys())
+def test_dynamic_activation_fake_quantize_equals_compressed_tensors(
+    args: QuantizationArgs, dtype: torch.dtype, shape: tuple[int, ...]
+):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    ct_args = _ct_args(args)
+    scale, zero_point = compute_dynamic_scales_and_zp(x, ct_args, module=None)
+    expected = ct_fake_quantize(x, scale, zero_point, ct_args)
+    assert torch.equal(dynamic_activation_fake_quantize(x, args), expected)
+
+
+def test_compute_qparams_group_size_not_dividing_raises():
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=128)
+    with pytest.raises(
+        CalibrationError,
+        match=r"group_size 128 does not divide the input width 200 of a tensor of shape "
+        r"\[4, 200\]; choose a group_size that divides 200",
+    ):
+        compute_qparams(torch.randn(4, 200), args)
+
+
+def test_fake_quantize_group_size_not_dividing_raises():
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=64)
+    scale = torch.ones(4, 2)
+    with pytest.raises(CalibrationError, match=r"group_size 64 does not divide .* 100"):
+        fake_quantize(torch.randn(4, 100), scale, torch.zeros(4, 2, dtype=torch.int8), args)
+
+
+# -- properties ---------------------------------------------------------------------------
+
+PROPERTY_ARGS = [
+    QuantizationArgs(num_bits=bits, strategy=strategy, group_size=group, symmetric=symmetric)
+    for bits in (2, 3, 4, 8)
+    for strategy, group in (("tensor", None), ("channel", None), ("group", 16))
+    for symmetric in (True, False)
+]
+
+
+@st.composite
+def weights_and_args(draw):
+    args = draw(st.sampled_from(PROPERTY_ARGS))
+    rows = draw(st.integers(1, 6))
+    cols = 16 * draw(st.integers(1, 4))
+    magnitude = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    values = draw(
+        arrays(
+            np.float32,
+            (rows, cols),
+            elements=st.floats(-1, 1, width=32, allow_nan=False, allow_subnormal=False),
+        )
+    )
+    zeros = draw(arrays(np.bool_, (rows, cols)))
+    W = torch.from_numpy(values) * magnitude
+    W[torch.from_numpy(zeros)] = 0.0
+    dtype = draw(st.sampled_from(list(DTYPES.values())))
+    return W.to(dtype), torch.from_numpy(zeros), args
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights_and_args())
+def test_quantize_codes_lie_in_range(case):
+    W, _, args = case
+    scale, zero_point = compute_qparams(W, args)
+    codes = quantize(W, scale, zero_point, args)
+    assert int(codes.min()) >= args.q_min and int(codes.max()) <= args.q_max
+    assert int(zero_point.min()) >= args.q_min and int(zero_point.max()) <= args.q_max
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights_and_args())
+def test_fake_quantize_is_idempotent(case):
+    W, _, args = case
+    scale, zero_point = compute_qparams(W, args)
+    once = fake_quantize(W, scale, zero_point, args)
+    assert torch.equal(fake_quantize(once, scale, zero_point, args), once)
+    assert torch.equal(
+        quantize(once, scale, zero_point, args), quantize(W, scale, zero_point, args)
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights_and_args())
+def test_fake_quantize_keeps_zero_exact(case):
+    W, zeros, args = case
+    scale, zero_point = compute_qparams(W, args)
+    fake = fake_quantize(W, scale, zero_point, args)
+    assert torch.all(fake[zeros] == 0)
+
+
+# -- schemes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"num_bits": 5, "strategy": "channel"},
+            r"^'num_bits' must be one of 2, 3, 4, 8 \(got 5\)$",
+        ),
+        (
+            {"num_bits": 8, "type": "float", "strategy": "channel"},
+            r"^'type' 'float' \(FP8/FP4\) is not supported yet; use type 'int'$",
+        ),
+        (
+            {"num_bits": 4, "strategy": "block"},
+            r"^'strategy' must be one of 'tensor', 'channel', 'group', 'token' \(got 'block'\)$",
+        ),
+        (
+            {"num_bits": 4, "strategy": "group"},
+            r"^'group_size' is required when strategy is 'group' \(got None\)",
+        ),
+        (
+            {"num_bits": 4, "strategy": "channel", "group_size": 128},
+            r"^'group_size' must be None unless strategy is 'group' \(got group_size 128 with "
+            r"strategy 'channel'\)$",
+        ),
+        (
+            {"num_bits": 4, "strategy": "group", "group_size": 0},
+            r"^'group_size' must be a positive integer or None \(got 0\)$",
+        ),
+        ({"num_bits": 8, "strategy": "token"}, r"^strategy 'token' needs dynamic true"),
+        (
+            {"num_bits": 4, "strategy": "channel", "symmetric": "yes"},
+            r"^'symmetric' must be true or false \(got 'yes'\)$",
+        ),
+        (
+            {"num_bits": 4, "strategy": "channel", "actorder": "group"},
+            r"^'actorder' 'group' is not supported: .* use actorder 'weight'",
+        ),
+    ],
+    ids=[
+        "num-bits",
+        "float-type",
+        "strategy",
+        "group-size-missing",
+        "group-size-unexpected",
+        "group-size-zero",
+        "static-token",
+        "symmetric-type",
+        "actorder-group",
+    ],
+)
+def test_quantization_args_invalid_raises(kwargs, message):
+    with pytest.raises(ArgumentError, match=message):
+        QuantizationArgs(**kwargs)
+
+
+def test_quantization_args_static_actorder_is_weight():
+    args = QuantizationArgs(num_bits=4, strategy="group", group_size=128, actorder="static")
+    assert args.actorder == "weight"
+
+
+def test_quantization_scheme_static_inputs_raise():
+    with pytest.raises(ArgumentError, match=r"static activation scales\) is not supported yet"):
+        QuantizationScheme(
+            weights=QuantizationArgs(num_bits=8, strategy="channel"),
+            input_activations=QuantizationArgs(num_bits=8, strategy="tensor"),
+        )
+
+
+def test_preset_scheme_unknown_raises_with_closest():
+    with pytest.raises(
+        ArgumentError, match=r"^unknown quantization scheme 'W4A61'; did you mean 'W4A16'\?$"
+    ):
+        preset_scheme("W4A61", ["Linear"])
+
+
+def test_preset_scheme_is_case_insensitive_and_sets_targets():
+    scheme = preset_scheme("w4a16", ["re:.*mlp.*"])
+    assert scheme.targets == ("re:.*mlp.*",)
+    assert scheme.weights == PRESET_SCHEMES["W4A16"].weights
+
+
+@pytest.mark.parametrize("name", PRESET_SCHEMES, ids=str)
+def test_preset_to_config_dict_is_valid_compressed_tensors(name):
+    """The JSON we write must parse as compressed-tensors' own scheme, with the same meaning."""
+    scheme = PRESET_SCHEMES[name]
+    ct_scheme = CTScheme.model_validate(scheme.to_config_dict())
+    assert ct_scheme.weights.num_bits == scheme.weights.num_bits
+    assert ct_scheme.weights.strategy == scheme.weights.strategy
+    assert ct_scheme.weights.symmetric == scheme.weights.symmetric
+    assert ct_scheme.weights.group_size == scheme.weights.group_size
+    assert scheme_from_config_dict(scheme.to_config_dict()) == scheme
+
+
+def test_scheme_from_config_dict_reads_llm_compressor_group():
+    scheme = scheme_from_config_dict(
+        {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 128,
+            },
+        }
+    )
+    assert scheme == PRESET_SCHEMES["W4A16"]
+
+
+def test_scheme_from_config_dict_infers_strategy_from_group_size():
+    scheme = scheme_from_config_dict(
+        {"targets": ["Linear"], "weights": {"num_bits": 8, "group_size": -1}}
+    )
+    assert scheme.weights.strategy == "channel"
+    assert scheme.weights.group_size is None
+
+
+def test_scheme_from_config_dict_unknown_key_raises_with_closest():
+    with pytest.raises(
+        ArgumentError, match=r"^unknown key 'weight' in config group; did you mean 'weights'\?$"
+    ):
+        scheme_from_config_dict({"targets": ["Linear"], "weight": {"num_bits": 4}})
+    with pytest.raises(
+        ArgumentError, match=r"^unknown key 'groupsize' in 'weights'; did you mean 'group_size'\?$"
+    ):
+        scheme_from_config_dict({"targets": ["Linear"], "weights": {"groupsize": 4}})
+
+
+def test_schemes_from_config_groups_accepts_preset_names():
+    schemes = schemes_from_config_groups({"W8A8": ["Linear"]})
+    assert schemes["W8A8"] == PRESET_SCHEMES["W8A8"]
