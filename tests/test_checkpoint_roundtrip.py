@@ -54,7 +54,9 @@ SCHEMES = {
 VOCAB = 512
 
 
-def _tiny_llama(*, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
+def _tiny_llama(
+    *, tie_word_embeddings: bool = False, dtype: torch.dtype = torch.float32
+) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=256,
@@ -63,10 +65,11 @@ def _tiny_llama(*, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=VOCAB,
-        dtype="float32",
+        dtype=str(dtype).removeprefix("torch."),
         tie_word_embeddings=tie_word_embeddings,
     )
-    return LlamaForCausalLM(config).eval()
+    # from_config keeps float32 buffers (rotary inv_freq) as from_pretrained does
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def _quantize_all_but_lm_head_(model: nn.Module, scheme: QuantizationScheme) -> None:
@@ -214,6 +217,43 @@ def test_checkpoint_dense_roundtrip_logits_match(scheme: QuantizationScheme, tmp
     assert config["quantization_status"] == "frozen"
     assert config["config_groups"]["group_0"]["format"] == "dense"
     assert _checkpoint_tensors(path) == _expected_tensors(model, save_compressed=False)
+
+
+BF16_CASES = {
+    "w8a16-compressed": (PRESET_SCHEMES["W8A16"], True),
+    "w8a8-compressed": (PRESET_SCHEMES["W8A8"], True),
+    "w8a16-dense": (PRESET_SCHEMES["W8A16"], False),
+    "w8a8-dense": (PRESET_SCHEMES["W8A8"], False),
+}
+
+
+@pytest.mark.parametrize(("scheme", "save_compressed"), BF16_CASES.values(), ids=BF16_CASES.keys())
+def test_checkpoint_bf16_int8_roundtrip_logits_match(
+    scheme: QuantizationScheme, save_compressed: bool, tmp_path: Path
+):
+    """In bf16, re-quantizing (q * scale) can give q - 1 at the ends of the int8 range; the
+    codes we save and the dense weight we write must still reproduce the in-memory weight."""
+    model = _tiny_llama(dtype=torch.bfloat16)
+    _quantize_all_but_lm_head_(model, scheme)
+    moved = sum(
+        int(
+            (
+                quantize(m.weight, m.weight_scale, m.weight_zero_point, scheme.weights)
+                != weight_codes(m)
+            ).sum()
+        )
+        for _, m in quantized_linears(model)
+    )
+    assert moved > 0  # this model exercises the case
+    expected_logits = _logits(model)
+
+    path = save_checkpoint(model, None, tmp_path / "ckpt", save_compressed=save_compressed)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert loaded.dtype == torch.bfloat16
+    logits = _logits(loaded)
+    assert torch.equal(logits, expected_logits)
+    if save_compressed:
+        _assert_loaded_weights_equal(loaded, model)
 
 
 def test_checkpoint_mixed_schemes_target_exact_names(tmp_path: Path):

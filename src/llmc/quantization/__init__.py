@@ -7,8 +7,10 @@ from llmc.quantization.math import (
     dequantize,
     dynamic_activation_fake_quantize,
     fake_quantize,
+    loader_stable_weight,
     qparam_shape,
     quantize,
+    recover_codes,
 )
 from llmc.quantization.module import (
     is_quantized,
@@ -38,6 +40,7 @@ __all__ = [
     "dynamic_activation_fake_quantize",
     "fake_quantize",
     "is_quantized",
+    "loader_stable_weight",
     "pack_to_int32",
     "packed_size",
     "preset_scheme",
@@ -45,6 +48,7 @@ __all__ = [
     "quantize",
     "quantize_linear_",
     "quantized_linears",
+    "recover_codes",
     "scheme_from_config_dict",
     "schemes_from_config_groups",
     "set_quantized_weight_",

@@ -30,8 +30,10 @@ __all__ = [
     "dequantize",
     "dynamic_activation_fake_quantize",
     "fake_quantize",
+    "loader_stable_weight",
     "qparam_shape",
     "quantize",
+    "recover_codes",
 ]
 
 # compressed-tensors stores zero points as the smallest integer dtype that holds num_bits.
@@ -185,6 +187,55 @@ def fake_quantize(
     Wg, scale_g, zero_g = _grouped(W, scale, zero_point, args)
     codes = _codes_as_float(Wg, scale_g, zero_g, args)
     return _from_codes(codes, scale_g, zero_g).reshape(W.shape).to(W.dtype)
+
+
+@torch.no_grad()
+def recover_codes(
+    W_hat: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    args: QuantizationArgs,
+) -> torch.Tensor:
+    """The int8 codes of a weight already on the grid, ``W_hat = (q - zero_point) * scale``.
+
+    ``quantize`` in bfloat16 does not invert ``dequantize`` at the ends of the int8 range: the
+    product ``127 * scale`` is rounded to 8 significant bits and dividing it back can land on
+    126.5, which rounds to 126. Dividing in float64 leaves an error below 0.25 of a code for
+    every dtype with at least 8 significant bits, so rounding recovers ``q`` exactly. Off-grid
+    inputs (a solver's float32 result) are rounded to the nearest code.
+    """
+    zero_point = zero_point.to(torch.float64) if zero_point is not None else None
+    codes = quantize(W_hat.to(torch.float64), scale.to(torch.float64), zero_point, args)
+    return codes
+
+
+@torch.no_grad()
+def loader_stable_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    args: QuantizationArgs,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A weight ``x`` in ``dtype`` whose reference fake quantization is ``dequantize(codes)``.
+
+    A ``dense`` checkpoint stores a float weight that the loader fake-quantizes again on every
+    forward, in the weight's dtype. ``dequantize(codes)`` itself is not always a fixed point of
+    that in bfloat16 (see ``recover_codes``), so entries whose codes would move are nudged one
+    representable step at a time towards their code until ``quantize(x) == codes``.
+    """
+    x = dequantize(codes, scale, zero_point, args, dtype)
+    for _ in range(8):
+        got = quantize(x, scale, zero_point, args)
+        wrong = got != codes
+        if not bool(wrong.any()):
+            return x
+        toward = torch.sign((codes.to(torch.int16) - got.to(torch.int16)).to(x.dtype))
+        x = torch.where(wrong, torch.nextafter(x, x + toward * torch.finfo(x.dtype).max), x)
+    raise CalibrationError(
+        f"could not find a {dtype} weight that re-quantizes to its codes "
+        f"({int(wrong.sum())} entries differ); save with save_compressed=True"
+    )
 
 
 def dynamic_activation_fake_quantize(x: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:

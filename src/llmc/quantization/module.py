@@ -24,10 +24,11 @@ from llmc.errors import ArgumentError, CalibrationError
 from llmc.quantization.math import (
     ZERO_POINT_DTYPE,
     compute_qparams,
+    dequantize,
     dynamic_activation_fake_quantize,
     fake_quantize,
     qparam_shape,
-    quantize,
+    recover_codes,
 )
 from llmc.quantization.scheme import QuantizationScheme
 
@@ -151,9 +152,10 @@ def set_quantized_weight_(
 ) -> None:
     """Install a solver's result: a weight on the quantization grid and its ``scale``/``zero_point``.
 
-    The weight is re-snapped to the grid of the stored scale (a no-op when the solver computed
-    it with that scale in the weight's dtype), so the module always computes what the saved
-    checkpoint will.
+    The weight is snapped to the grid of the stored scale (the scale is kept in the weight's
+    dtype, as in the checkpoint): its codes are recovered exactly (``recover_codes``) and the
+    weight becomes ``(q - zero_point) * scale``. For a weight computed on that grid this is a
+    no-op, and the module then computes exactly what the saved checkpoint will.
     """
     _check_linear(module, scheme)
     if tuple(weight_fake_quantized.shape) != tuple(module.weight.shape):
@@ -162,10 +164,9 @@ def set_quantized_weight_(
             f"{_shape(module.weight)}"
         )
     scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
-    weight = weight_fake_quantized.detach().to(
-        device=module.weight.device, dtype=module.weight.dtype
-    )
-    module.weight.data = fake_quantize(weight, scale, zero_point, scheme.weights)
+    weight = weight_fake_quantized.detach().to(device=module.weight.device)
+    codes = recover_codes(weight, scale, zero_point, scheme.weights)
+    module.weight.data = dequantize(codes, scale, zero_point, scheme.weights, module.weight.dtype)
     _set_buffer(module, "weight_scale", scale)
     _set_buffer(module, "weight_zero_point", zero_point)
     module.quantization_scheme = scheme
@@ -194,8 +195,12 @@ def quantize_linear_(
                 "zero_point was given without scale; pass both or neither", name="zero_point"
             )
         scale, zero_point = compute_qparams(weight, scheme.weights)
+    scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
+    # Round with the reference's arithmetic, in the weight's dtype, as compressed-tensors
+    # would when compressing this weight.
+    rounded = fake_quantize(weight, scale, zero_point, scheme.weights)
     set_quantized_weight_(
-        module, scheme, weight_fake_quantized=weight, scale=scale, zero_point=zero_point
+        module, scheme, weight_fake_quantized=rounded, scale=scale, zero_point=zero_point
     )
 
 
@@ -217,14 +222,14 @@ def quantized_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 @torch.no_grad()
 def weight_codes(module: nn.Linear) -> torch.Tensor:
-    """The int8 codes ``q`` of a quantized Linear's weight (exact: the weight is on the grid)."""
+    """The int8 codes ``q`` of a quantized Linear's weight, recovered exactly from the grid."""
     if not is_quantized(module):
         raise ArgumentError(
             f"module is not quantized (a {type(module).__name__} without quantization_scheme "
             f"and weight_scale); call quantize_linear_ first",
             name="module",
         )
-    return quantize(
+    return recover_codes(
         module.weight,
         module.weight_scale,
         module.weight_zero_point,

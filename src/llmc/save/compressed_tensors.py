@@ -7,9 +7,11 @@ What transformers (through compressed-tensors 0.20) and vLLM expect, per group f
   and for asymmetric group/channel schemes ``weight_zero_point`` packed along dim 0.
 - ``int-quantized`` (W8A8, dynamic int8 inputs) and ``naive-quantized``: int8 ``weight`` +
   ``weight_scale`` (+ int8 ``weight_zero_point`` when asymmetric).
-- ``dense`` (``save_compressed=False``, status ``frozen``): the fake-quantized float ``weight``,
+- ``dense`` (``save_compressed=False``, status ``frozen``): a float ``weight``,
   ``weight_scale`` and always ``weight_zero_point``, because the loader creates a zero point
-  for every non-compressed module and re-applies fake quantization on each forward.
+  for every non-compressed module and re-applies fake quantization on each forward. The
+  weight is ``loader_stable_weight``: the fake-quantized weight, nudged by one ulp where
+  bfloat16 rounding would otherwise move a code when the loader re-quantizes it.
 
 Targets are matched by compressed-tensors as exact module names, ``re:`` regexes or class names
 anywhere in the module's MRO. When every quantized Linear shares one scheme the config says
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from llmc.errors import SaveError
-from llmc.quantization.math import ZERO_POINT_DTYPE
+from llmc.quantization.math import ZERO_POINT_DTYPE, loader_stable_weight
 from llmc.quantization.module import quantized_linears, weight_codes
 from llmc.quantization.packing import pack_to_int32
 from llmc.quantization.scheme import QuantizationScheme
@@ -152,12 +154,17 @@ def _module_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, to
     scale = module.weight_scale.detach()
     zero_point = module.weight_zero_point.detach().to(ZERO_POINT_DTYPE)
     tensors = {"weight_scale": scale}
+    codes = weight_codes(module)
     if fmt == "dense":
-        tensors["weight"] = module.weight.detach()
+        if save_compressed:  # compressed status: the loader uses the weight as it is
+            tensors["weight"] = module.weight.detach()
+        else:  # frozen status: the loader fake-quantizes the weight on every forward
+            tensors["weight"] = loader_stable_weight(
+                codes, scale, zero_point, args, module.weight.dtype
+            )
         if not save_compressed or not args.symmetric:
             tensors["weight_zero_point"] = zero_point
         return tensors
-    codes = weight_codes(module)
     if fmt == "pack-quantized":
         tensors["weight_packed"] = pack_to_int32(codes, args.num_bits, packed_dim=1)
         tensors["weight_shape"] = torch.tensor(tuple(module.weight.shape), dtype=torch.int64)
