@@ -157,6 +157,32 @@ def _dtype_of(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
+def _asymmetric_packed_workaround(config: Any) -> dict[str, Any]:
+    """Loader options for checkpoints transformers cannot load as they are.
+
+    transformers 5.x + compressed-tensors 0.20 allocate the zero point of asymmetric
+    ``pack-quantized`` weights unpacked, then refuse the packed tensor the format prescribes
+    (and vLLM reads). Asking for dequantization on load sidesteps it; for weight-only schemes
+    (the only ones that pack zero points) the result is the same computation.
+    """
+    quant = getattr(config, "quantization_config", None)
+    if not isinstance(quant, dict) or quant.get("quant_method") != "compressed-tensors":
+        return {}
+    groups = (quant.get("config_groups") or {}).values()
+    asymmetric_packed = any(
+        (group.get("weights") or {}).get("symmetric") is False
+        and (group.get("format") or quant.get("format")) == "pack-quantized"
+        and not group.get("input_activations")
+        for group in groups
+    )
+    if not asymmetric_packed:
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    logger.info("asymmetric pack-quantized checkpoint: loading it dequantized")
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 def load_model(model_args: ModelArguments) -> PreTrainedModel:
     """The causal LM named by ``model_args.model``, in eval mode, on the chosen device.
 
@@ -189,6 +215,7 @@ def load_model(model_args: ModelArguments) -> PreTrainedModel:
     except (OSError, ValueError, KeyError, ImportError) as error:
         raise _load_error("model", model, kwargs, error) from error
     _check_quantization_support(model, config)
+    kwargs.update(_asymmetric_packed_workaround(config))
     dtype = "auto" if model_args.precision == "auto" else _DTYPES[model_args.precision]
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
