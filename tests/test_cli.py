@@ -62,3 +62,16 @@ def test_cli_help(capsys, argv):
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 0
+
+
+def test_cli_oneshot_then_eval_checkpoint(capsys, tmp_path, tiny_model_dir, text_file):
+    pytest.importorskip("compressed_tensors")
+    out = tmp_path / "w8a8"
+    code, _, err = run(capsys, "-q", "oneshot", "--model", str(tiny_model_dir), "--recipe", "llmc:w8a8",
+                       "--output-dir", str(out))
+    assert code == 0, err
+    code, out_text, err = run(capsys, "-q", "eval", "--model", str(out), "--dataset", str(text_file),
+                              "--max-seq-length", "32")
+    assert code == 0, err
+    value = float(out_text.split()[1])
+    assert 1.0 < value < 10_000

@@ -88,14 +88,15 @@ def run_demo(
                 reloaded=can_reload,
             )
         )
-    _print_table(rows, max_chunks=max_chunks, output_dir=output_dir)
+    chunks = min(max_chunks, max(1, (len(tokens) - 1) // 512 + 1))
+    _print_table(rows, chunks=chunks, output_dir=output_dir)
     return rows
 
 
-def _print_table(rows: list[DemoRow], *, max_chunks: int, output_dir: Path) -> None:
+def _print_table(rows: list[DemoRow], *, chunks: int, output_dir: Path) -> None:
     base = rows[0]
     print()
-    print(f"embedded tiny Llama, held-out perplexity on {max_chunks} x 512 tokens of stdlib docstrings")
+    print(f"embedded tiny Llama, held-out perplexity on {chunks} chunks of 512 tokens of unseen stdlib docstrings")
     print(f"{'model':<18}{'size':>10}{'ratio':>8}{'perplexity':>12}{'delta':>9}{'time':>9}")
     for row in rows:
         ratio = base.size_bytes / row.size_bytes if row.size_bytes else float("nan")
