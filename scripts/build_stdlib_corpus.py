@@ -24,9 +24,10 @@ import json
 import sys
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "src" / "llmc" / "assets" / "stdlib_docs"

@@ -25,9 +25,9 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -105,6 +105,18 @@ def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[i
     return ids
 
 
+def make_tokenizer_config_portable(folder: Path) -> None:
+    """Record the tokenizer class under its transformers 4.x name.
+
+    transformers 5 writes ``TokenizersBackend``, which 4.x cannot resolve;
+    ``PreTrainedTokenizerFast`` is understood by both (5.x aliases it).
+    """
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def make_chunks(ids: list[int], seq_len: int) -> torch.Tensor:
     """Cut the stream into full ``seq_len`` chunks; the ragged tail is dropped."""
     n = len(ids) // seq_len
@@ -112,6 +124,11 @@ def make_chunks(ids: list[int], seq_len: int) -> torch.Tensor:
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    """Create the fixed tiny architecture, seeded so every run starts from the same init.
+
+    GQA (2 KV heads) and untied embeddings are kept on purpose: they exercise
+    code paths in llmc that a smaller, tied toy model would not.
+    """
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=256,
@@ -138,7 +155,9 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausal
     return model
 
 
-def lr_at(step: int, planned_steps: int, warmup: int, peak: float, floor_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int, planned_steps: int, warmup: int, peak: float, floor_ratio: float = 0.1
+) -> float:
     """Linear warmup then cosine decay to ``floor_ratio * peak`` at ``planned_steps``."""
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -180,7 +199,9 @@ def train_step(
 
 
 @torch.no_grad()
-def perplexity(model: LlamaForCausalLM, chunks: torch.Tensor, batch_size: int = 8) -> tuple[float, int]:
+def perplexity(
+    model: LlamaForCausalLM, chunks: torch.Tensor, batch_size: int = 8
+) -> tuple[float, int]:
     """Mean next-token NLL over every predicted token of every chunk, in fp32.
 
     Returns ``(perplexity, number_of_predicted_tokens)``.
@@ -257,15 +278,25 @@ class RunStats:
     n_params: int
     use_bf16: bool
     final_loss: float
+    last_lr: float
+    stopped_by_time_cap: bool
     command: str
     machine: str
 
 
 def write_model_card(out_dir: Path, stats: RunStats, args: argparse.Namespace) -> None:
-    import transformers
     import tokenizers
+    import transformers
 
     epochs = stats.tokens_seen / max(1, stats.n_train_tokens)
+    cap_note = ""
+    if stats.stopped_by_time_cap:
+        cap_note = (
+            f"\nTraining stopped at the {args.max_minutes:g}-minute time cap after {stats.steps_done} of "
+            f"{stats.planned_steps} planned steps, so the cosine schedule did not finish "
+            f"(last learning rate {stats.last_lr:.2e}); steps ran slower than planned, "
+            f"typically because the machine was busy with other jobs.\n"
+        )
     card = f"""---
 license: psf-2.0
 library_name: transformers
@@ -333,7 +364,7 @@ in training.
 | seed | {args.seed} |
 | machine | {stats.machine} |
 | libraries | transformers {transformers.__version__}, tokenizers {tokenizers.__version__} |
-
+{cap_note}
 ## Evaluation
 
 Perplexity = exp(mean next-token NLL) over all {args.seq_len}-token chunks, fp32,
@@ -361,8 +392,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus-dir", type=Path, default=CORPUS_DIR)
     p.add_argument("--out", type=Path, default=OUT_DIR)
-    p.add_argument("--steps", type=int, default=600, help="planned steps; the cosine schedule spans these")
-    p.add_argument("--max-minutes", type=float, default=20.0, help="stop training after this much wall time")
+    p.add_argument(
+        "--steps", type=int, default=600, help="planned steps; the cosine schedule spans these"
+    )
+    p.add_argument(
+        "--max-minutes", type=float, default=20.0, help="stop training after this much wall time"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
@@ -373,8 +408,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=50, help="log held-out perplexity every N steps (0: never)")
-    p.add_argument("--bench", type=int, default=0, help="only time N steps in fp32 and bf16, then exit")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=50,
+        help="log held-out perplexity every N steps (0: never)",
+    )
+    p.add_argument(
+        "--bench", type=int, default=0, help="only time N steps in fp32 and bf16, then exit"
+    )
     return p.parse_args(argv)
 
 
@@ -414,10 +456,20 @@ def main(argv: list[str] | None = None) -> None:
     t_train = time.perf_counter()
     steps_done = 0
     loss = float("nan")
-    bar = tqdm(range(args.steps), desc="train", mininterval=15, file=sys.stdout, dynamic_ncols=False, ncols=100)
+    lr = 0.0
+    stopped_by_time_cap = False
+    bar = tqdm(
+        range(args.steps),
+        desc="train",
+        mininterval=15,
+        file=sys.stdout,
+        dynamic_ncols=False,
+        ncols=100,
+    )
     for step in bar:
         if time.perf_counter() >= deadline:
             print(f"\ntime cap reached after {step} steps", flush=True)
+            stopped_by_time_cap = True
             break
         if cursor + args.batch_size > len(order):  # new epoch, fresh shuffle
             order = torch.randperm(len(train_chunks), generator=gen)
@@ -432,7 +484,10 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         if step % 10 == 0 or step == args.steps - 1:
             elapsed = time.perf_counter() - t_train
-            print(f"step {step} loss {loss:.4f} lr {lr:.2e} elapsed {elapsed / 60:.1f} min", flush=True)
+            print(
+                f"step {step} loss {loss:.4f} lr {lr:.2e} elapsed {elapsed / 60:.1f} min",
+                flush=True,
+            )
         if args.eval_every and steps_done % args.eval_every == 0:
             # Monitoring only: the saved model is always the last step, so the
             # held-out split never influences training or model selection.
@@ -441,19 +496,28 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     train_seconds = time.perf_counter() - t_train
     tokens_seen = steps_done * args.batch_size * args.seq_len
-    print(f"trained {steps_done} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min", flush=True)
+    print(
+        f"trained {steps_done} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min",
+        flush=True,
+    )
 
     heldout_ppl, heldout_tokens = perplexity(model, heldout_chunks)
     train_ppl, train_eval_tokens = perplexity(model, train_chunks[:64])
-    print(f"heldout ppl {heldout_ppl:.3f} over {heldout_tokens} tokens; train ppl {train_ppl:.3f}", flush=True)
+    print(
+        f"heldout ppl {heldout_ppl:.3f} over {heldout_tokens} tokens; train ppl {train_ppl:.3f}",
+        flush=True,
+    )
 
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     model.to(torch.float32).save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    make_tokenizer_config_portable(args.out)
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]
+    )
     stats = RunStats(
         steps_done=steps_done,
         planned_steps=args.steps,
@@ -469,6 +533,8 @@ def main(argv: list[str] | None = None) -> None:
         n_params=n_params,
         use_bf16=use_bf16,
         final_loss=loss,
+        last_lr=lr,
+        stopped_by_time_cap=stopped_by_time_cap,
         command=command,
         machine=machine_description(),
     )
