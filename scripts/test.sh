@@ -8,9 +8,12 @@ python="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 plugins=()
+test_paths=(tests)
 for dir in plugins/*/; do
-  [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
+  [ -f "$dir/pyproject.toml" ] || continue
+  plugins+=(-e "$dir")
+  [ -d "$dir/tests" ] && test_paths+=("$dir/tests")
 done
 .venv/bin/python -m pip install -q -e ".[test]" "${plugins[@]}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/python -m pytest -q -p no:cacheprovider tests plugins "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider "${test_paths[@]}" "$@"

@@ -8,6 +8,7 @@ import torch
 from conftest import build_causal_lm
 from plugin_entry_points import TEST_PLUGIN
 
+from llmc import hookimpl
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
 from llmc.pipeline import LayerwisePipeline, find_blocks, make_lifecycle
@@ -113,3 +114,37 @@ def test_pipeline_propagates_from_compressed_layers(monkeypatch, tiny_model_dir,
             torch.testing.assert_close(seen, hidden[batch_index][index], rtol=1e-5, atol=1e-5)
     # and the compressed layers really differ from the original ones
     assert result.report["summary"]["QuantizationModifier"]["mean_weight_error"] > 0
+
+
+class _PartialPasses:
+    """A run state that re-runs its block and stops batches early, like true-sequential GPTQ."""
+
+    def __init__(self):
+        self.mlp_inputs = 0
+        self.stopped = 0
+
+    @hookimpl
+    def llmc_layer_start(self, context, layer_name, layer):
+        return False
+
+    @hookimpl
+    def llmc_layer_end(self, context, layer_name, layer):
+        from llmc.pipeline import StopLayerForward
+
+        def stop_at_mlp(module, args):
+            self.mlp_inputs += 1
+            raise StopLayerForward
+
+        handle = layer.mlp.register_forward_pre_hook(stop_at_mlp)
+        context.forward_layer()
+        handle.remove()
+
+
+def test_pipeline_forward_layer_reruns_block_and_stops_early():
+    model = build_causal_lm("llama", layers=2)
+    batches = _batches(model.config.vocab_size)
+    context = RunContext(model=model, device=torch.device("cpu"))
+    state = _PartialPasses()
+    LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([state]), show_progress=False).run(batches)
+    assert state.mlp_inputs == 2 * len(batches)
+    assert context.forward_layer is None

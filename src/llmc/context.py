@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -17,6 +18,12 @@ class RunContext:
     ``report`` collects per-module results (``context.record(...)``) that end up in the run
     report and its plot; ``attention_mask`` is set by the pipeline for each calibration batch so
     statistics can skip padded tokens.
+
+    ``forward_layer`` is set while a block is being calibrated (from ``llmc_layer_start`` to the
+    end of ``llmc_layer_end``): calling it runs every calibration batch through the block again,
+    as it is now, so a modifier can compress part of a block and collect fresh statistics for
+    the rest (GPTQ's true-sequential order). A hook may raise ``llmc.pipeline.StopLayerForward``
+    to cut a batch's forward short once it has what it needs.
     """
 
     model: torch.nn.Module
@@ -24,6 +31,7 @@ class RunContext:
     tokenizer: Any = None
     attention_mask: torch.Tensor | None = None
     layer_names: list[str] = attrs.field(factory=list)
+    forward_layer: Callable[[], None] | None = None
     report: list[dict[str, Any]] = attrs.field(factory=list)
 
     def record(self, *, modifier: str, module: str, **values: Any) -> None:

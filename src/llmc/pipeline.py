@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -35,7 +35,13 @@ from llmc.context import RunContext
 from llmc.errors import CalibrationError
 from llmc.targets import is_match
 
-__all__ = ["BlockInputs", "LayerwisePipeline", "find_blocks", "make_lifecycle"]
+__all__ = [
+    "BlockInputs",
+    "LayerwisePipeline",
+    "StopLayerForward",
+    "find_blocks",
+    "make_lifecycle",
+]
 
 logger = logging.getLogger("llmc.pipeline")
 
@@ -114,6 +120,10 @@ class _StopForward(Exception):
     """Raised by the capture hook: nothing after the first block needs to run."""
 
 
+class StopLayerForward(Exception):
+    """Raise from a hook during a calibration pass to skip the rest of that batch's forward."""
+
+
 @attrs.define
 class BlockInputs:
     """What one batch passes to a block: its arguments (hidden states first) and mask."""
@@ -168,17 +178,12 @@ class LayerwisePipeline:
         for name, block in progress:
             progress.set_postfix_str(name)
             started = time.perf_counter()
+            self.context.forward_layer = self._calibration_pass(name, block, inputs)
             wants_data = any(hook.llmc_layer_start(context=self.context, layer_name=name, layer=block))
             if wants_data:
-                if inputs is None:
-                    raise CalibrationError(
-                        f"a modifier needs calibration data at {name} but no dataset was given; "
-                        "pass dataset=... (for example 'llmc:stdlib-docs')",
-                        module=name,
-                    )
-                for _ in self._forward(block, inputs):
-                    pass
+                self.context.forward_layer()
             hook.llmc_layer_end(context=self.context, layer_name=name, layer=block)
+            self.context.forward_layer = None
             if inputs is not None and name != blocks[-1][0]:
                 inputs = [
                     batch.with_hidden_states(output.to(self.storage_device))
@@ -187,6 +192,21 @@ class LayerwisePipeline:
             self.timings[name] = time.perf_counter() - started
             logger.debug("%s done in %.2f s", name, self.timings[name])
         hook.llmc_finalize(context=self.context)
+
+    def _calibration_pass(
+        self, name: str, block: torch.nn.Module, inputs: list[BlockInputs] | None
+    ) -> Callable[[], None]:
+        def run_pass() -> None:
+            if inputs is None:
+                raise CalibrationError(
+                    f"a modifier needs calibration data at {name} but no dataset was given; "
+                    "pass dataset=... (for example 'llmc:stdlib-docs')",
+                    module=name,
+                )
+            for _ in self._forward(block, inputs, stoppable=True):
+                pass
+
+        return run_pass
 
     def _device(self) -> torch.device:
         return self.context.device
@@ -227,11 +247,21 @@ class LayerwisePipeline:
         return captured
 
     @torch.no_grad()
-    def _forward(self, block: torch.nn.Module, inputs: list[BlockInputs]) -> Iterator[torch.Tensor]:
+    def _forward(
+        self, block: torch.nn.Module, inputs: list[BlockInputs], stoppable: bool = False
+    ) -> Iterator[torch.Tensor | None]:
         device = self._device()
-        for batch in inputs:
-            mask = batch.attention_mask
-            self.context.attention_mask = None if mask is None else mask.to(device)
-            output = block(*_to(batch.args, device), **_to(batch.kwargs, device))
-            yield _first_output(output)
-        self.context.attention_mask = None
+        try:
+            for batch in inputs:
+                mask = batch.attention_mask
+                self.context.attention_mask = None if mask is None else mask.to(device)
+                try:
+                    output = block(*_to(batch.args, device), **_to(batch.kwargs, device))
+                except StopLayerForward:
+                    if not stoppable:
+                        raise
+                    yield None
+                    continue
+                yield _first_output(output)
+        finally:
+            self.context.attention_mask = None

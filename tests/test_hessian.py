@@ -1,0 +1,64 @@
+"""The shared Hessian machinery of GPTQ and SparseGPT."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from llmc.errors import CalibrationError
+from llmc.hessian import HessianAccumulator, inverse_cholesky_upper, zero_dead_columns_
+
+
+def test_hessian_running_mean_equals_direct_sum_and_skips_padding():
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 8), torch.randn(3, 4, 8)]
+    masks = [torch.ones(2, 5, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)]
+    masks[1][2, 1:] = 0  # three padded tokens
+    accumulator = HessianAccumulator(torch.zeros(8, 8))
+    for x, mask in zip(batches, masks):
+        accumulator.add_(x, mask)
+    kept = torch.cat([x.reshape(-1, 8)[m.reshape(-1).bool()] for x, m in zip(batches, masks)])
+    expected = 2.0 / kept.shape[0] * kept.T @ kept
+    assert accumulator.tokens == kept.shape[0] == 10 + 9
+    torch.testing.assert_close(accumulator.H, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_inverse_cholesky_upper_factorises_damped_inverse():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    H = 2 / 64 * x.T @ x
+    upper, frac = inverse_cholesky_upper(H, 0.01, module_name="m")
+    damped = H + 0.01 * torch.diag(H).mean() * torch.eye(16)
+    assert frac == 0.01
+    assert torch.equal(upper, torch.triu(upper))
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-4, atol=1e-5)
+
+
+def test_inverse_cholesky_raises_damping_until_positive_definite(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    H = 2 / 64 * x.T @ x
+    shift = torch.linalg.eigvalsh(H).min() + 0.05 * torch.diag(H).mean()
+    H -= shift * torch.eye(16)  # smallest eigenvalue now negative, mean diagonal still positive
+    assert torch.linalg.eigvalsh(H).min() < 0
+    with caplog.at_level(logging.WARNING, logger="llmc.hessian"):
+        upper, frac = inverse_cholesky_upper(H, 0.01, module_name="model.layers.3.mlp.down_proj")
+    assert frac > 0.01
+    assert "model.layers.3.mlp.down_proj needed damping" in caplog.text
+    assert torch.isfinite(upper).all()
+
+
+def test_inverse_cholesky_gives_up_with_clear_message():
+    H = -torch.eye(4)
+    with pytest.raises(CalibrationError, match=r"Hessian of q_proj is not positive definite after damping 0.01 → 1.28; add calibration samples or raise dampening_frac"):
+        inverse_cholesky_upper(H, 0.01, module_name="q_proj")
+
+
+def test_dead_columns_fixed_to_zero_weight_and_unit_curvature():
+    H = torch.diag(torch.tensor([2.0, 0.0, 3.0]))
+    W = torch.ones(2, 3)
+    dead = zero_dead_columns_(H, W)
+    assert dead.tolist() == [False, True, False]
+    assert W[:, 1].eq(0).all() and H[1, 1] == 1.0
