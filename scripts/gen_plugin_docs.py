@@ -77,6 +77,7 @@ def render() -> str:
     for title, names in (
         ("Registration hooks", hookspecs.REGISTRATION_HOOKS),
         ("Lifecycle hooks", hookspecs.LIFECYCLE_HOOKS),
+        ("Training hooks", hookspecs.TRAINING_HOOKS),
     ):
         lines += [f"## {title}", ""]
         for name in names:

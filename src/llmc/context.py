@@ -32,6 +32,10 @@ class RunContext:
     attention_mask: torch.Tensor | None = None
     layer_names: list[str] = attrs.field(factory=list)
     forward_layer: Callable[[], None] | None = None
+    # set by ``train``: where fine-tuning is, so scheduled modifiers can follow their schedule
+    step: int = 0
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
     report: list[dict[str, Any]] = attrs.field(factory=list)
 
     def record(self, *, modifier: str, module: str, **values: Any) -> None:

@@ -12,6 +12,10 @@ documentation (``docs/plugins.md`` is generated from them). There are two kinds 
   object a modifier returns from ``Modifier.start(context)``. One such object exists per modifier
   per run; core calls them in recipe order while it calibrates the model layer by layer.
 
+* **Training hooks** (``llmc_train_*``) are implemented by the same run-state objects and called
+  by the ``train`` entrypoint around each optimizer step, between ``llmc_initialize`` and
+  ``llmc_finalize``. A run state implements only the hooks it needs.
+
 Implement a hook with the ``hookimpl`` marker exported here (or ``pluggy.HookimplMarker("llmc")``)::
 
     from llmc import hookimpl
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LIFECYCLE_HOOKS",
     "REGISTRATION_HOOKS",
+    "TRAINING_HOOKS",
     "hookimpl",
     "hookspec",
 ]
@@ -116,5 +121,67 @@ def llmc_finalize(context: RunContext) -> None:
     """
 
 
+# --- Training hooks: implemented by a modifier's run state, called by ``train`` -------------
+
+
+@hookspec
+def llmc_train_start(context: RunContext, optimizer: torch.optim.Optimizer) -> None:
+    """Fine-tuning is about to start (after ``llmc_initialize``).
+
+    ``context.total_steps`` and ``context.steps_per_epoch`` are set. Prepare what the training
+    steps need (masks to keep, a teacher model to run, schedules to follow).
+    """
+
+
+@hookspec
+def llmc_train_batch_start(context: RunContext, step: int) -> None:
+    """Optimizer step ``step`` (0-based) is about to run its forward pass.
+
+    Scheduled modifiers act here: gradual magnitude pruning raises sparsity when
+    ``step / context.steps_per_epoch`` crosses its next update point.
+    """
+
+
+@hookspec
+def llmc_train_loss(
+    context: RunContext, step: int, batch: dict[str, torch.Tensor], outputs: object, loss: torch.Tensor
+) -> torch.Tensor | None:
+    """The student's forward pass is done; return a term to *add* to ``loss``, or None.
+
+    ``outputs`` is the model output (with ``logits``); distillation returns its weighted KD
+    loss here. Every returned term is added to the task loss before the backward pass.
+    """
+
+
+@hookspec
+def llmc_train_after_backward(context: RunContext, step: int) -> None:
+    """Gradients are computed and not yet applied: mask or clip them here.
+
+    Constant pruning zeroes the gradients of pruned weights so the optimizer does not move them.
+    """
+
+
+@hookspec
+def llmc_train_optimizer_step_end(context: RunContext, step: int) -> None:
+    """The optimizer has updated the weights: re-apply masks or constraints here.
+
+    Optimizers with weight decay or momentum can move a weight whose gradient is zero;
+    re-applying masks here keeps pruned weights at exactly zero.
+    """
+
+
+@hookspec
+def llmc_train_end(context: RunContext) -> None:
+    """Fine-tuning finished (before ``llmc_finalize``): release training state, log results."""
+
+
 REGISTRATION_HOOKS = ("llmc_register_modifiers", "llmc_register_recipes")
 LIFECYCLE_HOOKS = ("llmc_initialize", "llmc_layer_start", "llmc_layer_end", "llmc_finalize")
+TRAINING_HOOKS = (
+    "llmc_train_start",
+    "llmc_train_batch_start",
+    "llmc_train_loss",
+    "llmc_train_after_backward",
+    "llmc_train_optimizer_step_end",
+    "llmc_train_end",
+)

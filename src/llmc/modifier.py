@@ -27,10 +27,14 @@ class Modifier:
     * ``modifier_name``: the name recipes use (default: the class name).
     * ``requires_calibration_data``: ``False`` for data-free methods (round-to-nearest,
       magnitude pruning), so ``oneshot`` can run without a dataset.
+    * ``supports_oneshot`` / ``supports_training``: in which kind of stage the modifier can run
+      (a one-shot calibration pass, or fine-tuning with the ``llmc_train_*`` hooks).
     """
 
     modifier_name: ClassVar[str | None] = None
     requires_calibration_data: ClassVar[bool] = True
+    supports_oneshot: ClassVar[bool] = True
+    supports_training: ClassVar[bool] = False
 
     def start(self, context: RunContext) -> Any:
         """Create this modifier's run state: an object implementing lifecycle hooks."""
