@@ -76,6 +76,60 @@ class ShadowQuantizationModifier(Modifier):
         return object()
 
 
+@attrs.frozen(kw_only=True)
+class RecordTrainingModifier(Modifier):
+    """Logs every training hook it receives, to check the order train calls them in."""
+
+    requires_calibration_data: ClassVar[bool] = False
+    supports_training: ClassVar[bool] = True
+    extra_loss: float = 0.0
+
+    def start(self, context: RunContext) -> RecordTrainingRun:
+        run = RecordTrainingRun(self)
+        RUNS.append(run)
+        return run
+
+
+@attrs.define
+class RecordTrainingRun:
+    config: RecordTrainingModifier
+    calls: list[str] = attrs.field(factory=list)
+
+    @hookimpl
+    def llmc_initialize(self, context: RunContext) -> None:
+        self.calls.append("initialize")
+
+    @hookimpl
+    def llmc_train_start(self, context: RunContext, optimizer: Any) -> None:
+        self.calls.append(f"train_start:{context.total_steps}")
+
+    @hookimpl
+    def llmc_train_batch_start(self, context: RunContext, step: int) -> None:
+        self.calls.append(f"batch_start:{step}")
+
+    @hookimpl
+    def llmc_train_loss(self, context, step, batch, outputs, loss):
+        self.calls.append(f"loss:{step}")
+        return torch.tensor(self.config.extra_loss) if self.config.extra_loss else None
+
+    @hookimpl
+    def llmc_train_after_backward(self, context: RunContext, step: int) -> None:
+        grads = [p.grad for p in context.model.parameters() if p.grad is not None]
+        self.calls.append(f"after_backward:{step}:{bool(grads)}")
+
+    @hookimpl
+    def llmc_train_optimizer_step_end(self, context: RunContext, step: int) -> None:
+        self.calls.append(f"step_end:{step}")
+
+    @hookimpl
+    def llmc_train_end(self, context: RunContext) -> None:
+        self.calls.append("train_end")
+
+    @hookimpl
+    def llmc_finalize(self, context: RunContext) -> None:
+        self.calls.append("finalize")
+
+
 @hookimpl
 def llmc_register_modifiers() -> list[type[Modifier]]:
-    return [RecordInputsModifier, ShadowQuantizationModifier]
+    return [RecordInputsModifier, ShadowQuantizationModifier, RecordTrainingModifier]

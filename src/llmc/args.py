@@ -25,6 +25,8 @@ __all__ = [
     "ModelArguments",
     "OutputArguments",
     "RecipeArguments",
+    "TRAIN_ARGUMENT_CLASSES",
+    "TrainingArguments",
     "parse_arguments",
 ]
 
@@ -201,12 +203,73 @@ class OutputArguments:
     )
 
 
+def _positive_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not value > 0:
+        raise ArgumentError(
+            f"'{attribute.name}' must be a positive number (got {value!r})", name=attribute.name
+        )
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < 0:
+        raise ArgumentError(f"'{attribute.name}' must be 0 or more (got {value!r})", name=attribute.name)
+
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@attrs.frozen(kw_only=True)
+class TrainingArguments:
+    """How ``train`` fine-tunes the model while the recipe's training modifiers are active."""
+
+    num_train_epochs: float = attrs.field(
+        default=1.0, converter=float, validator=_positive_number,
+        metadata=_help("passes over the training samples (ignored when max_steps is set)"),
+    )
+    max_steps: int | None = attrs.field(
+        default=None, validator=_positive, metadata=_help("optimizer steps to run (overrides epochs)")
+    )
+    max_train_samples: int | None = attrs.field(
+        default=None, validator=_positive,
+        metadata=_help("use at most this many training samples (default: all)"),
+    )
+    train_batch_size: int = attrs.field(
+        default=4, validator=_positive, metadata=_help("samples per forward pass in training")
+    )
+    gradient_accumulation_steps: int = attrs.field(
+        default=1, validator=_positive, metadata=_help("forward passes per optimizer step")
+    )
+    learning_rate: float = attrs.field(
+        default=2e-5, converter=float, validator=_positive_number, metadata=_help("peak learning rate (AdamW)")
+    )
+    weight_decay: float = attrs.field(
+        default=0.0, converter=float, validator=_non_negative, metadata=_help("AdamW weight decay")
+    )
+    lr_scheduler: str = attrs.field(
+        default="cosine", validator=v.in_(LR_SCHEDULES),
+        metadata=_help(f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}"),
+    )
+    warmup_steps: int = attrs.field(
+        default=0, validator=_non_negative, metadata=_help("linear warmup steps")
+    )
+    max_grad_norm: float = attrs.field(
+        default=1.0, converter=float, validator=_non_negative, metadata=_help("gradient clipping (0: off)")
+    )
+    bf16: bool = attrs.field(
+        default=False, metadata=_help("run forward passes under bfloat16 autocast")
+    )
+    logging_steps: int = attrs.field(
+        default=10, validator=_positive, metadata=_help("log the loss every this many steps")
+    )
+
+
 ARGUMENT_CLASSES: tuple[type, ...] = (
     ModelArguments,
     DatasetArguments,
     RecipeArguments,
     OutputArguments,
 )
+TRAIN_ARGUMENT_CLASSES: tuple[type, ...] = (*ARGUMENT_CLASSES, TrainingArguments)
 
 
 # Fields typed Any keep Python objects (a model, a Dataset, a modifier list) as they are.

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from llmc.args import ARGUMENT_CLASSES, field_owner
+from llmc.args import ARGUMENT_CLASSES, TRAIN_ARGUMENT_CLASSES, field_owner
 from llmc.errors import ArgumentError, LlmcError, did_you_mean
 
 __all__ = ["build_parser", "main"]
@@ -62,8 +62,9 @@ def _add_argument_fields(parser: argparse.ArgumentParser, classes: Sequence[type
             if field.type in ("bool", bool):
                 group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                    default=None, help=f"{help_text} (default: {field.default})")
-            elif field.type in ("int", int, "int | None"):
-                group.add_argument(flag, dest=field.name, type=int, default=None,
+            elif field.type in ("int", int, "int | None", "float", float):
+                number = float if field.type in ("float", float) else int
+                group.add_argument(flag, dest=field.name, type=number, default=None,
                                    help=f"{help_text} (default: {field.default})")
             elif cli_type == "list":
                 group.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text)
@@ -133,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     oneshot.add_argument("--config", help="YAML/JSON file of arguments; flags override it")
     _add_argument_fields(oneshot, ARGUMENT_CLASSES)
 
+    train = commands.add_parser(
+        "train", help="fine-tune a model with the recipe's training modifiers active",
+        description="Fine-tune a model (optionally after one-shot stages) and save the checkpoint.",
+    )
+    train.add_argument("--config", help="YAML/JSON file of arguments; flags override it")
+    _add_argument_fields(train, TRAIN_ARGUMENT_CLASSES)
+
     evaluate = commands.add_parser("eval", help="perplexity of a model or checkpoint on held-out text")
     evaluate.add_argument("--model", required=True, help="checkpoint directory, hub name, or llmc:tiny-llama")
     evaluate.add_argument("--dataset", default=None, help="text to evaluate on (default: llmc:stdlib-docs-heldout)")
@@ -169,6 +177,17 @@ def _run_oneshot(namespace: argparse.Namespace) -> int:
         print(f"saved {result.output_dir}")
     else:
         print("no --output-dir given: nothing was saved")
+    return 0
+
+
+def _run_train(namespace: argparse.Namespace) -> int:
+    from llmc.entrypoints.train import train
+
+    result = train(**_collect(namespace, TRAIN_ARGUMENT_CLASSES))
+    report = result.report
+    if report["train_steps"]:
+        print(f"trained {report['train_steps']} steps: loss {report['first_loss']:.4f} -> {report['last_loss']:.4f}")
+    print(f"saved {result.output_dir}" if result.output_dir else "no --output-dir given: nothing was saved")
     return 0
 
 
@@ -225,6 +244,7 @@ def _run_demo(namespace: argparse.Namespace) -> int:
 
 COMMANDS = {
     "oneshot": _run_oneshot,
+    "train": _run_train,
     "eval": _run_eval,
     "plugins": _run_plugins,
     "recipes": _run_recipes,

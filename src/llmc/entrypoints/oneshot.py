@@ -18,12 +18,11 @@ import torch
 from llmc.args import parse_arguments
 from llmc.context import RunContext
 from llmc.data import load_calibration_data, make_batches, padding_token_id
+from llmc.entrypoints.stages import ONESHOT, check_stage_kinds, run_oneshot_stage, write_results
 from llmc.models import load_model, load_tokenizer
-from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import load_registry
-from llmc.recipe import Recipe, load_recipe, recipe_to_yaml
-from llmc.report import plot_report, report_json, summarize_rows
-from llmc.save import check_output_dir, save_checkpoint
+from llmc.recipe import Recipe, load_recipe
+from llmc.save import check_output_dir
 
 __all__ = ["OneshotResult", "oneshot"]
 
@@ -57,6 +56,7 @@ def oneshot(**kwargs: Any) -> OneshotResult:
     recipe = load_recipe(
         recipe_args.recipe, registry, recipe_args=recipe_args.recipe_args, stage=recipe_args.stage
     )
+    check_stage_kinds(recipe, ONESHOT)
     if output_args.output_dir is not None:
         check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
     logger.info("recipe: %s", ", ".join(f"{e.plugin}.{e.name}" for e in recipe.modifiers))
@@ -64,7 +64,6 @@ def oneshot(**kwargs: Any) -> OneshotResult:
     # 2. Model, tokenizer and, when a modifier needs them, calibration batches.
     model = load_model(model_args)
     tokenizer = load_tokenizer(model_args, model)
-    device = next(model.parameters()).device
     batches = None
     if recipe.requires_calibration_data:
         samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
@@ -72,51 +71,21 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         logger.info("calibration data: %d samples in %d batches", len(samples), len(batches))
     elif data_args.dataset is not None:
         logger.info("the recipe is data-free; the dataset is not used")
-    size_before = _parameter_bytes(model)
+    size_before = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # 3. Each stage runs its modifiers over the model, one block at a time.
-    context = RunContext(model=model, device=device, tokenizer=tokenizer)
+    context = RunContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer)
     for stage in recipe.stages:
-        run_states = [entry.modifier.start(context) for entry in stage.modifiers]
-        logger.info("stage %s: %d modifiers", stage.name, len(run_states))
-        pipeline = LayerwisePipeline(
-            model=model,
-            context=context,
-            lifecycle=make_lifecycle(run_states),
-            sequential_targets=data_args.sequential_targets,
-        )
-        pipeline.run(batches)
+        run_oneshot_stage(stage, model, context, batches, data_args.sequential_targets)
 
     # 4. The report and the checkpoint.
-    report = {
-        "model": model_args.model if isinstance(model_args.model, str) else type(model).__name__,
-        "recipe": recipe.source,
-        "calibration_samples": sum(len(b["input_ids"]) for b in batches) if batches else 0,
-        "seconds": round(time.perf_counter() - started, 2),
-        "parameter_bytes_before": size_before,
-        "summary": summarize_rows(context.report),
-        "modules": context.report,
-    }
-    output_dir = None
-    if output_args.output_dir is not None:
-        extra_files: dict[str, str | bytes] = {
-            "recipe.yaml": recipe_to_yaml(recipe, registry),
-            "llmc_report.json": report_json(report),
-        }
-        plot = plot_report(context.report, title=f"{Path(str(report['model'])).name}: weight error")
-        if plot is not None:
-            extra_files["llmc_report.png"] = plot
-        output_dir = save_checkpoint(
-            model,
-            tokenizer,
-            output_args.output_dir,
-            save_compressed=model_args.save_compressed,
-            overwrite=output_args.overwrite,
-            extra_files=extra_files,
-        )
+    report, output_dir = write_results(
+        model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
+        model_args=model_args, output_args=output_args, started=started,
+        extra={
+            "calibration_samples": sum(len(b["input_ids"]) for b in batches) if batches else 0,
+            "parameter_bytes_before": size_before,
+        },
+    )
     logger.info("oneshot finished in %.1f s", time.perf_counter() - started)
     return OneshotResult(model, tokenizer, recipe, report, output_dir)
-
-
-def _parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
