@@ -3,11 +3,6 @@ what the in-memory quantized model computed; and writing it must be all or nothi
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import json
 import logging
 from pathlib import Path

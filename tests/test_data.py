@@ -5,19 +5,15 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import datasets
+import pytest
+import torch
 
-import datasets  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from llmc.args import DatasetArguments  # noqa: E402
-from llmc.data import (  # noqa: E402
+from llmc.args import DatasetArguments
+from llmc.data import (
     dataset_presets,
     hub_is_reachable,
     load_calibration_data,
@@ -27,9 +23,9 @@ from llmc.data import (  # noqa: E402
     register_dataset_preset,
     tokenize_calibration_data,
 )
-from llmc.data import loading as loading_module  # noqa: E402
-from llmc.data import presets as presets_module  # noqa: E402
-from llmc.errors import ArgumentError, DataError, PluginError  # noqa: E402
+from llmc.data import loading as loading_module
+from llmc.data import presets as presets_module
+from llmc.errors import ArgumentError, DataError, PluginError
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "llmc" / "assets"
 STDLIB_TRAIN = ASSETS / "stdlib_docs" / "train.jsonl.gz"

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import datasets
+import pytest
+import torch
 
-import datasets  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from llmc.errors import ArgumentError, DataError, ModelLoadError  # noqa: E402
-from llmc.evaluate import heldout_token_ids, load_model_for_eval, perplexity  # noqa: E402
+from llmc.errors import ArgumentError, DataError, ModelLoadError
+from llmc.evaluate import heldout_token_ids, load_model_for_eval, perplexity
 
 HELDOUT = (
     Path(__file__).resolve().parents[1]

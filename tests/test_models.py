@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+import torch
+import transformers
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-from llmc import models as models_module  # noqa: E402
-from llmc.args import ModelArguments  # noqa: E402
-from llmc.errors import ArgumentError, ModelLoadError  # noqa: E402
-from llmc.models import (  # noqa: E402
+from llmc import models as models_module
+from llmc.args import ModelArguments
+from llmc.errors import ArgumentError, ModelLoadError
+from llmc.models import (
     default_device,
     load_model,
     load_tokenizer,

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import (

@@ -4,11 +4,6 @@ what cannot be saved with messages that say what to change."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import numpy as np
 import pytest
 import torch
