@@ -12,10 +12,10 @@ import datasets
 import pytest
 import torch
 
+from llmc import hub as hub_module
 from llmc.args import DatasetArguments
 from llmc.data import (
     dataset_presets,
-    hub_is_reachable,
     load_calibration_data,
     load_raw_dataset,
     make_batches,
@@ -26,6 +26,7 @@ from llmc.data import (
 from llmc.data import loading as loading_module
 from llmc.data import presets as presets_module
 from llmc.errors import ArgumentError, DataError, PluginError
+from llmc.hub import hub_is_reachable
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "llmc" / "assets"
 STDLIB_TRAIN = ASSETS / "stdlib_docs" / "train.jsonl.gz"
@@ -515,7 +516,7 @@ def test_hub_probe_answers_from_one_request_and_remembers_it(
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(loading_module, "_hub_probe_cache", {})
+    monkeypatch.setattr(hub_module, "_hub_probe_cache", {})
     requests: list[float] = []
 
     class UnreachableSession:

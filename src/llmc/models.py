@@ -17,9 +17,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmc.args import ModelArguments
-from llmc.data.loading import hub_is_reachable
 from llmc.data.presets import asset_path
 from llmc.errors import ArgumentError, ModelLoadError, did_you_mean
+from llmc.hub import hub_is_reachable
 
 __all__ = [
     "MODEL_PRESETS",

@@ -2,8 +2,6 @@
 
 from llmc.data.batching import make_batches, padding_token_id
 from llmc.data.loading import (
-    hub_is_reachable,
-    hub_offline_mode,
     load_calibration_data,
     load_raw_dataset,
     resolve_preprocessing_func,
@@ -20,8 +18,6 @@ __all__ = [
     "asset_path",
     "dataset_presets",
     "get_dataset_preset",
-    "hub_is_reachable",
-    "hub_offline_mode",
     "load_calibration_data",
     "load_raw_dataset",
     "make_batches",
