@@ -1,0 +1,310 @@
+"""What the pruning modifiers share: parameter validation, target planning, pruning, reporting.
+
+``sparsity`` takes one of three forms (validated when the recipe loads):
+
+* a number in [0, 1): every targeted Linear gets it;
+* a list of numbers, one per calibrated block (decoder layer) in order: the Linears inside
+  block i get entry i (llm-compressor's per-layer list);
+* a mapping ``{target: number}`` whose keys are module names, ``re:`` regexes or class names
+  (the ``targets`` syntax): a Linear gets the value of the first key that matches it, and a
+  targeted Linear that no key matches is an error (end with ``"re:.*": 0.5`` for a default).
+
+With an N:M ``mask_structure`` the sparsity is 1 − N/M; a ``sparsity`` given with it must agree.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from llmc.context import RunContext
+from llmc.errors import CalibrationError
+from llmc.masks import apply_mask_, set_sparsity_mask_, sparsity_mask
+from llmc.modifiers.quantization import relative_error
+from llmc.targets import is_match, match_modules
+from llmc_sparsity.config import MODEL_ROW, checkpoint_sparsity_config
+from llmc_sparsity.masks_nm import UNSTRUCTURED, parse_mask_structure, structure_sparsity
+
+__all__ = [
+    "PruneTarget",
+    "apply_kept_mask_",
+    "as_list",
+    "block_of",
+    "check_mask_structure",
+    "check_sparsity_spec",
+    "check_unit_interval",
+    "mask_gradients_",
+    "mask_weights_",
+    "plan_targets",
+    "record_model_sparsity",
+    "record_module_sparsity",
+    "resolve_sparsity",
+    "structure_label",
+]
+
+
+def as_list(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fraction(value: Any, where: str) -> None:
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError(f"{where} must be a number in [0, 1) (got {value!r})")
+
+
+def check_unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator: a fraction in [0, 1)."""
+    _check_fraction(value, f"'{attribute.name}'")
+
+
+def check_sparsity_spec(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator for ``sparsity``: None, a fraction, a list of them, or {target: fraction}."""
+    name = attribute.name
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(f"'{name}' mapping is empty; give {{target: sparsity}} pairs")
+        for key, fraction in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"'{name}' keys must be module names, 're:' patterns or class names (got {key!r})")
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as error:
+                    raise ValueError(f"'{name}' key {key!r} is not a valid regular expression: {error}") from None
+            _check_fraction(fraction, f"'{name}[{key!r}]'")
+        return
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"'{name}' list is empty; give one sparsity per block")
+        for index, fraction in enumerate(value):
+            _check_fraction(fraction, f"'{name}[{index}]'")
+        return
+    if not _is_number(value):
+        raise ValueError(
+            f"'{name}' must be a number in [0, 1), a list of them (one per block) or a mapping "
+            f"{{target: number}} (got {value!r})"
+        )
+    _check_fraction(value, f"'{name}'")
+
+
+def check_mask_structure(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """attrs validator: '0:0' / 'unstructured' or 'N:M' with 0 < N < M."""
+    if not isinstance(value, str):
+        raise ValueError(f"'{attribute.name}' must be a string such as '2:4' (got {value!r})")
+    parse_mask_structure(value)
+
+
+def check_sparsity_matches_structure(sparsity: Any, mask_structure: str) -> None:
+    """An N:M structure fixes the sparsity; a sparsity given with it must be 1 − N/M."""
+    keep_n, group_m = parse_mask_structure(mask_structure)
+    if not group_m or sparsity is None:
+        return
+    implied = structure_sparsity(keep_n, group_m)
+    values = (
+        list(sparsity.values()) if isinstance(sparsity, Mapping)
+        else list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity]
+    )
+    for value in values:
+        if abs(value - implied) > 1e-9:
+            raise ValueError(
+                f"mask_structure {mask_structure!r} keeps {keep_n} of every {group_m} weights "
+                f"(sparsity {implied:g}) but sparsity is {value!r}; leave sparsity out or set "
+                f"it to {implied:g}"
+            )
+
+
+@attrs.frozen
+class PruneTarget:
+    """One Linear a modifier prunes, with its sparsity and the block it belongs to."""
+
+    name: str
+    module: torch.nn.Linear
+    sparsity: float
+    block: str | None
+
+
+def block_of(name: str, layer_names: Iterable[str]) -> str | None:
+    """The calibrated block (``model.layers.3``) that contains module ``name``, if any."""
+    for layer in layer_names:
+        if name.startswith(f"{layer}."):
+            return layer
+    return None
+
+
+def resolve_sparsity(
+    spec: Any,
+    name: str,
+    module: torch.nn.Module,
+    block: str | None,
+    layer_names: list[str],
+    *,
+    default: float,
+    modifier: str,
+) -> float:
+    """The sparsity ``spec`` (see module docstring) gives module ``name``."""
+    if spec is None:
+        return default
+    if isinstance(spec, Mapping):
+        for key, value in spec.items():
+            if is_match(name, module, [key]):
+                return float(value)
+        raise CalibrationError(
+            f"{modifier}: no key of sparsity {list(spec)} matches the targeted module {name}; add "
+            "a key for it (for example a last catch-all 're:.*': 0.5) or add it to ignore",
+            module=name,
+        )
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != len(layer_names):
+            raise CalibrationError(
+                f"{modifier}: sparsity lists {len(spec)} values but the model has "
+                f"{len(layer_names)} blocks; give one value per block"
+            )
+        if block is None:
+            raise CalibrationError(
+                f"{modifier}: {name} lies outside the calibrated blocks, so a per-block "
+                "sparsity list cannot give it a value; add it to ignore or use a mapping",
+                module=name,
+            )
+        return float(spec[layer_names.index(block)])
+    return float(spec)
+
+
+def plan_targets(
+    context: RunContext,
+    *,
+    modifier: str,
+    targets: list[str],
+    ignore: list[str],
+    sparsity: Any,
+    mask_structure: str,
+    needs_block: bool,
+) -> dict[str, PruneTarget]:
+    """Every Linear the modifier prunes, checked before any work (see the module docstring).
+
+    ``needs_block``: the modifier needs calibration inputs, so a module outside the calibrated
+    blocks (``lm_head``) cannot be pruned and is refused with the fix.
+    """
+    keep_n, group_m = parse_mask_structure(mask_structure)
+    default = structure_sparsity(keep_n, group_m) if group_m else 0.5
+    layer_names = list(context.layer_names)
+    plan: dict[str, PruneTarget] = {}
+    for name, module in match_modules(context.model, targets, ignore):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        block = block_of(name, layer_names)
+        if needs_block and block is None:
+            raise CalibrationError(
+                f"{modifier} needs calibration inputs for {name}, which lies outside the "
+                f"calibrated blocks; add it to ignore (ignore: [{name}])",
+                module=name,
+            )
+        if group_m and module.in_features % group_m:
+            raise CalibrationError(
+                f"{modifier}: the input width {module.in_features} of {name} is not a multiple "
+                f"of {group_m} ({mask_structure}); add it to ignore or choose another mask_structure",
+                module=name,
+            )
+        value = resolve_sparsity(
+            sparsity, name, module, block, layer_names, default=default, modifier=modifier
+        )
+        plan[name] = PruneTarget(name, module, value, block)
+    if not plan:
+        raise CalibrationError(
+            f"{modifier} targets {targets} (ignoring {ignore}) match no Linear module of this model"
+        )
+    return plan
+
+
+@torch.no_grad()
+def apply_kept_mask_(
+    context: RunContext,
+    target: PruneTarget,
+    kept: torch.Tensor,
+    *,
+    modifier: str,
+    mask_structure: str,
+    new_weight: torch.Tensor | None = None,
+    record: bool = True,
+    **extra: Any,
+) -> None:
+    """Write the pruned weight, record the mask for later modifiers, add the report row.
+
+    ``new_weight`` (float32, already zero where pruned) replaces the weight when the method
+    updates the kept weights (SparseGPT); otherwise the weight is only masked. ``record=False``
+    leaves the report alone (gradual pruning reports once, when training ends).
+    """
+    module = target.module
+    original = module.weight.detach().clone()
+    previous = sparsity_mask(module)
+    if previous is not None:  # an earlier pruning step's zeros stay zeros
+        kept = kept & previous.to(kept.device)
+    if new_weight is not None:
+        module.weight.copy_(new_weight.to(module.weight.dtype))
+    module.weight.mul_(kept.to(device=module.weight.device, dtype=module.weight.dtype))
+    set_sparsity_mask_(module, kept)
+    if record:
+        record_module_sparsity(
+            context, target, modifier=modifier, mask_structure=mask_structure,
+            weight_error=relative_error(original, module.weight.detach()), **extra,
+        )
+
+
+def structure_label(mask_structure: str) -> str:
+    keep_n, group_m = parse_mask_structure(mask_structure)
+    return "unstructured" if (keep_n, group_m) == UNSTRUCTURED else f"{keep_n}:{group_m}"
+
+
+def record_module_sparsity(
+    context: RunContext, target: PruneTarget, *, modifier: str, mask_structure: str, **extra: Any
+) -> None:
+    """One report row: the sparsity ``target`` reached (from its mask), against its target."""
+    kept = sparsity_mask(target.module)
+    reached = 0.0 if kept is None else 1.0 - kept.float().mean().item()
+    context.record(
+        modifier=modifier,
+        module=target.name,
+        sparsity=round(reached, 6),
+        target_sparsity=target.sparsity,
+        mask_structure=structure_label(mask_structure),
+        **extra,
+    )
+
+
+@torch.no_grad()
+def mask_gradients_(targets: Iterable[PruneTarget]) -> None:
+    """Zero the gradients of pruned weights, so the optimizer's step leaves them alone."""
+    for target in targets:
+        kept = sparsity_mask(target.module)
+        grad = target.module.weight.grad
+        if kept is not None and grad is not None:
+            grad.mul_(kept.to(grad.dtype))
+
+
+@torch.no_grad()
+def mask_weights_(targets: Iterable[PruneTarget]) -> None:
+    """Put pruned weights back to exactly zero (weight decay and momentum move them)."""
+    for target in targets:
+        apply_mask_(target.module)
+
+
+def record_model_sparsity(context: RunContext, modifier: str) -> None:
+    """Put the checkpoint's sparsity record (``checkpoint_sparsity_config``) in the run report.
+
+    One row, module ``"(model)"``, replaced by the last pruning modifier that finishes.
+    """
+    config = checkpoint_sparsity_config(context.model)
+    if config is None:
+        return
+    context.report[:] = [row for row in context.report if row.get("module") != MODEL_ROW]
+    context.record(modifier=modifier, module=MODEL_ROW, sparsity_config=config)

@@ -1,0 +1,82 @@
+"""numba kernels: SparseGPT's column sweep inside one block, with N:M selection on the fly.
+
+Inside a block the rows of W are independent (each row's errors only move that row's later
+columns), so the sweep runs one row per thread with ``prange``, reading ``W1[r, :]`` and
+``U1[i, :]`` contiguously. Only pruned weights carry an error, so kept columns cost nothing.
+Compiled on first use and cached on disk (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["sweep_block"]
+
+
+@numba.njit(cache=True, inline="always")
+def _select_nm(w: np.ndarray, diag: np.ndarray, pruned: np.ndarray, start: int, keep_n: int, group_m: int) -> None:
+    """Mark the ``group_m - keep_n`` lowest w²/d² of columns [start, start + group_m) pruned."""
+    for offset in range(group_m):
+        pruned[start + offset] = False
+    for _ in range(group_m - keep_n):
+        best = -1
+        best_score = np.inf
+        for offset in range(group_m):
+            column = start + offset
+            if pruned[column]:
+                continue
+            score = w[column] * w[column] / (diag[column] * diag[column])
+            if score < best_score:
+                best_score = score
+                best = column
+        if best < 0:  # only NaN scores left: prune the first free column
+            for offset in range(group_m):
+                if not pruned[start + offset]:
+                    best = start + offset
+                    break
+        pruned[best] = True
+
+
+@numba.njit(parallel=True, cache=True)
+def sweep_block(
+    W1: np.ndarray,
+    U1: np.ndarray,
+    pruned: np.ndarray,
+    keep_n: int,
+    group_m: int,
+    err: np.ndarray,
+    losses: np.ndarray,
+) -> None:
+    """SparseGPT's sequential sweep over one block, in place (arXiv 2301.00774, Alg. 1).
+
+    ``W1: [rows, B]`` float32 (becomes the pruned, error-compensated weights), ``U1: [B, B]``
+    the block's slice of the upper Cholesky factor of H⁻¹, ``pruned: [rows, B]`` bool (given for
+    unstructured masks; chosen here, from the updated weights, when ``group_m > 0``),
+    ``err: [rows, B]`` the scaled errors (w − q)/U_ii for the lazy update of later blocks,
+    ``losses: [rows]`` float64, incremented by ½ Σ (w − q)²/U_ii².
+
+    For each column i:  e = w_i / U_ii if pruned else 0;  w_i ← w_i − e·U_ii;  w_j −= e·U_ij (j > i)
+    """
+    rows, count = W1.shape
+    diag = np.empty(count, dtype=U1.dtype)
+    for i in range(count):
+        diag[i] = U1[i, i]
+    for r in numba.prange(rows):
+        w = W1[r]
+        row_pruned = pruned[r]
+        row_err = err[r]
+        loss = 0.0
+        for i in range(count):
+            if group_m > 0 and i % group_m == 0:
+                _select_nm(w, diag, row_pruned, i, keep_n, group_m)
+            if row_pruned[i]:
+                e = w[i] / diag[i]
+                loss += e * e
+                w[i] = 0.0
+                row_err[i] = e
+                for j in range(i + 1, count):
+                    w[j] -= e * U1[i, j]
+            else:
+                row_err[i] = 0.0
+        losses[r] += 0.5 * loss

@@ -1,0 +1,125 @@
+"""SparseGPT: prune a Linear's weights and compensate the error with second-order updates.
+
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+arXiv 2301.00774. Objective, per Linear: min ‖XWᵀ − XŴᵀ‖² over Ŵ with the chosen mask, solved
+column by column with the optimal-brain-surgeon update (§3, Alg. 1)::
+
+    W: [rows, cols]      the weight (rows = outputs, cols = inputs), float32 working copy
+    U: [cols, cols]      upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU, H = 2/N XᵀX damped)
+
+    for each block of B columns [i1, i2):                    lazy batch updates (§3.2)
+        choose the block's mask: lowest w²/U_ii² (the OBS saliency w²/[H⁻¹]_ii, with
+        [H⁻¹]_ii taken from the Cholesky factor as in the paper's Alg. 1)
+            unstructured: a share of the layer's budget, over all rows of the block
+            N:M:          per row, every M columns, when the sweep reaches them
+        ┌ for i in block:  e = w_i/U_ii if pruned else 0;  w_i ← 0;  w_j −= e·U_ij (j in block, > i)
+        └ W[:, i2:] −= E · U[i1:i2, i2:]                      one matrix product per block
+
+The sweep runs in numba on CPU (``kernels.sweep_block``, rows in parallel) and in torch on
+other devices; both follow ``sweep_block_torch``, the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmc_sparsity.masks_nm import lowest_pruned_mask, pruned_count
+
+__all__ = ["SparseGPTResult", "sparsegpt_", "sweep_block_torch"]
+
+
+class SparseGPTResult:
+    """What ``sparsegpt_`` returns: the kept mask and the OBS loss ½ Σ (w − q)²/U_ii²."""
+
+    __slots__ = ("kept", "loss")
+
+    def __init__(self, kept: torch.Tensor, loss: float) -> None:
+        self.kept = kept
+        self.loss = loss
+
+
+def sweep_block_torch(
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    pruned: torch.Tensor,
+    keep_n: int,
+    group_m: int,
+    err: torch.Tensor,
+    losses: torch.Tensor,
+) -> None:
+    """The column sweep of one block, vectorised over rows (same contract as the numba kernel)."""
+    count = W1.shape[1]
+    diag = torch.diagonal(U1)
+    for i in range(count):
+        if group_m and i % group_m == 0:
+            group = slice(i, i + group_m)
+            scores = W1[:, group] ** 2 / diag[group] ** 2  # [rows, m]
+            worst = scores.topk(group_m - keep_n, dim=1, largest=False).indices
+            pruned[:, group] = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, worst, True)
+        e = torch.where(pruned[:, i], W1[:, i] / diag[i], torch.zeros_like(W1[:, i]))  # [rows]
+        losses += 0.5 * e.double() ** 2
+        W1[:, i] = torch.where(pruned[:, i], torch.zeros_like(e), W1[:, i])
+        W1[:, i + 1 :] -= e[:, None] * U1[i, i + 1 :][None, :]
+        err[:, i] = e
+
+
+def _sweep(W1, U1, pruned, keep_n, group_m, err, losses, use_numba: bool) -> None:
+    if use_numba:
+        from llmc_sparsity.kernels import sweep_block
+
+        sweep_block(
+            W1.numpy(), U1.numpy(), pruned.numpy(), keep_n, group_m, err.numpy(), losses.numpy()
+        )
+    else:
+        sweep_block_torch(W1, U1, pruned, keep_n, group_m, err, losses)
+
+
+@torch.no_grad()
+def sparsegpt_(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    *,
+    sparsity: float = 0.5,
+    keep_n: int = 0,
+    group_m: int = 0,
+    block_size: int = 128,
+    use_numba: bool | None = None,
+) -> SparseGPTResult:
+    """Prune ``W`` in place with SparseGPT; returns the kept mask and the OBS loss.
+
+    ``W: [rows, cols]`` float32, ``U: [cols, cols]`` float32 upper Cholesky factor of the damped
+    H⁻¹ (``llmc.hessian.inverse_cholesky_upper``). Unstructured (``group_m == 0``): exactly
+    ``pruned_count(rows·cols, sparsity)`` weights are pruned, spread over the blocks by the
+    cumulative count, each block choosing its share over all its rows. N:M: ``keep_n`` kept of
+    every ``group_m`` consecutive columns of each row (``sparsity`` is then ignored);
+    ``block_size`` and ``cols`` must be multiples of ``group_m``. ``use_numba``: default on CPU.
+    """
+    rows, cols = W.shape
+    if W.dtype != torch.float32 or U.dtype != torch.float32:
+        raise TypeError("sparsegpt_ works on float32 W and U")
+    if group_m and (cols % group_m or block_size % group_m):
+        raise ValueError(
+            f"N:M groups of {group_m} need the input width ({cols}) and block_size "
+            f"({block_size}) to be multiples of {group_m}"
+        )
+    if use_numba is None:
+        use_numba = W.device.type == "cpu"
+    kept = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].contiguous()  # [rows, B] working copy
+        U1 = U[i1:i2, i1:i2].contiguous()  # [B, B]
+        if group_m:
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            share = pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity)
+            saliency = W1**2 / torch.diagonal(U1)[None, :] ** 2  # [rows, B]
+            pruned = lowest_pruned_mask(saliency, share)
+        err = torch.empty_like(W1)
+        _sweep(W1, U1, pruned, keep_n, group_m, err, losses, use_numba)
+        W[:, i1:i2] = W1
+        kept[:, i1:i2] = ~pruned
+        if i2 < cols:
+            W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1.0)  # lazy update of later blocks
+    return SparseGPTResult(kept, float(losses.sum()))

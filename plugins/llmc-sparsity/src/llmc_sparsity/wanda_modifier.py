@@ -1,0 +1,132 @@
+"""``WandaPruningModifier``: prune by |weight| × input norm, from one calibration pass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from llmc.context import RunContext
+from llmc.hookspecs import hookimpl
+from llmc.modifier import Modifier
+from llmc_sparsity.base import (
+    PruneTarget,
+    apply_kept_mask_,
+    as_list,
+    check_mask_structure,
+    check_sparsity_matches_structure,
+    check_sparsity_spec,
+    plan_targets,
+    record_model_sparsity,
+)
+from llmc_sparsity.masks_nm import parse_mask_structure
+from llmc_sparsity.wanda import ColumnNormAccumulator, wanda_kept_mask
+
+__all__ = ["WandaPruningModifier", "WandaRun", "attach_column_norm_hooks"]
+
+logger = logging.getLogger("llmc_sparsity.wanda")
+
+
+def attach_column_norm_hooks(
+    modules: Mapping[str, torch.nn.Linear], context: RunContext
+) -> tuple[dict[str, ColumnNormAccumulator], Callable[[], None]]:
+    """Start accumulating ‖X_j‖² for each module; returns the accumulators and a remover."""
+    accumulators = {name: ColumnNormAccumulator.for_linear(module) for name, module in modules.items()}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_: torch.nn.Module, args: tuple, accumulator: ColumnNormAccumulator = accumulators[name]) -> None:
+            accumulator.add_(args[0].detach(), context.attention_mask)
+
+        handles.append(module.register_forward_pre_hook(hook))
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return accumulators, remove
+
+
+@attrs.frozen(kw_only=True)
+class WandaPruningModifier(Modifier):
+    """Prune Linear weights by Wanda's score |W_ij|·‖X_j‖₂ (arXiv 2306.11695), no weight update.
+
+    Weights compete within each output row (exactly round(sparsity · in_features) pruned per
+    row), or within every group of M input columns for an N:M ``mask_structure``. ``sparsity``
+    takes the same forms as SparseGPT's. Needs calibration data (one pass per block).
+    """
+
+    sparsity: Any = attrs.field(default=None, validator=check_sparsity_spec)
+    mask_structure: str = attrs.field(default="0:0", validator=check_mask_structure)
+    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=as_list)
+    ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=as_list)
+
+    def __attrs_post_init__(self) -> None:
+        check_sparsity_matches_structure(self.sparsity, self.mask_structure)
+
+    def start(self, context: RunContext) -> WandaRun:
+        return WandaRun(config=self)
+
+
+@attrs.define
+class WandaRun:
+    """Run state: modules still to prune and the input norms of the current block."""
+
+    config: WandaPruningModifier
+    pending: dict[str, PruneTarget] = attrs.field(factory=dict)
+    norms: dict[str, ColumnNormAccumulator] = attrs.field(factory=dict)
+    remove_hooks: Callable[[], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return type(self.config).recipe_name()
+
+    @hookimpl
+    def llmc_initialize(self, context: RunContext) -> None:
+        self.pending = plan_targets(
+            context,
+            modifier=self.name,
+            targets=self.config.targets,
+            ignore=self.config.ignore,
+            sparsity=self.config.sparsity,
+            mask_structure=self.config.mask_structure,
+            needs_block=True,
+        )
+        logger.info("%s: %d Linear modules to prune", self.name, len(self.pending))
+
+    def _in_layer(self, layer_name: str) -> list[PruneTarget]:
+        return [target for target in self.pending.values() if target.block == layer_name]
+
+    @hookimpl
+    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
+        modules = {target.name: target.module for target in self._in_layer(layer_name)}
+        if not modules:
+            return False
+        self.norms, self.remove_hooks = attach_column_norm_hooks(modules, context)
+        return True
+
+    @hookimpl
+    def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        if self.remove_hooks is not None:
+            self.remove_hooks()
+            self.remove_hooks = None
+        keep_n, group_m = parse_mask_structure(self.config.mask_structure)
+        for target in self._in_layer(layer_name):
+            norms = self.norms.pop(target.name).norms
+            kept = wanda_kept_mask(
+                target.module.weight.detach(), norms,
+                sparsity=target.sparsity, keep_n=keep_n, group_m=group_m,
+            )
+            apply_kept_mask_(
+                context, target, kept, modifier=self.name, mask_structure=self.config.mask_structure
+            )
+            del self.pending[target.name]
+        self.norms = {}
+
+    @hookimpl
+    def llmc_finalize(self, context: RunContext) -> None:
+        record_model_sparsity(context, self.name)
+        self.pending.clear()
