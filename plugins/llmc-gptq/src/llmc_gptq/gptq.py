@@ -1,0 +1,239 @@
+"""GPTQ for one weight matrix: tensors and numbers in, quantized weight and its grid out.
+
+GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, arXiv 2210.17323) solves, for one Linear with
+weight ``W: [rows, cols]`` (rows = out_features, cols = in_features) and calibration inputs
+``X: [N, cols]``, the layer-wise problem
+
+    min over Ŵ on the quantization grid of  ‖X Wᵀ − X Ŵᵀ‖²,   whose Hessian is H = 2/N XᵀX
+
+(``H: [cols, cols]``) by quantizing one column at a time and updating the remaining columns
+to compensate (Optimal Brain Surgeon, paper eq. 2-3), with the inverse Hessian in its Cholesky
+form (§3 "Step 3") and lazy batch updates in blocks of ``block_size`` columns (§3 "Step 2")::
+
+    W, H  <- dead inputs (H_ii = 0) fixed at 0;  pruned weights (kept False) set to 0
+    perm  <- columns by descending diag(H)        (act-order, optional)
+    U     <- upper Cholesky of (H + λI)⁻¹, λ = dampening_frac · mean(diag H), raised
+             step by step until H + λI is positive definite (llmc.hessian)
+    for each block [i1, i2) of columns:           (sweep_numba on CPU, sweep_torch on GPU)
+        sweep the block column by column: quantize, error, rank-1 update of the block
+        W[:, i2:] -= Err @ U[i1:i2, i2:]          (one BLAS product per block)
+    undo perm
+
+Group parameters (``scale``, ``zero_point``) are computed when the sweep reaches a group's
+first column, from the error-updated weights (``lazy_group_params=True``, the paper's choice),
+or up front from the original weights (False, llm-compressor's choice). Group membership is
+always by *original* column index, also with act-order, so the checkpoint needs no ``g_idx``.
+
+Symbols: ``U`` the factor above; ``Err: [rows, block]`` the scaled errors ``(w − q) / U_jj``;
+``ΔW = W − Ŵ``. Since ``W − Ŵ = E U`` for the matrix ``E`` of all scaled errors and
+``H + λI = U⁻¹U⁻ᵀ``, the error in the damped metric is ``trace(ΔW (H + λI) ΔWᵀ) = ‖E‖²``,
+which the sweep accumulates for free; ``trace(ΔW H ΔWᵀ) = ‖E‖² − λ‖ΔW‖²``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import attrs
+import torch
+from llmc.hessian import inverse_cholesky_upper, zero_dead_columns_
+from llmc.quantization import QuantizationArgs, compute_qparams
+
+from llmc_gptq.sweep_numba import sweep_block_numba_
+from llmc_gptq.sweep_torch import sweep_block_torch_
+
+__all__ = ["BACKENDS", "GPTQResult", "gptq_quantize", "sweep_order"]
+
+logger = logging.getLogger("llmc.gptq")
+
+BACKENDS = ("auto", "numba", "torch")
+
+
+@attrs.frozen
+class GPTQResult:
+    """What ``gptq_quantize`` found for one weight matrix.
+
+    ``weight`` is on the grid of ``scale``/``zero_point`` (``(q − zero_point) · scale``, float32,
+    original column order); ``scale`` has the shape of ``llmc.quantization.qparam_shape`` and
+    the dtype asked for, ``zero_point`` is int8 of the same shape. ``damping`` is the dampening
+    fraction finally used. ``hessian_error`` is ``trace(ΔW H ΔWᵀ)`` for the undamped ``H``,
+    ``output_error`` the same relative to ``trace(W H Wᵀ)`` (the relative squared error of the
+    layer's output on the calibration inputs), None when that reference was not available.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    damping: float
+    hessian_error: float
+    output_error: float | None
+    seconds: float
+    backend: str
+
+
+def sweep_order(H: torch.Tensor, actorder: bool) -> torch.Tensor | None:
+    """Act-order permutation: columns by descending ``diag(H)``, ties in column order; or None."""
+    if not actorder:
+        return None
+    return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+
+
+def _group_layout(
+    cols: int, strategy: str, group_size: int | None, perm: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``group_of_column`` (per sweep position), CSR ``group_ptr``/``group_columns``, groups."""
+    original = torch.arange(cols, device=device) if perm is None else perm
+    if strategy == "group":
+        group_of_column = original // group_size  # [cols]: group of each sweep position
+        n_groups = cols // group_size
+    else:
+        group_of_column = torch.zeros(cols, dtype=torch.long, device=device)
+        n_groups = 1
+    group_columns = torch.argsort(group_of_column, stable=True)  # positions, by group, ascending
+    counts = torch.bincount(group_of_column, minlength=n_groups)
+    group_ptr = torch.zeros(n_groups + 1, dtype=torch.long, device=device)
+    group_ptr[1:] = torch.cumsum(counts, 0)
+    return group_of_column.contiguous(), group_ptr, group_columns.contiguous(), n_groups
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend == "auto":
+        return "numba" if device.type == "cpu" else "torch"
+    if backend == "numba" and device.type != "cpu":
+        raise ValueError(f"the numba sweep runs on CPU tensors only (got device {device}); use backend 'torch'")
+    return backend
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    num_bits: int,
+    symmetric: bool = True,
+    strategy: str = "group",
+    group_size: int | None = 128,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    actorder: bool = False,
+    kept: torch.Tensor | None = None,
+    lazy_group_params: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+    output_energy: float | None = None,
+    backend: str = "auto",
+    module_name: str = "weight",
+) -> GPTQResult:
+    """Quantize ``W: [rows, cols]`` with GPTQ given ``H: [cols, cols]`` (see the module docstring).
+
+    - ``num_bits``, ``symmetric``, ``strategy`` ("tensor", "channel", "group"), ``group_size``:
+      the integer grid, with min-max parameters computed as ``llmc.quantization`` does.
+    - ``kept``: bool ``[rows, cols]``, False for weights a pruning step removed; they come out
+      exactly 0 and the other weights of their row compensate for them.
+    - ``scale_dtype``: the dtype the scale is stored in (the weight's dtype); the sweep uses the
+      scale rounded to it, so the stored codes are exactly the codes GPTQ chose.
+    - ``output_energy``: ``trace(W H Wᵀ)`` if the caller measured it (``2/N Σ ‖W x‖²`` over the
+      calibration tokens); otherwise it is computed here (one extra matrix product).
+    - ``backend``: "numba" (CPU), "torch" (any device) or "auto" (numba on CPU).
+
+    Neither ``W`` nor ``H`` is changed. Raises ``llmc.CalibrationError`` naming ``module_name``
+    when no damping up to 2⁷ · ``dampening_frac`` makes ``H`` positive definite.
+    """
+    started = time.perf_counter()
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"H has shape {list(H.shape)}, expected [{cols}, {cols}] for W of shape {list(W.shape)}")
+    if strategy not in ("tensor", "channel", "group"):
+        raise ValueError(f"strategy must be 'tensor', 'channel' or 'group' (got {strategy!r})")
+    if strategy == "group" and (not group_size or cols % group_size):
+        raise ValueError(f"group_size {group_size} does not divide the {cols} columns of {module_name}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive (got {block_size})")
+    device = W.device
+    chosen = _resolve_backend(backend, device)
+    args = QuantizationArgs(
+        num_bits=num_bits,
+        symmetric=symmetric,
+        strategy=strategy,
+        group_size=group_size if strategy == "group" else None,
+    )
+
+    weight = W.detach().to(device=device, dtype=torch.float32).clone()  # [rows, cols], working copy
+    hessian = H.detach().to(device=device, dtype=torch.float32).clone()  # [cols, cols]
+    zero_dead_columns_(hessian, weight)
+    if kept is not None:
+        kept = kept.to(device=device, dtype=torch.bool)
+        weight.mul_(kept)
+    reference = weight.clone() if output_energy is None else None
+
+    lazy = lazy_group_params and strategy == "group"
+    perm = sweep_order(hessian, actorder)
+    group_of_column, group_ptr, group_columns, n_groups = _group_layout(cols, strategy, group_size, perm, device)
+    if lazy:
+        scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
+        zero = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
+    else:
+        # Up front, from the weights as they are before the sweep (min-max, as RTN does).
+        fixed_scale, fixed_zero = compute_qparams(weight, args)  # [1], [rows, 1] or [rows, groups]
+        fixed_scale = fixed_scale.to(scale_dtype).to(torch.float32)
+        scale = fixed_scale.expand(rows, -1).contiguous() if strategy == "tensor" else fixed_scale.contiguous()
+        zero = fixed_zero.to(torch.float32).expand(rows, -1).contiguous()
+
+    if perm is not None:
+        weight = weight[:, perm].contiguous()
+        hessian = hessian[perm][:, perm]
+        if kept is not None:
+            kept = kept[:, perm]
+    if kept is not None:
+        kept = kept.contiguous()
+    before_sweep = weight.clone()  # sweep order, for ‖ΔW‖²
+
+    U, damping = inverse_cholesky_upper(hessian, dampening_frac, module_name=module_name)
+    U = U.contiguous()
+    mean_diagonal = torch.diagonal(hessian).mean().item()
+    del hessian
+
+    sweep = sweep_block_numba_ if chosen == "numba" else sweep_block_torch_
+    Err = torch.zeros(rows, block_size, dtype=torch.float32, device=device)
+    squared_error = torch.zeros(rows, dtype=torch.float64, device=device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        sweep(
+            weight, U, i1, i2, Err, scale, zero, group_of_column, group_ptr, group_columns,
+            lazy=lazy, kept=kept, q_min=args.q_min, q_max=args.q_max, symmetric=symmetric,
+            scale_dtype=scale_dtype, squared_error=squared_error,
+        )
+        if i2 < cols:
+            weight[:, i2:].addmm_(Err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
+
+    # trace(ΔW (H + λI) ΔWᵀ) = ‖E‖²  ->  trace(ΔW H ΔWᵀ) = ‖E‖² − λ ‖ΔW‖²
+    lam = damping * mean_diagonal
+    delta_sq = torch.sum((before_sweep - weight).double().square()).item()
+    hessian_error = max(squared_error.sum().item() - lam * delta_sq, 0.0)
+    del before_sweep
+
+    if perm is not None:
+        weight = weight[:, torch.argsort(perm)]
+    if reference is not None:
+        output_energy = _quadratic_form(reference, H.to(device=device, dtype=torch.float32))
+    output_error = hessian_error / output_energy if output_energy else None
+
+    if strategy == "tensor":
+        scale, zero = scale[:1, 0], zero[:1, 0]  # [1]
+    return GPTQResult(
+        weight=weight,
+        scale=scale.to(scale_dtype),
+        zero_point=zero.to(torch.int8),
+        damping=damping,
+        hessian_error=hessian_error,
+        output_error=output_error,
+        seconds=time.perf_counter() - started,
+        backend=chosen,
+    )
+
+
+def _quadratic_form(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``trace(W H Wᵀ)`` (one matrix product)."""
+    return torch.sum((W @ H) * W, dtype=torch.float64).item()

@@ -1,0 +1,261 @@
+"""The GPTQ column sweep inside one block, compiled with numba (the CPU path).
+
+Same algorithm, same arithmetic and same arguments as ``sweep_torch.sweep_block_torch_`` (the
+reference; read its docstring for the maths). The difference is the loop order: the reference
+walks the block column by column, each step a handful of torch operations over all rows; here
+each row walks the whole block on its own, since rows never interact inside a sweep::
+
+    for row r in prange(rows):              (rows spread over the cores)
+        for column j in [i1, i2):           (the sweep order)
+            j opens a group?  -> scale, zero point of (r, group) from the current values
+            q   = clamp(round(W[r, j] / scale + zero_point))
+            err = (W[r, j] - (q - zero_point) * scale) / U[j, j]
+            W[r, j+1:i2] -= err * U[j, j+1:i2]    (contiguous, vectorised)
+            Err[r, j - i1] = err
+
+A row's slice of the block (``block_size`` floats) stays in L1 and ``U[i1:i2, i1:i2]`` in L2,
+so the sweep runs at the speed of the arithmetic, not of Python. The update of the columns
+right of the block (``W[:, i2:] -= Err @ U[i1:i2, i2:]``) is a matrix product and stays in
+BLAS, in the caller.
+
+Every operation is done in float32 in the order the reference uses (no fast-math: no fused
+multiply-add, no reassociation), so results are bit-for-bit equal to the torch reference
+except where the reference sums with a matrix product (pending updates of a lazily computed
+group's columns beyond the block, only with act-order or groups that straddle blocks).
+Compiled on first use and cached on disk (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+import torch
+
+__all__ = ["sweep_block_numba_"]
+
+
+def _prefer_workqueue_threads() -> None:
+    """Use numba's own thread pool unless the user chose a threading layer.
+
+    numba's default ``omp`` layer loads the system libgomp next to the one bundled with torch;
+    the two OpenMP pools then compete for the cores and, measured on 2 cores, MKL's Cholesky
+    ran 5-10x slower after a sweep. The ``workqueue`` pool sleeps when idle. Set
+    ``NUMBA_THREADING_LAYER`` to override.
+    """
+    from numba.np.ufunc import parallel
+
+    if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
+        return
+    if not parallel._is_initialized:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+_prefer_workqueue_threads()
+
+
+@numba.njit(cache=True, inline="always")
+def _round_scale(scale: np.float32, significant_bits: int, min_exponent: int) -> np.float32:
+    """Round a positive float32 scale to the float format it is stored in (bfloat16, float16).
+
+    Round to nearest, ties to even, as ``tensor.to(dtype)`` does: the quantum is the value of
+    the last kept bit, ``2**(max(e, min_exponent) - significant_bits + 1)`` for a leading bit
+    ``2**e``; the arithmetic is exact in float64.
+    """
+    if significant_bits >= 24:
+        return scale
+    value = np.float64(scale)
+    _, exponent = math.frexp(value)  # value = m * 2**exponent, 0.5 <= m < 1
+    quantum_exponent = max(exponent - 1, min_exponent) - (significant_bits - 1)
+    return np.float32(math.ldexp(np.rint(math.ldexp(value, -quantum_exponent)), quantum_exponent))
+
+
+@numba.njit(cache=True, inline="always")
+def _qparams(
+    lo: np.float32,
+    hi: np.float32,
+    q_min: np.float32,
+    q_max: np.float32,
+    symmetric: bool,
+    eps: np.float32,
+    significant_bits: int,
+    min_exponent: int,
+) -> tuple[np.float32, np.float32]:
+    """Min-max (scale, zero point) of one group, as ``llmc.quantization.math`` computes them.
+
+    ``lo <= 0 <= hi`` already. Symmetric: ``scale = max(|lo|, |hi|) / ((q_max - q_min) / 2)``;
+    asymmetric: ``scale = (hi - lo) / (q_max - q_min)``, ``zero = round(clamp(q_min - lo /
+    scale))``; a zero scale becomes ``eps`` (zero point 0). The scale is then rounded to its
+    storage dtype, so the sweep quantizes with exactly the scale the checkpoint holds.
+    """
+    levels = q_max - q_min
+    if symmetric:
+        scale = max(-lo, hi) / (levels / np.float32(2.0))
+        zero = np.float32(0.0)
+    else:
+        scale = (hi - lo) / levels
+        if scale == np.float32(0.0):
+            zero = np.float32(0.0)  # 0 / 0 in the reference, which it maps to 0
+        else:
+            zero = q_min - lo / scale
+            zero = min(max(zero, q_min), q_max)
+    if scale == np.float32(0.0):
+        scale = eps
+    zero = np.rint(min(max(zero, np.float32(-128.0)), np.float32(127.0)))
+    return _round_scale(scale, significant_bits, min_exponent), zero
+
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """``a · b`` in float32, reassociated (vectorised): only feeds a group's min/max."""
+    total = np.float32(0.0)
+    for k in range(a.shape[0]):
+        total += a[k] * b[k]
+    return total
+
+
+@numba.njit(parallel=True, cache=True)
+def _sweep_block(
+    W: np.ndarray,  # [rows, cols] float32, sweep order, changed in place
+    U: np.ndarray,  # [cols, cols] float32, upper Cholesky factor of H^-1 (sweep order)
+    U_block_T: np.ndarray,  # [cols, i2 - i1] = U[i1:i2, :].T, or [0, 0] when not needed
+    i1: int,
+    i2: int,
+    Err: np.ndarray,  # [rows, >= i2 - i1] float32, out: scaled errors of the block's columns
+    scale: np.ndarray,  # [rows, groups] float32, in/out (lazy groups are filled here)
+    zero: np.ndarray,  # [rows, groups] float32, in/out
+    group_of_column: np.ndarray,  # [cols] int64: group of the column at each sweep position
+    group_ptr: np.ndarray,  # [groups + 1] int64: CSR offsets into group_columns
+    group_columns: np.ndarray,  # sweep positions of each group's columns, ascending
+    lazy: bool,
+    kept: np.ndarray,  # [rows, cols] bool (sweep order), or [0, 0] when nothing is pruned
+    q_min: np.float32,
+    q_max: np.float32,
+    symmetric: bool,
+    eps: np.float32,
+    significant_bits: int,
+    min_exponent: int,
+    squared_error: np.ndarray,  # [rows] float64, accumulated: sum of err^2 per row
+) -> None:
+    rows = W.shape[0]
+    n = i2 - i1
+    masked = kept.shape[0] > 0
+    # Loops run from 0 over slices: numba checks negative indices otherwise, which stops LLVM
+    # from vectorising the update.
+    for r in numba.prange(rows):
+        row = W[r]
+        w = row[i1:i2]  # this row's block, updated in place
+        err_row = Err[r]
+        total = 0.0
+        for jj in range(n):
+            j = i1 + jj
+            g = group_of_column[j]
+            if lazy and group_columns[group_ptr[g]] == j:
+                # The sweep reaches group g: its parameters come from the current values of
+                # its columns. Columns right of the block still owe this block's updates.
+                lo = np.float32(0.0)
+                hi = np.float32(0.0)
+                for t in range(group_ptr[g], group_ptr[g + 1]):
+                    p = group_columns[t]
+                    if masked and not kept[r, p]:
+                        continue  # pruned: will be exactly 0, which the range always holds
+                    v = row[p]
+                    if p >= i2 and jj > 0:
+                        v = v - _dot(err_row[:jj], U_block_T[p, :jj])
+                    lo = min(lo, v)
+                    hi = max(hi, v)
+                s, z = _qparams(lo, hi, q_min, q_max, symmetric, eps, significant_bits, min_exponent)
+                scale[r, g] = s
+                zero[r, g] = z
+            s = scale[r, g]
+            z = zero[r, g]
+            x = w[jj]
+            if masked and not kept[r, j]:
+                quantized = np.float32(0.0)
+            else:
+                code = np.rint(min(max(x / s + z, q_min), q_max))
+                quantized = (code - z) * s
+            e = (x - quantized) / U[j, j]
+            w[jj] = quantized
+            err_row[jj] = e
+            total += np.float64(e) * np.float64(e)
+            tail = w[jj + 1 :]
+            u = U[j, j + 1 : i2]
+            for k in range(tail.shape[0]):
+                tail[k] = tail[k] - e * u[k]  # rank-1 update of the rest of the block
+        squared_error[r] += total
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().numpy()
+
+
+_EMPTY = torch.zeros(0, 0)
+
+
+def _owes_pending(i1: int, i2: int, group_ptr: torch.Tensor, group_columns: torch.Tensor) -> bool:
+    """Whether a group opens inside the block, after its first column, and reaches past it.
+
+    Only then does the sweep need the block's pending updates of columns right of the block
+    (act-order, or groups that straddle blocks); blocks aligned with groups never do.
+    """
+    first = group_columns[group_ptr[:-1]]
+    last = group_columns[group_ptr[1:] - 1]
+    return bool(((first > i1) & (first < i2) & (last >= i2)).any())
+
+
+def sweep_block_numba_(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    i1: int,
+    i2: int,
+    Err: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    group_of_column: torch.Tensor,
+    group_ptr: torch.Tensor,
+    group_columns: torch.Tensor,
+    *,
+    lazy: bool,
+    kept: torch.Tensor | None,
+    q_min: int,
+    q_max: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    squared_error: torch.Tensor,
+) -> None:
+    """Sweep columns ``[i1, i2)`` of ``W`` in place (CPU tensors only); see the module docstring.
+
+    Arguments as in ``sweep_torch.sweep_block_torch_``. All tensors must be contiguous CPU
+    tensors; ``W``, ``U``, ``Err``, ``scale``, ``zero_point`` float32, ``squared_error``
+    float64, index tensors int64.
+    """
+    info = torch.finfo(scale_dtype)
+    significant_bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}.get(scale_dtype, 24)
+    min_exponent = int(round(math.log2(info.tiny)))
+    empty_mask = np.zeros((0, 0), dtype=np.bool_)
+    U_block_T = U[i1:i2].T.contiguous() if lazy and _owes_pending(i1, i2, group_ptr, group_columns) else _EMPTY
+    _sweep_block(
+        _numpy(W),
+        _numpy(U),
+        _numpy(U_block_T),
+        i1,
+        i2,
+        _numpy(Err),
+        _numpy(scale),
+        _numpy(zero_point),
+        _numpy(group_of_column),
+        _numpy(group_ptr),
+        _numpy(group_columns),
+        lazy,
+        empty_mask if kept is None else _numpy(kept),
+        np.float32(q_min),
+        np.float32(q_max),
+        symmetric,
+        np.float32(torch.finfo(torch.float32).eps),
+        significant_bits,
+        min_exponent,
+        _numpy(squared_error),
+    )
