@@ -1,0 +1,240 @@
+"""The modifiers through ``oneshot``: recipes, reports, checkpoints that transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sparsity_helpers import logits, make_llama
+
+from llmc import oneshot
+from llmc.errors import CalibrationError, RecipeError
+from llmc.masks import sparsity_mask
+from llmc.plugins import load_registry
+from llmc.recipe import load_recipe, recipe_to_yaml
+from llmc_sparsity import SparseGPTModifier, checkpoint_sparsity_config
+from llmc_sparsity.config import MODEL_ROW, mask_structure_of
+
+pytest.importorskip("compressed_tensors")
+
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+
+
+def _group(recipe: str) -> str:
+    """A one-modifier recipe string ("Name: {...}") inside a modifier group; names pass through."""
+    if recipe.startswith("llmc:") or "_modifiers:" in recipe or "_stage:" in recipe:
+        return recipe
+    return "pruning_modifiers:\n" + "".join(f"  {line}\n" for line in recipe.splitlines())
+
+
+def _prune(model_dir, text_file, recipe, **kwargs):
+    return oneshot(
+        model=str(model_dir), recipe=_group(recipe), dataset=str(text_file),
+        num_calibration_samples=16, max_seq_length=64, **kwargs,
+    )
+
+
+def _pruned_rows(report):
+    return [row for row in report["modules"] if "sparsity" in row and row["module"] != MODEL_ROW]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "structure"),
+    [
+        pytest.param("SparseGPTModifier: {sparsity: 0.6}", "unstructured", id="sparsegpt-60"),
+        pytest.param("llmc:sparsegpt_2of4", "2:4", id="sparsegpt-2of4"),
+        pytest.param("WandaPruningModifier: {sparsity: 0.5}", "unstructured", id="wanda-50"),
+        pytest.param("WandaPruningModifier: {mask_structure: '4:8'}", "4:8", id="wanda-4of8"),
+        pytest.param("MagnitudePruningModifier: {final_sparsity: 0.3}", "unstructured", id="magnitude-30"),
+    ],
+)
+def test_sparsity_oneshot_report_lists_sparsity_reached_per_layer(model_dir, text_file, recipe, structure):
+    result = _prune(model_dir, text_file, recipe)
+    rows = _pruned_rows(result.report)
+    assert len(rows) == 2 * LINEARS_PER_LAYER  # lm_head is ignored by default
+    for row in rows:
+        module = result.model.get_submodule(row["module"])
+        weight = module.weight.detach()
+        assert row["mask_structure"] == structure
+        assert row["sparsity"] == pytest.approx(row["target_sparsity"], abs=0.5 / module.in_features)
+        assert float((weight == 0).float().mean()) >= row["sparsity"] - 1e-6
+        kept = sparsity_mask(module)
+        assert kept is not None and torch.all(weight[~kept] == 0)
+        if structure != "unstructured":
+            keep_n, group_m = map(int, structure.split(":"))
+            assert torch.all(kept.reshape(kept.shape[0], -1, group_m).sum(-1) == keep_n)
+    assert sparsity_mask(result.model.lm_head) is None
+    (model_row,) = [row for row in result.report["modules"] if row["module"] == MODEL_ROW]
+    assert model_row["sparsity_config"]["ignore"] == ["lm_head"]
+
+
+def test_sparsity_wanda_prunes_exactly_per_output_row(model_dir, text_file):
+    result = _prune(model_dir, text_file, "WandaPruningModifier: {sparsity: 0.5}")
+    for row in _pruned_rows(result.report):
+        kept = sparsity_mask(result.model.get_submodule(row["module"]))
+        assert torch.all((~kept).sum(1) == kept.shape[1] // 2)
+
+
+def test_sparsity_checkpoint_of_sparse_model_loads_in_transformers(model_dir, text_file, tmp_path, tokenizer):
+    import transformers
+
+    result = _prune(model_dir, text_file, "llmc:sparsegpt_50", output_dir=str(tmp_path / "out"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    torch.testing.assert_close(logits(loaded, tokenizer), logits(result.model, tokenizer), rtol=1e-5, atol=1e-5)
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain dense checkpoint: no compressed-tensors needed
+    q_proj = loaded.model.layers[0].self_attn.q_proj.weight
+    assert float((q_proj == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("recipe", ["llmc:sparsegpt_2of4_w4a16", "gptq"])
+def test_sparsity_pruned_then_quantized_weights_keep_their_zeros(model_dir, text_file, tmp_path, tokenizer, recipe):
+    """2:4 then W4A16: quantization must not refill pruned weights, in memory or on disk."""
+    import transformers
+
+    if recipe == "gptq":
+        registry = load_registry()
+        if "GPTQModifier" not in registry.modifiers:
+            pytest.skip("llmc-gptq does not provide GPTQModifier yet")
+        recipe = (
+            "sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier: {mask_structure: '2:4'}\n"
+            "    GPTQModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head]}\n"
+        )
+    result = _prune(model_dir, text_file, recipe, output_dir=str(tmp_path / "out"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    torch.testing.assert_close(logits(loaded, tokenizer), logits(result.model, tokenizer), rtol=1e-4, atol=1e-4)
+    checked = 0
+    for name, module in result.model.named_modules():
+        kept = sparsity_mask(module)
+        if kept is None:
+            continue
+        assert hasattr(module, "weight_scale"), f"{name} was not quantized"
+        assert torch.all(module.weight.detach()[~kept] == 0), f"{name}: pruned weights refilled"
+        on_disk = loaded.get_submodule(name).weight.detach()
+        assert torch.all(on_disk[~kept] == 0), f"{name}: pruned weights non-zero in the checkpoint"
+        assert mask_structure_of(on_disk != 0) == (2, 4) or torch.all(
+            (on_disk != 0).reshape(on_disk.shape[0], -1, 4).sum(-1) <= 2
+        )
+        checked += 1
+    assert checked == 2 * LINEARS_PER_LAYER
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+
+
+def test_sparsity_config_in_quantization_config_loads_with_same_logits(model_dir, text_file, tmp_path, tokenizer):
+    """The record we ask core to write (quantization_config.sparsity_config) breaks no loader."""
+    import transformers
+    from compressed_tensors.config import SparsityCompressionConfig
+
+    result = _prune(model_dir, text_file, "llmc:sparsegpt_2of4_w4a16", output_dir=str(tmp_path / "out"))
+    record = checkpoint_sparsity_config(result.model)
+    assert record["sparsity_structure"] == "2:4" and record["format"] == "dense"
+    assert record["ignore"] == ["lm_head"] and record["targets"] is None
+    pruned = sum(int((~sparsity_mask(m)).sum()) for m in result.model.modules() if sparsity_mask(m) is not None)
+    total = sum(p.numel() for p in result.model.parameters())
+    assert record["global_sparsity"] == pytest.approx(pruned / total, abs=1e-6)
+    # what vLLM does with it: validate it as compressed-tensors' config; targets None → no sparse kernels
+    parsed = SparsityCompressionConfig.model_validate(record)
+    assert parsed.sparsity_structure == "2:4" and not parsed.targets
+    # what core's writer would do with the proposed hook, then load through transformers
+    path = result.output_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["sparsity_config"] = record
+    path.write_text(json.dumps(config))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    torch.testing.assert_close(logits(loaded, tokenizer), logits(result.model, tokenizer), rtol=1e-4, atol=1e-4)
+    (model_row,) = [row for row in result.report["modules"] if row["module"] == MODEL_ROW]
+    assert model_row["sparsity_config"] == record
+    report = json.loads((result.output_dir / "llmc_report.json").read_text())
+    assert any(row["module"] == MODEL_ROW for row in report["modules"])
+
+
+def test_sparsity_magnitude_one_shot_needs_no_data(tokenizer):
+    model = make_llama()
+    result = oneshot(model=model, tokenizer=tokenizer, recipe=_group("MagnitudePruningModifier: {mask_structure: '2:4'}"))
+    assert result.report["calibration_samples"] == 0
+    assert all(row["sparsity"] == 0.5 for row in _pruned_rows(result.report))
+
+
+def test_sparsity_per_layer_values(model_dir, text_file):
+    recipe = (
+        "SparseGPTModifier:\n"
+        "  sparsity: {'re:.*mlp.*': 0.7, 'model.layers.0.self_attn.q_proj': 0.2, 're:.*': 0.4}\n"
+    )
+    result = _prune(model_dir, text_file, recipe)
+    targets = {row["module"]: row["target_sparsity"] for row in _pruned_rows(result.report)}
+    assert targets["model.layers.1.mlp.down_proj"] == 0.7
+    assert targets["model.layers.0.self_attn.q_proj"] == 0.2
+    assert targets["model.layers.1.self_attn.q_proj"] == 0.4
+    listed = _prune(model_dir, text_file, "WandaPruningModifier: {sparsity: [0.3, 0.6]}")
+    rows = {row["module"]: row for row in _pruned_rows(listed.report)}
+    assert rows["model.layers.0.mlp.up_proj"]["target_sparsity"] == 0.3
+    assert rows["model.layers.1.mlp.up_proj"]["target_sparsity"] == 0.6
+    assert rows["model.layers.0.mlp.up_proj"]["sparsity"] == round(38 / 128, 6)  # round(0.3 · 128) per row
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("SparseGPTModifier: {sparsity: 1.5}", r"'sparsity' must be a number in \[0, 1\) \(got 1.5\)"),
+        ("SparseGPTModifier: {sparsity: [0.5, 1.0]}", r"'sparsity\[1\]' must be a number in \[0, 1\) \(got 1.0\)"),
+        ("SparseGPTModifier: {sparsity: {'re:(': 0.5}}", r"'sparsity' key 're:\(' is not a valid regular expression"),
+        ("SparseGPTModifier: {mask_structure: '4:2'}", r"mask_structure must be '0:0' \(unstructured\) or 'N:M' with 0 < N < M"),
+        ("SparseGPTModifier: {mask_structure: '2:4', sparsity: 0.6}", r"mask_structure '2:4' keeps 2 of every 4 weights \(sparsity 0.5\) but sparsity is 0.6; leave sparsity out or set it to 0.5"),
+        ("SparseGPTModifier: {mask_structure: '4:8', block_size: 12}", r"block_size 12 must be a multiple of the N:M group size 8"),
+        ("SparseGPTModifier: {sparsty: 0.5}", r"unknown parameter; did you mean 'sparsity'"),
+        ("MagnitudePruningModifier: {start_epoch: 2, end_epoch: 1}", r"'end_epoch' \(1.0\) must not be before 'start_epoch' \(2.0\)"),
+        ("WandaPruningModifier: {sparsity: true}", r"'sparsity' must be a number in \[0, 1\), a list of them"),
+    ],
+)
+def test_sparsity_recipe_errors_name_the_fix(recipe, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_group(recipe), load_registry())
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("SparseGPTModifier: {ignore: []}", r"SparseGPTModifier needs calibration inputs for lm_head, which lies outside the calibrated blocks; add it to ignore \(ignore: \[lm_head\]\)"),
+        ("SparseGPTModifier: {sparsity: {'re:.*mlp.*': 0.5}}", r"SparseGPTModifier: no key of sparsity \['re:.\*mlp.\*'\] matches the targeted module model.layers.0.self_attn.q_proj; add a key for it"),
+        ("WandaPruningModifier: {sparsity: [0.5, 0.5, 0.5]}", r"WandaPruningModifier: sparsity lists 3 values but the model has 2 blocks; give one value per block"),
+        ("SparseGPTModifier: {targets: [Embedding]}", r"SparseGPTModifier targets \['Embedding'\] \(ignoring \['lm_head'\]\) match no Linear module of this model"),
+    ],
+)
+def test_sparsity_model_errors_before_any_work(tokenizer, text_file, recipe, message):
+    with pytest.raises(CalibrationError, match=message):
+        oneshot(model=make_llama(), tokenizer=tokenizer, recipe=_group(recipe), dataset=str(text_file),
+                num_calibration_samples=2)
+
+
+def test_sparsity_nm_width_must_divide(tokenizer, text_file):
+    model = make_llama(hidden=136)  # 136 input columns are not groups of 16
+    with pytest.raises(CalibrationError, match=r"the input width 136 of model.layers.0.self_attn.q_proj is not a multiple of 16 \(8:16\); add it to ignore"):
+        oneshot(model=model, tokenizer=tokenizer, recipe=_group("SparseGPTModifier: {mask_structure: '8:16'}"),
+                dataset=str(text_file), num_calibration_samples=2)
+
+
+@pytest.mark.parametrize("name", ["sparsegpt_50", "sparsegpt_2of4", "sparsegpt_2of4_w4a16"])
+def test_sparsity_shipped_recipes_load_and_round_trip(name):
+    registry = load_registry()
+    assert registry.recipes[name][0] == "sparsity"
+    recipe = load_recipe(f"llmc:{name}", registry)
+    assert isinstance(recipe.modifiers[0].modifier, SparseGPTModifier)
+    assert load_recipe(recipe_to_yaml(recipe, registry), registry).stages == recipe.stages
+
+
+def test_sparsity_llm_compressor_recipe_loads_unchanged():
+    text = """
+test_stage:
+  obcq_modifiers:
+    SparseGPTModifier:
+      sparsity: 0.5
+      mask_structure: "2:4"
+      dampening_frac: 0.001
+      block_size: 128
+      targets: ['Linear']
+      ignore: ['re:.*lm_head']
+"""
+    (entry,) = load_recipe(text, load_registry()).modifiers
+    assert entry.plugin == "sparsity" and entry.modifier.dampening_frac == 0.001
