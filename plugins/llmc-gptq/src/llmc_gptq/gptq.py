@@ -37,9 +37,9 @@ import time
 
 import attrs
 import torch
+
 from llmc.hessian import inverse_cholesky_upper, zero_dead_columns_
 from llmc.quantization import QuantizationArgs, compute_qparams
-
 from llmc_gptq.sweep_numba import sweep_block_numba_
 from llmc_gptq.sweep_torch import sweep_block_torch_
 

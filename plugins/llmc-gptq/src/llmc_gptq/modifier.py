@@ -33,6 +33,7 @@ from typing import Any
 
 import attrs
 import torch
+
 from llmc.context import RunContext
 from llmc.errors import ArgumentError, CalibrationError, RecipeError
 from llmc.hessian import HessianAccumulator
@@ -48,7 +49,6 @@ from llmc.modifiers.quantization import (
 )
 from llmc.pipeline import StopLayerForward
 from llmc.quantization import QuantizationScheme, quantize_linear_, set_quantized_weight_
-
 from llmc_gptq.gptq import gptq_quantize
 
 __all__ = ["ACTORDERS", "MAX_STAGES", "GPTQModifier", "GPTQRun"]
@@ -147,19 +147,14 @@ class GPTQModifier(Modifier):
         """The schemes this modifier applies (first match wins), with ``actorder`` resolved.
 
         The modifier's ``actorder`` fills in schemes that do not set one; a scheme from
-        ``config_groups`` that sets a different one is an error, as in llm-compressor.
+        ``config_groups`` that sets its own keeps it (the only value left, ``weight``).
         """
+        wanted = "weight" if self.actorder == "static" else self.actorder
         resolved = []
         for scheme in resolve_schemes(self.scheme, self.config_groups, self.targets):
             weights = scheme.weights
-            wanted = "weight" if self.actorder == "static" else self.actorder
             if weights.actorder is None and wanted is not None:
                 scheme = attrs.evolve(scheme, weights=attrs.evolve(weights, actorder=wanted))
-            elif weights.actorder is not None and wanted is not None and weights.actorder != wanted:
-                raise RecipeError(
-                    f"GPTQModifier.actorder {self.actorder!r} and the scheme's actorder "
-                    f"{weights.actorder!r} differ; set one of them"
-                )
             resolved.append(scheme)
         return resolved
 

@@ -30,6 +30,7 @@ operation on the tensors' own device, so there is no host round trip per column.
 from __future__ import annotations
 
 import torch
+
 from llmc.quantization import QuantizationArgs, compute_qparams, fake_quantize
 
 __all__ = ["sweep_block_torch_"]

@@ -1,0 +1,253 @@
+"""GPTQ on one weight matrix: against round-to-nearest, between the two sweeps, edge cases."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from gptq_helpers import correlated_inputs, hessian
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmc.errors import CalibrationError
+from llmc.quantization import (
+    QuantizationArgs,
+    compute_qparams,
+    fake_quantize,
+    recover_codes,
+    set_quantized_weight_,
+    weight_codes,
+)
+from llmc.quantization.scheme import QuantizationScheme
+from llmc_gptq import gptq_quantize
+
+SCHEMES = {
+    "int4-g32-sym": dict(num_bits=4, symmetric=True, strategy="group", group_size=32),
+    "int4-g32-asym": dict(num_bits=4, symmetric=False, strategy="group", group_size=32),
+    "int3-g32-sym": dict(num_bits=3, symmetric=True, strategy="group", group_size=32),
+    "int8-channel": dict(num_bits=8, symmetric=True, strategy="channel", group_size=None),
+    "int4-channel": dict(num_bits=4, symmetric=True, strategy="channel", group_size=None),
+    "int4-tensor": dict(num_bits=4, symmetric=True, strategy="tensor", group_size=None),
+}
+
+
+def _args(scheme: dict) -> QuantizationArgs:
+    return QuantizationArgs(**scheme)
+
+
+def _rtn(W: torch.Tensor, scheme: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Core's round-to-nearest: min-max parameters of W, then rounding."""
+    args = _args(scheme)
+    scale, zero_point = compute_qparams(W, args)
+    return fake_quantize(W, scale, zero_point, args), scale, zero_point
+
+
+def _output_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
+    """‖X Wᵀ − X Ŵᵀ‖ / ‖X Wᵀ‖."""
+    return (torch.linalg.norm(X @ (W - W_hat).T) / torch.linalg.norm(X @ W.T)).item()
+
+
+def _data(rows: int = 48, cols: int = 128, tokens: int = 1024, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed + 100)
+    W = torch.randn(rows, cols, generator=generator) * 0.05
+    X = correlated_inputs(tokens, cols, seed)
+    return W, X, hessian(X)
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy-groups", "upfront-groups"])
+@pytest.mark.parametrize("actorder", [False, True], ids=["columns", "actorder"])
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_gptq_identity_hessian_equals_round_to_nearest(name, actorder, lazy):
+    scheme = SCHEMES[name]
+    W, _, _ = _data()
+    result = gptq_quantize(
+        W, 2.5 * torch.eye(W.shape[1]), **scheme, actorder=actorder, lazy_group_params=lazy, block_size=48
+    )
+    expected, scale, zero_point = _rtn(W, scheme)
+    assert torch.equal(result.weight, expected)
+    assert torch.equal(result.scale, scale)
+    assert torch.equal(result.zero_point, zero_point)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(1, 24),
+    groups=st.integers(1, 4),
+    group_size=st.sampled_from([8, 16, 32]),
+    block_size=st.integers(1, 70),
+    diagonal=st.floats(0.01, 100.0),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gptq_identity_hessian_equals_round_to_nearest_property(
+    rows, groups, group_size, block_size, diagonal, symmetric, seed
+):
+    cols = groups * group_size
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    scheme = dict(num_bits=4, symmetric=symmetric, strategy="group", group_size=group_size)
+    result = gptq_quantize(W, diagonal * torch.eye(cols), **scheme, block_size=block_size)
+    assert torch.equal(result.weight, _rtn(W, scheme)[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("actorder", [False, True], ids=["columns", "actorder"])
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_gptq_output_error_below_round_to_nearest(name, actorder, seed):
+    scheme = SCHEMES[name]
+    W, X, H = _data(seed=seed)
+    result = gptq_quantize(W, H, **scheme, actorder=actorder)
+    rtn, _, _ = _rtn(W, scheme)
+    assert _output_error(X, W, result.weight) < _output_error(X, W, rtn)
+
+
+def test_gptq_reported_errors_match_their_definitions():
+    W, X, H = _data()
+    result = gptq_quantize(W, H, **SCHEMES["int4-g32-sym"], actorder=True)
+    delta = (W - result.weight).double()
+    direct = torch.trace(delta @ H.double() @ delta.T).item()
+    assert result.hessian_error == pytest.approx(direct, rel=1e-3)
+    reference = torch.trace(W.double() @ H.double() @ W.double().T).item()
+    assert result.output_error == pytest.approx(direct / reference, rel=1e-3)
+    # ‖X ΔWᵀ‖² / ‖X Wᵀ‖² is the same ratio, since H = 2/N XᵀX
+    assert result.output_error == pytest.approx(_output_error(X, W, result.weight) ** 2, rel=1e-3)
+    measured = gptq_quantize(W, H, **SCHEMES["int4-g32-sym"], actorder=True, output_energy=reference)
+    assert measured.output_error == pytest.approx(result.output_error, rel=1e-6)
+
+
+# The two sweeps do the same float32 operations in the same order, except one: a group that
+# opens inside a block owes the pending updates of its columns right of the block, which the
+# reference computes with a matrix product and numba with a (vectorised) dot product. Cases that
+# never need it are bit-for-bit equal; the others may differ by float32 rounding, which can only
+# flip a code where a value sits on a rounding boundary.
+AGREEMENT_CASES = {
+    "g32-aligned": (dict(SCHEMES["int4-g32-sym"]), dict(block_size=64), True),
+    "g32-asym": (dict(SCHEMES["int4-g32-asym"]), dict(block_size=32), True),
+    "channel": (dict(SCHEMES["int8-channel"]), dict(block_size=48), True),
+    "tensor": (dict(SCHEMES["int4-tensor"]), dict(block_size=48), True),
+    "upfront-groups-actorder": (dict(SCHEMES["int4-g32-sym"]), dict(actorder=True, lazy_group_params=False), True),
+    "g32-straddling-blocks": (dict(SCHEMES["int4-g32-sym"]), dict(block_size=20), False),
+    "g32-actorder": (dict(SCHEMES["int4-g32-sym"]), dict(actorder=True, block_size=48), False),
+    "g32-asym-actorder": (dict(SCHEMES["int4-g32-asym"]), dict(actorder=True), False),
+    "bf16-scales": (dict(SCHEMES["int4-g32-sym"]), dict(scale_dtype=torch.bfloat16), True),
+    "fp16-scales-actorder": (dict(SCHEMES["int4-g32-asym"]), dict(scale_dtype=torch.float16, actorder=True), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AGREEMENT_CASES))
+def test_gptq_numba_and_torch_sweeps_agree(case):
+    scheme, options, bit_exact = AGREEMENT_CASES[case]
+    W, _, H = _data(rows=64, cols=192 if scheme["strategy"] != "group" else 128)
+    kept = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.3
+    for mask in (None, kept):
+        fast = gptq_quantize(W, H, **scheme, **options, kept=mask, backend="numba")
+        reference = gptq_quantize(W, H, **scheme, **options, kept=mask, backend="torch")
+        assert (fast.backend, reference.backend) == ("numba", "torch")
+        args = _args(scheme)
+        fast_codes = recover_codes(fast.weight, fast.scale.float(), fast.zero_point, args)
+        reference_codes = recover_codes(reference.weight, reference.scale.float(), reference.zero_point, args)
+        if bit_exact:
+            assert torch.equal(fast.weight, reference.weight)
+            assert torch.equal(fast.scale, reference.scale)
+            assert torch.equal(fast_codes, reference_codes)
+        else:
+            differ = fast_codes != reference_codes
+            assert differ.float().mean().item() <= 1e-3
+            assert (fast_codes.int() - reference_codes.int()).abs().max().item() <= 1
+            same = ~differ
+            scale = W.abs().max()
+            assert ((fast.weight - reference.weight)[same].abs().max() / scale).item() <= 1e-5
+            torch.testing.assert_close(fast.scale.float(), reference.scale.float(), rtol=1e-5, atol=0)
+        assert fast.hessian_error == pytest.approx(reference.hessian_error, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("actorder", [False, True], ids=["columns", "actorder"])
+def test_gptq_keeps_pruned_weights_exactly_zero(backend, actorder):
+    W, X, H = _data()
+    kept = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    W = W * kept  # as a pruning step leaves it
+    scheme = SCHEMES["int4-g32-asym"]
+    result = gptq_quantize(W, H, **scheme, actorder=actorder, kept=kept, backend=backend)
+    assert torch.all(result.weight[~kept] == 0)
+    assert torch.count_nonzero(result.weight[kept]) > 0.9 * kept.sum()
+    rtn = _rtn(W, scheme)[0] * kept  # round-to-nearest of the pruned weight, mask re-applied
+    assert _output_error(X, W, result.weight) < _output_error(X, W, rtn)
+
+
+def test_gptq_result_is_on_its_grid_with_codes_in_range():
+    W, _, H = _data()
+    for name, scheme in SCHEMES.items():
+        args = _args(scheme)
+        result = gptq_quantize(W, H, **scheme, actorder=True)
+        codes = recover_codes(result.weight, result.scale, result.zero_point, args)
+        assert args.q_min <= int(codes.min()) and int(codes.max()) <= args.q_max, name
+        # each weight sits on the grid of its *original* group: no g_idx needed
+        assert torch.equal(fake_quantize(result.weight, result.scale, result.zero_point, args), result.weight), name
+
+
+def test_gptq_dead_inputs_give_zero_weights():
+    W, X, _ = _data()
+    X[:, [5, 70]] = 0.0  # two inputs that never fire
+    result = gptq_quantize(W, hessian(X), **SCHEMES["int4-g32-sym"])
+    assert torch.all(result.weight[:, [5, 70]] == 0)
+    assert torch.isfinite(result.weight).all()
+
+
+def test_gptq_repairs_a_hessian_that_is_not_positive_definite(caplog):
+    W, X, _ = _data(tokens=64)  # fewer tokens than columns: H is singular
+    H = hessian(X)
+    H -= (torch.linalg.eigvalsh(H).min() + 0.03 * torch.diagonal(H).mean()) * torch.eye(H.shape[0])
+    assert torch.linalg.eigvalsh(H).min() < 0
+    with caplog.at_level(logging.WARNING, logger="llmc.hessian"):
+        result = gptq_quantize(W, H, **SCHEMES["int4-g32-sym"], module_name="model.layers.0.mlp.up_proj")
+    assert result.damping > 0.01
+    assert "model.layers.0.mlp.up_proj needed damping" in caplog.text
+    assert torch.isfinite(result.weight).all()
+
+
+def test_gptq_hopeless_hessian_names_the_module():
+    W, _, _ = _data()
+    with pytest.raises(
+        CalibrationError,
+        match=r"Hessian of model.layers.1.self_attn.q_proj is not positive definite after damping 0.01 → 1.28; add calibration samples or raise dampening_frac",
+    ):
+        gptq_quantize(W, -torch.eye(W.shape[1]), **SCHEMES["int4-g32-sym"], module_name="model.layers.1.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gptq_codes_survive_scales_stored_in_half_precision(dtype):
+    W, _, H = _data()
+    scheme = QuantizationScheme(weights=_args(SCHEMES["int4-g32-asym"]))
+    result = gptq_quantize(W, H, **SCHEMES["int4-g32-asym"], actorder=True, scale_dtype=dtype)
+    assert result.scale.dtype == dtype
+    chosen = recover_codes(result.weight, result.scale.float(), result.zero_point, scheme.weights)
+    module = torch.nn.Linear(W.shape[1], W.shape[0], bias=False).to(dtype)
+    set_quantized_weight_(module, scheme, weight_fake_quantized=result.weight, scale=result.scale, zero_point=result.zero_point)
+    assert torch.equal(weight_codes(module), chosen)
+
+
+def test_gptq_leaves_its_inputs_alone():
+    W, _, H = _data()
+    W_before, H_before = W.clone(), H.clone()
+    gptq_quantize(W, H, **SCHEMES["int4-g32-sym"], actorder=True)
+    assert torch.equal(W, W_before) and torch.equal(H, H_before)
+
+
+def test_gptq_rejects_bad_shapes_and_backends():
+    W, _, H = _data()
+    with pytest.raises(ValueError, match=r"H has shape \[128, 128\], expected \[64, 64\]"):
+        gptq_quantize(W[:, :64], H, **SCHEMES["int4-g32-sym"])
+    with pytest.raises(ValueError, match=r"group_size 48 does not divide the 128 columns of weight"):
+        gptq_quantize(W, H, num_bits=4, strategy="group", group_size=48)
+    with pytest.raises(ValueError, match=r"backend must be one of auto, numba, torch \(got 'cuda'\)"):
+        gptq_quantize(W, H, **SCHEMES["int4-g32-sym"], backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gptq_torch_sweep_on_gpu_matches_cpu():
+    W, _, H = _data()
+    gpu = gptq_quantize(W.cuda(), H.cuda(), **SCHEMES["int4-g32-sym"], actorder=True)
+    cpu = gptq_quantize(W, H, **SCHEMES["int4-g32-sym"], actorder=True, backend="torch")
+    assert gpu.backend == "torch" and gpu.weight.device.type == "cuda"
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=0, atol=1e-5 * W.abs().max().item())
