@@ -238,3 +238,17 @@ test_stage:
 """
     (entry,) = load_recipe(text, load_registry()).modifiers
     assert entry.plugin == "sparsity" and entry.modifier.dampening_frac == 0.001
+
+
+@pytest.mark.parametrize("scheme", ["W4A16_ASYM", "W8A8", "W8A16"])
+def test_sparsity_every_rtn_scheme_keeps_pruned_zeros(model_dir, text_file, scheme):
+    recipe = (
+        "sparsity_stage:\n  sparsity_modifiers:\n    WandaPruningModifier: {mask_structure: '2:4'}\n"
+        f"    QuantizationModifier: {{scheme: {scheme}, ignore: [lm_head]}}\n"
+    )
+    result = _prune(model_dir, text_file, recipe)
+    for row in _pruned_rows(result.report):
+        module = result.model.get_submodule(row["module"])
+        kept = sparsity_mask(module)
+        assert hasattr(module, "weight_scale")
+        assert torch.all(module.weight.detach()[~kept] == 0), (scheme, row["module"])

@@ -10,12 +10,7 @@ import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.hessian import (
-    HessianAccumulator,
-    attach_hessian_hooks,
-    inverse_cholesky_upper,
-    zero_dead_columns_,
-)
+from llmc.hessian import HessianAccumulator, inverse_cholesky_upper, zero_dead_columns_
 from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
 from llmc_sparsity.base import (
@@ -29,6 +24,7 @@ from llmc_sparsity.base import (
     record_model_sparsity,
 )
 from llmc_sparsity.masks_nm import parse_mask_structure
+from llmc_sparsity.shared_hessians import attach_shared_hessian_hooks
 from llmc_sparsity.sparsegpt import sparsegpt_
 
 __all__ = ["SparseGPTModifier", "SparseGPTRun"]
@@ -111,7 +107,7 @@ class SparseGPTRun:
         modules = {target.name: target.module for target in self._in_layer(layer_name)}
         if not modules:
             return False
-        self.hessians, self.remove_hooks = attach_hessian_hooks(modules, context)
+        self.hessians, self.remove_hooks = attach_shared_hessian_hooks(modules, context)
         return True
 
     @hookimpl
@@ -119,9 +115,23 @@ class SparseGPTRun:
         if self.remove_hooks is not None:
             self.remove_hooks()
             self.remove_hooks = None
+        # Modules that read the same input share H, so also its dead columns and Cholesky factor.
+        factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for target in self._in_layer(layer_name):
-            self._prune(context, target, self.hessians.pop(target.name))
+            hessian = self.hessians.pop(target.name)
+            W = target.module.weight.detach().to(device=hessian.H.device, dtype=torch.float32, copy=True)
+            if id(hessian) not in factors:
+                dead = zero_dead_columns_(hessian.H, W)
+                U, damping = inverse_cholesky_upper(
+                    hessian.H, self.config.dampening_frac, module_name=target.name
+                )
+                factors[id(hessian)] = (dead, U, damping)
+            dead, U, damping = factors[id(hessian)]
+            W[:, dead] = 0.0
+            self._prune(context, target, W, U, damping)
             del self.pending[target.name]
+            if not any(h is hessian for h in self.hessians.values()):
+                del factors[id(hessian)]  # the last module of its group: release H⁻¹'s factor
         self.hessians = {}
 
     @hookimpl
@@ -130,13 +140,11 @@ class SparseGPTRun:
         self.pending.clear()
 
     @torch.no_grad()
-    def _prune(self, context: RunContext, target: PruneTarget, hessian: HessianAccumulator) -> None:
+    def _prune(
+        self, context: RunContext, target: PruneTarget, W: torch.Tensor, U: torch.Tensor, damping: float
+    ) -> None:
+        """Prune ``target`` given its float32 weight copy ``W`` and U = chol(H⁻¹) upper."""
         keep_n, group_m = parse_mask_structure(self.config.mask_structure)
-        H = hessian.H
-        W = target.module.weight.detach().to(device=H.device, dtype=torch.float32, copy=True)
-        zero_dead_columns_(H, W)
-        U, damping = inverse_cholesky_upper(H, self.config.dampening_frac, module_name=target.name)
-        del H, hessian
         result = sparsegpt_(
             W, U, sparsity=target.sparsity, keep_n=keep_n, group_m=group_m,
             block_size=self.config.block_size,
