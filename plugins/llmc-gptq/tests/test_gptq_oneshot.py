@@ -94,23 +94,24 @@ def test_gptq_true_sequential_stages_follow_the_data_flow(tokenizer, kind):
 
 def test_gptq_true_sequential_calibrates_each_stage_on_quantized_inputs(tokenizer, monkeypatch):
     seen: dict[bool, dict[str, torch.Tensor]] = {}
-    solve = gptq_modifier.gptq_quantize
+    prepare = gptq_modifier.prepare_hessian
 
-    def recording(W, H, **kwargs):
+    def recording(H, **kwargs):
         seen[current].setdefault(kwargs["module_name"], H.clone())
-        return solve(W, H, **kwargs)
+        return prepare(H, **kwargs)
 
-    monkeypatch.setattr(gptq_modifier, "gptq_quantize", recording)
+    monkeypatch.setattr(gptq_modifier, "prepare_hessian", recording)
     for current in (True, False):
         seen[current] = {}
         _run(make_causal_lm("llama"), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=current))
     first = "model.layers.0.self_attn.q_proj"
     torch.testing.assert_close(seen[True][first], seen[False][first], rtol=1e-6, atol=0)  # same inputs
-    for later in ("self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+    for later in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
         name = f"model.layers.0.{later}"
         assert not torch.allclose(seen[True][name], seen[False][name], rtol=1e-4, atol=0), name
-    # q, k and v read one tensor: one Hessian shared by the three
-    assert torch.equal(seen[True]["model.layers.0.self_attn.k_proj"], seen[True][first])
+    # q, k and v read one tensor: one Hessian, prepared once for the three (gate and up alike)
+    for shared in ("self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj"):
+        assert f"model.layers.0.{shared}" not in seen[True] and f"model.layers.0.{shared}" not in seen[False]
 
 
 def test_gptq_more_groups_than_stages_fall_back_to_two_passes(tokenizer, monkeypatch, caplog):

@@ -38,12 +38,22 @@ import time
 import attrs
 import torch
 
-from llmc.hessian import inverse_cholesky_upper, zero_dead_columns_
+from llmc.errors import CalibrationError
+from llmc.hessian import zero_dead_columns_
 from llmc.quantization import QuantizationArgs, compute_qparams
 from llmc_gptq.sweep_numba import sweep_block_numba_
 from llmc_gptq.sweep_torch import sweep_block_torch_
 
-__all__ = ["BACKENDS", "GPTQResult", "gptq_quantize", "sweep_order"]
+__all__ = [
+    "BACKENDS",
+    "GPTQResult",
+    "PreparedHessian",
+    "damped_inverse_cholesky_upper",
+    "gptq_quantize",
+    "gptq_quantize_prepared",
+    "prepare_hessian",
+    "sweep_order",
+]
 
 logger = logging.getLogger("llmc.gptq")
 
@@ -107,6 +117,96 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``L: [n, n]``, by halves, so the work is matrix products::
+
+        L = | A  0 |        L⁻¹ = |  A⁻¹        0  |
+            | B  C |              | -C⁻¹ B A⁻¹  C⁻¹ |
+    """
+    n = L.shape[0]
+    if n <= leaf:
+        identity = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, identity, upper=False)
+    half = n // 2
+    A_inv = _lower_triangular_inverse(L[:half, :half], leaf)
+    C_inv = _lower_triangular_inverse(L[half:, half:], leaf)
+    inverse = torch.zeros_like(L)
+    inverse[:half, :half] = A_inv
+    inverse[half:, half:] = C_inv
+    inverse[half:, :half] = -(C_inv @ (L[half:, :half] @ A_inv))
+    return inverse
+
+
+def damped_inverse_cholesky_upper(
+    H: torch.Tensor, dampening_frac: float, *, module_name: str, max_attempts: int = 8
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``(H + λI)⁻¹ = UᵀU``), λ = frac · mean(diag H).
+
+    Same contract as ``llmc.hessian.inverse_cholesky_upper`` (damping doubled until ``H + λI``
+    is positive definite, the final value logged, ``CalibrationError`` naming the module after
+    ``max_attempts``), with about half the arithmetic: with ``J`` the exchange matrix (the
+    identity, columns reversed), ``J (H + λI) J = L Lᵀ`` gives ``(H + λI)⁻¹ = UᵀU`` for
+    ``U = J L⁻¹ J``, upper triangular with a positive diagonal, hence *the* Cholesky factor. One
+    Cholesky and one triangular inverse (n³/3 each) replace a Cholesky, an inverse from it and a
+    second Cholesky (n³/3 + 2n³/3 + n³/3). ``H: [cols, cols]`` is not changed.
+    """
+    mean_diagonal = torch.diagonal(H).mean().item()
+    flipped = torch.flip(H, (0, 1))  # J H J, a copy
+    diagonal = torch.diagonal(flipped).clone()
+    frac = dampening_frac
+    for attempt in range(max_attempts):
+        torch.diagonal(flipped).copy_(diagonal + frac * mean_diagonal)
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        if info.item() == 0:
+            upper = torch.flip(_lower_triangular_inverse(lower), (0, 1))
+            if torch.isfinite(upper).all():
+                if attempt:
+                    logger.warning(
+                        "Hessian of %s needed damping %.4g (asked %.4g) to be positive definite",
+                        module_name, frac, dampening_frac,
+                    )
+                return upper, frac
+        frac *= 2.0
+    raise CalibrationError(
+        f"Hessian of {module_name} is not positive definite after damping {dampening_frac:g} → "
+        f"{frac / 2:g}; add calibration samples or raise dampening_frac",
+        module=module_name,
+    )
+
+
+@attrs.frozen
+class PreparedHessian:
+    """What the sweep needs from ``H``, computed once for all modules that read one input.
+
+    ``U: [cols, cols]``, the upper Cholesky factor of the damped ``H⁻¹`` in sweep order;
+    ``perm`` the act-order permutation (or None); ``dead`` the inputs that never fired (their
+    weights are fixed at 0); ``damping`` the dampening fraction used and ``lam`` λ itself.
+    """
+
+    U: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    damping: float
+    lam: float
+    seconds: float
+
+
+@torch.no_grad()
+def prepare_hessian(
+    H: torch.Tensor, *, dampening_frac: float = 0.01, actorder: bool = False, module_name: str = "weight"
+) -> PreparedHessian:
+    """Dead inputs, act-order permutation and damped inverse Cholesky factor of ``H: [cols, cols]``."""
+    started = time.perf_counter()
+    hessian = H.detach().to(torch.float32).clone()  # [cols, cols]
+    dead = zero_dead_columns_(hessian, hessian.new_empty(0, hessian.shape[0]))
+    perm = sweep_order(hessian, actorder)
+    if perm is not None:
+        hessian = hessian[perm][:, perm]
+    U, damping = damped_inverse_cholesky_upper(hessian, dampening_frac, module_name=module_name)
+    lam = damping * torch.diagonal(hessian).mean().item()
+    return PreparedHessian(U.contiguous(), perm, dead, damping, lam, time.perf_counter() - started)
+
+
 @torch.no_grad()
 def gptq_quantize(
     W: torch.Tensor,
@@ -139,12 +239,54 @@ def gptq_quantize(
     - ``backend``: "numba" (CPU), "torch" (any device) or "auto" (numba on CPU).
 
     Neither ``W`` nor ``H`` is changed. Raises ``llmc.CalibrationError`` naming ``module_name``
-    when no damping up to 2⁷ · ``dampening_frac`` makes ``H`` positive definite.
+    when no damping up to 2⁷ · ``dampening_frac`` makes ``H`` positive definite. Modules that
+    share an input can share the work on ``H``: ``prepare_hessian`` once, then
+    ``gptq_quantize_prepared`` per module.
     """
-    started = time.perf_counter()
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"H has shape {list(H.shape)}, expected [{cols}, {cols}] for W of shape {list(W.shape)}")
+    H = H.to(W.device)
+    prepared = prepare_hessian(H, dampening_frac=dampening_frac, actorder=actorder, module_name=module_name)
+    if output_energy is None:
+        reference = W.detach().to(torch.float32)
+        if kept is not None:
+            reference = reference * kept
+        output_energy = _quadratic_form(reference, H.to(torch.float32))
+    result = gptq_quantize_prepared(
+        W, prepared, num_bits=num_bits, symmetric=symmetric, strategy=strategy,
+        group_size=group_size, block_size=block_size, kept=kept,
+        lazy_group_params=lazy_group_params, scale_dtype=scale_dtype,
+        output_energy=output_energy, backend=backend, module_name=module_name,
+    )
+    return attrs.evolve(result, seconds=result.seconds + prepared.seconds)
+
+
+@torch.no_grad()
+def gptq_quantize_prepared(
+    W: torch.Tensor,
+    prepared: PreparedHessian,
+    *,
+    num_bits: int,
+    symmetric: bool = True,
+    strategy: str = "group",
+    group_size: int | None = 128,
+    block_size: int = 128,
+    kept: torch.Tensor | None = None,
+    lazy_group_params: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+    output_energy: float | None = None,
+    backend: str = "auto",
+    module_name: str = "weight",
+) -> GPTQResult:
+    """``gptq_quantize`` with the work on ``H`` done (``prepare_hessian``); the same arguments.
+
+    ``output_error`` is None unless ``output_energy`` is given.
+    """
+    started = time.perf_counter()
+    rows, cols = W.shape
+    if prepared.U.shape != (cols, cols):
+        raise ValueError(f"the prepared Hessian is for {prepared.U.shape[0]} columns, W has {cols}")
     if strategy not in ("tensor", "channel", "group"):
         raise ValueError(f"strategy must be 'tensor', 'channel' or 'group' (got {strategy!r})")
     if strategy == "group" and (not group_size or cols % group_size):
@@ -159,17 +301,15 @@ def gptq_quantize(
         strategy=strategy,
         group_size=group_size if strategy == "group" else None,
     )
+    U, perm = prepared.U.to(device), prepared.perm
 
     weight = W.detach().to(device=device, dtype=torch.float32).clone()  # [rows, cols], working copy
-    hessian = H.detach().to(device=device, dtype=torch.float32).clone()  # [cols, cols]
-    zero_dead_columns_(hessian, weight)
+    weight[:, prepared.dead.to(device)] = 0.0
     if kept is not None:
         kept = kept.to(device=device, dtype=torch.bool)
         weight.mul_(kept)
-    reference = weight.clone() if output_energy is None else None
 
     lazy = lazy_group_params and strategy == "group"
-    perm = sweep_order(hessian, actorder)
     group_of_column, group_ptr, group_columns, n_groups = _group_layout(cols, strategy, group_size, perm, device)
     if lazy:
         scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
@@ -182,18 +322,13 @@ def gptq_quantize(
         zero = fixed_zero.to(torch.float32).expand(rows, -1).contiguous()
 
     if perm is not None:
+        perm = perm.to(device)
         weight = weight[:, perm].contiguous()
-        hessian = hessian[perm][:, perm]
         if kept is not None:
             kept = kept[:, perm]
     if kept is not None:
         kept = kept.contiguous()
     before_sweep = weight.clone()  # sweep order, for ‖ΔW‖²
-
-    U, damping = inverse_cholesky_upper(hessian, dampening_frac, module_name=module_name)
-    U = U.contiguous()
-    mean_diagonal = torch.diagonal(hessian).mean().item()
-    del hessian
 
     sweep = sweep_block_numba_ if chosen == "numba" else sweep_block_torch_
     Err = torch.zeros(rows, block_size, dtype=torch.float32, device=device)
@@ -209,24 +344,20 @@ def gptq_quantize(
             weight[:, i2:].addmm_(Err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
 
     # trace(ΔW (H + λI) ΔWᵀ) = ‖E‖²  ->  trace(ΔW H ΔWᵀ) = ‖E‖² − λ ‖ΔW‖²
-    lam = damping * mean_diagonal
     delta_sq = torch.sum((before_sweep - weight).double().square()).item()
-    hessian_error = max(squared_error.sum().item() - lam * delta_sq, 0.0)
+    hessian_error = max(squared_error.sum().item() - prepared.lam * delta_sq, 0.0)
     del before_sweep
 
     if perm is not None:
         weight = weight[:, torch.argsort(perm)]
-    if reference is not None:
-        output_energy = _quadratic_form(reference, H.to(device=device, dtype=torch.float32))
     output_error = hessian_error / output_energy if output_energy else None
-
     if strategy == "tensor":
         scale, zero = scale[:1, 0], zero[:1, 0]  # [1]
     return GPTQResult(
         weight=weight,
         scale=scale.to(scale_dtype),
         zero_point=zero.to(torch.int8),
-        damping=damping,
+        damping=prepared.damping,
         hessian_error=hessian_error,
         output_error=output_error,
         seconds=time.perf_counter() - started,

@@ -49,7 +49,7 @@ from llmc.modifiers.quantization import (
 )
 from llmc.pipeline import StopLayerForward
 from llmc.quantization import QuantizationScheme, quantize_linear_, set_quantized_weight_
-from llmc_gptq.gptq import gptq_quantize
+from llmc_gptq.gptq import PreparedHessian, gptq_quantize_prepared, prepare_hessian
 
 __all__ = ["ACTORDERS", "MAX_STAGES", "GPTQModifier", "GPTQRun"]
 
@@ -178,9 +178,10 @@ class _OutputEnergy:
         if bias is not None:
             y = y - bias
         y = y.reshape(-1, y.shape[-1])  # [tokens, out]
-        if token_mask is not None and token_mask.numel() == y.shape[0]:
+        if token_mask is not None and token_mask.numel() == y.shape[0] and not bool(token_mask.all()):
             y = y[token_mask.reshape(-1).to(device=y.device, dtype=torch.bool)]
-        self.total += torch.sum(y.double().square())
+        # one fused reduction, no float64 copy of the output
+        self.total += torch.linalg.vector_norm(y, dtype=torch.float32).double().square()
         self.tokens += y.shape[0]
 
     @property
@@ -428,6 +429,7 @@ class GPTQRun:
     ) -> None:
         for index in sorted(stage):
             accumulator = collector.hessians.pop(index, None)
+            prepared: dict[bool, PreparedHessian] = {}  # shared by the group, per act-order
             for name in layout[index]:
                 if name not in self.pending:
                     continue
@@ -437,9 +439,17 @@ class GPTQRun:
                     logger.warning("%s received no calibration tokens: quantized by round-to-nearest", name)
                     self._round_to_nearest(context, name, module, scheme)
                     continue
+                actorder = scheme.weights.actorder is not None
+                seconds = 0.0
+                if actorder not in prepared:
+                    prepared[actorder] = prepare_hessian(
+                        accumulator.H, dampening_frac=self.config.dampening_frac, actorder=actorder,
+                        module_name=name,
+                    )
+                    seconds = prepared[actorder].seconds
                 self._solve(
-                    context, name, module, scheme, accumulator.H, accumulator.tokens,
-                    energy.value if energy is not None else None,
+                    context, name, module, scheme, prepared[actorder], accumulator.tokens,
+                    energy.value if energy is not None else None, seconds,
                 )
 
     def _solve(
@@ -448,22 +458,21 @@ class GPTQRun:
         name: str,
         module: torch.nn.Linear,
         scheme: QuantizationScheme,
-        H: torch.Tensor,
+        prepared: PreparedHessian,
         tokens: int,
         energy: float | None,
+        hessian_seconds: float,
     ) -> None:
         weights = scheme.weights
         original = module.weight.detach().clone()
-        result = gptq_quantize(
+        result = gptq_quantize_prepared(
             module.weight.detach(),
-            H,
+            prepared,
             num_bits=weights.num_bits,
             symmetric=weights.symmetric,
             strategy=weights.strategy,
             group_size=weights.group_size,
             block_size=self.config.block_size,
-            dampening_frac=self.config.dampening_frac,
-            actorder=weights.actorder is not None,
             kept=sparsity_mask(module),
             lazy_group_params=self.lazy_group_params,
             scale_dtype=module.weight.dtype,
@@ -474,8 +483,6 @@ class GPTQRun:
         set_quantized_weight_(
             module, scheme, weight_fake_quantized=result.weight, scale=result.scale, zero_point=result.zero_point
         )
-        if result.damping != self.config.dampening_frac:
-            logger.warning("%s: damping raised from %g to %g", name, self.config.dampening_frac, result.damping)
         context.record(
             modifier="GPTQModifier",
             module=name,
@@ -484,7 +491,7 @@ class GPTQRun:
             output_error=result.output_error,
             damping=result.damping,
             tokens=tokens,
-            seconds=round(result.seconds, 4),
+            seconds=round(result.seconds + hessian_seconds, 4),
             backend=result.backend,
         )
 

@@ -1,0 +1,143 @@
+"""Held-out perplexity of FP, RTN and GPTQ variants on the embedded model (quality, and time).
+
+Run with llmc's venv (needs llmc-gptq installed)::
+
+    python benchmarks/gptq_quality.py                        # every variant, 128 x 512 tokens
+    python benchmarks/gptq_quality.py --variants fp,rtn-w4a16,gptq-w4a16 --json out.json
+
+Every variant starts from a fresh copy of the embedded tiny Llama (``llmc:tiny-llama``, fp32),
+calibrates on the same chunks of the embedded corpus (``common.calibration_chunks``, the file
+compare.py uses) through llmc's layer-by-layer pipeline with batch size 1, as ``oneshot`` does,
+and is evaluated in memory (the in-memory model computes what its checkpoint computes; the
+tests check that) on the held-out split ``llmc:stdlib-docs-heldout``, chunks of 512 tokens.
+
+GPTQ variants differ in one knob at a time from the defaults: ``actorder`` (null / weight),
+``true_sequential``, and the moment group scales are computed (``lazy``: when the sweep reaches
+the group, from the error-updated weights; ``upfront``: from the original weights, as
+llm-compressor does). Also reported per variant: seconds spent in the pipeline, with the share
+spent in GPTQ solves (from the run report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from common import BENCH_ROOT, EMBEDDED_MODEL, calibration_chunks, load_chunks  # noqa: E402
+
+GROUP = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+CHANNEL4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
+GROUP3 = {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+
+
+def _groups(weights: dict[str, Any]) -> dict[str, Any]:
+    return {"group_0": {"targets": ["Linear"], "weights": dict(weights)}}
+
+
+# name: (method, config_groups or preset, GPTQ options, run-state options)
+VARIANTS: dict[str, tuple[str, Any, dict[str, Any], dict[str, Any]]] = {
+    "fp": ("fp", None, {}, {}),
+    "rtn-w4a16": ("rtn", "W4A16", {}, {}),
+    "gptq-w4a16": ("gptq", "W4A16", {"actorder": None, "true_sequential": False}, {}),
+    "gptq-w4a16-actorder": ("gptq", "W4A16", {"actorder": "weight", "true_sequential": False}, {}),
+    "gptq-w4a16-trueseq": ("gptq", "W4A16", {"actorder": None, "true_sequential": True}, {}),
+    "gptq-w4a16-actorder-trueseq": ("gptq", "W4A16", {"actorder": "weight", "true_sequential": True}, {}),
+    "gptq-w4a16-upfront": ("gptq", "W4A16", {"actorder": None, "true_sequential": False}, {"lazy_group_params": False}),
+    "gptq-w4a16-actorder-upfront": ("gptq", "W4A16", {"actorder": "weight", "true_sequential": False}, {"lazy_group_params": False}),
+    "rtn-w4a16-channel": ("rtn", _groups(CHANNEL4), {}, {}),
+    "gptq-w4a16-channel": ("gptq", _groups(CHANNEL4), {"actorder": None, "true_sequential": False}, {}),
+    "gptq-w4a16-channel-actorder": ("gptq", _groups(CHANNEL4), {"actorder": "weight", "true_sequential": False}, {}),
+    "rtn-w3a16": ("rtn", _groups(GROUP3), {}, {}),
+    "gptq-w3a16": ("gptq", _groups(GROUP3), {"actorder": None, "true_sequential": False}, {}),
+    "gptq-w3a16-actorder": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": False}, {}),
+}
+
+
+def _load() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def run_variant(name: str, chunks: torch.Tensor, heldout: torch.Tensor, max_eval_chunks: int | None) -> dict[str, Any]:
+    from llmc_gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmc import RunContext
+    from llmc.data import make_batches, padding_token_id
+    from llmc.evaluate import perplexity
+    from llmc.modifiers import QuantizationModifier
+    from llmc.pipeline import LayerwisePipeline, make_lifecycle
+
+    method, scheme, options, run_options = VARIANTS[name]
+    model = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_MODEL), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL))
+    load_before = _load()
+    started = time.perf_counter()
+    report: list[dict[str, Any]] = []
+    if method != "fp":
+        form = {"scheme": scheme} if isinstance(scheme, str) else {"config_groups": scheme}
+        if method == "rtn":
+            modifier = QuantizationModifier(ignore=["lm_head"], **form)
+        else:
+            modifier = GPTQModifier(ignore=["lm_head"], **form, **options)
+        context = RunContext(model=model, device=torch.device("cpu"), tokenizer=tokenizer)
+        run = modifier.start(context)
+        for key, value in run_options.items():
+            setattr(run, key, value)
+        batches = make_batches(list(chunks), 1, padding_token_id(tokenizer))
+        pipeline = LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([run]), show_progress=False)
+        with torch.no_grad():
+            pipeline.run(batches if method == "gptq" else None)
+        report = context.report
+    seconds = time.perf_counter() - started
+    ppl = perplexity(model, heldout, seq_len=512, max_chunks=max_eval_chunks)
+    solve_s = sum(row.get("seconds", 0.0) for row in report)
+    output_errors = [row["output_error"] for row in report if row.get("output_error") is not None]
+    return {
+        "variant": name,
+        "perplexity": round(ppl, 4),
+        "pipeline_s": round(seconds, 2),
+        "solve_s": round(solve_s, 2),
+        "mean_output_error": round(sum(output_errors) / len(output_errors), 6) if output_errors else None,
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--max-eval-chunks", type=int, default=None, help="held-out chunks of 512 (default: all)")
+    parser.add_argument("--json", help="append results (JSON lines) here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from llmc.evaluate import heldout_token_ids
+
+    path = BENCH_ROOT / f"chunks-{args.samples}x{args.seq_len}.safetensors"  # the file compare.py uses
+    chunks = load_chunks(path) if path.is_file() else calibration_chunks(args.samples, args.seq_len, path)
+    heldout = heldout_token_ids(AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL)))
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+          f"calibration {tuple(chunks.shape)} from {path}; held-out {heldout.numel()} tokens", flush=True)
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name!r}")
+        result = run_variant(name, chunks, heldout, args.max_eval_chunks)
+        print(json.dumps(result), flush=True)
+        if args.json:
+            with open(args.json, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

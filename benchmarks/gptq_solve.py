@@ -1,0 +1,120 @@
+"""Time of one GPTQ solve: numba sweep vs the torch reference sweep, against one dense product.
+
+Run with llmc's venv (needs llmc-gptq installed)::
+
+    python benchmarks/gptq_solve.py                      # 4096x4096 and 11008x4096, 3 rounds
+    python benchmarks/gptq_solve.py --shapes 4096x4096 --rounds 5 --json out.json
+
+For each weight shape ``[rows, cols]`` the Hessian is fixed (``H = 2/N XᵀX`` of seeded,
+correlated inputs, N = 2 cols) and every round measures, in this order (A B A B ...):
+
+* ``matmul``: one dense product of the same size, ``W @ H`` (``[rows, cols] x [cols, cols]``);
+* ``prepare``: dead inputs, damping and the inverse Cholesky factor (llmc_gptq.prepare_hessian);
+* ``prepare_core``: the same factor by core's ``llmc.hessian.inverse_cholesky_upper``;
+* ``numba``: the sweep with the numba kernel (blocks of 128, lazy group-128 parameters);
+* ``torch``: the same sweep with the torch reference kernel.
+
+A solve is ``prepare + sweep``. Prints a table of medians and the ratios the issue asks for
+(numba / torch solve; numba solve / matmul), with the machine's load before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _load() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _problem(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=generator) * 0.02
+    scales = torch.rand(cols, generator=generator) + 0.1
+    X = torch.randn(2 * cols, cols, generator=generator) * scales
+    X = X + 0.5 * torch.roll(X, 1, dims=1)  # correlated neighbours
+    return W, 2.0 / X.shape[0] * X.T @ X
+
+
+def measure(rows: int, cols: int, rounds: int) -> dict[str, object]:
+    from llmc_gptq.gptq import gptq_quantize_prepared, prepare_hessian
+
+    from llmc.hessian import inverse_cholesky_upper
+
+    W, H = _problem(rows, cols)
+    options = dict(num_bits=4, symmetric=True, strategy="group", group_size=128, block_size=128)
+    prepared = prepare_hessian(H, dampening_frac=0.01)
+    # compile / warm up both kernels on a slice
+    gptq_quantize_prepared(W[:64], prepared, backend="numba", **options)
+    gptq_quantize_prepared(W[:64], prepared, backend="torch", **options)
+    times: dict[str, list[float]] = {k: [] for k in ("matmul", "prepare", "prepare_core", "numba", "torch")}
+    load_before = _load()
+    for _ in range(rounds):
+        times["matmul"].append(_timed(lambda: W @ H))
+        times["prepare"].append(_timed(lambda: prepare_hessian(H, dampening_frac=0.01)))
+        times["prepare_core"].append(_timed(lambda: inverse_cholesky_upper(H, 0.01, module_name="bench")))
+        times["numba"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="numba", **options)))
+        times["torch"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="torch", **options)))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    numba_solve = median["prepare"] + median["numba"]
+    torch_solve = median["prepare"] + median["torch"]
+    return {
+        "shape": [rows, cols],
+        "rounds": rounds,
+        "load_before": load_before,
+        "load_after": _load(),
+        "median_s": {k: round(v, 4) for k, v in median.items()},
+        "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "numba_solve_s": round(numba_solve, 4),
+        "torch_solve_s": round(torch_solve, 4),
+        "sweep_ratio_numba_over_torch": round(median["numba"] / median["torch"], 3),
+        "solve_ratio_numba_over_torch": round(numba_solve / torch_solve, 3),
+        "numba_solve_over_matmul": round(numba_solve / median["matmul"], 3),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated ROWSxCOLS")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="write the results here as well")
+    args = parser.parse_args(argv)
+    import numba
+
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"numba {numba.__version__}", flush=True)
+    results = []
+    for shape in args.shapes.split(","):
+        rows, cols = (int(x) for x in shape.lower().split("x"))
+        result = measure(rows, cols, args.rounds)
+        results.append(result)
+        m = result["median_s"]
+        print(
+            f"{rows}x{cols}: matmul {m['matmul']:.3f}s | prepare {m['prepare']:.3f}s (core's {m['prepare_core']:.3f}s) | "
+            f"sweep numba {m['numba']:.3f}s, torch {m['torch']:.3f}s | solve numba {result['numba_solve_s']:.3f}s, "
+            f"torch {result['torch_solve_s']:.3f}s | numba/torch sweep {result['sweep_ratio_numba_over_torch']}, "
+            f"solve {result['solve_ratio_numba_over_torch']} | numba solve/matmul {result['numba_solve_over_matmul']} "
+            f"| load {result['load_before']} -> {result['load_after']}",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine_cores": os.cpu_count(), "results": results}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
