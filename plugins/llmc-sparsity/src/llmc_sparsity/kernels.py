@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["sweep_block"]
+__all__ = ["mark_lowest_saliency", "sweep_block"]
 
 
 @numba.njit(cache=True, inline="always")
@@ -80,3 +80,38 @@ def sweep_block(
             else:
                 row_err[i] = 0.0
         losses[r] += 0.5 * loss
+
+
+@numba.njit(cache=True)
+def mark_lowest_saliency(W1: np.ndarray, U1: np.ndarray, count: int, pruned: np.ndarray) -> None:
+    """Mark exactly ``count`` weights of the block with the lowest w²/U_ii² as pruned.
+
+    ``W1: [rows, B]``, ``pruned: [rows, B]`` bool (overwritten). Ties at the threshold are
+    broken by position (row-major), so the count is exact and the choice deterministic.
+    """
+    rows, width = W1.shape
+    size = rows * width
+    saliency = np.empty(size, dtype=np.float32)
+    for r in range(rows):
+        for i in range(width):
+            d = U1[i, i]
+            saliency[r * width + i] = W1[r, i] * W1[r, i] / (d * d)
+    flat = pruned.reshape(size)
+    flat[:] = False
+    if count <= 0:
+        return
+    if count >= size:
+        flat[:] = True
+        return
+    threshold = np.partition(saliency.copy(), count - 1)[count - 1]
+    marked = 0
+    for index in range(size):  # strictly below the threshold: all pruned
+        if saliency[index] < threshold:
+            flat[index] = True
+            marked += 1
+    for index in range(size):  # at the threshold: as many as the count still needs
+        if marked >= count:
+            break
+        if saliency[index] == threshold:
+            flat[index] = True
+            marked += 1

@@ -63,6 +63,19 @@ def sweep_block_torch(
         err[:, i] = e
 
 
+def _choose_block_mask(
+    W1: torch.Tensor, U1: torch.Tensor, count: int, pruned: torch.Tensor, use_numba: bool
+) -> None:
+    """Mark the ``count`` lowest saliencies w²/U_ii² of the block ``W1: [rows, B]`` pruned."""
+    if use_numba:
+        from llmc_sparsity.kernels import mark_lowest_saliency
+
+        mark_lowest_saliency(W1.numpy(), U1.numpy(), count, pruned.numpy())
+    else:
+        saliency = W1**2 / torch.diagonal(U1)[None, :] ** 2  # [rows, B]
+        pruned.copy_(lowest_pruned_mask(saliency, count))
+
+
 def _sweep(W1, U1, pruned, keep_n, group_m, err, losses, use_numba: bool) -> None:
     if use_numba:
         from llmc_sparsity.kernels import sweep_block
@@ -104,22 +117,31 @@ def sparsegpt_(
         )
     if use_numba is None:
         use_numba = W.device.type == "cpu"
-    kept = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    kept = torch.empty(rows, cols, dtype=torch.bool, device=W.device)
     losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    # one set of block buffers for the whole sweep (the last block may be narrower)
+    width = min(block_size, cols)
+    W1_buffer = torch.empty(rows, width, dtype=W.dtype, device=W.device)
+    pruned_buffer = torch.empty(rows, width, dtype=torch.bool, device=W.device)
+    err_buffer = torch.empty(rows, width, dtype=W.dtype, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].contiguous()  # [rows, B] working copy
-        U1 = U[i1:i2, i1:i2].contiguous()  # [B, B]
-        if group_m:
-            pruned = torch.zeros_like(W1, dtype=torch.bool)
+        count = i2 - i1
+        if count == width:
+            W1, pruned, err = W1_buffer, pruned_buffer, err_buffer
         else:
+            W1 = torch.empty(rows, count, dtype=W.dtype, device=W.device)
+            pruned = torch.empty(rows, count, dtype=torch.bool, device=W.device)
+            err = torch.empty(rows, count, dtype=W.dtype, device=W.device)
+        W1.copy_(W[:, i1:i2])  # [rows, B] contiguous working copy
+        U1 = U[i1:i2, i1:i2].contiguous()  # [B, B]
+        pruned.zero_()
+        if not group_m:
             share = pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity)
-            saliency = W1**2 / torch.diagonal(U1)[None, :] ** 2  # [rows, B]
-            pruned = lowest_pruned_mask(saliency, share)
-        err = torch.empty_like(W1)
+            _choose_block_mask(W1, U1, share, pruned, use_numba)
         _sweep(W1, U1, pruned, keep_n, group_m, err, losses, use_numba)
         W[:, i1:i2] = W1
-        kept[:, i1:i2] = ~pruned
+        torch.logical_not(pruned, out=kept[:, i1:i2])
         if i2 < cols:
             W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1.0)  # lazy update of later blocks
     return SparseGPTResult(kept, float(losses.sum()))
