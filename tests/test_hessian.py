@@ -62,3 +62,27 @@ def test_dead_columns_fixed_to_zero_weight_and_unit_curvature():
     dead = zero_dead_columns_(H, W)
     assert dead.tolist() == [False, True, False]
     assert W[:, 1].eq(0).all() and H[1, 1] == 1.0
+
+
+def test_lower_triangular_inverse_by_halves():
+    torch.manual_seed(0)
+    L = torch.tril(torch.randn(600, 600, dtype=torch.float64)) + 30 * torch.eye(600, dtype=torch.float64)
+    from llmc.hessian import lower_triangular_inverse
+
+    torch.testing.assert_close(lower_triangular_inverse(L) @ L, torch.eye(600, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_shared_hessian_hooks_share_between_modules_fed_the_same_tensor():
+    from llmc.context import RunContext
+    from llmc.hessian import attach_shared_hessian_hooks
+
+    torch.manual_seed(0)
+    q, k, o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 8)
+    context = RunContext(model=torch.nn.Module(), device=torch.device("cpu"))
+    accumulators, remove = attach_shared_hessian_hooks({"q": q, "k": k, "o": o}, context)
+    for _ in range(3):
+        x = torch.randn(2, 5, 8)
+        q(x), k(x), o(torch.randn(2, 5, 8))
+    remove()
+    assert accumulators["q"] is accumulators["k"] and accumulators["o"] is not accumulators["q"]
+    assert accumulators["q"].tokens == 30
