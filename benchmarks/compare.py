@@ -226,13 +226,26 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
+QUIET_SHARE = 0.10
+
+
+def is_quiet(run: dict[str, Any]) -> bool:
+    """Whether other processes used at most 10% of the machine's CPU capacity during the run."""
+    others = run.get("others_cpu_s")
+    return others is not None and others <= QUIET_SHARE * run["wall_s"] * (os.cpu_count() or 1)
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for label in dict.fromkeys(r["label"] for r in runs):
         good = [r for r in runs if r["label"] == label and r["returncode"] == 0 and not r["timed_out"]]
         internal = [(r.get("internal") or {}).get("oneshot_s") for r in good]
+        quiet = [r for r in good if is_quiet(r)]
         summary[label] = {
             "runs": len(good),
+            "quiet_runs": len(quiet),
+            "quiet_wall_s": _median([r["wall_s"] for r in quiet]),
+            "quiet_oneshot_s": _median([(r.get("internal") or {}).get("oneshot_s") for r in quiet]),
             "failed": sum(1 for r in runs if r["label"] == label) - len(good),
             "wall_s": _median([r["wall_s"] for r in good]),
             "peak_rss_mb": _median([r["peak_rss_mb"] for r in good]),
@@ -254,31 +267,87 @@ def ratios(summary: dict[str, dict[str, Any]], peer_label: str | None) -> dict[s
             continue
         out[label] = {
             key: round(row[key] / peer[key], 3) if row[key] and peer[key] else None
-            for key in ("wall_s", "peak_rss_mb", "cpu_s", "oneshot_s", "perplexity")
+            for key in ("wall_s", "quiet_wall_s", "peak_rss_mb", "cpu_s", "oneshot_s", "quiet_oneshot_s", "perplexity")
         }
     return out
 
 
 def print_table(summary: dict[str, Any], ratio: dict[str, Any], baseline_ppl: float | None) -> None:
-    header = f"{'run':<26}{'n':>3}{'wall s':>10}{'cpu s':>10}{'oneshot s':>11}{'peak RSS MB':>13}{'ppl':>10}{'wall/peer':>11}{'RSS/peer':>10}{'others cpu s':>14}"
+    columns = [
+        ("run", 24), ("n", 3), ("quiet", 6), ("wall s", 9), ("quiet wall s", 13), ("oneshot s", 10),
+        ("peak RSS MB", 12), ("ppl", 9), ("others cpu s", 13), ("wall/peer", 10), ("quiet/peer", 11),
+        ("RSS/peer", 9),
+    ]
+    header = "".join(f"{name:<{width}}" if i == 0 else f"{name:>{width}}" for i, (name, width) in enumerate(columns))
     print(header)
     print("-" * len(header))
 
-    def fmt(value: Any, spec: str) -> str:
+    def fmt(value: Any, width: int, digits: int) -> str:
         if isinstance(value, (int, float)):
-            return format(value, spec)
-        return "-".rjust(int(spec.split(".")[0]))
+            return format(value, f"{width}.{digits}f")
+        return "-".rjust(width)
 
     for label, row in summary.items():
         r = ratio.get(label, {})
         print(
-            f"{label:<26}{row['runs']:>3}{fmt(row['wall_s'], '10.1f')}{fmt(row['cpu_s'], '10.1f')}"
-            f"{fmt(row['oneshot_s'], '11.1f')}{fmt(row['peak_rss_mb'], '13.0f')}{fmt(row['perplexity'], '10.3f')}"
-            f"{fmt(r.get('wall_s'), '11.3f')}{fmt(r.get('peak_rss_mb'), '10.3f')}"
-            f"{fmt(row['others_cpu_s'], '14.1f')}"
+            f"{label:<24}{row['runs']:>3}{row['quiet_runs']:>6}{fmt(row['wall_s'], 9, 1)}"
+            f"{fmt(row['quiet_wall_s'], 13, 1)}{fmt(row['oneshot_s'], 10, 1)}{fmt(row['peak_rss_mb'], 12, 0)}"
+            f"{fmt(row['perplexity'], 9, 3)}{fmt(row['others_cpu_s'], 13, 1)}{fmt(r.get('wall_s'), 10, 3)}"
+            f"{fmt(r.get('quiet_wall_s'), 11, 3)}{fmt(r.get('peak_rss_mb'), 9, 3)}"
         )
     if baseline_ppl is not None:
-        print(f"{'uncompressed model':<26}{'':>3}{'':>10}{'':>10}{'':>11}{'':>13}{baseline_ppl:>10.3f}")
+        print(f"{'uncompressed model':<24}{'':>{3 + 6 + 9 + 13 + 10 + 12}}{baseline_ppl:>9.3f}")
+    print(
+        f"(medians; 'quiet' runs are those during which other processes used at most "
+        f"{QUIET_SHARE:.0%} of the machine's CPU)"
+    )
+
+
+def write_results(
+    *,
+    name: str,
+    kind: str,
+    model_dir: Path,
+    chunks_file: Path,
+    ours: list[str],
+    peer_recipe: str | None,
+    versions_peer: dict[str, str] | None,
+    baseline_ppl: float | None,
+    runs: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Summarize the runs so far and write ``results/<name>.json`` (plus compacted logs)."""
+    summary = summarize(runs)
+    ratio = ratios(summary, f"peer:{peer_recipe}" if peer_recipe else None)
+    logs_dir = RESULTS_DIR / name / "logs"
+    for run in runs:
+        log = Path(run["log"])
+        if log.is_file():
+            _compact_log(log, logs_dir / log.name)
+            run["log_copy"] = str((logs_dir / log.name).relative_to(REPO_ROOT))
+    chunks = load_chunks(chunks_file)
+    results = {
+        "name": name,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
+        "model": {"kind": kind, **model_facts(model_dir)},
+        "calibration": {
+            "samples": int(chunks.shape[0]),
+            "seq_len": int(chunks.shape[1]),
+            "file": str(chunks_file),
+            "sha256": _sha256(chunks_file),
+        },
+        "versions": {"ours": our_versions(), "peer": versions_peer},
+        "ours_recipes": ours,
+        "peer_recipe": peer_recipe,
+        "baseline_perplexity": baseline_ppl,
+        "quiet_rule": f"others_cpu_s <= {QUIET_SHARE} * wall_s * cores",
+        "summary": summary,
+        "ratios_ours_over_peer": ratio,
+        "runs": runs,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
 
 
 def main(argv: list[str]) -> int:
@@ -352,39 +421,15 @@ def main(argv: list[str]) -> int:
                 skipped.add(recipe)
             elif result["timed_out"]:
                 skipped.add("peer" if tool == "peer" else recipe)
-
-    summary = summarize(runs)
-    peer_label = f"peer:{peer_recipe}" if peer_recipe else None
-    ratio = ratios(summary, peer_label)
-    logs_dir = RESULTS_DIR / name / "logs"
-    for run in runs:
-        log = Path(run["log"])
-        if log.is_file():
-            _compact_log(log, logs_dir / log.name)
-            run["log_copy"] = str((logs_dir / log.name).relative_to(REPO_ROOT))
-    chunks = load_chunks(chunks_file)
-    results = {
-        "name": name,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine(),
-        "model": {"kind": args.model, **model_facts(model_dir)},
-        "calibration": {
-            "samples": int(chunks.shape[0]),
-            "seq_len": int(chunks.shape[1]),
-            "file": str(chunks_file),
-            "sha256": _sha256(chunks_file),
-        },
-        "versions": {"ours": our_versions(), "peer": versions_peer},
-        "ours_recipes": ours,
-        "peer_recipe": peer_recipe,
-        "baseline_perplexity": baseline_ppl,
-        "summary": summary,
-        "ratios_ours_over_peer": ratio,
-        "runs": runs,
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            # after every run, so a comparison stopped part-way still leaves its numbers
+            results = write_results(
+                name=name, kind=args.model, model_dir=model_dir, chunks_file=chunks_file, ours=ours,
+                peer_recipe=peer_recipe, versions_peer=versions_peer, baseline_ppl=baseline_ppl, runs=runs,
+            )
+    if not runs:
+        return 0
+    summary, ratio = results["summary"], results["ratios_ours_over_peer"]
     out = RESULTS_DIR / f"{name}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
     print()
     print(
         f"{name}: {args.model} model ({results['model']['hidden_size']} hidden, "
