@@ -10,7 +10,12 @@ import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.hessian import HessianAccumulator, zero_dead_columns_
+from llmc.hessian import (
+    HessianAccumulator,
+    attach_shared_hessian_hooks,
+    inverse_cholesky_upper,
+    zero_dead_columns_,
+)
 from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
 from llmc_sparsity.base import (
@@ -23,9 +28,7 @@ from llmc_sparsity.base import (
     plan_targets,
     record_model_sparsity,
 )
-from llmc_sparsity.linalg import inverse_cholesky_upper
 from llmc_sparsity.masks_nm import parse_mask_structure
-from llmc_sparsity.shared_hessians import attach_shared_hessian_hooks
 from llmc_sparsity.sparsegpt import sparsegpt_
 
 __all__ = ["SparseGPTModifier", "SparseGPTRun"]
