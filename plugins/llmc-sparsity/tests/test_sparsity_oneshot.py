@@ -252,3 +252,18 @@ def test_sparsity_every_rtn_scheme_keeps_pruned_zeros(model_dir, text_file, sche
         kept = sparsity_mask(module)
         assert hasattr(module, "weight_scale")
         assert torch.all(module.weight.detach()[~kept] == 0), (scheme, row["module"])
+
+
+@pytest.mark.parametrize("modifier", ["SparseGPTModifier", "WandaPruningModifier"])
+def test_sparsity_module_no_token_reaches_is_left_dense(tokenizer, text_file, modifier, caplog):
+    model = make_llama()
+    model.model.layers[0].unused = torch.nn.Linear(128, 128)  # never called (an expert never routed)
+    before = model.model.layers[0].unused.weight.detach().clone()
+    with caplog.at_level("WARNING", logger="llmc_sparsity"):
+        result = oneshot(model=model, tokenizer=tokenizer, recipe=_group(f"{modifier}: {{}}"),
+                         dataset=str(text_file), num_calibration_samples=4)
+    assert torch.equal(result.model.model.layers[0].unused.weight, before)
+    (row,) = [r for r in result.report["modules"] if r["module"] == "model.layers.0.unused"]
+    assert row["sparsity"] == 0.0 and row["skipped"] == "no calibration tokens reached it"
+    assert "no calibration token reached model.layers.0.unused; it is left dense" in caplog.text
+    assert len(_pruned_rows(result.report)) == 2 * LINEARS_PER_LAYER + 1

@@ -14,6 +14,7 @@ With an N:M ``mask_structure`` the sparsity is 1 − N/M; a ``sparsity`` given w
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,8 @@ from llmc.targets import is_match, match_modules
 from llmc_sparsity.config import MODEL_ROW, checkpoint_sparsity_config
 from llmc_sparsity.masks_nm import UNSTRUCTURED, parse_mask_structure, structure_sparsity
 
+logger = logging.getLogger("llmc_sparsity")
+
 __all__ = [
     "PruneTarget",
     "apply_kept_mask_",
@@ -44,6 +47,7 @@ __all__ = [
     "record_model_sparsity",
     "record_module_sparsity",
     "resolve_sparsity",
+    "skip_unreached",
     "structure_label",
 ]
 
@@ -296,6 +300,18 @@ def mask_weights_(targets: Iterable[PruneTarget]) -> None:
     """Put pruned weights back to exactly zero (weight decay and momentum move them)."""
     for target in targets:
         apply_mask_(target.module)
+
+
+def skip_unreached(context: RunContext, target: PruneTarget, *, modifier: str, mask_structure: str) -> None:
+    """Leave a module no calibration token reached dense (an MoE expert never routed), and say so."""
+    logger.warning(
+        "%s: no calibration token reached %s; it is left dense (add samples that reach it)",
+        modifier, target.name,
+    )
+    context.record(
+        modifier=modifier, module=target.name, sparsity=0.0, target_sparsity=target.sparsity,
+        mask_structure=structure_label(mask_structure), skipped="no calibration tokens reached it",
+    )
 
 
 def record_model_sparsity(context: RunContext, modifier: str) -> None:

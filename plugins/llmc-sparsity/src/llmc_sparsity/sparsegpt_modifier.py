@@ -27,6 +27,7 @@ from llmc_sparsity.base import (
     check_sparsity_spec,
     plan_targets,
     record_model_sparsity,
+    skip_unreached,
 )
 from llmc_sparsity.masks_nm import parse_mask_structure
 from llmc_sparsity.sparsegpt import sparsegpt_
@@ -122,7 +123,11 @@ class SparseGPTRun:
         # Modules that read the same input share H, so also its dead columns and Cholesky factor.
         factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         for target in self._in_layer(layer_name):
-            hessian = self.hessians.pop(target.name)
+            del self.pending[target.name]
+            hessian = self.hessians.pop(target.name, None)
+            if hessian is None or hessian.tokens == 0:
+                skip_unreached(context, target, modifier=self.name, mask_structure=self.config.mask_structure)
+                continue
             W = target.module.weight.detach().to(device=hessian.H.device, dtype=torch.float32, copy=True)
             if id(hessian) not in factors:
                 dead = zero_dead_columns_(hessian.H, W)
@@ -133,7 +138,6 @@ class SparseGPTRun:
             dead, U, damping = factors[id(hessian)]
             W[:, dead] = 0.0
             self._prune(context, target, W, U, damping)
-            del self.pending[target.name]
             if not any(h is hessian for h in self.hessians.values()):
                 del factors[id(hessian)]  # the last module of its group: release H⁻¹'s factor
         self.hessians = {}

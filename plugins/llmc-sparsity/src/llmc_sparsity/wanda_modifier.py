@@ -21,6 +21,7 @@ from llmc_sparsity.base import (
     check_sparsity_spec,
     plan_targets,
     record_model_sparsity,
+    skip_unreached,
 )
 from llmc_sparsity.masks_nm import parse_mask_structure
 from llmc_sparsity.wanda import ColumnNormAccumulator, wanda_kept_mask
@@ -115,7 +116,12 @@ class WandaRun:
             self.remove_hooks = None
         keep_n, group_m = parse_mask_structure(self.config.mask_structure)
         for target in self._in_layer(layer_name):
-            norms = self.norms.pop(target.name).norms
+            del self.pending[target.name]
+            statistics = self.norms.pop(target.name)
+            if statistics.tokens == 0:
+                skip_unreached(context, target, modifier=self.name, mask_structure=self.config.mask_structure)
+                continue
+            norms = statistics.norms
             kept = wanda_kept_mask(
                 target.module.weight.detach(), norms,
                 sparsity=target.sparsity, keep_n=keep_n, group_m=group_m,
@@ -123,7 +129,6 @@ class WandaRun:
             apply_kept_mask_(
                 context, target, kept, modifier=self.name, mask_structure=self.config.mask_structure
             )
-            del self.pending[target.name]
         self.norms = {}
 
     @hookimpl
