@@ -49,7 +49,7 @@ def cache(tmp_path: Path) -> str:
 @pytest.fixture
 def bos_tokenizer(tokenizer):
     """The shared test tokenizer, made to add BOS by default as Llama's does."""
-    from conftest import build_tokenizer
+    from llmc_testing import build_tokenizer
     from tokenizers import processors
 
     tok = build_tokenizer()

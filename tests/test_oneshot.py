@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_causal_lm
+from llmc_testing import build_causal_lm
 
 from llmc import oneshot
 from llmc.errors import CalibrationError, SaveError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import llmc_test_plugin as recorder_plugin
 import pytest
 import torch
-from conftest import build_causal_lm
+from llmc_testing import build_causal_lm
 from plugin_entry_points import TEST_PLUGIN
 
 from llmc import hookimpl
