@@ -57,6 +57,10 @@ VARIANTS: dict[str, tuple[str, Any, dict[str, Any], dict[str, Any]]] = {
     "rtn-w3a16": ("rtn", _groups(GROUP3), {}, {}),
     "gptq-w3a16": ("gptq", _groups(GROUP3), {"actorder": None, "true_sequential": False}, {}),
     "gptq-w3a16-actorder": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": False}, {}),
+    "gptq-w3a16-upfront": ("gptq", _groups(GROUP3), {"actorder": None, "true_sequential": False}, {"lazy_group_params": False}),
+    "gptq-w3a16-actorder-upfront": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": False}, {"lazy_group_params": False}),
+    "gptq-w3a16-trueseq": ("gptq", _groups(GROUP3), {"actorder": None, "true_sequential": True}, {}),
+    "gptq-w3a16-actorder-trueseq": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": True}, {}),
 }
 
 
@@ -64,7 +68,9 @@ def _load() -> str:
     return " ".join(open("/proc/loadavg").read().split()[:3])
 
 
-def run_variant(name: str, chunks: torch.Tensor, heldout: torch.Tensor, max_eval_chunks: int | None) -> dict[str, Any]:
+def run_variant(
+    name: str, chunks: torch.Tensor, heldout: torch.Tensor, max_eval_chunks: int | None, order_seed: int | None = None
+) -> dict[str, Any]:
     from llmc_gptq import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,6 +97,9 @@ def run_variant(name: str, chunks: torch.Tensor, heldout: torch.Tensor, max_eval
         for key, value in run_options.items():
             setattr(run, key, value)
         batches = make_batches(list(chunks), 1, padding_token_id(tokenizer))
+        if order_seed is not None:  # same tokens, other order: H differs only by float rounding
+            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(order_seed))
+            batches = [batches[i] for i in order]
         pipeline = LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([run]), show_progress=False)
         with torch.no_grad():
             pipeline.run(batches if method == "gptq" else None)
@@ -101,6 +110,7 @@ def run_variant(name: str, chunks: torch.Tensor, heldout: torch.Tensor, max_eval
     output_errors = [row["output_error"] for row in report if row.get("output_error") is not None]
     return {
         "variant": name,
+        "order_seed": order_seed,
         "perplexity": round(ppl, 4),
         "pipeline_s": round(seconds, 2),
         "solve_s": round(solve_s, 2),
@@ -117,7 +127,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-eval-chunks", type=int, default=None, help="held-out chunks of 512 (default: all)")
     parser.add_argument("--json", help="append results (JSON lines) here")
+    parser.add_argument(
+        "--order-seeds", default="", help="comma-separated seeds: also run each variant with the batches in a seeded "
+        "order (same tokens), to see how much perplexity moves from float rounding alone",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (quality does not depend on it; 1 is kinder to a busy machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -131,11 +148,13 @@ def main(argv: list[str]) -> int:
     for name in args.variants.split(","):
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r}")
-        result = run_variant(name, chunks, heldout, args.max_eval_chunks)
-        print(json.dumps(result), flush=True)
-        if args.json:
-            with open(args.json, "a") as handle:
-                handle.write(json.dumps(result) + "\n")
+        seeds = [None] + [int(seed) for seed in args.order_seeds.split(",") if seed]
+        for seed in seeds if VARIANTS[name][0] == "gptq" else [None]:
+            result = run_variant(name, chunks, heldout, args.max_eval_chunks, seed)
+            print(json.dumps(result), flush=True)
+            if args.json:
+                with open(args.json, "a") as handle:
+                    handle.write(json.dumps(result) + "\n")
     return 0
 
 

@@ -117,7 +117,7 @@ def test_gptq_true_sequential_calibrates_each_stage_on_quantized_inputs(tokenize
 def test_gptq_more_groups_than_stages_fall_back_to_two_passes(tokenizer, monkeypatch, caplog):
     monkeypatch.setattr(gptq_modifier, "MAX_STAGES", 2)
     with caplog.at_level(logging.INFO, logger="llmc.gptq"):
-        run, context = _run(make_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16"))
+        run, context = _run(make_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=True))
     assert "model.layers.0 has 4 input groups" in caplog.text
     assert len(context.report) == 7
 

@@ -90,10 +90,14 @@ def sweep_order(H: torch.Tensor, actorder: bool) -> torch.Tensor | None:
 
 
 def _group_layout(
-    cols: int, strategy: str, group_size: int | None, perm: torch.Tensor | None, device: torch.device
+    cols: int, strategy: str, group_size: int | None, perm: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``group_of_column`` (per sweep position), CSR ``group_ptr``/``group_columns``, groups."""
-    original = torch.arange(cols, device=device) if perm is None else perm
+    """``group_of_column`` (per sweep position), CSR ``group_ptr``/``group_columns``, groups.
+
+    On the CPU: the sweeps use them for control flow.
+    """
+    device = torch.device("cpu")
+    original = torch.arange(cols, device=device) if perm is None else perm.to(device)
     if strategy == "group":
         group_of_column = original // group_size  # [cols]: group of each sweep position
         n_groups = cols // group_size
@@ -310,7 +314,7 @@ def gptq_quantize_prepared(
         weight.mul_(kept)
 
     lazy = lazy_group_params and strategy == "group"
-    group_of_column, group_ptr, group_columns, n_groups = _group_layout(cols, strategy, group_size, perm, device)
+    group_of_column, group_ptr, group_columns, n_groups = _group_layout(cols, strategy, group_size, perm)
     if lazy:
         scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
         zero = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
@@ -344,7 +348,7 @@ def gptq_quantize_prepared(
             weight[:, i2:].addmm_(Err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
 
     # trace(ΔW (H + λI) ΔWᵀ) = ‖E‖²  ->  trace(ΔW H ΔWᵀ) = ‖E‖² − λ ‖ΔW‖²
-    delta_sq = torch.sum((before_sweep - weight).double().square()).item()
+    delta_sq = torch.linalg.vector_norm(before_sweep.sub_(weight)).double().item() ** 2
     hessian_error = max(squared_error.sum().item() - prepared.lam * delta_sq, 0.0)
     del before_sweep
 

@@ -3,25 +3,25 @@
 The configuration is a frozen attrs class whose fields are exactly the parameters a recipe
 gives (``targets``, ``ignore``, ``scheme`` or ``config_groups``, ``block_size``,
 ``dampening_frac``, ``actorder``, ``true_sequential``); everything that changes during a run
-(Hessians, the modules still to quantize, the order of modules inside a layer) lives in
-``GPTQRun``, which implements the lifecycle hooks of ``llmc.hookspecs``.
+(Hessians, the modules still to quantize, the layout of modules inside a layer) lives in
+``GPTQRun``, which implements the lifecycle hooks of ``llmc.hookspecs``. Per decoder layer::
 
-Per decoder layer, ``GPTQRun``::
+    llmc_layer_start   hooks on the layer's target Linears: H = 2/N Σ xxᵀ of their input
+                       (llmc.hessian.HessianAccumulator) and 2/N Σ ‖Wx‖² of their output
+    calibration pass   (core) every batch through the layer
+    llmc_layer_end     solve the modules (llmc_gptq.gptq) and install the results
+                       (llmc.quantization.set_quantized_weight_);
+                       true_sequential: for each further stage, re-run the layer as it now is
+                       (context.forward_layer), with hooks on that stage only and each batch cut
+                       short once the stage has run (StopLayerForward), then solve it
 
-    llmc_layer_start   hooks on the layer's target Linears of the first stage: Hessian
-                       H = 2/N Σ xxᵀ of the input (llmc.hessian) and 2/N Σ ‖Wx‖² of the output
-    calibration pass   (core) the batches through the layer; a batch stops early once every
-                       module of the stage has run (StopLayerForward)
-    llmc_layer_end     solve each module of the stage (llmc_gptq.gptq) and install the result;
-                       true_sequential: for every further stage, re-run the layer as it is now
-                       (context.forward_layer) with hooks on that stage, then solve it
-
-Stages are found from the data flow, not from module names: during the first batch through a
-layer, target Linears that receive the very same input tensor form a group (q/k/v read the
-normed hidden states, gate/up the post-attention ones) and groups are ordered by when they run.
-A layer with more than ``MAX_STAGES`` groups (mixture-of-experts blocks, one group per expert)
-is solved from a single pass. The grouping of one layer is reused by every layer with the same
-class and module names.
+Modules are grouped by data flow, not by name: during the first batch through a layer, target
+Linears that receive the very same input tensor form a group (q/k/v read the normed hidden
+states, gate/up the post-attention ones), ordered by when they run. A group shares one Hessian
+and one inverse Cholesky factor. With ``true_sequential`` each group is a stage; a layer with
+more than ``MAX_STAGES`` groups (a mixture of experts: one group per expert) is done in two
+stages, the first group and then all others. The layout found for one layer is reused by the
+layers with the same class and module names.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class GPTQModifier(Modifier):
     actorder: str | None = attrs.field(
         default="static", converter=_canonical_actorder, validator=_check_actorder
     )
-    true_sequential: bool = True
+    true_sequential: bool = False
     skip_incompatible: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -232,6 +232,7 @@ class _PassCollector:
         self._inputs: list[torch.Tensor] = []  # first batch while discovering; held, so no reuse
         self._fired: set[str] = set()
         self._batches = 0
+        self._collected: int | None = None  # modules in the collected groups, once known
         if self.layout is not None:
             self.group_of = {name: index for index, group in enumerate(self.layout) for name in group}
         self._handles = [layer.register_forward_pre_hook(self._new_batch)]
@@ -250,9 +251,11 @@ class _PassCollector:
             layout.append(unseen)
         return layout
 
-    def collected_names(self) -> list[str]:
-        assert self.layout is not None
-        return [n for i, group in enumerate(self.layout) if self._collects(i) for n in group]
+    def _collected_count(self) -> int:
+        if self._collected is None:
+            assert self.layout is not None
+            self._collected = sum(len(g) for i, g in enumerate(self.layout) if self._collects(i))
+        return self._collected
 
     def _collects(self, index: int) -> bool:
         return self.collect is None or index in self.collect
@@ -304,7 +307,7 @@ class _PassCollector:
                 )
             self.energies[name].add_(output, module.bias, self.context.attention_mask)
             self._fired.add(name)
-            if self.stop and not self.discovering and len(self._fired) == len(self.collected_names()):
+            if self.stop and not self.discovering and len(self._fired) == self._collected_count():
                 raise StopLayerForward
 
         return hook

@@ -72,7 +72,8 @@ def sweep_block_torch_(
       with ``lazy`` True are filled when the sweep reaches them, others are read.
     - ``group_of_column: [cols]``: the group of the column at each sweep position;
       ``group_columns[group_ptr[g]:group_ptr[g + 1]]``: the sweep positions of group ``g``'s
-      columns, ascending (a CSR list).
+      columns, ascending (a CSR list). These three int64 tensors live on the CPU whatever the
+      device of ``W``.
     - ``kept: [rows, cols]`` bool in sweep order, or None: False marks pruned weights.
     - ``scale_dtype``: the dtype the scales are stored in; lazily computed scales are rounded
       to it before use, so the codes match the stored scale exactly.
@@ -80,11 +81,15 @@ def sweep_block_torch_(
       UᵀU`` this is ``ΔW H ΔWᵀ`` for the damped ``H``).
     """
     args = _channel_args(q_min, q_max, symmetric)
+    # Control flow reads small CPU index tensors once per block: no host round trip per column.
+    groups = group_of_column[i1:i2].tolist()
+    ptr = group_ptr.tolist()
     block = W[:, i1:i2]  # [rows, i2 - i1], a view
     for j in range(i1, i2):
-        g = int(group_of_column[j])
-        if lazy and int(group_columns[group_ptr[g]]) == j:
-            _group_qparams_(W, U, Err, i1, i2, j, g, scale, zero_point, group_ptr, group_columns, kept, args, scale_dtype)
+        g = groups[j - i1]
+        if lazy and int(group_columns[ptr[g]]) == j:
+            columns = group_columns[ptr[g] : ptr[g + 1]]
+            _group_qparams_(W, U, Err, i1, i2, j, g, scale, zero_point, columns, kept, args, scale_dtype)
         column = W[:, j : j + 1]  # [rows, 1]
         quantized = fake_quantize(column, scale[:, g : g + 1], zero_point[:, g : g + 1], args)
         if kept is not None:
@@ -106,21 +111,21 @@ def _group_qparams_(
     g: int,
     scale: torch.Tensor,
     zero_point: torch.Tensor,
-    group_ptr: torch.Tensor,
-    group_columns: torch.Tensor,
+    columns: torch.Tensor,
     kept: torch.Tensor | None,
     args: QuantizationArgs,
     scale_dtype: torch.dtype,
 ) -> None:
-    """Min-max parameters of group ``g`` from its columns' current values (sweep at ``j``)."""
-    columns = group_columns[group_ptr[g] : group_ptr[g + 1]]
-    values = W[:, columns]  # [rows, group_size], a copy
-    beyond = columns >= i2
-    if j > i1 and bool(beyond.any()):
+    """Min-max parameters of group ``g`` (sweep positions ``columns``, CPU, ascending) from its
+    columns' current values, the sweep being at column ``j``."""
+    beyond = int(torch.searchsorted(columns, i2))  # columns[beyond:] lie right of the block
+    on_device = columns.to(W.device)
+    values = W[:, on_device]  # [rows, group_size], a copy
+    if j > i1 and beyond < len(columns):
         # updates this block owes the columns right of it, not applied yet (lazy batches)
-        values[:, beyond] -= Err[:, : j - i1] @ U[i1:j, columns[beyond]]
+        values[:, beyond:] -= Err[:, : j - i1] @ U[i1:j, on_device[beyond:]]
     if kept is not None:
-        values = torch.where(kept[:, columns], values, torch.zeros_like(values))
+        values = torch.where(kept[:, on_device], values, torch.zeros_like(values))
     group_scale, group_zero = compute_qparams(values, args)  # [rows, 1] each
     scale[:, g : g + 1] = group_scale.to(scale_dtype).to(scale.dtype)
     zero_point[:, g : g + 1] = group_zero.to(zero_point.dtype)
