@@ -61,7 +61,7 @@ def test_gptq_checkpoint_loads_in_transformers_with_same_logits(model_dir, text_
 
     result = oneshot(
         model=str(model_dir), recipe=_recipe(params + ", ignore: [lm_head]"), dataset=str(text_file),
-        output_dir=str(tmp_path / "out"),
+        num_calibration_samples=8, output_dir=str(tmp_path / "out"),
     )
     if loader == "transformers":
         loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
