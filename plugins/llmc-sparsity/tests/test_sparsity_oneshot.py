@@ -185,6 +185,7 @@ def test_sparsity_per_layer_values(model_dir, text_file):
         ("SparseGPTModifier: {mask_structure: '4:8', block_size: 12}", r"block_size 12 must be a multiple of the N:M group size 8"),
         ("SparseGPTModifier: {sparsty: 0.5}", r"unknown parameter; did you mean 'sparsity'"),
         ("MagnitudePruningModifier: {start_epoch: 2, end_epoch: 1}", r"'end_epoch' \(1.0\) must not be before 'start_epoch' \(2.0\)"),
+        ("MagnitudePruningModifier: {init_sparsity: 0.6, final_sparsity: 0.5}", r"'init_sparsity' \(0.6\) must not exceed 'final_sparsity' \(0.5\): masks are nested"),
         ("WandaPruningModifier: {sparsity: true}", r"'sparsity' must be a number in \[0, 1\), a list of them"),
     ],
 )

@@ -95,6 +95,11 @@ class MagnitudePruningModifier(Modifier):
 
     def __attrs_post_init__(self) -> None:
         check_sparsity_matches_structure(self.final_sparsity, self.mask_structure)
+        if self.init_sparsity > self.target_sparsity:
+            raise ValueError(
+                f"'init_sparsity' ({self.init_sparsity}) must not exceed 'final_sparsity' "
+                f"({self.target_sparsity}): masks are nested, pruned weights never come back"
+            )
         if self.end_epoch is not None and self.end_epoch < self.start_epoch:
             raise ValueError(
                 f"'end_epoch' ({self.end_epoch}) must not be before 'start_epoch' ({self.start_epoch})"
