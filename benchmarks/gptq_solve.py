@@ -29,6 +29,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import wait_until_idle  # noqa: E402
+
 
 def _load() -> str:
     return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -49,7 +52,7 @@ def _problem(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return W, 2.0 / X.shape[0] * X.T @ X
 
 
-def measure(rows: int, cols: int, rounds: int) -> dict[str, object]:
+def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0) -> dict[str, object]:
     from llmc_gptq.gptq import gptq_quantize_prepared, prepare_hessian
 
     from llmc.hessian import inverse_cholesky_upper
@@ -62,7 +65,9 @@ def measure(rows: int, cols: int, rounds: int) -> dict[str, object]:
     gptq_quantize_prepared(W[:64], prepared, backend="torch", **options)
     times: dict[str, list[float]] = {k: [] for k in ("matmul", "prepare", "prepare_core", "numba", "torch")}
     load_before = _load()
+    busy = []
     for _ in range(rounds):
+        busy.append(wait_until_idle(idle_wait))
         times["matmul"].append(_timed(lambda: W @ H))
         times["prepare"].append(_timed(lambda: prepare_hessian(H, dampening_frac=0.01)))
         times["prepare_core"].append(_timed(lambda: inverse_cholesky_upper(H, 0.01, module_name="bench")))
@@ -76,6 +81,7 @@ def measure(rows: int, cols: int, rounds: int) -> dict[str, object]:
         "rounds": rounds,
         "load_before": load_before,
         "load_after": _load(),
+        "machine_busy_before_rounds": busy,
         "median_s": {k: round(v, 4) for k, v in median.items()},
         "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "numba_solve_s": round(numba_solve, 4),
@@ -91,6 +97,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated ROWSxCOLS")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the results here as well")
+    parser.add_argument("--idle-wait", type=float, default=60.0, help="seconds to wait for an idle machine per round")
     args = parser.parse_args(argv)
     import numba
 
@@ -99,7 +106,7 @@ def main(argv: list[str]) -> int:
     results = []
     for shape in args.shapes.split(","):
         rows, cols = (int(x) for x in shape.lower().split("x"))
-        result = measure(rows, cols, args.rounds)
+        result = measure(rows, cols, args.rounds, args.idle_wait)
         results.append(result)
         m = result["median_s"]
         print(

@@ -164,3 +164,28 @@ def test_gptq_no_target_is_an_error(tokenizer):
 
     with pytest.raises(CalibrationError, match=r"GPTQModifier targets \['Conv2d'\] \(ignoring \['lm_head'\]\) match no Linear module"):
         _run(make_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", targets=["Conv2d"]))
+
+
+@pytest.mark.parametrize("cols", [64, 256, 768, 1100])
+def test_gptq_hessian_from_half_the_products_equals_the_full_one(cols):
+    accumulator = gptq_modifier._HessianSum.for_linear(torch.nn.Linear(cols, 8))
+    generator = torch.Generator().manual_seed(cols)
+    batches = [torch.randn(2, 7, cols, generator=generator), torch.randn(3, 5, cols, generator=generator)]
+    masks = [torch.ones(2, 7, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)]
+    masks[1][2, 2:] = 0  # three padded tokens
+    for x, mask in zip(batches, masks):
+        accumulator.add_(x, mask)
+    kept = torch.cat([x.reshape(-1, cols)[m.reshape(-1).bool()] for x, m in zip(batches, masks)])
+    assert accumulator.tokens == kept.shape[0] == 14 + 12
+    torch.testing.assert_close(accumulator.H, 2.0 / kept.shape[0] * kept.T @ kept, rtol=1e-5, atol=1e-5)
+    assert torch.equal(accumulator.H, accumulator.H.T)
+
+
+def test_gptq_output_error_same_from_outputs_or_from_the_hessian(tokenizer, monkeypatch):
+    reports = {}
+    for threshold in (10**9, 0):  # never / always read trace(W H Wᵀ) from the Linear outputs
+        monkeypatch.setattr(gptq_modifier, "ENERGY_FROM_OUTPUTS_MIN_COLS", threshold)
+        _, context = _run(make_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16"))
+        reports[threshold] = [row["output_error"] for row in context.report]
+    assert reports[0] == pytest.approx(reports[10**9], rel=1e-4)
+    assert all(0 < error < 0.1 for error in reports[0])

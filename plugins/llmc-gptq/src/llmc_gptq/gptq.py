@@ -51,6 +51,7 @@ __all__ = [
     "damped_inverse_cholesky_upper",
     "gptq_quantize",
     "gptq_quantize_prepared",
+    "reference_energy",
     "prepare_hessian",
     "sweep_order",
 ]
@@ -253,10 +254,7 @@ def gptq_quantize(
     H = H.to(W.device)
     prepared = prepare_hessian(H, dampening_frac=dampening_frac, actorder=actorder, module_name=module_name)
     if output_energy is None:
-        reference = W.detach().to(torch.float32)
-        if kept is not None:
-            reference = reference * kept
-        output_energy = _quadratic_form(reference, H.to(torch.float32))
+        output_energy = reference_energy(W, H, kept=kept)
     result = gptq_quantize_prepared(
         W, prepared, num_bits=num_bits, symmetric=symmetric, strategy=strategy,
         group_size=group_size, block_size=block_size, kept=kept,
@@ -369,6 +367,13 @@ def gptq_quantize_prepared(
     )
 
 
-def _quadratic_form(W: torch.Tensor, H: torch.Tensor) -> float:
-    """``trace(W H Wᵀ)`` (one matrix product)."""
-    return torch.sum((W @ H) * W, dtype=torch.float64).item()
+@torch.no_grad()
+def reference_energy(W: torch.Tensor, H: torch.Tensor, *, kept: torch.Tensor | None = None) -> float:
+    """``trace(W H Wᵀ) = 2/N Σ ‖W x‖²``, what ``output_error`` is relative to (one product).
+
+    ``W: [rows, cols]`` (pruned entries, ``kept`` False, taken as 0), ``H: [cols, cols]``.
+    """
+    W = W.detach().to(device=H.device, dtype=torch.float32)
+    if kept is not None:
+        W = W * kept.to(W.device)
+    return torch.sum((W @ H.to(torch.float32)) * W, dtype=torch.float64).item()
