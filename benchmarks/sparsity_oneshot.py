@@ -36,6 +36,8 @@ RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "wanda-2:4": (_stage(f"WandaPruningModifier: {{mask_structure: '2:4', {_TARGETS}}}"), ("WandaPruningModifier",)),
     "sparsegpt-50": (_stage(f"SparseGPTModifier: {{sparsity: 0.5, {_TARGETS}}}"), ("SparseGPTModifier",)),
     "sparsegpt-2:4": (_stage(f"SparseGPTModifier: {{mask_structure: '2:4', {_TARGETS}}}"), ("SparseGPTModifier",)),
+    "sparsegpt-50-seq": (_stage(f"SparseGPTModifier: {{sparsity: 0.5, true_sequential: true, {_TARGETS}}}"), ("SparseGPTModifier",)),
+    "sparsegpt-2:4-seq": (_stage(f"SparseGPTModifier: {{mask_structure: '2:4', true_sequential: true, {_TARGETS}}}"), ("SparseGPTModifier",)),
     "sparsegpt-2:4+rtn-w4a16": ("llmc:sparsegpt_2of4_w4a16", ("SparseGPTModifier",)),
     "sparsegpt-2:4+gptq-w4a16": (
         _stage(
@@ -67,6 +69,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chunks", required=True, help="safetensors file with input_ids [n, seq_len]")
     parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     parser.add_argument("--output", required=True, help="where the compressed checkpoint goes")
+    parser.add_argument("--precision", default="auto", help="model dtype for calibration (auto = checkpoint's)")
     args = parser.parse_args(argv)
 
     import torch
@@ -75,7 +78,7 @@ def main(argv: list[str]) -> int:
 
     chunks = load_file(args.chunks)["input_ids"].to(torch.long)  # [n, seq_len]
     n, seq_len = chunks.shape
-    info = {"tool": "llmc", "recipe": args.recipe, "samples": int(n), "seq_len": int(seq_len),
+    info = {"tool": "llmc", "recipe": args.recipe, "precision": args.precision, "samples": int(n), "seq_len": int(seq_len),
             "torch_threads": torch.get_num_threads()}
     recipe, modifiers = RECIPES[args.recipe]
     problem = missing_plugin(modifiers)
@@ -90,7 +93,7 @@ def main(argv: list[str]) -> int:
     imported = time.perf_counter()
     result = oneshot(
         model=args.model, dataset=dataset, recipe=recipe, num_calibration_samples=int(n),
-        max_seq_length=int(seq_len), output_dir=args.output, overwrite=True,
+        max_seq_length=int(seq_len), output_dir=args.output, overwrite=True, precision=args.precision,
     )
     finished = time.perf_counter()
     rows = [r for r in result.report["modules"] if "sparsity" in r and r.get("module") != "(model)"]

@@ -69,6 +69,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--idle-wait", type=float, default=120.0)
     parser.add_argument("--name", default="sparsity-quality")
+    parser.add_argument("--precision", default="auto", help="passed to sparsity_oneshot.py (bfloat16: bf16 calibration)")
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
@@ -95,7 +96,8 @@ def main(argv: list[str]) -> int:
             started = time.strftime("%H:%M:%S")
             run = measure(
                 [sys.executable, str(BENCH_DIR / "sparsity_oneshot.py"), "--model", str(EMBEDDED_MODEL),
-                 "--chunks", str(chunks), "--recipe", recipe, "--output", str(out)],
+                 "--chunks", str(chunks), "--recipe", recipe, "--output", str(out),
+                 "--precision", args.precision],
                 log_path=log,
             )
             own = last_json_line(log) or {}

@@ -268,3 +268,25 @@ def test_sparsity_module_no_token_reaches_is_left_dense(tokenizer, text_file, mo
     assert row["sparsity"] == 0.0 and row["skipped"] == "no calibration tokens reached it"
     assert "no calibration token reached model.layers.0.unused; it is left dense" in caplog.text
     assert len(_pruned_rows(result.report)) == 2 * LINEARS_PER_LAYER + 1
+
+
+def test_sparsity_true_sequential_recalibrates_later_groups_on_pruned_outputs(tokenizer, text_file):
+    results = {}
+    for flag in (False, True):
+        model = make_llama()
+        calls = []
+        model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        results[flag] = oneshot(
+            model=model, tokenizer=tokenizer, dataset=str(text_file), num_calibration_samples=8,
+            recipe=_group(f"SparseGPTModifier: {{mask_structure: '2:4', true_sequential: {str(flag).lower()}}}"),
+        ).model, len(calls)
+    (plain, plain_calls), (sequential, sequential_calls) = results[False], results[True]
+    assert sequential_calls > plain_calls  # the layer was run again for down_proj
+    for name, module in plain.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        same = torch.equal(module.weight, sequential.get_submodule(name).weight)
+        first_group = name.endswith(("q_proj", "k_proj", "v_proj")) and ".layers.0." in name
+        assert same == first_group, name  # layer 0's q/k/v see the same inputs either way
+        kept = sparsity_mask(sequential.get_submodule(name))
+        assert torch.all(kept.reshape(kept.shape[0], -1, 4).sum(-1) == 2)
