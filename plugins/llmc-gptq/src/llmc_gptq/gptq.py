@@ -19,10 +19,11 @@ form (§3 "Step 3") and lazy batch updates in blocks of ``block_size`` columns (
         W[:, i2:] -= Err @ U[i1:i2, i2:]          (one BLAS product per block)
     undo perm
 
-Group parameters (``scale``, ``zero_point``) are computed when the sweep reaches a group's
-first column, from the error-updated weights (``lazy_group_params=True``, the paper's choice),
-or up front from the original weights (False, llm-compressor's choice). Group membership is
-always by *original* column index, also with act-order, so the checkpoint needs no ``g_idx``.
+Group parameters (``scale``, ``zero_point``) are computed when the sweep reaches the block
+holding a group's first column, from the error-updated values of the group's columns
+(``lazy_group_params=True``, what the paper's reference code does), or up front from the
+original weights (False, llm-compressor's choice). Group membership is always by *original*
+column index, also with act-order, so the checkpoint needs no ``g_idx``.
 
 Symbols: ``U`` the factor above; ``Err: [rows, block]`` the scaled errors ``(w − q) / U_jj``;
 ``ΔW = W − Ŵ``. Since ``W − Ŵ = E U`` for the matrix ``E`` of all scaled errors and
@@ -41,8 +42,8 @@ import torch
 from llmc.errors import CalibrationError
 from llmc.hessian import zero_dead_columns_
 from llmc.quantization import QuantizationArgs, compute_qparams
-from llmc_gptq.sweep_numba import sweep_block_numba_
-from llmc_gptq.sweep_torch import sweep_block_torch_
+from llmc_gptq.sweep_numba import open_groups_numba_, sweep_block_numba_
+from llmc_gptq.sweep_torch import open_groups_torch_, sweep_block_torch_
 
 __all__ = [
     "BACKENDS",
@@ -333,14 +334,21 @@ def gptq_quantize_prepared(
     before_sweep = weight.clone()  # sweep order, for ‖ΔW‖²
 
     sweep = sweep_block_numba_ if chosen == "numba" else sweep_block_torch_
+    open_groups = open_groups_numba_ if chosen == "numba" else open_groups_torch_
+    first_position = group_columns[group_ptr[:-1]]  # [groups]: where each group opens
     Err = torch.zeros(rows, block_size, dtype=torch.float32, device=device)
     squared_error = torch.zeros(rows, dtype=torch.float64, device=device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
+        if lazy:  # groups whose first column lies in this block, from the current weights
+            opening = torch.nonzero((first_position >= i1) & (first_position < i2)).flatten()
+            open_groups(
+                weight, opening, group_ptr, group_columns, scale, zero, kept=kept,
+                q_min=args.q_min, q_max=args.q_max, symmetric=symmetric, scale_dtype=scale_dtype,
+            )
         sweep(
-            weight, U, i1, i2, Err, scale, zero, group_of_column, group_ptr, group_columns,
-            lazy=lazy, kept=kept, q_min=args.q_min, q_max=args.q_max, symmetric=symmetric,
-            scale_dtype=scale_dtype, squared_error=squared_error,
+            weight, U, i1, i2, Err, scale, zero, group_of_column,
+            kept=kept, q_min=args.q_min, q_max=args.q_max, squared_error=squared_error,
         )
         if i2 < cols:
             weight[:, i2:].addmm_(Err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)  # lazy batch update

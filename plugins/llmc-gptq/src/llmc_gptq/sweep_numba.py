@@ -1,13 +1,12 @@
-"""The GPTQ column sweep inside one block, compiled with numba (the CPU path).
+"""The GPTQ column sweep inside one block, and group parameters, compiled with numba (CPU).
 
-Same algorithm, same arithmetic and same arguments as ``sweep_torch.sweep_block_torch_`` (the
-reference; read its docstring for the maths). The difference is the loop order: the reference
-walks the block column by column, each step a handful of torch operations over all rows; here
-each row walks the whole block on its own, since rows never interact inside a sweep::
+Same algorithm, same arithmetic and same arguments as ``sweep_torch`` (the reference; read
+its docstring for the maths). The difference is the loop order: the reference walks a block
+column by column, each step a handful of torch operations over all rows; here each row walks
+the whole block on its own, since rows never interact inside a sweep::
 
     for row r in prange(rows):              (rows spread over the cores)
         for column j in [i1, i2):           (the sweep order)
-            j opens a group?  -> scale, zero point of (r, group) from the current values
             q   = clamp(round(W[r, j] / scale + zero_point))
             err = (W[r, j] - (q - zero_point) * scale) / U[j, j]
             W[r, j+1:i2] -= err * U[j, j+1:i2]    (contiguous, vectorised)
@@ -16,12 +15,11 @@ each row walks the whole block on its own, since rows never interact inside a sw
 A row's slice of the block (``block_size`` floats) stays in L1 and ``U[i1:i2, i1:i2]`` in L2,
 so the sweep runs at the speed of the arithmetic, not of Python. The update of the columns
 right of the block (``W[:, i2:] -= Err @ U[i1:i2, i2:]``) is a matrix product and stays in
-BLAS, in the caller.
+BLAS, in the caller. ``open_groups_numba_`` computes the min-max parameters of the groups
+whose first column falls in the next block, per row, in parallel.
 
 Every operation is done in float32 in the order the reference uses (no fast-math: no fused
-multiply-add, no reassociation), so results are bit-for-bit equal to the torch reference
-except where the reference sums with a matrix product (pending updates of a lazily computed
-group's columns beyond the block, only with act-order or groups that straddle blocks).
+multiply-add, no reassociation), so the results are bit-for-bit equal to the torch reference.
 Compiled on first use and cached on disk (``cache=True``).
 """
 
@@ -34,7 +32,7 @@ import numba
 import numpy as np
 import torch
 
-__all__ = ["sweep_block_numba_"]
+__all__ = ["open_groups_numba_", "sweep_block_numba_"]
 
 
 def _prefer_workqueue_threads() -> None:
@@ -108,67 +106,81 @@ def _qparams(
 
 
 @numba.njit(cache=True, fastmath=True, inline="always")
-def _dot(a: np.ndarray, b: np.ndarray) -> np.float32:
-    """``a · b`` in float32, reassociated (vectorised): only feeds a group's min/max."""
-    total = np.float32(0.0)
-    for k in range(a.shape[0]):
-        total += a[k] * b[k]
-    return total
+def _min_max(values: np.ndarray) -> tuple[np.float32, np.float32]:
+    """``(min(values, 0), max(values, 0))``, vectorised (exact: min and max do not round)."""
+    lo = np.float32(0.0)
+    hi = np.float32(0.0)
+    for k in range(values.shape[0]):
+        lo = min(lo, values[k])
+        hi = max(hi, values[k])
+    return lo, hi
 
 
 @numba.njit(parallel=True, cache=True)
-def _sweep_block(
-    W: np.ndarray,  # [rows, cols] float32, sweep order, changed in place
-    U: np.ndarray,  # [cols, cols] float32, upper Cholesky factor of H^-1 (sweep order)
-    U_block_T: np.ndarray,  # [cols, i2 - i1] = U[i1:i2, :].T, or [0, 0] when not needed
-    i1: int,
-    i2: int,
-    Err: np.ndarray,  # [rows, >= i2 - i1] float32, out: scaled errors of the block's columns
-    scale: np.ndarray,  # [rows, groups] float32, in/out (lazy groups are filled here)
-    zero: np.ndarray,  # [rows, groups] float32, in/out
-    group_of_column: np.ndarray,  # [cols] int64: group of the column at each sweep position
+def _open_groups(
+    W: np.ndarray,  # [rows, cols] float32, sweep order
+    groups: np.ndarray,  # [n] int64: the groups to open
     group_ptr: np.ndarray,  # [groups + 1] int64: CSR offsets into group_columns
     group_columns: np.ndarray,  # sweep positions of each group's columns, ascending
-    lazy: bool,
     kept: np.ndarray,  # [rows, cols] bool (sweep order), or [0, 0] when nothing is pruned
+    scale: np.ndarray,  # [rows, groups] float32, out
+    zero: np.ndarray,  # [rows, groups] float32, out
     q_min: np.float32,
     q_max: np.float32,
     symmetric: bool,
     eps: np.float32,
     significant_bits: int,
     min_exponent: int,
-    squared_error: np.ndarray,  # [rows] float64, accumulated: sum of err^2 per row
 ) -> None:
-    rows = W.shape[0]
-    n = i2 - i1
     masked = kept.shape[0] > 0
-    # Loops run from 0 over slices: numba checks negative indices otherwise, which stops LLVM
-    # from vectorising the update.
-    for r in numba.prange(rows):
+    for r in numba.prange(W.shape[0]):
         row = W[r]
-        w = row[i1:i2]  # this row's block, updated in place
-        err_row = Err[r]
-        total = 0.0
-        for jj in range(n):
-            j = i1 + jj
-            g = group_of_column[j]
-            if lazy and group_columns[group_ptr[g]] == j:
-                # The sweep reaches group g: its parameters come from the current values of
-                # its columns. Columns right of the block still owe this block's updates.
+        for index in range(groups.shape[0]):
+            g = groups[index]
+            first = group_columns[group_ptr[g]]
+            last = group_columns[group_ptr[g + 1] - 1]
+            if not masked and last - first == group_ptr[g + 1] - group_ptr[g] - 1:
+                lo, hi = _min_max(row[first : last + 1])  # contiguous columns
+            else:
                 lo = np.float32(0.0)
                 hi = np.float32(0.0)
                 for t in range(group_ptr[g], group_ptr[g + 1]):
                     p = group_columns[t]
                     if masked and not kept[r, p]:
                         continue  # pruned: will be exactly 0, which the range always holds
-                    v = row[p]
-                    if p >= i2 and jj > 0:
-                        v = v - _dot(err_row[:jj], U_block_T[p, :jj])
-                    lo = min(lo, v)
-                    hi = max(hi, v)
-                s, z = _qparams(lo, hi, q_min, q_max, symmetric, eps, significant_bits, min_exponent)
-                scale[r, g] = s
-                zero[r, g] = z
+                    lo = min(lo, row[p])
+                    hi = max(hi, row[p])
+            s, z = _qparams(lo, hi, q_min, q_max, symmetric, eps, significant_bits, min_exponent)
+            scale[r, g] = s
+            zero[r, g] = z
+
+
+@numba.njit(parallel=True, cache=True)
+def _sweep_block(
+    W: np.ndarray,  # [rows, cols] float32, sweep order, changed in place
+    U: np.ndarray,  # [cols, cols] float32, upper Cholesky factor of H^-1 (sweep order)
+    i1: int,
+    i2: int,
+    Err: np.ndarray,  # [rows, >= i2 - i1] float32, out: scaled errors of the block's columns
+    scale: np.ndarray,  # [rows, groups] float32
+    zero: np.ndarray,  # [rows, groups] float32
+    group_of_column: np.ndarray,  # [cols] int64: group of the column at each sweep position
+    kept: np.ndarray,  # [rows, cols] bool (sweep order), or [0, 0] when nothing is pruned
+    q_min: np.float32,
+    q_max: np.float32,
+    squared_error: np.ndarray,  # [rows] float64, accumulated: sum of err^2 per row
+) -> None:
+    n = i2 - i1
+    masked = kept.shape[0] > 0
+    # Loops run from 0 over slices: numba checks negative indices otherwise, which stops LLVM
+    # from vectorising the update.
+    for r in numba.prange(W.shape[0]):
+        w = W[r, i1:i2]  # this row's block, updated in place
+        err_row = Err[r]
+        total = 0.0
+        for jj in range(n):
+            j = i1 + jj
+            g = group_of_column[j]
             s = scale[r, g]
             z = zero[r, g]
             x = w[jj]
@@ -192,18 +204,43 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy()
 
 
-_EMPTY = torch.zeros(0, 0)
+_NO_MASK = np.zeros((0, 0), dtype=np.bool_)
 
 
-def _owes_pending(i1: int, i2: int, group_ptr: torch.Tensor, group_columns: torch.Tensor) -> bool:
-    """Whether a group opens inside the block, after its first column, and reaches past it.
+def _mask(kept: torch.Tensor | None) -> np.ndarray:
+    return _NO_MASK if kept is None else _numpy(kept)
 
-    Only then does the sweep need the block's pending updates of columns right of the block
-    (act-order, or groups that straddle blocks); blocks aligned with groups never do.
+
+def _scale_format(scale_dtype: torch.dtype) -> tuple[int, int]:
+    """Significant bits and smallest normal exponent of the dtype scales are stored in."""
+    significant_bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}.get(scale_dtype, 24)
+    return significant_bits, int(round(math.log2(torch.finfo(scale_dtype).tiny)))
+
+
+def open_groups_numba_(
+    W: torch.Tensor,
+    groups: torch.Tensor,
+    group_ptr: torch.Tensor,
+    group_columns: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    *,
+    kept: torch.Tensor | None,
+    q_min: int,
+    q_max: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+) -> None:
+    """Fill ``scale[:, groups]``, ``zero_point[:, groups]`` from the current ``W`` (CPU tensors).
+
+    Arguments as in ``sweep_torch.open_groups_torch_``.
     """
-    first = group_columns[group_ptr[:-1]]
-    last = group_columns[group_ptr[1:] - 1]
-    return bool(((first > i1) & (first < i2) & (last >= i2)).any())
+    significant_bits, min_exponent = _scale_format(scale_dtype)
+    _open_groups(
+        _numpy(W), _numpy(groups), _numpy(group_ptr), _numpy(group_columns), _mask(kept),
+        _numpy(scale), _numpy(zero_point), np.float32(q_min), np.float32(q_max), symmetric,
+        np.float32(torch.finfo(torch.float32).eps), significant_bits, min_exponent,
+    )
 
 
 def sweep_block_numba_(
@@ -215,47 +252,20 @@ def sweep_block_numba_(
     scale: torch.Tensor,
     zero_point: torch.Tensor,
     group_of_column: torch.Tensor,
-    group_ptr: torch.Tensor,
-    group_columns: torch.Tensor,
     *,
-    lazy: bool,
     kept: torch.Tensor | None,
     q_min: int,
     q_max: int,
-    symmetric: bool,
-    scale_dtype: torch.dtype,
     squared_error: torch.Tensor,
 ) -> None:
     """Sweep columns ``[i1, i2)`` of ``W`` in place (CPU tensors only); see the module docstring.
 
     Arguments as in ``sweep_torch.sweep_block_torch_``. All tensors must be contiguous CPU
     tensors; ``W``, ``U``, ``Err``, ``scale``, ``zero_point`` float32, ``squared_error``
-    float64, index tensors int64.
+    float64, ``group_of_column`` int64.
     """
-    info = torch.finfo(scale_dtype)
-    significant_bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}.get(scale_dtype, 24)
-    min_exponent = int(round(math.log2(info.tiny)))
-    empty_mask = np.zeros((0, 0), dtype=np.bool_)
-    U_block_T = U[i1:i2].T.contiguous() if lazy and _owes_pending(i1, i2, group_ptr, group_columns) else _EMPTY
     _sweep_block(
-        _numpy(W),
-        _numpy(U),
-        _numpy(U_block_T),
-        i1,
-        i2,
-        _numpy(Err),
-        _numpy(scale),
-        _numpy(zero_point),
-        _numpy(group_of_column),
-        _numpy(group_ptr),
-        _numpy(group_columns),
-        lazy,
-        empty_mask if kept is None else _numpy(kept),
-        np.float32(q_min),
-        np.float32(q_max),
-        symmetric,
-        np.float32(torch.finfo(torch.float32).eps),
-        significant_bits,
-        min_exponent,
+        _numpy(W), _numpy(U), i1, i2, _numpy(Err), _numpy(scale), _numpy(zero_point),
+        _numpy(group_of_column), _mask(kept), np.float32(q_min), np.float32(q_max),
         _numpy(squared_error),
     )
