@@ -69,7 +69,12 @@ def _load() -> str:
 
 
 def run_variant(
-    name: str, chunks: torch.Tensor, heldout: torch.Tensor, max_eval_chunks: int | None, order_seed: int | None = None
+    name: str,
+    chunks: torch.Tensor,
+    heldout: torch.Tensor,
+    max_eval_chunks: int | None,
+    order_seed: int | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     from llmc_gptq import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,7 +86,8 @@ def run_variant(
     from llmc.pipeline import LayerwisePipeline, make_lifecycle
 
     method, scheme, options, run_options = VARIANTS[name]
-    model = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_MODEL), dtype=torch.float32).eval()
+    dtype = getattr(torch, precision)
+    model = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_MODEL), dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL))
     load_before = _load()
     started = time.perf_counter()
@@ -105,11 +111,14 @@ def run_variant(
             pipeline.run(batches if method == "gptq" else None)
         report = context.report
     seconds = time.perf_counter() - started
-    ppl = perplexity(model, heldout, seq_len=512, max_chunks=max_eval_chunks)
+    # Evaluated in float32 whatever the calibration precision, as compare.py evaluates
+    # checkpoints (a bfloat16 weight or scale is exact in float32).
+    ppl = perplexity(model.float(), heldout, seq_len=512, max_chunks=max_eval_chunks)
     solve_s = sum(row.get("seconds", 0.0) for row in report)
     output_errors = [row["output_error"] for row in report if row.get("output_error") is not None]
     return {
         "variant": name,
+        "precision": precision,
         "order_seed": order_seed,
         "perplexity": round(ppl, 4),
         "pipeline_s": round(seconds, 2),
@@ -131,6 +140,7 @@ def main(argv: list[str]) -> int:
         "--order-seeds", default="", help="comma-separated seeds: also run each variant with the batches in a seeded "
         "order (same tokens), to see how much perplexity moves from float rounding alone",
     )
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="calibrate in this dtype")
     parser.add_argument("--threads", type=int, help="torch threads (quality does not depend on it; 1 is kinder to a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -150,7 +160,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"unknown variant {name!r}")
         seeds = [None] + [int(seed) for seed in args.order_seeds.split(",") if seed]
         for seed in seeds if VARIANTS[name][0] == "gptq" else [None]:
-            result = run_variant(name, chunks, heldout, args.max_eval_chunks, seed)
+            result = run_variant(name, chunks, heldout, args.max_eval_chunks, seed, args.precision)
             print(json.dumps(result), flush=True)
             if args.json:
                 with open(args.json, "a") as handle:

@@ -189,3 +189,30 @@ def test_gptq_output_error_same_from_outputs_or_from_the_hessian(tokenizer, monk
         reports[threshold] = [row["output_error"] for row in context.report]
     assert reports[0] == pytest.approx(reports[10**9], rel=1e-4)
     assert all(0 < error < 0.1 for error in reports[0])
+
+
+def test_gptq_cuts_calibration_batches_short_only_when_alone(tokenizer):
+    """Past the last target Linear's input the forward is useless to GPTQ and is skipped, unless
+    some other hook (another modifier's) is on the layer; the result is the same either way."""
+    counts, weights = {}, {}
+    for alone in (True, False):
+        model = make_causal_lm("llama")
+        calls = [0, 0]
+
+        def counting(x, down, index, calls=calls):
+            calls[index] += 1
+            return torch.nn.Linear.forward(down, x)
+
+        for index, layer in enumerate(model.model.layers):
+            down = layer.mlp.down_proj
+            down.forward = lambda x, down=down, index=index: counting(x, down, index)
+            if not alone:
+                layer.register_forward_hook(lambda *args: None)  # someone else's statistics
+        _run(model, tokenizer, GPTQModifier(scheme="W4A16"))
+        counts[alone], weights[alone] = calls, model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    batches = 3  # 12 samples in batches of 4
+    # layer 0: the first batch runs whole (the layout is learned), then the propagation pass;
+    # layer 1 reuses the layout, and the last layer needs no propagation pass
+    assert counts[True] == [1 + batches, 0]
+    assert counts[False] == [2 * batches, batches]
+    assert torch.equal(weights[True], weights[False])

@@ -8,7 +8,8 @@ gives (``targets``, ``ignore``, ``scheme`` or ``config_groups``, ``block_size``,
 
     llmc_layer_start   hooks on the layer's target Linears: H = 2/N Σ xxᵀ of their input
                        (fp32, on the layer's device) and 2/N Σ ‖Wx‖² of their output
-    calibration pass   (core) every batch through the layer
+    calibration pass   (core) every batch through the layer, cut short once the last target
+                       Linear has its input, unless another modifier has hooks on the layer
     llmc_layer_end     solve the modules (llmc_gptq.gptq) and install the results
                        (llmc.quantization.set_quantized_weight_);
                        true_sequential: for each further stage, re-run the layer as it now is
@@ -259,8 +260,14 @@ class _PassCollector:
     they run; when it is None it is found on the first batch (modules whose input is the very
     tensor an earlier module received join its group) and is ``layout`` afterwards.
     ``collect`` holds the indices of the groups whose Hessians (and output energies) are
-    accumulated, None for all. With ``stop`` a batch is cut short (``StopLayerForward``) once
-    every module of the collected groups has run.
+    accumulated, None for all.
+
+    Once every module of the collected groups has received its input, the rest of the batch's
+    forward is of no use to GPTQ and is cut short (``StopLayerForward``; before the last
+    module's own product when its reference energy comes from ``H``). ``stop`` "always" is for
+    GPTQ's own re-runs; "if-alone", for core's calibration pass, stops only when no hook but
+    these is registered on the layer or any of its modules (another modifier may need the rest
+    of the layer), and "never" keeps every batch whole.
     """
 
     def __init__(
@@ -270,7 +277,7 @@ class _PassCollector:
         context: RunContext,
         layout: list[list[str]] | None,
         collect: set[int] | None,
-        stop: bool,
+        stop: str,
     ) -> None:
         self.modules = modules
         self.context = context
@@ -282,7 +289,10 @@ class _PassCollector:
         self.energies: dict[str, _OutputEnergy] = {}
         self.group_of: dict[str, int] = {}
         self._inputs: list[torch.Tensor] = []  # first batch while discovering; held, so no reuse
-        self._fired: set[str] = set()
+        self._seen: set[str] = set()  # collected modules whose input this batch has reached
+        self._fired: set[str] = set()  # ... and whose output
+        self._alone: bool | None = None
+        self.layer = layer
         self._batches = 0
         self._collected: int | None = None  # modules in the collected groups, once known
         if self.layout is not None:
@@ -312,8 +322,27 @@ class _PassCollector:
     def _collects(self, index: int) -> bool:
         return self.collect is None or index in self.collect
 
+    def _may_stop(self) -> bool:
+        if self.stop == "always":
+            return True
+        if self.stop != "if-alone":
+            return False
+        if self._alone is None:
+            ours = {handle.id for handle in self._handles}
+            hooks = [
+                key
+                for module in self.layer.modules()
+                for table in (module._forward_pre_hooks, module._forward_hooks)
+                for key in table
+            ]
+            global_hooks = torch.nn.modules.module._global_forward_hooks
+            global_pre_hooks = torch.nn.modules.module._global_forward_pre_hooks
+            self._alone = set(hooks) <= ours and not global_hooks and not global_pre_hooks
+        return self._alone
+
     def _new_batch(self, *_: Any) -> None:
         self._batches += 1
+        self._seen.clear()
         self._fired.clear()
         if self.discovering and self._batches == 2:
             self.discovering = False
@@ -341,10 +370,20 @@ class _PassCollector:
             if not args:
                 return
             index, leads = self._group(name, args[0])
-            if leads and self._collects(index):
+            if not self._collects(index):
+                return
+            if leads:
                 if index not in self.hessians:
                     self.hessians[index] = _HessianSum.for_linear(module)
                 self.hessians[index].add_(args[0].detach(), self.context.attention_mask)
+            self._seen.add(name)
+            if (
+                not self.discovering
+                and len(self._seen) == self._collected_count()
+                and module.in_features < ENERGY_FROM_OUTPUTS_MIN_COLS  # its output is not needed
+                and self._may_stop()
+            ):
+                raise StopLayerForward
 
         return hook
 
@@ -360,7 +399,7 @@ class _PassCollector:
                     )
                 self.energies[name].add_(output, module.bias, self.context.attention_mask)
             self._fired.add(name)
-            if self.stop and not self.discovering and len(self._fired) == self._collected_count():
+            if not self.discovering and len(self._fired) == self._collected_count() and self._may_stop():
                 raise StopLayerForward
 
         return hook
@@ -425,10 +464,10 @@ class GPTQRun:
         self.layout_key = (type(layer).__qualname__, tuple(n.removeprefix(prefix) for n in modules))
         known = self.layouts.get(self.layout_key)
         layout = None if known is None else [[prefix + local for local in group] for group in known]
-        # The calibration pass is core's: it runs whole (other modifiers may need the rest of
-        # the layer), and with true_sequential only the first group is calibrated in it.
+        # The calibration pass is core's: its batches stop early only when no other hook is on
+        # the layer. With true_sequential only the first group is calibrated in it.
         collect = {0} if self.config.true_sequential else None
-        self.collector = _PassCollector(layer, modules, context, layout, collect, stop=False)
+        self.collector = _PassCollector(layer, modules, context, layout, collect, stop="if-alone")
         return True
 
     @hookimpl
@@ -449,7 +488,7 @@ class GPTQRun:
                     "context.forward_layer; set true_sequential: false",
                     module=layer_name,
                 )
-            collector = _PassCollector(layer, self.layer_modules, context, layout, stage, stop=True)
+            collector = _PassCollector(layer, self.layer_modules, context, layout, stage, stop="always")
             try:
                 context.forward_layer()
             finally:
