@@ -35,3 +35,18 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "calibration.jsonl"
     path.write_text("".join(json.dumps({"text": line}) + "\n" for line in SENTENCES))
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine every torch
+    op (and every parallel numba sweep) waits for it at barriers; restored afterwards."""
+    import numba
+    import torch
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    numba.set_num_threads(numba_threads)
