@@ -326,9 +326,9 @@ def gptq_quantize_prepared(
 
     if perm is not None:
         perm = perm.to(device)
-        weight = weight[:, perm].contiguous()
+        weight = weight.index_select(1, perm)  # columns in sweep order
         if kept is not None:
-            kept = kept[:, perm]
+            kept = kept.index_select(1, perm)
     if kept is not None:
         kept = kept.contiguous()
     before_sweep = weight.clone()  # sweep order, for ‖ΔW‖²
@@ -342,6 +342,7 @@ def gptq_quantize_prepared(
         i2 = min(i1 + block_size, cols)
         if lazy:  # groups whose first column lies in this block, from the current weights
             opening = torch.nonzero((first_position >= i1) & (first_position < i2)).flatten()
+        if lazy and opening.numel():
             open_groups(
                 weight, opening, group_ptr, group_columns, scale, zero, kept=kept,
                 q_min=args.q_min, q_max=args.q_max, symmetric=symmetric, scale_dtype=scale_dtype,
@@ -359,7 +360,7 @@ def gptq_quantize_prepared(
     del before_sweep
 
     if perm is not None:
-        weight = weight[:, torch.argsort(perm)]
+        weight = weight.index_select(1, torch.argsort(perm))  # back to column order
     output_error = hessian_error / output_energy if output_energy else None
     if strategy == "tensor":
         scale, zero = scale[:1, 0], zero[:1, 0]  # [1]
