@@ -11,7 +11,7 @@ correlated inputs, N = 2 cols) and every round measures, in this order (A B A B 
 * ``matmul``: one dense product of the same size, ``W @ H`` (``[rows, cols] x [cols, cols]``);
 * ``prepare``: dead inputs, damping and the inverse Cholesky factor (llmc_gptq.prepare_hessian);
 * ``prepare_core``: the same factor by core's ``llmc.hessian.inverse_cholesky_upper``;
-* ``numba``: the sweep with the numba kernel (blocks of 128, lazy group-128 parameters);
+* ``numba``: the sweep with the numba kernel (blocks of 128, group-128 parameters computed as the sweep reaches them; with and without act-order);
 * ``torch``: the same sweep with the torch reference kernel.
 
 A solve is ``prepare + sweep``. Prints a table of medians and the ratios the issue asks for
@@ -52,14 +52,14 @@ def _problem(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return W, 2.0 / X.shape[0] * X.T @ X
 
 
-def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0) -> dict[str, object]:
+def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0, actorder: bool = True) -> dict[str, object]:
     from llmc_gptq.gptq import gptq_quantize_prepared, prepare_hessian
 
     from llmc.hessian import inverse_cholesky_upper
 
     W, H = _problem(rows, cols)
     options = dict(num_bits=4, symmetric=True, strategy="group", group_size=128, block_size=128)
-    prepared = prepare_hessian(H, dampening_frac=0.01)
+    prepared = prepare_hessian(H, dampening_frac=0.01, actorder=actorder)
     # compile / warm up both kernels on a slice
     gptq_quantize_prepared(W[:64], prepared, backend="numba", **options)
     gptq_quantize_prepared(W[:64], prepared, backend="torch", **options)
@@ -69,7 +69,7 @@ def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0) -> dict[
     for _ in range(rounds):
         busy.append(wait_until_idle(idle_wait))
         times["matmul"].append(_timed(lambda: W @ H))
-        times["prepare"].append(_timed(lambda: prepare_hessian(H, dampening_frac=0.01)))
+        times["prepare"].append(_timed(lambda: prepare_hessian(H, dampening_frac=0.01, actorder=actorder)))
         times["prepare_core"].append(_timed(lambda: inverse_cholesky_upper(H, 0.01, module_name="bench")))
         times["numba"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="numba", **options)))
         times["torch"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="torch", **options)))
@@ -78,6 +78,7 @@ def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0) -> dict[
     torch_solve = median["prepare"] + median["torch"]
     return {
         "shape": [rows, cols],
+        "actorder": actorder,
         "rounds": rounds,
         "load_before": load_before,
         "load_after": _load(),
@@ -98,19 +99,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the results here as well")
     parser.add_argument("--idle-wait", type=float, default=60.0, help="seconds to wait for an idle machine per round")
+    parser.add_argument("--actorder", default="both", choices=["both", "on", "off"], help="sweep order (default: both)")
     args = parser.parse_args(argv)
     import numba
 
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numba {numba.__version__}", flush=True)
     results = []
-    for shape in args.shapes.split(","):
+    orders = {"both": (True, False), "on": (True,), "off": (False,)}[args.actorder]
+    for shape, actorder in [(shape, order) for shape in args.shapes.split(",") for order in orders]:
         rows, cols = (int(x) for x in shape.lower().split("x"))
-        result = measure(rows, cols, args.rounds, args.idle_wait)
+        result = measure(rows, cols, args.rounds, args.idle_wait, actorder)
         results.append(result)
         m = result["median_s"]
         print(
-            f"{rows}x{cols}: matmul {m['matmul']:.3f}s | prepare {m['prepare']:.3f}s (core's {m['prepare_core']:.3f}s) | "
+            f"{rows}x{cols} actorder={actorder}: matmul {m['matmul']:.3f}s | prepare {m['prepare']:.3f}s (core's {m['prepare_core']:.3f}s) | "
             f"sweep numba {m['numba']:.3f}s, torch {m['torch']:.3f}s | solve numba {result['numba_solve_s']:.3f}s, "
             f"torch {result['torch_solve_s']:.3f}s | numba/torch sweep {result['sweep_ratio_numba_over_torch']}, "
             f"solve {result['solve_ratio_numba_over_torch']} | numba solve/matmul {result['numba_solve_over_matmul']} "
