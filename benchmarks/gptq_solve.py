@@ -9,8 +9,8 @@ For each weight shape ``[rows, cols]`` the Hessian is fixed (``H = 2/N XᵀX`` o
 correlated inputs, N = 2 cols) and every round measures, in this order (A B A B ...):
 
 * ``matmul``: one dense product of the same size, ``W @ H`` (``[rows, cols] x [cols, cols]``);
-* ``prepare``: dead inputs, damping and the inverse Cholesky factor (llmc_gptq.prepare_hessian);
-* ``prepare_core``: the same factor by core's ``llmc.hessian.inverse_cholesky_upper``;
+* ``prepare``: dead inputs, act-order permutation, damping and the inverse Cholesky factor
+  (``llmc_gptq.gptq.prepare_hessian``, core's ``llmc.hessian.inverse_cholesky_upper``);
 * ``numba``: the sweep with the numba kernel (blocks of 128, group-128 parameters computed as the sweep reaches them; with and without act-order);
 * ``torch``: the same sweep with the torch reference kernel.
 
@@ -55,22 +55,19 @@ def _problem(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
 def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0, actorder: bool = True) -> dict[str, object]:
     from llmc_gptq.gptq import gptq_quantize_prepared, prepare_hessian
 
-    from llmc.hessian import inverse_cholesky_upper
-
     W, H = _problem(rows, cols)
     options = dict(num_bits=4, symmetric=True, strategy="group", group_size=128, block_size=128)
     prepared = prepare_hessian(H, dampening_frac=0.01, actorder=actorder)
     # compile / warm up both kernels on a slice
     gptq_quantize_prepared(W[:64], prepared, backend="numba", **options)
     gptq_quantize_prepared(W[:64], prepared, backend="torch", **options)
-    times: dict[str, list[float]] = {k: [] for k in ("matmul", "prepare", "prepare_core", "numba", "torch")}
+    times: dict[str, list[float]] = {k: [] for k in ("matmul", "prepare", "numba", "torch")}
     load_before = _load()
     busy = []
     for _ in range(rounds):
         busy.append(wait_until_idle(idle_wait))
         times["matmul"].append(_timed(lambda: W @ H))
         times["prepare"].append(_timed(lambda: prepare_hessian(H, dampening_frac=0.01, actorder=actorder)))
-        times["prepare_core"].append(_timed(lambda: inverse_cholesky_upper(H, 0.01, module_name="bench")))
         times["numba"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="numba", **options)))
         times["torch"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="torch", **options)))
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -113,7 +110,7 @@ def main(argv: list[str]) -> int:
         results.append(result)
         m = result["median_s"]
         print(
-            f"{rows}x{cols} actorder={actorder}: matmul {m['matmul']:.3f}s | prepare {m['prepare']:.3f}s (core's {m['prepare_core']:.3f}s) | "
+            f"{rows}x{cols} actorder={actorder}: matmul {m['matmul']:.3f}s | prepare {m['prepare']:.3f}s | "
             f"sweep numba {m['numba']:.3f}s, torch {m['torch']:.3f}s | solve numba {result['numba_solve_s']:.3f}s, "
             f"torch {result['torch_solve_s']:.3f}s | numba/torch sweep {result['sweep_ratio_numba_over_torch']}, "
             f"solve {result['solve_ratio_numba_over_torch']} | numba solve/matmul {result['numba_solve_over_matmul']} "

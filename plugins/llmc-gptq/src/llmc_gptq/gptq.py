@@ -39,8 +39,7 @@ import time
 import attrs
 import torch
 
-from llmc.errors import CalibrationError
-from llmc.hessian import zero_dead_columns_
+from llmc.hessian import inverse_cholesky_upper, zero_dead_columns_
 from llmc.quantization import QuantizationArgs, compute_qparams
 from llmc_gptq.sweep_numba import open_groups_numba_, sweep_block_numba_
 from llmc_gptq.sweep_torch import open_groups_torch_, sweep_block_torch_
@@ -49,7 +48,6 @@ __all__ = [
     "BACKENDS",
     "GPTQResult",
     "PreparedHessian",
-    "damped_inverse_cholesky_upper",
     "gptq_quantize",
     "gptq_quantize_prepared",
     "reference_energy",
@@ -123,63 +121,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 256) -> torch.Tensor:
-    """``L⁻¹`` of a lower-triangular ``L: [n, n]``, by halves, so the work is matrix products::
-
-        L = | A  0 |        L⁻¹ = |  A⁻¹        0  |
-            | B  C |              | -C⁻¹ B A⁻¹  C⁻¹ |
-    """
-    n = L.shape[0]
-    if n <= leaf:
-        identity = torch.eye(n, dtype=L.dtype, device=L.device)
-        return torch.linalg.solve_triangular(L, identity, upper=False)
-    half = n // 2
-    A_inv = _lower_triangular_inverse(L[:half, :half], leaf)
-    C_inv = _lower_triangular_inverse(L[half:, half:], leaf)
-    inverse = torch.zeros_like(L)
-    inverse[:half, :half] = A_inv
-    inverse[half:, half:] = C_inv
-    inverse[half:, :half] = -(C_inv @ (L[half:, :half] @ A_inv))
-    return inverse
-
-
-def damped_inverse_cholesky_upper(
-    H: torch.Tensor, dampening_frac: float, *, module_name: str, max_attempts: int = 8
-) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``(H + λI)⁻¹ = UᵀU``), λ = frac · mean(diag H).
-
-    Same contract as ``llmc.hessian.inverse_cholesky_upper`` (damping doubled until ``H + λI``
-    is positive definite, the final value logged, ``CalibrationError`` naming the module after
-    ``max_attempts``), with about half the arithmetic: with ``J`` the exchange matrix (the
-    identity, columns reversed), ``J (H + λI) J = L Lᵀ`` gives ``(H + λI)⁻¹ = UᵀU`` for
-    ``U = J L⁻¹ J``, upper triangular with a positive diagonal, hence *the* Cholesky factor. One
-    Cholesky and one triangular inverse (n³/3 each) replace a Cholesky, an inverse from it and a
-    second Cholesky (n³/3 + 2n³/3 + n³/3). ``H: [cols, cols]`` is not changed.
-    """
-    mean_diagonal = torch.diagonal(H).mean().item()
-    flipped = torch.flip(H, (0, 1))  # J H J, a copy
-    diagonal = torch.diagonal(flipped).clone()
-    frac = dampening_frac
-    for attempt in range(max_attempts):
-        torch.diagonal(flipped).copy_(diagonal + frac * mean_diagonal)
-        lower, info = torch.linalg.cholesky_ex(flipped)
-        if info.item() == 0:
-            upper = torch.flip(_lower_triangular_inverse(lower), (0, 1))
-            if torch.isfinite(upper).all():
-                if attempt:
-                    logger.warning(
-                        "Hessian of %s needed damping %.4g (asked %.4g) to be positive definite",
-                        module_name, frac, dampening_frac,
-                    )
-                return upper, frac
-        frac *= 2.0
-    raise CalibrationError(
-        f"Hessian of {module_name} is not positive definite after damping {dampening_frac:g} → "
-        f"{frac / 2:g}; add calibration samples or raise dampening_frac",
-        module=module_name,
-    )
-
-
 @attrs.frozen
 class PreparedHessian:
     """What the sweep needs from ``H``, computed once for all modules that read one input.
@@ -208,7 +149,7 @@ def prepare_hessian(
     perm = sweep_order(hessian, actorder)
     if perm is not None:
         hessian = hessian[perm][:, perm]
-    U, damping = damped_inverse_cholesky_upper(hessian, dampening_frac, module_name=module_name)
+    U, damping = inverse_cholesky_upper(hessian, dampening_frac, module_name=module_name)
     lam = damping * torch.diagonal(hessian).mean().item()
     return PreparedHessian(U.contiguous(), perm, dead, damping, lam, time.perf_counter() - started)
 
