@@ -25,6 +25,21 @@ def test_hessian_running_mean_equals_direct_sum_and_skips_padding():
     torch.testing.assert_close(accumulator.H, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cols", [64, 256, 768, 1100])
+def test_hessian_from_half_the_products_equals_the_full_one(cols):
+    accumulator = HessianAccumulator.for_linear(torch.nn.Linear(cols, 8))
+    generator = torch.Generator().manual_seed(cols)
+    batches = [torch.randn(2, 7, cols, generator=generator), torch.randn(3, 5, cols, generator=generator)]
+    masks = [torch.ones(2, 7, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)]
+    masks[1][2, 2:] = 0  # three padded tokens
+    for x, mask in zip(batches, masks):
+        accumulator.add_(x, mask)
+    kept = torch.cat([x.reshape(-1, cols)[m.reshape(-1).bool()] for x, m in zip(batches, masks)])
+    assert accumulator.tokens == kept.shape[0] == 14 + 12
+    torch.testing.assert_close(accumulator.H, 2.0 / kept.shape[0] * kept.T @ kept, rtol=1e-5, atol=1e-5)
+    assert torch.equal(accumulator.H, accumulator.H.T)
+
+
 def test_inverse_cholesky_upper_factorises_damped_inverse():
     torch.manual_seed(0)
     x = torch.randn(64, 16)
@@ -34,6 +49,22 @@ def test_inverse_cholesky_upper_factorises_damped_inverse():
     assert frac == 0.01
     assert torch.equal(upper, torch.triu(upper))
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-4, atol=1e-5)
+
+
+def test_inverse_cholesky_upper_in_a_given_order_factorises_the_permuted_matrix():
+    torch.manual_seed(1)
+    x = torch.randn(256, 48)
+    x[:, 5] = 0.0  # an input that never fires: zero row and column, taken as H_ii = 1
+    H = 2 / 256 * x.T @ x
+    order = torch.randperm(48)
+    upper, _ = inverse_cholesky_upper(H, 0.01, module_name="m", order=order)
+    fixed = H.clone()
+    fixed[5, 5] = 1.0
+    permuted = fixed[order][:, order]
+    damped = permuted + 0.01 * torch.diag(fixed).mean() * torch.eye(48)
+    assert torch.equal(upper, torch.triu(upper))
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-4, atol=1e-5)
+    assert H[5, 5] == 0.0  # the caller's H is left alone
 
 
 def test_inverse_cholesky_raises_damping_until_positive_definite(caplog):

@@ -97,3 +97,13 @@ def test_pack_to_int32_float_input_raises():
 def test_unpack_from_int32_wrong_width_raises():
     with pytest.raises(ArgumentError, match=r"packed tensor has 3 words per line, expected 2"):
         unpack_from_int32(torch.zeros(1, 3, dtype=torch.int32), 4, (1, 16))
+
+
+@pytest.mark.parametrize("num_bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("cols", [1, 7, 32, 37, 96])
+def test_whole_word_packing_equals_block_packing(num_bits, cols):
+    from llmc.quantization.packing import _pack_blocks, _pack_whole_words
+
+    generator = torch.Generator().manual_seed(num_bits * 100 + cols)
+    values = torch.randint(0, 1 << num_bits, (5, cols), generator=generator, dtype=torch.int64)
+    assert torch.equal(_pack_whole_words(values, num_bits), _pack_blocks(values, num_bits))

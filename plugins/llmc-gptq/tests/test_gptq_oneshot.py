@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from gptq_helpers import SENTENCES, logits, make_causal_lm
 from safetensors import safe_open
 
 from llmc import RunContext, oneshot
@@ -15,6 +14,7 @@ from llmc.data import make_batches, padding_token_id
 from llmc.masks import set_sparsity_mask_
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.quantization import is_quantized
+from llmc.testing import SAMPLE_TEXT, build_causal_lm, sample_logits
 from llmc_gptq import GPTQModifier
 from llmc_gptq import modifier as gptq_modifier
 
@@ -38,7 +38,7 @@ def _run(model, tokenizer, modifier: GPTQModifier, **run_state):
     run = modifier.start(context)
     for name, value in run_state.items():
         setattr(run, name, value)
-    samples = [tokenizer(text)["input_ids"] for text in SENTENCES[:12]]
+    samples = [tokenizer(text)["input_ids"] for text in SAMPLE_TEXT[:12]]
     batches = make_batches(samples, 4, padding_token_id(tokenizer))
     LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([run]), show_progress=False).run(batches)
     return run, context
@@ -67,10 +67,10 @@ def test_gptq_checkpoint_loads_in_transformers_with_same_logits(model_dir, text_
         loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
     else:  # asymmetric zero points: through llmc's loader (works around a transformers 5.x bug)
         loaded, _ = load_model_for_eval(str(result.output_dir), precision="float32")
-    ours = logits(result.model, result.tokenizer)
-    torch.testing.assert_close(logits(loaded, result.tokenizer), ours, rtol=1e-4, atol=1e-4)
+    ours = sample_logits(result.model, result.tokenizer)
+    torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=1e-4, atol=1e-4)
     original = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    assert (logits(original, result.tokenizer) - ours).abs().max() > 1e-3  # really quantized
+    assert (sample_logits(original, result.tokenizer) - ours).abs().max() > 1e-3  # really quantized
     config = json.loads((result.output_dir / "config.json").read_text())["quantization_config"]
     weights = config["config_groups"]["group_0"]["weights"]
     assert weights["actorder"] == (None if "actorder: null" in params else "weight")
@@ -83,7 +83,7 @@ def test_gptq_checkpoint_loads_in_transformers_with_same_logits(model_dir, text_
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral"])
 def test_gptq_true_sequential_stages_follow_the_data_flow(tokenizer, kind):
-    model = make_causal_lm(kind)
+    model = build_causal_lm(kind)
     run, context = _run(model, tokenizer, GPTQModifier(scheme="W4A16", true_sequential=True))
     ((key, layout),) = run.layouts.items()  # both layers share one layout
     assert layout == LLAMA_STAGES
@@ -103,7 +103,7 @@ def test_gptq_true_sequential_calibrates_each_stage_on_quantized_inputs(tokenize
     monkeypatch.setattr(gptq_modifier, "prepare_hessian", recording)
     for current in (True, False):
         seen[current] = {}
-        _run(make_causal_lm("llama"), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=current))
+        _run(build_causal_lm("llama"), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=current))
     first = "model.layers.0.self_attn.q_proj"
     torch.testing.assert_close(seen[True][first], seen[False][first], rtol=1e-6, atol=0)  # same inputs
     for later in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
@@ -117,14 +117,14 @@ def test_gptq_true_sequential_calibrates_each_stage_on_quantized_inputs(tokenize
 def test_gptq_more_groups_than_stages_fall_back_to_two_passes(tokenizer, monkeypatch, caplog):
     monkeypatch.setattr(gptq_modifier, "MAX_STAGES", 2)
     with caplog.at_level(logging.INFO, logger="llmc.gptq"):
-        run, context = _run(make_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=True))
+        run, context = _run(build_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=True))
     assert "model.layers.0 has 4 input groups" in caplog.text
     assert len(context.report) == 7
 
 
 @pytest.mark.parametrize("actorder", ["weight", None], ids=["actorder", "columns"])
 def test_gptq_keeps_a_pruning_mask(tokenizer, actorder):
-    model = make_causal_lm("llama")
+    model = build_causal_lm("llama")
     generator = torch.Generator().manual_seed(0)
     masks = {}
     for name, module in model.named_modules():
@@ -142,7 +142,7 @@ def test_gptq_keeps_a_pruning_mask(tokenizer, actorder):
 
 
 def test_gptq_targeted_lm_head_is_rounded_at_finalize(tokenizer, caplog):
-    model = make_causal_lm("llama", layers=1)
+    model = build_causal_lm("llama", layers=1)
     with caplog.at_level(logging.WARNING, logger="llmc.gptq"):
         _, context = _run(model, tokenizer, GPTQModifier(scheme="W8A16", ignore=[]))
     assert "lm_head lies outside the calibrated layers: quantized by round-to-nearest" in caplog.text
@@ -153,7 +153,7 @@ def test_gptq_targeted_lm_head_is_rounded_at_finalize(tokenizer, caplog):
 def test_gptq_torch_and_numba_backends_give_the_same_model(tokenizer):
     models = {}
     for backend in ("numba", "torch"):
-        models[backend] = make_causal_lm("llama", layers=1)
+        models[backend] = build_causal_lm("llama", layers=1)
         _run(models[backend], tokenizer, GPTQModifier(scheme="W4A16"), backend=backend)
     for (name, fast), (_, reference) in zip(models["numba"].named_parameters(), models["torch"].named_parameters()):
         torch.testing.assert_close(fast, reference, rtol=0, atol=1e-6, msg=name)
@@ -163,29 +163,14 @@ def test_gptq_no_target_is_an_error(tokenizer):
     from llmc.errors import CalibrationError
 
     with pytest.raises(CalibrationError, match=r"GPTQModifier targets \['Conv2d'\] \(ignoring \['lm_head'\]\) match no Linear module"):
-        _run(make_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", targets=["Conv2d"]))
-
-
-@pytest.mark.parametrize("cols", [64, 256, 768, 1100])
-def test_gptq_hessian_from_half_the_products_equals_the_full_one(cols):
-    accumulator = gptq_modifier._HessianSum.for_linear(torch.nn.Linear(cols, 8))
-    generator = torch.Generator().manual_seed(cols)
-    batches = [torch.randn(2, 7, cols, generator=generator), torch.randn(3, 5, cols, generator=generator)]
-    masks = [torch.ones(2, 7, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)]
-    masks[1][2, 2:] = 0  # three padded tokens
-    for x, mask in zip(batches, masks):
-        accumulator.add_(x, mask)
-    kept = torch.cat([x.reshape(-1, cols)[m.reshape(-1).bool()] for x, m in zip(batches, masks)])
-    assert accumulator.tokens == kept.shape[0] == 14 + 12
-    torch.testing.assert_close(accumulator.H, 2.0 / kept.shape[0] * kept.T @ kept, rtol=1e-5, atol=1e-5)
-    assert torch.equal(accumulator.H, accumulator.H.T)
+        _run(build_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", targets=["Conv2d"]))
 
 
 def test_gptq_output_error_same_from_outputs_or_from_the_hessian(tokenizer, monkeypatch):
     reports = {}
     for threshold in (10**9, 0):  # never / always read trace(W H Wᵀ) from the Linear outputs
         monkeypatch.setattr(gptq_modifier, "ENERGY_FROM_OUTPUTS_MIN_COLS", threshold)
-        _, context = _run(make_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16"))
+        _, context = _run(build_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16"))
         reports[threshold] = [row["output_error"] for row in context.report]
     assert reports[0] == pytest.approx(reports[10**9], rel=1e-4)
     assert all(0 < error < 0.1 for error in reports[0])
@@ -196,7 +181,7 @@ def test_gptq_cuts_calibration_batches_short_only_when_alone(tokenizer):
     some other hook (another modifier's) is on the layer; the result is the same either way."""
     counts, weights = {}, {}
     for alone in (True, False):
-        model = make_causal_lm("llama")
+        model = build_causal_lm("llama")
         calls = [0, 0]
 
         def counting(x, down, index, calls=calls):

@@ -61,6 +61,36 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def _pack_whole_words(values: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Packing when codes never straddle words (b = 1, 2, 4, 8): one shift and one sum.
+
+    Word ``k`` holds elements ``[k·n, (k+1)·n)`` with ``n = 32 / b``, element ``k·n + i`` at
+    bit ``i·b``: the general block loop's layout, in three vectorised operations instead of
+    32 (the general path took ~2 s to pack one 4-layer 2048-wide model).
+    """
+    rows, cols = values.shape
+    per_word = _WORD // num_bits
+    words = math.ceil(cols / per_word)
+    values = torch.nn.functional.pad(values, (0, words * per_word - cols))
+    shifts = torch.arange(0, _WORD, num_bits, dtype=torch.int64, device=values.device)
+    return (values.reshape(rows, words, per_word) << shifts).sum(-1)  # bits never overlap
+
+
+def _pack_blocks(values: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Packing for any width, block by block of 32 codes (see the module docstring)."""
+    rows, cols = values.shape
+    blocks = math.ceil(cols / _WORD)
+    values = torch.nn.functional.pad(values, (0, blocks * _WORD - cols))
+    values = values.reshape(rows * blocks, _WORD)  # one block of 32 codes per row
+    words = torch.zeros(rows * blocks, num_bits, dtype=torch.int64, device=values.device)
+    for element, (word, offset, low_bits) in enumerate(_element_positions(num_bits)):
+        value = values[:, element]
+        words[:, word] |= (value << offset) & _LOW32
+        if low_bits < num_bits:  # the high bits spill into the next word
+            words[:, word + 1] |= value >> low_bits
+    return words.reshape(rows, blocks * num_bits)[:, : packed_size(cols, num_bits)]
+
+
 def pack_to_int32(codes: torch.Tensor, num_bits: int, packed_dim: int = 1) -> torch.Tensor:
     """Pack signed codes ``[rows, cols]`` into int32 along ``packed_dim``.
 
@@ -93,18 +123,8 @@ def pack_to_int32(codes: torch.Tensor, num_bits: int, packed_dim: int = 1) -> to
     values = codes.to(torch.int64) - q_min  # unsigned, in [0, 2^b)
     if packed_dim == 0:
         values = values.T
-    rows, cols = values.shape
-    blocks = math.ceil(cols / _WORD)
-    values = torch.nn.functional.pad(values, (0, blocks * _WORD - cols))
-    values = values.reshape(rows * blocks, _WORD)  # one block of 32 codes per row
-    words = torch.zeros(rows * blocks, num_bits, dtype=torch.int64, device=codes.device)
-    for element, (word, offset, low_bits) in enumerate(_element_positions(num_bits)):
-        value = values[:, element]
-        words[:, word] |= (value << offset) & _LOW32
-        if low_bits < num_bits:  # the high bits spill into the next word
-            words[:, word + 1] |= value >> low_bits
-    packed = words.reshape(rows, blocks * num_bits)[:, : packed_size(cols, num_bits)]
-    packed = _to_int32(packed)
+    pack = _pack_whole_words if _WORD % num_bits == 0 else _pack_blocks
+    packed = _to_int32(pack(values, num_bits))
     return (packed.T if packed_dim == 0 else packed).contiguous()
 
 

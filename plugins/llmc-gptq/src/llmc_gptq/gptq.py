@@ -39,7 +39,7 @@ import time
 import attrs
 import torch
 
-from llmc.hessian import inverse_cholesky_upper, zero_dead_columns_
+from llmc.hessian import inverse_cholesky_upper
 from llmc.quantization import QuantizationArgs, compute_qparams
 from llmc_gptq.sweep_numba import open_groups_numba_, sweep_block_numba_
 from llmc_gptq.sweep_torch import open_groups_torch_, sweep_block_torch_
@@ -82,11 +82,11 @@ class GPTQResult:
     backend: str
 
 
-def sweep_order(H: torch.Tensor, actorder: bool) -> torch.Tensor | None:
+def sweep_order(diagonal: torch.Tensor, actorder: bool) -> torch.Tensor | None:
     """Act-order permutation: columns by descending ``diag(H)``, ties in column order; or None."""
     if not actorder:
         return None
-    return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    return torch.argsort(diagonal, descending=True, stable=True)
 
 
 def _group_layout(
@@ -144,13 +144,13 @@ def prepare_hessian(
 ) -> PreparedHessian:
     """Dead inputs, act-order permutation and damped inverse Cholesky factor of ``H: [cols, cols]``."""
     started = time.perf_counter()
-    hessian = H.detach().to(torch.float32).clone()  # [cols, cols]
-    dead = zero_dead_columns_(hessian, hessian.new_empty(0, hessian.shape[0]))
-    perm = sweep_order(hessian, actorder)
-    if perm is not None:
-        hessian = hessian[perm][:, perm]
-    U, damping = inverse_cholesky_upper(hessian, dampening_frac, module_name=module_name)
-    lam = damping * torch.diagonal(hessian).mean().item()
+    hessian = H.detach().to(torch.float32)  # [cols, cols]; not copied, not changed
+    diagonal = torch.diagonal(hessian).clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0  # as zero_dead_columns_ would leave it
+    perm = sweep_order(diagonal, actorder)
+    U, damping = inverse_cholesky_upper(hessian, dampening_frac, module_name=module_name, order=perm)
+    lam = damping * diagonal.mean().item()
     return PreparedHessian(U.contiguous(), perm, dead, damping, lam, time.perf_counter() - started)
 
 

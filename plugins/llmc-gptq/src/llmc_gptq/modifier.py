@@ -37,6 +37,7 @@ import torch
 
 from llmc.context import RunContext
 from llmc.errors import ArgumentError, CalibrationError, RecipeError
+from llmc.hessian import HessianAccumulator
 from llmc.hookspecs import hookimpl
 from llmc.masks import sparsity_mask
 from llmc.modifier import Modifier
@@ -200,48 +201,6 @@ class _OutputEnergy:
         return 2.0 * self.total.item() / self.tokens if self.tokens else None
 
 
-@attrs.define
-class _HessianSum:
-    """``H = 2/N Σ x xᵀ`` over the calibration tokens of one input, from half the products.
-
-    ``H`` is symmetric, so only the blocks on and above the diagonal of ``S = Σ x xᵀ`` are
-    accumulated (one ``addmm`` per block row of ``block`` columns, about 55-65 % of the full
-    product's arithmetic; measured 35-40 % faster), in float32 on the inputs' device; ``H``
-    mirrors them once at the end. Padded tokens (``token_mask`` 0) are left out, as
-    ``llmc.hessian.HessianAccumulator`` does.
-    """
-
-    S: torch.Tensor  # [cols, cols]; blocks on and above the diagonal are valid
-    block: int
-    tokens: int = 0
-
-    @classmethod
-    def for_linear(cls, module: torch.nn.Linear) -> _HessianSum:
-        cols = module.in_features
-        block = min(512, max(64, cols // 8 // 64 * 64))
-        return cls(torch.zeros(cols, cols, dtype=torch.float32, device=module.weight.device), block)
-
-    def add_(self, inputs: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        cols = self.S.shape[0]
-        x = inputs.reshape(-1, cols)  # [tokens, cols]
-        if token_mask is not None and token_mask.numel() == x.shape[0] and not bool(token_mask.all()):
-            x = x[token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
-        if x.shape[0] == 0:
-            return
-        x = x.to(torch.float32)
-        for start in range(0, cols, self.block):
-            stop = min(start + self.block, cols)
-            self.S[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # block row, upper part
-        self.tokens += x.shape[0]
-
-    @property
-    def H(self) -> torch.Tensor:
-        upper = torch.triu(self.S)
-        H = upper + upper.T
-        H.diagonal().mul_(0.5)
-        return H.mul_(2.0 / self.tokens)
-
-
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (
         a.device == b.device
@@ -285,7 +244,7 @@ class _PassCollector:
         self.discovering = layout is None
         self.collect = collect
         self.stop = stop
-        self.hessians: dict[int, _HessianSum] = {}
+        self.hessians: dict[int, HessianAccumulator] = {}
         self.energies: dict[str, _OutputEnergy] = {}
         self.group_of: dict[str, int] = {}
         self._inputs: list[torch.Tensor] = []  # first batch while discovering; held, so no reuse
@@ -374,7 +333,7 @@ class _PassCollector:
                 return
             if leads:
                 if index not in self.hessians:
-                    self.hessians[index] = _HessianSum.for_linear(module)
+                    self.hessians[index] = HessianAccumulator.for_linear(module)
                 self.hessians[index].add_(args[0].detach(), self.context.attention_mask)
             self._seen.add(name)
             if (
