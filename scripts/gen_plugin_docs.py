@@ -59,6 +59,31 @@ def llmc_register_modifiers():
 A recipe then says `AcmePruningModifier: {sparsity: 0.6}`, or `acme.AcmePruningModifier` when
 another plugin offers the same name. `llmc plugins` shows it; `LLMC_DISABLE_PLUGINS=acme`
 leaves it out.
+
+### Testing it
+
+`llmc.testing` holds the helpers for plugin authors' tests, the ones core's and the bundled
+plugins' tests use, so your plugin is tested on the same kind of model, with no network:
+`build_causal_lm()` (a seeded random Llama, Mistral or Qwen small enough for a unit test),
+`build_tokenizer()` (trained on a few sentences), `save_tiny_model(path)` (both, saved as a
+checkpoint to pass by path), `write_text_file(path)` (a local jsonl calibration set),
+`sample_logits(model, tokenizer)` (to compare before and after a save) and
+`correlated_inputs(tokens, cols)` (seeded layer inputs for math tests). It does not import pytest;
+make fixtures of them:
+
+```python
+import pytest
+from llmc import oneshot
+from llmc.testing import save_tiny_model
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+def test_acme_pruning_writes_a_checkpoint(model_dir, tmp_path):
+    recipe = "pruning_modifiers:\\n  AcmePruningModifier: {sparsity: 0.5}\\n"
+    oneshot(model=str(model_dir), recipe=recipe, output_dir=str(tmp_path / "out"))
+```
 '''
 
 

@@ -11,7 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from llmc_testing import SAMPLE_TEXT, build_causal_lm, build_tokenizer  # noqa: E402
+
+from llmc.testing import build_tokenizer, save_tiny_model, write_text_file  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,17 +23,10 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     """A saved tiny random Llama with its tokenizer, loadable by path like a real checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    build_causal_lm("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local jsonl calibration file."""
-    import json
-
-    path = tmp_path_factory.mktemp("data") / "calibration.jsonl"
-    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in SAMPLE_TEXT))
-    return path
+    return write_text_file(tmp_path_factory.mktemp("data") / "calibration.jsonl")

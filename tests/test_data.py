@@ -49,8 +49,9 @@ def cache(tmp_path: Path) -> str:
 @pytest.fixture
 def bos_tokenizer(tokenizer):
     """The shared test tokenizer, made to add BOS by default as Llama's does."""
-    from llmc_testing import build_tokenizer
     from tokenizers import processors
+
+    from llmc.testing import build_tokenizer
 
     tok = build_tokenizer()
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(

@@ -45,7 +45,7 @@ def _one_thread():
 
 @pytest.fixture
 def model():
-    from llmc_testing import build_causal_lm
+    from llmc.testing import build_causal_lm
 
     return build_causal_lm("llama", hidden=64)
 
@@ -192,7 +192,8 @@ def test_load_model_for_eval_reads_a_compressed_tensors_checkpoint(
         QuantizationScheme,
         apply_quantization_config,
     )
-    from llmc_testing import build_causal_lm
+
+    from llmc.testing import build_causal_lm
 
     model = build_causal_lm("llama", hidden=64)
     ids = torch.randint(4, 320, (1, 24), generator=torch.Generator().manual_seed(0))

@@ -31,7 +31,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def bf16_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    from llmc_testing import build_causal_lm
+    from llmc.testing import build_causal_lm
 
     path = tmp_path_factory.mktemp("tiny-llama-bf16")
     build_causal_lm("llama", hidden=64).to(torch.bfloat16).save_pretrained(path)
@@ -192,7 +192,7 @@ def test_load_model_passes_trust_remote_code_through(
 
 
 def test_load_model_returns_a_model_object_untouched(caplog) -> None:
-    from llmc_testing import build_causal_lm
+    from llmc.testing import build_causal_lm
 
     model = build_causal_lm("llama", hidden=64)
     assert load_model(ModelArguments(model=model)) is model
@@ -227,7 +227,7 @@ def test_load_tokenizer_returns_a_tokenizer_object_as_is(tokenizer) -> None:
 
 
 def test_load_tokenizer_of_an_anonymous_model_object_asks_for_a_path() -> None:
-    from llmc_testing import build_causal_lm
+    from llmc.testing import build_causal_lm
 
     model = build_causal_lm("llama", hidden=64)
     with pytest.raises(ArgumentError, match=r"cannot tell where the tokenizer is"):

@@ -6,19 +6,12 @@ import json
 
 import pytest
 import torch
-from llmc_testing import build_causal_lm
 
 from llmc import oneshot
 from llmc.errors import CalibrationError, SaveError
+from llmc.testing import build_causal_lm, sample_logits
 
 pytest.importorskip("compressed_tensors")
-
-
-def _logits(model, tokenizer):
-    batch = tokenizer(["Return the number of items.", "Split the string at the separator."],
-                      return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model(**batch).logits
 
 
 @pytest.mark.parametrize("recipe", ["w4a16", "w4a16_asym", "w8a16", "w8a8"])
@@ -30,10 +23,10 @@ def test_oneshot_checkpoint_loads_in_transformers_with_same_logits(tiny_model_di
     result = oneshot(model=str(tiny_model_dir), recipe=f"llmc:{recipe}", output_dir=str(tmp_path / recipe))
     # through llmc's loader, which works around the asymmetric zero-point bug of transformers 5.x
     loaded, _ = load_model_for_eval(str(result.output_dir), precision="float32")
-    ours = _logits(result.model, result.tokenizer)
-    theirs = _logits(loaded, result.tokenizer)
+    ours = sample_logits(result.model, result.tokenizer)
+    theirs = sample_logits(loaded, result.tokenizer)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
-    original = _logits(transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.tokenizer)
+    original = sample_logits(transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.tokenizer)
     assert (original - ours).abs().max() > 1e-3  # the model really was quantized
     files = {path.name for path in result.output_dir.iterdir()}
     assert {"config.json", "recipe.yaml", "llmc_report.json", "tokenizer.json"} <= files
@@ -76,5 +69,5 @@ def test_oneshot_dense_checkpoint_when_not_compressed(tiny_model_dir, tmp_path):
     result = oneshot(model=str(tiny_model_dir), recipe="llmc:w4a16", save_compressed=False,
                      output_dir=str(tmp_path / "dense"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
-    torch.testing.assert_close(_logits(loaded, result.tokenizer), _logits(result.model, result.tokenizer),
+    torch.testing.assert_close(sample_logits(loaded, result.tokenizer), sample_logits(result.model, result.tokenizer),
                                rtol=1e-4, atol=1e-4)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import llmc_test_plugin as recorder_plugin
 import pytest
 import torch
-from llmc_testing import build_causal_lm
 from plugin_entry_points import TEST_PLUGIN
 
 from llmc import hookimpl
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
 from llmc.pipeline import LayerwisePipeline, find_blocks, make_lifecycle
+from llmc.testing import build_causal_lm
 
 
 def test_find_blocks_decoder_layers():

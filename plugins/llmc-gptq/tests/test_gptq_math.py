@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-from gptq_helpers import correlated_inputs, hessian
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +19,7 @@ from llmc.quantization import (
     weight_codes,
 )
 from llmc.quantization.scheme import QuantizationScheme
+from llmc.testing import correlated_inputs
 from llmc_gptq import gptq_quantize
 
 SCHEMES = {
@@ -48,11 +48,16 @@ def _output_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> floa
     return (torch.linalg.norm(X @ (W - W_hat).T) / torch.linalg.norm(X @ W.T)).item()
 
 
+def _hessian(X: torch.Tensor) -> torch.Tensor:
+    """``H = 2/N XᵀX``, as llmc.hessian accumulates it."""
+    return 2.0 / X.shape[0] * X.T @ X
+
+
 def _data(rows: int = 48, cols: int = 128, tokens: int = 1024, seed: int = 0):
     generator = torch.Generator().manual_seed(seed + 100)
     W = torch.randn(rows, cols, generator=generator) * 0.05
     X = correlated_inputs(tokens, cols, seed)
-    return W, X, hessian(X)
+    return W, X, _hessian(X)
 
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["lazy-groups", "upfront-groups"])
@@ -176,14 +181,14 @@ def test_gptq_result_is_on_its_grid_with_codes_in_range():
 def test_gptq_dead_inputs_give_zero_weights():
     W, X, _ = _data()
     X[:, [5, 70]] = 0.0  # two inputs that never fire
-    result = gptq_quantize(W, hessian(X), **SCHEMES["int4-g32-sym"])
+    result = gptq_quantize(W, _hessian(X), **SCHEMES["int4-g32-sym"])
     assert torch.all(result.weight[:, [5, 70]] == 0)
     assert torch.isfinite(result.weight).all()
 
 
 def test_gptq_repairs_a_hessian_that_is_not_positive_definite(caplog):
     W, X, _ = _data(tokens=64)  # fewer tokens than columns: H is singular
-    H = hessian(X)
+    H = _hessian(X)
     H -= (torch.linalg.eigvalsh(H).min() + 0.03 * torch.diagonal(H).mean()) * torch.eye(H.shape[0])
     assert torch.linalg.eigvalsh(H).min() < 0
     with caplog.at_level(logging.WARNING, logger="llmc.hessian"):

@@ -1,4 +1,4 @@
-"""Fixtures of the sparsity plugin's tests (helpers live in ``sparsity_helpers``); no network."""
+"""Fixtures of the sparsity plugin's tests (builders live in ``llmc.testing``); no network."""
 
 from __future__ import annotations
 
@@ -8,33 +8,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from sparsity_helpers import SENTENCES, make_llama, make_tokenizer  # noqa: E402
+
+from llmc.testing import build_tokenizer, save_tiny_model, write_text_file  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return make_tokenizer()
+    return build_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     """A saved tiny random Llama with its tokenizer, loadable by path."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_llama().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local jsonl calibration file."""
-    path = tmp_path_factory.mktemp("data") / "calibration.jsonl"
-    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in SENTENCES))
-    return path
+    return write_text_file(tmp_path_factory.mktemp("data") / "calibration.jsonl")
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from sparsity_helpers import logits, make_llama
 
 from llmc import oneshot
 from llmc.errors import CalibrationError, RecipeError
 from llmc.masks import sparsity_mask
 from llmc.plugins import load_registry
 from llmc.recipe import load_recipe, recipe_to_yaml
+from llmc.testing import build_causal_lm, sample_logits
 from llmc_sparsity import SparseGPTModifier, checkpoint_sparsity_config
 from llmc_sparsity.config import MODEL_ROW, mask_structure_of
 
@@ -81,7 +81,7 @@ def test_sparsity_checkpoint_of_sparse_model_loads_in_transformers(model_dir, te
 
     result = _prune(model_dir, text_file, "llmc:sparsegpt_50", output_dir=str(tmp_path / "out"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
-    torch.testing.assert_close(logits(loaded, tokenizer), logits(result.model, tokenizer), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sample_logits(loaded, tokenizer), sample_logits(result.model, tokenizer), rtol=1e-5, atol=1e-5)
     config = json.loads((result.output_dir / "config.json").read_text())
     assert "quantization_config" not in config  # a plain dense checkpoint: no compressed-tensors needed
     q_proj = loaded.model.layers[0].self_attn.q_proj.weight
@@ -103,7 +103,7 @@ def test_sparsity_pruned_then_quantized_weights_keep_their_zeros(model_dir, text
         )
     result = _prune(model_dir, text_file, recipe, output_dir=str(tmp_path / "out"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
-    torch.testing.assert_close(logits(loaded, tokenizer), logits(result.model, tokenizer), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample_logits(loaded, tokenizer), sample_logits(result.model, tokenizer), rtol=1e-4, atol=1e-4)
     checked = 0
     for name, module in result.model.named_modules():
         kept = sparsity_mask(module)
@@ -143,7 +143,7 @@ def test_sparsity_config_in_quantization_config_loads_with_same_logits(model_dir
     config["quantization_config"]["sparsity_config"] = record
     path.write_text(json.dumps(config))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
-    torch.testing.assert_close(logits(loaded, tokenizer), logits(result.model, tokenizer), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample_logits(loaded, tokenizer), sample_logits(result.model, tokenizer), rtol=1e-4, atol=1e-4)
     (model_row,) = [row for row in result.report["modules"] if row["module"] == MODEL_ROW]
     assert model_row["sparsity_config"] == record
     report = json.loads((result.output_dir / "llmc_report.json").read_text())
@@ -151,7 +151,7 @@ def test_sparsity_config_in_quantization_config_loads_with_same_logits(model_dir
 
 
 def test_sparsity_magnitude_one_shot_needs_no_data(tokenizer):
-    model = make_llama()
+    model = build_causal_lm()
     result = oneshot(model=model, tokenizer=tokenizer, recipe=_group("MagnitudePruningModifier: {mask_structure: '2:4'}"))
     assert result.report["calibration_samples"] == 0
     assert all(row["sparsity"] == 0.5 for row in _pruned_rows(result.report))
@@ -205,12 +205,12 @@ def test_sparsity_recipe_errors_name_the_fix(recipe, message):
 )
 def test_sparsity_model_errors_before_any_work(tokenizer, text_file, recipe, message):
     with pytest.raises(CalibrationError, match=message):
-        oneshot(model=make_llama(), tokenizer=tokenizer, recipe=_group(recipe), dataset=str(text_file),
+        oneshot(model=build_causal_lm(), tokenizer=tokenizer, recipe=_group(recipe), dataset=str(text_file),
                 num_calibration_samples=2)
 
 
 def test_sparsity_nm_width_must_divide(tokenizer, text_file):
-    model = make_llama(hidden=136)  # 136 input columns are not groups of 16
+    model = build_causal_lm(hidden=136)  # 136 input columns are not groups of 16
     with pytest.raises(CalibrationError, match=r"the input width 136 of model.layers.0.self_attn.q_proj is not a multiple of 16 \(8:16\); add it to ignore"):
         oneshot(model=model, tokenizer=tokenizer, recipe=_group("SparseGPTModifier: {mask_structure: '8:16'}"),
                 dataset=str(text_file), num_calibration_samples=2)
@@ -257,7 +257,7 @@ def test_sparsity_every_rtn_scheme_keeps_pruned_zeros(model_dir, text_file, sche
 
 @pytest.mark.parametrize("modifier", ["SparseGPTModifier", "WandaPruningModifier"])
 def test_sparsity_module_no_token_reaches_is_left_dense(tokenizer, text_file, modifier, caplog):
-    model = make_llama()
+    model = build_causal_lm()
     model.model.layers[0].unused = torch.nn.Linear(128, 128)  # never called (an expert never routed)
     before = model.model.layers[0].unused.weight.detach().clone()
     with caplog.at_level("WARNING", logger="llmc_sparsity"):
@@ -273,7 +273,7 @@ def test_sparsity_module_no_token_reaches_is_left_dense(tokenizer, text_file, mo
 def test_sparsity_true_sequential_recalibrates_later_groups_on_pruned_outputs(tokenizer, text_file):
     results = {}
     for flag in (False, True):
-        model = make_llama()
+        model = build_causal_lm()
         calls = []
         model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         results[flag] = oneshot(

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparsity_helpers import make_llama
 
 from llmc.context import RunContext
 from llmc.masks import sparsity_mask
 from llmc.pipeline import make_lifecycle
+from llmc.testing import build_causal_lm
 from llmc_sparsity import ConstantPruningModifier, MagnitudePruningModifier
 from llmc_sparsity.masks_nm import pruned_count
 from llmc_sparsity.schedule import cubic_sparsity
@@ -62,7 +62,7 @@ def _optimizer(model):
 
 def _warm_up_and_prune(seed: int = 0):
     """A model trained a few steps (AdamW moments non-zero), then 40 % of each Linear zeroed."""
-    model = make_llama(hidden=64, layers=1, vocab=VOCAB, seed=seed)
+    model = build_causal_lm(hidden=64, layers=1, vocab=VOCAB, seed=seed)
     optimizer = _optimizer(model)
     _train(model, optimizer, 3)
     generator = torch.Generator().manual_seed(seed)
@@ -111,7 +111,7 @@ def test_sparsity_constant_pruning_keeps_zeros_through_optimizer_steps():
 
 
 def test_sparsity_gradual_magnitude_follows_cubic_schedule_with_nested_masks():
-    model = make_llama(hidden=64, layers=1, vocab=VOCAB)
+    model = build_causal_lm(hidden=64, layers=1, vocab=VOCAB)
     optimizer = _optimizer(model)
     modifier = MagnitudePruningModifier(
         init_sparsity=0.2, final_sparsity=0.8, start_epoch=0.5, end_epoch=2.0, update_epochs=0.5
@@ -157,7 +157,7 @@ def test_sparsity_gradual_magnitude_follows_cubic_schedule_with_nested_masks():
 def test_sparsity_gradual_magnitude_needs_a_schedule():
     from llmc.errors import CalibrationError
 
-    model = make_llama(hidden=64, layers=1, vocab=VOCAB)
+    model = build_causal_lm(hidden=64, layers=1, vocab=VOCAB)
     context = RunContext(model=model, device=torch.device("cpu"), steps_per_epoch=4, total_steps=4)
     lifecycle = make_lifecycle([MagnitudePruningModifier(final_sparsity=0.5).start(context)])
     lifecycle.hook.llmc_initialize(context=context)
