@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -25,6 +25,7 @@ import torch
 
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
+from llmc.hookspecs import hookimpl
 from llmc.masks import apply_mask_, set_sparsity_mask_, sparsity_mask
 from llmc.modifiers.quantization import relative_error
 from llmc.targets import is_match, match_modules
@@ -34,6 +35,7 @@ from llmc_sparsity.masks_nm import UNSTRUCTURED, parse_mask_structure, structure
 logger = logging.getLogger("llmc_sparsity")
 
 __all__ = [
+    "BlockwisePruningRun",
     "PruneTarget",
     "apply_kept_mask_",
     "as_list",
@@ -228,6 +230,55 @@ def plan_targets(
             f"{modifier} targets {targets} (ignoring {ignore}) match no Linear module of this model"
         )
     return plan
+
+
+@attrs.define
+class BlockwisePruningRun:
+    """Run state shared by the pruners that calibrate one block at a time (SparseGPT, Wanda).
+
+    They differ only in the statistics their hooks gather and in how they prune from them, so
+    a subclass implements ``llmc_layer_start`` (attach hooks to ``_layer_modules``, keep the
+    remover in ``remove_hooks``) and ``llmc_layer_end`` (``_detach_hooks``, then prune the
+    block's targets). ``config`` is the modifier, with ``targets``, ``ignore``, ``sparsity``
+    and ``mask_structure`` fields.
+    """
+
+    config: Any
+    pending: dict[str, PruneTarget] = attrs.field(factory=dict)
+    remove_hooks: Callable[[], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return type(self.config).recipe_name()
+
+    @hookimpl
+    def llmc_initialize(self, context: RunContext) -> None:
+        self.pending = plan_targets(
+            context,
+            modifier=self.name,
+            targets=self.config.targets,
+            ignore=self.config.ignore,
+            sparsity=self.config.sparsity,
+            mask_structure=self.config.mask_structure,
+            needs_block=True,
+        )
+        logger.info("%s: %d Linear modules to prune", self.name, len(self.pending))
+
+    def _in_layer(self, layer_name: str) -> list[PruneTarget]:
+        return [target for target in self.pending.values() if target.block == layer_name]
+
+    def _layer_modules(self, layer_name: str) -> dict[str, torch.nn.Linear]:
+        return {target.name: target.module for target in self._in_layer(layer_name)}
+
+    def _detach_hooks(self) -> None:
+        if self.remove_hooks is not None:
+            self.remove_hooks()
+            self.remove_hooks = None
+
+    @hookimpl
+    def llmc_finalize(self, context: RunContext) -> None:
+        record_model_sparsity(context, self.name)
+        self.pending.clear()
 
 
 @torch.no_grad()

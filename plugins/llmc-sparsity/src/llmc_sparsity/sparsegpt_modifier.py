@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,22 +20,19 @@ from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
 from llmc.pipeline import StopLayerForward
 from llmc_sparsity.base import (
+    BlockwisePruningRun,
     PruneTarget,
     apply_kept_mask_,
     as_list,
     check_mask_structure,
     check_sparsity_matches_structure,
     check_sparsity_spec,
-    plan_targets,
-    record_model_sparsity,
     skip_unreached,
 )
 from llmc_sparsity.masks_nm import parse_mask_structure
 from llmc_sparsity.sparsegpt import sparsegpt_
 
 __all__ = ["SparseGPTModifier", "SparseGPTRun"]
-
-logger = logging.getLogger("llmc_sparsity.sparsegpt")
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -88,37 +84,15 @@ class SparseGPTModifier(Modifier):
 
 
 @attrs.define
-class SparseGPTRun:
-    """Run state: the modules still to prune, and the Hessians of the current block."""
+class SparseGPTRun(BlockwisePruningRun):
+    """Run state: the modules still to prune (``config`` is the ``SparseGPTModifier``), and the
+    Hessians of the current block."""
 
-    config: SparseGPTModifier
-    pending: dict[str, PruneTarget] = attrs.field(factory=dict)
     hessians: dict[str, HessianAccumulator] = attrs.field(factory=dict)
-    remove_hooks: Callable[[], None] | None = None
-
-    @property
-    def name(self) -> str:
-        return type(self.config).recipe_name()
-
-    @hookimpl
-    def llmc_initialize(self, context: RunContext) -> None:
-        self.pending = plan_targets(
-            context,
-            modifier=self.name,
-            targets=self.config.targets,
-            ignore=self.config.ignore,
-            sparsity=self.config.sparsity,
-            mask_structure=self.config.mask_structure,
-            needs_block=True,
-        )
-        logger.info("%s: %d Linear modules to prune", self.name, len(self.pending))
-
-    def _in_layer(self, layer_name: str) -> list[PruneTarget]:
-        return [target for target in self.pending.values() if target.block == layer_name]
 
     @hookimpl
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
-        modules = {target.name: target.module for target in self._in_layer(layer_name)}
+        modules = self._layer_modules(layer_name)
         if not modules:
             return False
         self.hessians, self.remove_hooks = attach_shared_hessian_hooks(modules, context)
@@ -126,9 +100,7 @@ class SparseGPTRun:
 
     @hookimpl
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
-        if self.remove_hooks is not None:
-            self.remove_hooks()
-            self.remove_hooks = None
+        self._detach_hooks()
         targets = {target.name: target for target in self._in_layer(layer_name)}
         for name in targets:
             del self.pending[name]
@@ -146,11 +118,6 @@ class SparseGPTRun:
             else:
                 hessian = hessians[group[0].name]
             self._prune_group(context, group, hessian)
-
-    @hookimpl
-    def llmc_finalize(self, context: RunContext) -> None:
-        record_model_sparsity(context, self.name)
-        self.pending.clear()
 
     def _recalibrate(self, context: RunContext, layer_name: str, group: list[PruneTarget]) -> HessianAccumulator:
         """Run the layer as it now is, up to ``group``, and return the group's Hessian."""

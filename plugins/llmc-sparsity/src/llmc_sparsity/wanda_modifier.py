@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,22 +12,18 @@ from llmc.context import RunContext
 from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
 from llmc_sparsity.base import (
-    PruneTarget,
+    BlockwisePruningRun,
     apply_kept_mask_,
     as_list,
     check_mask_structure,
     check_sparsity_matches_structure,
     check_sparsity_spec,
-    plan_targets,
-    record_model_sparsity,
     skip_unreached,
 )
 from llmc_sparsity.masks_nm import parse_mask_structure
 from llmc_sparsity.wanda import ColumnNormAccumulator, wanda_kept_mask
 
 __all__ = ["WandaPruningModifier", "WandaRun", "attach_column_norm_hooks"]
-
-logger = logging.getLogger("llmc_sparsity.wanda")
 
 
 def attach_column_norm_hooks(
@@ -73,37 +68,15 @@ class WandaPruningModifier(Modifier):
 
 
 @attrs.define
-class WandaRun:
-    """Run state: modules still to prune and the input norms of the current block."""
+class WandaRun(BlockwisePruningRun):
+    """Run state: modules still to prune (``config`` is the ``WandaPruningModifier``) and the
+    input norms of the current block."""
 
-    config: WandaPruningModifier
-    pending: dict[str, PruneTarget] = attrs.field(factory=dict)
     norms: dict[str, ColumnNormAccumulator] = attrs.field(factory=dict)
-    remove_hooks: Callable[[], None] | None = None
-
-    @property
-    def name(self) -> str:
-        return type(self.config).recipe_name()
-
-    @hookimpl
-    def llmc_initialize(self, context: RunContext) -> None:
-        self.pending = plan_targets(
-            context,
-            modifier=self.name,
-            targets=self.config.targets,
-            ignore=self.config.ignore,
-            sparsity=self.config.sparsity,
-            mask_structure=self.config.mask_structure,
-            needs_block=True,
-        )
-        logger.info("%s: %d Linear modules to prune", self.name, len(self.pending))
-
-    def _in_layer(self, layer_name: str) -> list[PruneTarget]:
-        return [target for target in self.pending.values() if target.block == layer_name]
 
     @hookimpl
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
-        modules = {target.name: target.module for target in self._in_layer(layer_name)}
+        modules = self._layer_modules(layer_name)
         if not modules:
             return False
         self.norms, self.remove_hooks = attach_column_norm_hooks(modules, context)
@@ -111,9 +84,7 @@ class WandaRun:
 
     @hookimpl
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
-        if self.remove_hooks is not None:
-            self.remove_hooks()
-            self.remove_hooks = None
+        self._detach_hooks()
         keep_n, group_m = parse_mask_structure(self.config.mask_structure)
         for target in self._in_layer(layer_name):
             del self.pending[target.name]
@@ -130,8 +101,3 @@ class WandaRun:
                 context, target, kept, modifier=self.name, mask_structure=self.config.mask_structure
             )
         self.norms = {}
-
-    @hookimpl
-    def llmc_finalize(self, context: RunContext) -> None:
-        record_model_sparsity(context, self.name)
-        self.pending.clear()
