@@ -166,6 +166,16 @@ def test_gptq_no_target_is_an_error(tokenizer):
         _run(build_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", targets=["Conv2d"]))
 
 
+def test_gptq_group_size_that_does_not_divide_a_width_stops_or_is_skipped(tokenizer):
+    from llmc.errors import CalibrationError
+
+    model = build_causal_lm("llama", hidden=192, layers=1)  # 192 is not a multiple of 128; 384 is
+    with pytest.raises(CalibrationError, match=r"group size 128 does not divide the input width 192 of model.layers.0.self_attn.q_proj"):
+        _run(model, tokenizer, GPTQModifier(scheme="W4A16"))
+    run, context = _run(model, tokenizer, GPTQModifier(scheme="W4A16", skip_incompatible=True))
+    assert [row["module"] for row in context.report] == ["model.layers.0.mlp.down_proj"]
+
+
 def test_gptq_output_error_same_from_outputs_or_from_the_hessian(tokenizer, monkeypatch):
     reports = {}
     for threshold in (10**9, 0):  # never / always read trace(W H Wᵀ) from the Linear outputs

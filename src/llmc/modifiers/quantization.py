@@ -24,7 +24,7 @@ from llmc.quantization import (
 )
 from llmc.targets import match_modules
 
-__all__ = ["QuantizationModifier", "resolve_schemes", "target_linears"]
+__all__ = ["QuantizationModifier", "plan_quantization", "resolve_schemes", "target_linears"]
 
 logger = logging.getLogger("llmc.quantization")
 
@@ -87,6 +87,46 @@ def incompatible_group_size(module: torch.nn.Linear, scheme: QuantizationScheme)
     return weights.group_size if module.in_features % weights.group_size else None
 
 
+def plan_quantization(
+    model: torch.nn.Module,
+    schemes: list[QuantizationScheme],
+    *,
+    modifier: str,
+    targets: list[str],
+    ignore: list[str],
+    skip_incompatible: bool,
+) -> dict[str, tuple[torch.nn.Linear, QuantizationScheme]]:
+    """The Linears a quantizing modifier (RTN, GPTQ) will quantize, each with its scheme.
+
+    Checked before any work, so a bad recipe fails in seconds rather than after calibration: a
+    group size that does not divide a module's input width stops the run with the fixes, or
+    with ``skip_incompatible`` leaves the module unquantized (the checkpoint lists it in
+    ``ignore``). ``modifier`` and ``targets`` only name the run in the error when nothing matches.
+    """
+    plan: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = {}
+    for name, module, scheme in target_linears(model, schemes, ignore):
+        group_size = incompatible_group_size(module, scheme)
+        if group_size is not None:
+            if skip_incompatible:
+                logger.warning(
+                    "leaving %s unquantized: group size %d does not divide its input width %d",
+                    name, group_size, module.in_features,
+                )
+                continue
+            raise CalibrationError(
+                f"group size {group_size} does not divide the input width "
+                f"{module.in_features} of {name}; choose a group size that divides it, "
+                "ignore the module, or set skip_incompatible: true",
+                module=name,
+            )
+        plan[name] = (module, scheme)
+    if not plan:
+        raise CalibrationError(
+            f"{modifier} targets {targets} (ignoring {ignore}) match no Linear module of this model"
+        )
+    return plan
+
+
 @attrs.frozen(kw_only=True)
 class QuantizationModifier(Modifier):
     """Round-to-nearest quantization of Linear weights with min-max scales.
@@ -123,27 +163,14 @@ class QuantizationRun:
 
     @hookimpl
     def llmc_initialize(self, context: RunContext) -> None:
-        for name, module, scheme in target_linears(context.model, self.schemes, self.config.ignore):
-            group_size = incompatible_group_size(module, scheme)
-            if group_size is not None:
-                if self.config.skip_incompatible:
-                    logger.warning(
-                        "leaving %s unquantized: group size %d does not divide its input width %d",
-                        name, group_size, module.in_features,
-                    )
-                    continue
-                raise CalibrationError(
-                    f"group size {group_size} does not divide the input width "
-                    f"{module.in_features} of {name}; choose a group size that divides it, "
-                    "ignore the module, or set skip_incompatible: true",
-                    module=name,
-                )
-            self.pending[name] = (module, scheme)
-        if not self.pending:
-            raise CalibrationError(
-                f"QuantizationModifier targets {self.config.targets} (ignoring "
-                f"{self.config.ignore}) match no Linear module of this model"
-            )
+        self.pending = plan_quantization(
+            context.model,
+            self.schemes,
+            modifier="QuantizationModifier",
+            targets=self.config.targets,
+            ignore=self.config.ignore,
+            skip_incompatible=self.config.skip_incompatible,
+        )
         logger.info("QuantizationModifier: %d Linear modules to quantize", len(self.pending))
 
     @hookimpl

@@ -43,10 +43,9 @@ from llmc.masks import sparsity_mask
 from llmc.modifier import Modifier
 from llmc.modifiers.quantization import (
     describe_scheme,
-    incompatible_group_size,
+    plan_quantization,
     relative_error,
     resolve_schemes,
-    target_linears,
 )
 from llmc.pipeline import StopLayerForward
 from llmc.quantization import QuantizationScheme, quantize_linear_, set_quantized_weight_
@@ -390,27 +389,14 @@ class GPTQRun:
 
     @hookimpl
     def llmc_initialize(self, context: RunContext) -> None:
-        for name, module, scheme in target_linears(context.model, self.schemes, self.config.ignore):
-            group_size = incompatible_group_size(module, scheme)
-            if group_size is not None:
-                if self.config.skip_incompatible:
-                    logger.warning(
-                        "leaving %s unquantized: group size %d does not divide its input width %d",
-                        name, group_size, module.in_features,
-                    )
-                    continue
-                raise CalibrationError(
-                    f"group size {group_size} does not divide the input width "
-                    f"{module.in_features} of {name}; choose a group size that divides it, "
-                    "ignore the module, or set skip_incompatible: true",
-                    module=name,
-                )
-            self.pending[name] = (module, scheme)
-        if not self.pending:
-            raise CalibrationError(
-                f"GPTQModifier targets {self.config.targets} (ignoring {self.config.ignore}) "
-                "match no Linear module of this model"
-            )
+        self.pending = plan_quantization(
+            context.model,
+            self.schemes,
+            modifier="GPTQModifier",
+            targets=self.config.targets,
+            ignore=self.config.ignore,
+            skip_incompatible=self.config.skip_incompatible,
+        )
         logger.info("GPTQModifier: %d Linear modules to quantize", len(self.pending))
 
     @hookimpl
