@@ -14,6 +14,8 @@ machine. Configurations:
 * ``gptq``: ``gptq_oneshot.py``, llmc's ``GPTQModifier(targets=Linear, scheme=W4A16,
   ignore=[lm_head])`` with its defaults (act-order static, no true-sequential), fp32;
 * ``gptq-bf16``: the same, calibrated in bfloat16 (Hessians still float32);
+* ``floor-autocast`` / ``gptq-autocast``: the fp32 model with ``calibration_precision:
+  bfloat16`` (forwards autocast to bf16; weights, Hessians and checkpoint stay fp32);
 * ``gptq-trueseq``: the same with ``true_sequential: true``;
 * ``peer``: ``peer_oneshot.py`` in ``.venv-peer`` (llm-compressor 0.14, same recipe; its
   default act-order is "static" too), skipped when the peer's venv is missing.
@@ -50,7 +52,7 @@ from common import (  # noqa: E402
 HERE = Path(__file__).resolve().parent
 PEER_PYTHON = REPO_ROOT / ".venv-peer" / "bin" / "python"
 MODELS = {"embedded": (128, 512), "wide": (16, 512)}
-CONFIGS = ("floor", "floor-bf16", "gptq", "gptq-bf16", "gptq-trueseq", "peer")
+CONFIGS = ("floor", "floor-bf16", "floor-autocast", "gptq", "gptq-bf16", "gptq-autocast", "gptq-trueseq", "peer")
 
 
 def command(config: str, model_dir: Path, chunks: Path, output: Path) -> list[str]:
@@ -63,6 +65,10 @@ def command(config: str, model_dir: Path, chunks: Path, output: Path) -> list[st
         return [*ours, "--output", str(output), "--precision", "float32"]
     if config == "gptq-bf16":
         return [*ours, "--output", str(output), "--precision", "bfloat16"]
+    if config == "floor-autocast":
+        return [*ours, "--floor", "--precision", "float32", "--calibration-precision", "bfloat16"]
+    if config == "gptq-autocast":
+        return [*ours, "--output", str(output), "--precision", "float32", "--calibration-precision", "bfloat16"]
     if config == "gptq-trueseq":
         return [*ours, "--output", str(output), "--precision", "float32", "--true-sequential"]
     if config == "peer":

@@ -35,12 +35,12 @@ def recipe(actorder: str, true_sequential: bool) -> str:
     return f"quant_stage:\n  quant_modifiers:\n    GPTQModifier: {{{params}}}\n"
 
 
-def run_floor(model_dir: str, chunks, precision: str) -> dict[str, object]:
+def run_floor(model_dir: str, chunks, precision: str, calibration_precision: str) -> dict[str, object]:
     import torch
 
     from llmc import ModelArguments, RunContext, hookimpl
     from llmc.data import make_batches, padding_token_id
-    from llmc.models import load_model, load_tokenizer
+    from llmc.models import calibration_dtype, load_model, load_tokenizer
     from llmc.pipeline import LayerwisePipeline, make_lifecycle
 
     class CalibrationOnly:
@@ -49,12 +49,13 @@ def run_floor(model_dir: str, chunks, precision: str) -> dict[str, object]:
             return True
 
     started = time.perf_counter()
-    model_args = ModelArguments(model=model_dir, precision=precision)
+    model_args = ModelArguments(model=model_dir, precision=precision, calibration_precision=calibration_precision)
     model = load_model(model_args)
     tokenizer = load_tokenizer(model_args, model)
     batches = make_batches(list(chunks), 1, padding_token_id(tokenizer))
     loaded = time.perf_counter()
-    context = RunContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer)
+    context = RunContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer,
+                         compute_dtype=calibration_dtype(model_args, model))
     pipeline = LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([CalibrationOnly()]))
     with torch.no_grad():
         pipeline.run(batches)
@@ -69,6 +70,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", help="where the checkpoint goes (not with --floor)")
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--precision", default="auto", help="model dtype for calibration (auto = checkpoint's)")
+    parser.add_argument("--calibration-precision", default="auto", help="dtype the calibration forwards autocast to")
     parser.add_argument("--actorder", default="static")
     parser.add_argument("--true-sequential", action="store_true")
     args = parser.parse_args(argv)
@@ -86,6 +88,7 @@ def main(argv: list[str]) -> int:
         "torch_threads": torch.get_num_threads(),
         "recipe": "floor" if args.floor else f"gptq-w4a16 actorder={args.actorder} true_sequential={args.true_sequential}",
         "precision": args.precision,
+        "calibration_precision": args.calibration_precision,
         "samples": int(n),
         "seq_len": int(seq_len),
     }
@@ -94,7 +97,7 @@ def main(argv: list[str]) -> int:
         import llmc.pipeline  # noqa: F401
 
         imported = time.perf_counter()
-        timings = run_floor(args.model, chunks, args.precision)
+        timings = run_floor(args.model, chunks, args.precision, args.calibration_precision)
     else:
         from datasets import Dataset
 
@@ -105,7 +108,7 @@ def main(argv: list[str]) -> int:
         result = oneshot(
             model=args.model, dataset=dataset, recipe=recipe(args.actorder, args.true_sequential),
             num_calibration_samples=int(n), max_seq_length=int(seq_len), output_dir=args.output,
-            overwrite=True, precision=args.precision,
+            overwrite=True, precision=args.precision, calibration_precision=args.calibration_precision,
         )
         finished = time.perf_counter()
         rows = result.report["modules"]

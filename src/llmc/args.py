@@ -85,6 +85,15 @@ class ModelArguments:
         validator=v.in_(PRECISIONS),
         metadata=_help(f"dtype to load the model in: {', '.join(PRECISIONS)}"),
     )
+    calibration_precision: str = attrs.field(
+        default="auto",
+        validator=v.in_(PRECISIONS),
+        metadata=_help(
+            "dtype the calibration forward passes compute in (autocast): auto = the model's own; "
+            "bfloat16 roughly halves them on CPUs with native bf16 and on GPUs. Weights, "
+            "Hessians and the checkpoint keep their dtype"
+        ),
+    )
     device: str | None = attrs.field(
         default=None,
         metadata=_help("device for calibration (default: the model's, else cuda if present, else cpu)"),

@@ -24,6 +24,9 @@ class RunContext:
     as it is now, so a modifier can compress part of a block and collect fresh statistics for
     the rest (GPTQ's true-sequential order). A hook may raise ``llmc.pipeline.StopLayerForward``
     to cut a batch's forward short once it has what it needs.
+
+    ``compute_dtype``, when set, is the dtype the pipeline's forward passes compute in
+    (``torch.autocast``); statistics a hook gathers should not assume their inputs' dtype.
     """
 
     model: torch.nn.Module
@@ -32,6 +35,7 @@ class RunContext:
     attention_mask: torch.Tensor | None = None
     layer_names: list[str] = attrs.field(factory=list)
     forward_layer: Callable[[], None] | None = None
+    compute_dtype: torch.dtype | None = None
     # set by ``train``: where fine-tuning is, so scheduled modifiers can follow their schedule
     step: int = 0
     steps_per_epoch: int | None = None

@@ -61,9 +61,10 @@ class HessianAccumulator:
         if x.shape[0] == 0:
             return
         x = x.to(torch.float32)
-        for start in range(0, columns, self.block):
-            stop = min(start + self.block, columns)
-            self.S[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # block row, upper part
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 under any autocast
+            for start in range(0, columns, self.block):
+                stop = min(start + self.block, columns)
+                self.S[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # block row, upper part
         self.tokens += x.shape[0]
         self._H = None
 

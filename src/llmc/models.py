@@ -23,6 +23,7 @@ from llmc.hub import hub_is_reachable
 
 __all__ = [
     "MODEL_PRESETS",
+    "calibration_dtype",
     "default_device",
     "load_model",
     "load_tokenizer",
@@ -155,6 +156,12 @@ def _dtype_of(model: torch.nn.Module) -> torch.dtype | None:
         if parameter.is_floating_point():
             return parameter.dtype
     return None
+
+
+def calibration_dtype(model_args: ModelArguments, model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype calibration forwards autocast to, or None to compute in the model's own."""
+    wanted = _DTYPES.get(model_args.calibration_precision)
+    return None if wanted is None or wanted == _dtype_of(model) else wanted
 
 
 def _asymmetric_packed_workaround(config: Any) -> dict[str, Any]:

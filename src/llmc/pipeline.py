@@ -20,6 +20,7 @@ passed to it (hidden states, attention mask, rotary embeddings...), so any block
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -185,10 +186,11 @@ class LayerwisePipeline:
             hook.llmc_layer_end(context=self.context, layer_name=name, layer=block)
             self.context.forward_layer = None
             if inputs is not None and name != blocks[-1][0]:
-                inputs = [
-                    batch.with_hidden_states(output.to(self.storage_device))
-                    for batch, output in zip(inputs, self._forward(block, inputs))
-                ]
+                with self._compute_precision():
+                    inputs = [
+                        batch.with_hidden_states(output.to(self.storage_device))
+                        for batch, output in zip(inputs, self._forward(block, inputs))
+                    ]
             self.timings[name] = time.perf_counter() - started
             logger.debug("%s done in %.2f s", name, self.timings[name])
         hook.llmc_finalize(context=self.context)
@@ -203,10 +205,29 @@ class LayerwisePipeline:
                     "pass dataset=... (for example 'llmc:stdlib-docs')",
                     module=name,
                 )
-            for _ in self._forward(block, inputs, stoppable=True):
-                pass
+            with self._compute_precision():
+                for _ in self._forward(block, inputs, stoppable=True):
+                    pass
 
         return run_pass
+
+    @contextlib.contextmanager
+    def _compute_precision(self) -> Iterator[None]:
+        """Autocast a whole pass to ``context.compute_dtype`` (weights are cast once per pass).
+
+        Held for one pass, never across a modifier's change of the weights: autocast caches the
+        cast weights until its outermost context exits, so the cache is also cleared on exit in
+        case the caller runs inside an autocast context of its own.
+        """
+        dtype = self.context.compute_dtype
+        if dtype is None:
+            yield
+            return
+        try:
+            with torch.autocast(device_type=self._device().type, dtype=dtype):
+                yield
+        finally:
+            torch.clear_autocast_cache()
 
     def _device(self) -> torch.device:
         return self.context.device

@@ -19,7 +19,7 @@ from llmc.args import parse_arguments
 from llmc.context import RunContext
 from llmc.data import load_calibration_data, make_batches, padding_token_id
 from llmc.entrypoints.stages import ONESHOT, check_stage_kinds, run_oneshot_stage, write_results
-from llmc.models import load_model, load_tokenizer
+from llmc.models import calibration_dtype, load_model, load_tokenizer
 from llmc.plugins import load_registry
 from llmc.recipe import Recipe, load_recipe
 from llmc.save import check_output_dir
@@ -74,7 +74,12 @@ def oneshot(**kwargs: Any) -> OneshotResult:
     size_before = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # 3. Each stage runs its modifiers over the model, one block at a time.
-    context = RunContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer)
+    context = RunContext(
+        model=model,
+        device=next(model.parameters()).device,
+        tokenizer=tokenizer,
+        compute_dtype=calibration_dtype(model_args, model),
+    )
     for stage in recipe.stages:
         run_oneshot_stage(stage, model, context, batches, data_args.sequential_targets)
 

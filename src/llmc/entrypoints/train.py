@@ -35,7 +35,7 @@ from llmc.data import (
 from llmc.entrypoints.oneshot import OneshotResult
 from llmc.entrypoints.stages import TRAIN, check_stage_kinds, run_oneshot_stage, write_results
 from llmc.errors import DataError
-from llmc.models import load_model, load_tokenizer
+from llmc.models import calibration_dtype, load_model, load_tokenizer
 from llmc.pipeline import make_lifecycle
 from llmc.plugins import load_registry
 from llmc.recipe import Recipe, RecipeStage, load_recipe
@@ -86,7 +86,12 @@ def train(**kwargs: Any) -> TrainResult:
         calibration = make_batches(samples, data_args.batch_size, pad_id)
 
     # 3. The stages, in recipe order.
-    context = RunContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer)
+    context = RunContext(
+        model=model,
+        device=next(model.parameters()).device,
+        tokenizer=tokenizer,
+        compute_dtype=calibration_dtype(model_args, model),
+    )
     losses: list[float] = []
     for stage, kind in zip(recipe.stages, kinds):
         if kind == TRAIN:
