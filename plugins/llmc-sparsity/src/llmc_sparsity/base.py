@@ -237,10 +237,10 @@ class BlockwisePruningRun:
     """Run state shared by the pruners that calibrate one block at a time (SparseGPT, Wanda).
 
     They differ only in the statistics their hooks gather and in how they prune from them, so
-    a subclass implements ``llmc_layer_start`` (attach hooks to ``_layer_modules``, keep the
-    remover in ``remove_hooks``) and ``llmc_layer_end`` (``_detach_hooks``, then prune the
-    block's targets). ``config`` is the modifier, with ``targets``, ``ignore``, ``sparsity``
-    and ``mask_structure`` fields.
+    a subclass implements ``_attach_hooks`` (start gathering for a block's modules, return the
+    remover) and ``_prune_block`` (prune the block's targets once its hooks are off).
+    ``config`` is the modifier, with ``targets``, ``ignore``, ``sparsity`` and
+    ``mask_structure`` fields.
     """
 
     config: Any
@@ -267,13 +267,26 @@ class BlockwisePruningRun:
     def _in_layer(self, layer_name: str) -> list[PruneTarget]:
         return [target for target in self.pending.values() if target.block == layer_name]
 
-    def _layer_modules(self, layer_name: str) -> dict[str, torch.nn.Linear]:
-        return {target.name: target.module for target in self._in_layer(layer_name)}
+    def _attach_hooks(self, modules: dict[str, torch.nn.Linear], context: RunContext) -> Callable[[], None]:
+        raise NotImplementedError
 
-    def _detach_hooks(self) -> None:
+    def _prune_block(self, context: RunContext, layer_name: str) -> None:
+        raise NotImplementedError
+
+    @hookimpl
+    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
+        modules = {target.name: target.module for target in self._in_layer(layer_name)}
+        if not modules:
+            return False
+        self.remove_hooks = self._attach_hooks(modules, context)
+        return True
+
+    @hookimpl
+    def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
         if self.remove_hooks is not None:
             self.remove_hooks()
             self.remove_hooks = None
+        self._prune_block(context, layer_name)
 
     @hookimpl
     def llmc_finalize(self, context: RunContext) -> None:

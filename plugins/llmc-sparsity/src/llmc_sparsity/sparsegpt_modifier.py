@@ -16,7 +16,6 @@ from llmc.hessian import (
     inverse_cholesky_upper,
     zero_dead_columns_,
 )
-from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
 from llmc.pipeline import StopLayerForward
 from llmc_sparsity.base import (
@@ -90,17 +89,11 @@ class SparseGPTRun(BlockwisePruningRun):
 
     hessians: dict[str, HessianAccumulator] = attrs.field(factory=dict)
 
-    @hookimpl
-    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
-        modules = self._layer_modules(layer_name)
-        if not modules:
-            return False
-        self.hessians, self.remove_hooks = attach_shared_hessian_hooks(modules, context)
-        return True
+    def _attach_hooks(self, modules: dict[str, torch.nn.Linear], context: RunContext) -> Callable[[], None]:
+        self.hessians, remove = attach_shared_hessian_hooks(modules, context)
+        return remove
 
-    @hookimpl
-    def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
-        self._detach_hooks()
+    def _prune_block(self, context: RunContext, layer_name: str) -> None:
         targets = {target.name: target for target in self._in_layer(layer_name)}
         for name in targets:
             del self.pending[name]

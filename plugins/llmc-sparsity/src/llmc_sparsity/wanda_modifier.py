@@ -9,7 +9,6 @@ import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
 from llmc_sparsity.base import (
     BlockwisePruningRun,
@@ -74,17 +73,11 @@ class WandaRun(BlockwisePruningRun):
 
     norms: dict[str, ColumnNormAccumulator] = attrs.field(factory=dict)
 
-    @hookimpl
-    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
-        modules = self._layer_modules(layer_name)
-        if not modules:
-            return False
-        self.norms, self.remove_hooks = attach_column_norm_hooks(modules, context)
-        return True
+    def _attach_hooks(self, modules: dict[str, torch.nn.Linear], context: RunContext) -> Callable[[], None]:
+        self.norms, remove = attach_column_norm_hooks(modules, context)
+        return remove
 
-    @hookimpl
-    def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
-        self._detach_hooks()
+    def _prune_block(self, context: RunContext, layer_name: str) -> None:
         keep_n, group_m = parse_mask_structure(self.config.mask_structure)
         for target in self._in_layer(layer_name):
             del self.pending[target.name]
