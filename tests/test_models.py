@@ -241,3 +241,24 @@ def test_load_tokenizer_unreachable_hub_name_is_one_line() -> None:
         "cannot load tokenizer 'org/some-model' from the Hugging Face hub (offline or unreachable); "
         "pass a local directory with tokenizer=path/to/tokenizer"
     )
+
+
+def test_loaded_weights_are_compressed_in_place_unless_tied(tmp_path: Path, tokenizer) -> None:
+    from llmc.quantization import preset_scheme, quantize_linear_
+    from llmc.testing import build_causal_lm
+
+    tied = build_causal_lm(layers=1)
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    tied.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    model = load_model(ModelArguments(model=str(tmp_path / "tied")))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not getattr(model.lm_head.weight, models_module.EXCLUSIVE, False)
+
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert getattr(q_proj.weight, models_module.EXCLUSIVE)
+    parameter, pointer = q_proj.weight, q_proj.weight.data_ptr()
+    quantize_linear_(q_proj, preset_scheme("W4A16"))
+    assert q_proj.weight is parameter and q_proj.weight.data_ptr() == pointer  # written in place
+    assert q_proj.weight.unique().numel() > 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections import Counter
 from typing import Any
 
 import torch
@@ -231,7 +232,28 @@ def load_model(model_args: ModelArguments) -> PreTrainedModel:
     loaded.eval()
     if any(p.device != device for p in loaded.parameters()):
         loaded.to(device)
+    _mark_exclusive_parameters(loaded)
     return loaded
+
+
+EXCLUSIVE = "_llmc_exclusive"
+
+
+def _mark_exclusive_parameters(model: torch.nn.Module) -> None:
+    """Flag the parameters no other parameter shares storage with (not tied), as ``EXCLUSIVE``.
+
+    transformers maps safetensors files into memory copy-on-write; a compressed weight written
+    *into* its parameter takes over those pages, while one assigned as a new tensor leaves the
+    file pages resident next to it (measured: 1.8 GB instead of 1.1 GB peak for a 790 MB
+    model). Writing in place is only safe when nothing else reads the same storage, and only
+    this loader knows that for sure; models passed in as objects are never flagged.
+    """
+    owners = Counter(
+        p.untyped_storage().data_ptr() for _, p in model.named_parameters(remove_duplicate=False)
+    )
+    for parameter in model.parameters():
+        if owners[parameter.untyped_storage().data_ptr()] == 1:
+            setattr(parameter, EXCLUSIVE, True)
 
 
 def load_tokenizer(model_args: ModelArguments, model: Any = None) -> Any:

@@ -166,7 +166,11 @@ def set_quantized_weight_(
     scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
     weight = weight_fake_quantized.detach().to(device=module.weight.device)
     codes = recover_codes(weight, scale, zero_point, scheme.weights)
-    module.weight.data = dequantize(codes, scale, zero_point, scheme.weights, module.weight.dtype)
+    on_grid = dequantize(codes, scale, zero_point, scheme.weights, module.weight.dtype)
+    if getattr(module.weight, "_llmc_exclusive", False) and on_grid.device == module.weight.device:
+        module.weight.data.copy_(on_grid)  # into a loaded checkpoint's pages (llmc.models)
+    else:
+        module.weight.data = on_grid
     _set_buffer(module, "weight_scale", scale)
     _set_buffer(module, "weight_zero_point", zero_point)
     module.quantization_scheme = scheme
