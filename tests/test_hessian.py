@@ -117,3 +117,15 @@ def test_shared_hessian_hooks_share_between_modules_fed_the_same_tensor():
     remove()
     assert accumulators["q"] is accumulators["k"] and accumulators["o"] is not accumulators["q"]
     assert accumulators["q"].tokens == 30
+
+
+def test_hessian_can_take_more_tokens_after_it_was_read():
+    torch.manual_seed(3)
+    first, second = torch.randn(40, 200), torch.randn(30, 200)
+    accumulator = HessianAccumulator(torch.zeros(200, 200), block=64)
+    accumulator.add_(first)
+    torch.testing.assert_close(accumulator.H, 2 / 40 * first.T @ first, rtol=1e-5, atol=1e-5)
+    accumulator.add_(second)
+    both = torch.cat([first, second])
+    torch.testing.assert_close(accumulator.H, 2 / 70 * both.T @ both, rtol=1e-5, atol=1e-5)
+    assert torch.equal(accumulator.H, accumulator.H.T)

@@ -41,10 +41,10 @@ class HessianAccumulator:
     read and cached; adding tokens afterwards clears the cache.
     """
 
-    S: torch.Tensor  # [cols, cols]; blocks on and above the diagonal are valid
+    S: torch.Tensor  # [cols, cols]; blocks on and above the diagonal are valid (until mirrored)
     block: int = 512
     tokens: int = 0
-    _H: torch.Tensor | None = attrs.field(default=None, repr=False)
+    _mirrored: bool = attrs.field(default=False, repr=False)
 
     @classmethod
     def for_linear(cls, module: torch.nn.Linear) -> HessianAccumulator:
@@ -60,26 +60,32 @@ class HessianAccumulator:
             x = x[token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
         if x.shape[0] == 0:
             return
+        if self._mirrored:  # H was read: back to sums (the mirrored lower part is rewritten later)
+            self.S.mul_(self.tokens / 2.0)
+            self._mirrored = False
         x = x.to(torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):  # float32 under any autocast
             for start in range(0, columns, self.block):
                 stop = min(start + self.block, columns)
                 self.S[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # block row, upper part
         self.tokens += x.shape[0]
-        self._H = None
 
     @property
     def H(self) -> torch.Tensor:
-        """2/N S, mirrored from its upper part (a new tensor; the same one until more tokens)."""
-        if self._H is None:
-            if self.tokens == 0:
-                self._H = torch.zeros_like(self.S)
-                return self._H
-            upper = torch.triu(self.S)
-            H = upper + upper.T  # counts the diagonal twice
-            H.diagonal().mul_(0.5)
-            self._H = H.mul_(2.0 / self.tokens)
-        return self._H
+        """2/N S with its lower part mirrored from the upper, computed in the storage of S.
+
+        No second [cols, cols] matrix: for a 5632-wide input that is 127 MB less at the peak
+        of a solve. The same tensor is returned until more tokens are added.
+        """
+        if not self._mirrored:
+            columns = self.S.shape[0]
+            for start in range(0, columns, self.block):
+                stop = min(start + self.block, columns)
+                self.S[stop:, start:stop].copy_(self.S[start:stop, stop:].T)  # disjoint blocks
+            if self.tokens:
+                self.S.mul_(2.0 / self.tokens)
+            self._mirrored = True
+        return self.S
 
 
 def attach_hessian_hooks(
