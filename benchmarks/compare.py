@@ -184,7 +184,10 @@ def one_run(
         shutil.rmtree(output)
     if tool == "ours":
         cmd = [sys.executable, str(OURS_SCRIPT), "--model", str(model_dir), "--chunks", str(chunks_file)]
-        cmd += ["--floor"] if recipe == "floor" else ["--recipe", recipe, "--output", str(output)]
+        base, _, precision = recipe.partition("@")  # "sparsegpt-2:4@bfloat16": calibration precision
+        cmd += ["--floor"] if base == "floor" else ["--recipe", base, "--output", str(output)]
+        if precision:
+            cmd += ["--calibration-precision", precision]
     else:
         cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--model", str(model_dir), "--chunks", str(chunks_file)]
         cmd += ["--recipe", recipe, "--output", str(output)]
@@ -354,7 +357,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="embedded")
     parser.add_argument("--recipe", help="recipe for both tools (sets --ours-recipe and --peer-recipe)")
-    parser.add_argument("--ours-recipe", help=f"comma-separated, of: {', '.join(OURS_RECIPES)}")
+    parser.add_argument("--ours-recipe", help=f"comma-separated, of: {', '.join(OURS_RECIPES)}; append @bfloat16 to calibrate in bf16 autocast")
     parser.add_argument("--peer-recipe", help=f"one of: {', '.join(PEER_RECIPES)}, or 'none'")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each of our configurations")
     parser.add_argument("--peer-repeats", type=int, help="runs of the peer (default: --repeats)")
@@ -375,7 +378,7 @@ def main(argv: list[str]) -> int:
     if peer_recipe == "none":
         peer_recipe = None
     for r in ours:
-        if r not in OURS_RECIPES:
+        if r.partition("@")[0] not in OURS_RECIPES or r.partition("@")[2] not in ("", "bfloat16", "float16"):
             parser.error(f"unknown recipe {r!r} for ours; one of {', '.join(OURS_RECIPES)}")
     if peer_recipe is not None and peer_recipe not in PEER_RECIPES:
         parser.error(f"unknown recipe {peer_recipe!r} for the peer; one of {', '.join(PEER_RECIPES)}")

@@ -65,22 +65,25 @@ class _CalibrationOnly:
         return True
 
 
-def run_floor(model_dir: str, chunks) -> dict[str, float]:
+def run_floor(model_dir: str, calibration_precision: str, chunks) -> dict[str, float]:
     """Load the model and run the pipeline's forwards only; return phase timings."""
     import torch
 
     from llmc import ModelArguments, RunContext
     from llmc.data import make_batches, padding_token_id
-    from llmc.models import load_model, load_tokenizer
+    from llmc.models import calibration_dtype, load_model, load_tokenizer
     from llmc.pipeline import LayerwisePipeline, make_lifecycle
 
     started = time.perf_counter()
-    model_args = ModelArguments(model=model_dir)
+    model_args = ModelArguments(model=model_dir, calibration_precision=calibration_precision)
     model = load_model(model_args)
     tokenizer = load_tokenizer(model_args, model)
     batches = make_batches(list(chunks), 1, padding_token_id(tokenizer))
     loaded = time.perf_counter()
-    context = RunContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer)
+    context = RunContext(
+        model=model, device=next(model.parameters()).device, tokenizer=tokenizer,
+        compute_dtype=calibration_dtype(model_args, model),
+    )
     pipeline = LayerwisePipeline(
         model=model, context=context, lifecycle=make_lifecycle([_CalibrationOnly()])
     )
@@ -116,6 +119,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="what to run (not with --floor)")
     parser.add_argument("--output", help="where the compressed checkpoint goes")
     parser.add_argument("--floor", action="store_true", help="calibration forwards only, no compression")
+    parser.add_argument("--calibration-precision", default="auto", help="dtype the calibration forwards autocast to")
     args = parser.parse_args(argv)
     if args.floor == (args.recipe is not None):
         parser.error("give exactly one of --recipe and --floor")
@@ -132,6 +136,7 @@ def main(argv: list[str]) -> int:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "recipe": "floor" if args.floor else args.recipe,
+        "calibration_precision": args.calibration_precision,
         "samples": int(n),
         "seq_len": int(seq_len),
     }
@@ -141,7 +146,7 @@ def main(argv: list[str]) -> int:
         import llmc.pipeline  # noqa: F401
 
         imported = time.perf_counter()
-        timings = run_floor(args.model, chunks)
+        timings = run_floor(args.model, args.calibration_precision, chunks)
     else:
         recipe, modifier = RECIPES[args.recipe]
         problem = check_plugin(modifier)
@@ -164,6 +169,7 @@ def main(argv: list[str]) -> int:
             num_calibration_samples=int(n),
             max_seq_length=int(seq_len),
             output_dir=args.output,
+            calibration_precision=args.calibration_precision,
         )
         finished = time.perf_counter()
         timings = {"oneshot_s": round(finished - imported, 2)}
