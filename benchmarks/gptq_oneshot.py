@@ -35,7 +35,7 @@ def recipe(actorder: str, true_sequential: bool) -> str:
     return f"quant_stage:\n  quant_modifiers:\n    GPTQModifier: {{{params}}}\n"
 
 
-def run_floor(model_dir: str, chunks, precision: str, calibration_precision: str) -> dict[str, object]:
+def run_floor(model_dir: str, chunks, precision: str, calibration_precision: str, batch_size: int) -> dict[str, object]:
     import torch
 
     from llmc import ModelArguments, RunContext, hookimpl
@@ -52,7 +52,7 @@ def run_floor(model_dir: str, chunks, precision: str, calibration_precision: str
     model_args = ModelArguments(model=model_dir, precision=precision, calibration_precision=calibration_precision)
     model = load_model(model_args)
     tokenizer = load_tokenizer(model_args, model)
-    batches = make_batches(list(chunks), 1, padding_token_id(tokenizer))
+    batches = make_batches(list(chunks), batch_size, padding_token_id(tokenizer))
     loaded = time.perf_counter()
     context = RunContext(model=model, device=next(model.parameters()).device, tokenizer=tokenizer,
                          compute_dtype=calibration_dtype(model_args, model))
@@ -71,6 +71,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--precision", default="auto", help="model dtype for calibration (auto = checkpoint's)")
     parser.add_argument("--calibration-precision", default="auto", help="dtype the calibration forwards autocast to")
+    parser.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default: llmc's)")
     parser.add_argument("--actorder", default="static")
     parser.add_argument("--true-sequential", action="store_true")
     args = parser.parse_args(argv)
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> int:
         import llmc.pipeline  # noqa: F401
 
         imported = time.perf_counter()
-        timings = run_floor(args.model, chunks, args.precision, args.calibration_precision)
+        timings = run_floor(args.model, chunks, args.precision, args.calibration_precision, args.batch_size or 1)
     else:
         from datasets import Dataset
 
@@ -109,6 +110,7 @@ def main(argv: list[str]) -> int:
             model=args.model, dataset=dataset, recipe=recipe(args.actorder, args.true_sequential),
             num_calibration_samples=int(n), max_seq_length=int(seq_len), output_dir=args.output,
             overwrite=True, precision=args.precision, calibration_precision=args.calibration_precision,
+            **({"batch_size": args.batch_size} if args.batch_size else {}),
         )
         finished = time.perf_counter()
         rows = result.report["modules"]

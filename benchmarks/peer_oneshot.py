@@ -60,12 +60,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="where the compressed checkpoint goes")
     args = parser.parse_args(argv)
 
+    import llmcompressor
     import torch
     from datasets import Dataset
-    from safetensors.torch import load_file
-
-    import llmcompressor
     from llmcompressor.entrypoints.oneshot import Oneshot
+    from safetensors.torch import load_file
 
     imported = time.perf_counter()
     chunks = load_file(args.chunks)["input_ids"].to(torch.long)  # [n, seq_len]

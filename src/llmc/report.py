@@ -46,17 +46,17 @@ def plot_report(rows: list[dict[str, Any]], title: str) -> bytes | None:
     if not rows:
         return None
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure: no pyplot (a third of matplotlib's import time, and no global state
+        # or GUI backend in the caller's process); savefig picks the Agg renderer for PNG.
+        from matplotlib.figure import Figure
     except ImportError:
         logger.info("matplotlib is not installed; the report has no plot (pip install matplotlib)")
         return None
     names = [row["module"] for row in rows]
     errors = [row["weight_error"] for row in rows]
     height = max(3.0, 0.18 * len(rows) + 1.2)
-    figure, axes = plt.subplots(figsize=(9, height))
+    figure = Figure(figsize=(9, height))
+    axes = figure.subplots()
     axes.barh(range(len(rows)), errors, color="#4477aa")
     axes.set_yticks(range(len(rows)), labels=names, fontsize=7)
     axes.invert_yaxis()
@@ -66,5 +66,4 @@ def plot_report(rows: list[dict[str, Any]], title: str) -> bytes | None:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
     return buffer.getvalue()
