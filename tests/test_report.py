@@ -1,21 +1,48 @@
-"""The run report's plot: a real PNG of per-module errors, or nothing when there is nothing to plot."""
+"""The run report's plot: a real PNG, one panel per metric the rows carry, or nothing at all."""
 
 from __future__ import annotations
 
 import io
 
+import pytest
+
 from llmc.report import plot_report
 
 
-def test_plot_report_draws_a_png_with_one_bar_per_module():
+def _image(png: bytes):
     from matplotlib.image import imread
 
-    rows = [{"module": f"model.layers.{i}.mlp.down_proj", "weight_error": 0.01 * (i + 1)} for i in range(6)]
-    png = plot_report(rows + [{"module": "(model)", "sparsity_config": {}}], "W4A16")
-    assert png is not None and png.startswith(b"\x89PNG\r\n\x1a\n")
-    image = imread(io.BytesIO(png), format="png")
-    assert image.shape[0] > 100 and image.shape[1] > 500  # 9 in wide at 110 dpi
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    return imread(io.BytesIO(png), format="png")
 
 
-def test_plot_report_without_errors_has_no_plot():
-    assert plot_report([{"module": "(model)", "sparsity_config": {}}], "nothing") is None
+def _quantized(count: int) -> list[dict]:
+    return [
+        {"modifier": "GPTQModifier", "module": f"model.layers.{i}.mlp.down_proj", "weight_error": 0.01 * (i + 1),
+         "output_error": 0.002 * (i + 1)}
+        for i in range(count)
+    ]
+
+
+def test_plot_report_draws_a_png_with_a_panel_per_metric():
+    pytest.importorskip("matplotlib")
+    weight_only = _image(plot_report([{k: v for k, v in r.items() if k != "output_error"} for r in _quantized(6)], "t"))
+    two_panels = _image(plot_report(_quantized(6), "t"))
+    assert weight_only.shape[0] > 100 and weight_only.shape[1] > 500
+    assert two_panels.shape[1] > weight_only.shape[1]  # a second panel makes the figure wider
+
+
+def test_plot_report_shows_pruned_then_quantized_modules_with_sparsity():
+    pytest.importorskip("matplotlib")
+    pruned = [
+        {"modifier": "SparseGPTModifier", "module": f"model.layers.{i}.mlp.up_proj", "weight_error": 0.3,
+         "sparsity": 0.5, "target_sparsity": 0.5}
+        for i in range(4)
+    ]
+    model_row = {"modifier": "SparseGPTModifier", "module": "(model)", "sparsity_config": {"format": "dense"}}
+    image = _image(plot_report(pruned + _quantized(4) + [model_row], "t"))
+    assert image.shape[1] > 1000  # three panels: weight error, output error, sparsity
+
+
+def test_plot_report_without_numbers_has_no_plot():
+    assert plot_report([{"modifier": "m", "module": "(model)", "sparsity_config": {}}], "nothing") is None

@@ -40,9 +40,22 @@ def report_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2, sort_keys=False, default=str) + "\n"
 
 
+# (row key, axis label): one panel per metric some row carries, modules down the shared y axis.
+PLOTTED_METRICS = (
+    ("weight_error", "relative weight error ‖W − W′‖ / ‖W‖"),
+    ("output_error", "relative output error (calibration data)"),
+    ("sparsity", "sparsity reached (| = target)"),
+)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def plot_report(rows: list[dict[str, Any]], title: str) -> bytes | None:
-    """A PNG of the relative weight error of every compressed module, in model order."""
-    rows = [row for row in rows if "weight_error" in row]
+    """A PNG with one bar chart per metric the rows carry (weight error, GPTQ's output error,
+    sparsity reached against its target), every compressed module in model order."""
+    rows = [row for row in rows if any(_number(row.get(key)) for key, _ in PLOTTED_METRICS)]
     if not rows:
         return None
     try:
@@ -52,17 +65,27 @@ def plot_report(rows: list[dict[str, Any]], title: str) -> bytes | None:
     except ImportError:
         logger.info("matplotlib is not installed; the report has no plot (pip install matplotlib)")
         return None
-    names = [row["module"] for row in rows]
-    errors = [row["weight_error"] for row in rows]
+    metrics = [(key, label) for key, label in PLOTTED_METRICS if any(_number(row.get(key)) for row in rows)]
+    several_modifiers = len({row.get("modifier") for row in rows}) > 1
+    names = [f"{row['module']} ({row['modifier']})" if several_modifiers else row["module"] for row in rows]
+    positions = range(len(rows))
     height = max(3.0, 0.18 * len(rows) + 1.2)
-    figure = Figure(figsize=(9, height))
-    axes = figure.subplots()
-    axes.barh(range(len(rows)), errors, color="#4477aa")
-    axes.set_yticks(range(len(rows)), labels=names, fontsize=7)
-    axes.invert_yaxis()
-    axes.set_xlabel("relative weight error  ||W - W_q|| / ||W||")
-    axes.set_title(title)
-    axes.grid(axis="x", alpha=0.3)
+    figure = Figure(figsize=(4.5 + 3.5 * len(metrics), height))
+    panels = figure.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+    for axes, (key, label) in zip(panels, metrics):
+        values = [row[key] if _number(row.get(key)) else float("nan") for row in rows]
+        axes.barh(positions, values, color="#4477aa")
+        if key == "sparsity":
+            targets = [row.get("target_sparsity") for row in rows]
+            marked = [(t, y) for y, t in zip(positions, targets) if _number(t)]
+            if marked:
+                axes.scatter([t for t, _ in marked], [y for _, y in marked], marker="|", color="#cc3311", s=60)
+            axes.set_xlim(0, 1)
+        axes.set_xlabel(label, fontsize=8)
+        axes.grid(axis="x", alpha=0.3)
+    panels[0].set_yticks(list(positions), labels=names, fontsize=7)
+    panels[0].invert_yaxis()
+    figure.suptitle(title)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)

@@ -115,7 +115,7 @@ def write_results(
         "recipe.yaml": recipe_to_yaml(recipe, registry),
         "llmc_report.json": report_json(report),
     }
-    plot = plot_report(context.report, title=f"{Path(str(model_name)).name}: weight error")
+    plot = plot_report(context.report, title=f"{Path(str(model_name)).name}: per-module results")
     if plot is not None:
         extra_files["llmc_report.png"] = plot
     output_dir = save_checkpoint(
