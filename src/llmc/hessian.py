@@ -218,20 +218,27 @@ def inverse_cholesky_upper(
     damping is doubled and the factorisation retried, instead of falling back to rounding; the
     final damping is logged. Returns U and the damping fraction used. ``H`` is not changed.
     """
-    if order is None:
-        damped = H.flip(0, 1)  # J H J, a copy
-    else:
+    def reordered() -> torch.Tensor:  # J P H Pᵀ J, our own copy
+        if order is None:
+            return H.flip(0, 1)
         index = order.to(H.device).flip(0)
-        damped = H.index_select(0, index).index_select(1, index)
-    diagonal = damped.diagonal()  # a view: damping is added in place
-    original = diagonal.clone()
+        return H.index_select(0, index).index_select(1, index)
+
+    original = torch.diagonal(H).clone()
     original[original == 0] = 1.0
+    if order is not None:
+        original = original[order.to(H.device)]
+    original = original.flip(0)
     mean_diagonal = torch.mean(original).item()
+    damped: torch.Tensor | None = None
     frac = dampening_frac
     for attempt in range(max_attempts):
-        diagonal.copy_(original + frac * mean_diagonal)
+        if damped is None:
+            damped = reordered()
+        damped.diagonal().copy_(original + frac * mean_diagonal)
         lower, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
+            damped = None  # not needed once factored: one [n, n] less during the inverse
             upper = lower_triangular_inverse(lower)
             del lower
             # One reduction instead of an elementwise mask: an inf or nan anywhere makes the
