@@ -75,6 +75,7 @@ def run_variant(
     max_eval_chunks: int | None,
     order_seed: int | None = None,
     precision: str = "float32",
+    calibration_precision: str = "auto",
 ) -> dict[str, Any]:
     from llmc_gptq import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,7 +99,8 @@ def run_variant(
             modifier = QuantizationModifier(ignore=["lm_head"], **form)
         else:
             modifier = GPTQModifier(ignore=["lm_head"], **form, **options)
-        context = RunContext(model=model, device=torch.device("cpu"), tokenizer=tokenizer)
+        compute_dtype = None if calibration_precision == "auto" else getattr(torch, calibration_precision)
+        context = RunContext(model=model, device=torch.device("cpu"), tokenizer=tokenizer, compute_dtype=compute_dtype)
         run = modifier.start(context)
         for key, value in run_options.items():
             setattr(run, key, value)
@@ -119,6 +121,7 @@ def run_variant(
     return {
         "variant": name,
         "precision": precision,
+        "calibration_precision": calibration_precision,
         "order_seed": order_seed,
         "perplexity": round(ppl, 4),
         "pipeline_s": round(seconds, 2),
@@ -141,6 +144,7 @@ def main(argv: list[str]) -> int:
         "order (same tokens), to see how much perplexity moves from float rounding alone",
     )
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="calibrate in this dtype")
+    parser.add_argument("--calibration-precision", default="auto", help="autocast the calibration forwards to this dtype")
     parser.add_argument("--threads", type=int, help="torch threads (quality does not depend on it; 1 is kinder to a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -160,7 +164,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"unknown variant {name!r}")
         seeds = [None] + [int(seed) for seed in args.order_seeds.split(",") if seed]
         for seed in seeds if VARIANTS[name][0] == "gptq" else [None]:
-            result = run_variant(name, chunks, heldout, args.max_eval_chunks, seed, args.precision)
+            result = run_variant(name, chunks, heldout, args.max_eval_chunks, seed, args.precision, args.calibration_precision)
             print(json.dumps(result), flush=True)
             if args.json:
                 with open(args.json, "a") as handle:
