@@ -19,7 +19,6 @@ from llmc.errors import CalibrationError
 
 __all__ = [
     "HessianAccumulator",
-    "attach_hessian_hooks",
     "attach_shared_hessian_hooks",
     "inverse_cholesky_upper",
     "lower_triangular_inverse",
@@ -88,31 +87,10 @@ class HessianAccumulator:
         return self.S
 
 
-def attach_hessian_hooks(
-    modules: Mapping[str, torch.nn.Linear], context: RunContext
-) -> tuple[dict[str, HessianAccumulator], Callable[[], None]]:
-    """Start accumulating H for each module; returns the accumulators and a remover."""
-    accumulators = {name: HessianAccumulator.for_linear(module) for name, module in modules.items()}
-    handles = []
-    for name, module in modules.items():
-        accumulator = accumulators[name]
-
-        def hook(_: torch.nn.Module, args: tuple, accumulator: HessianAccumulator = accumulator) -> None:
-            accumulator.add_(args[0].detach(), context.attention_mask)
-
-        handles.append(module.register_forward_pre_hook(hook))
-
-    def remove() -> None:
-        for handle in handles:
-            handle.remove()
-
-    return accumulators, remove
-
-
 def attach_shared_hessian_hooks(
     modules: Mapping[str, torch.nn.Linear], context: RunContext
 ) -> tuple[dict[str, HessianAccumulator], Callable[[], None]]:
-    """Like ``attach_hessian_hooks``, but modules fed the very same tensor share one H.
+    """Start accumulating H for each module; modules fed the very same tensor share one H.
 
     In a decoder layer q/k/v_proj read the same normed hidden states and gate/up_proj the same
     MLP input, so their Hessians are equal; accumulating each separately repeats the most

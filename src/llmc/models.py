@@ -21,6 +21,7 @@ from llmc.args import ModelArguments
 from llmc.data.presets import asset_path
 from llmc.errors import ArgumentError, ModelLoadError, did_you_mean
 from llmc.hub import hub_is_reachable
+from llmc.quantization.module import EXCLUSIVE
 
 __all__ = [
     "MODEL_PRESETS",
@@ -234,9 +235,6 @@ def load_model(model_args: ModelArguments) -> PreTrainedModel:
         loaded.to(device)
     _mark_exclusive_parameters(loaded)
     return loaded
-
-
-EXCLUSIVE = "_llmc_exclusive"
 
 
 def _mark_exclusive_parameters(model: torch.nn.Module) -> None:

@@ -113,6 +113,12 @@ def _checked_qparams(
     )
 
 
+# Set by ``llmc.models.load_model`` on parameters whose storage nothing else shares: a compressed
+# weight is then written into the parameter (into the checkpoint's copy-on-write pages) rather
+# than assigned beside it.
+EXCLUSIVE = "_llmc_exclusive"
+
+
 def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if name in module._parameters:
         del module._parameters[name]
@@ -167,7 +173,7 @@ def set_quantized_weight_(
     weight = weight_fake_quantized.detach().to(device=module.weight.device)
     codes = recover_codes(weight, scale, zero_point, scheme.weights)
     on_grid = dequantize(codes, scale, zero_point, scheme.weights, module.weight.dtype)
-    if getattr(module.weight, "_llmc_exclusive", False) and on_grid.device == module.weight.device:
+    if getattr(module.weight, EXCLUSIVE, False) and on_grid.device == module.weight.device:
         module.weight.data.copy_(on_grid)  # into a loaded checkpoint's pages (llmc.models)
     else:
         module.weight.data = on_grid
