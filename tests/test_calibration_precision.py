@@ -31,7 +31,7 @@ class _Probe:
     def _record(self, accumulator):
         def hook(module, args, output):
             self.output_dtypes.add(output.dtype)
-            accumulator.add_(args[0])
+            accumulator.update(args[0])
 
         return hook
 

@@ -18,7 +18,7 @@ def test_hessian_running_mean_equals_direct_sum_and_skips_padding():
     masks[1][2, 1:] = 0  # three padded tokens
     accumulator = HessianAccumulator(torch.zeros(8, 8))
     for x, mask in zip(batches, masks):
-        accumulator.add_(x, mask)
+        accumulator.update(x, mask)
     kept = torch.cat([x.reshape(-1, 8)[m.reshape(-1).bool()] for x, m in zip(batches, masks)])
     expected = 2.0 / kept.shape[0] * kept.T @ kept
     assert accumulator.tokens == kept.shape[0] == 10 + 9
@@ -33,7 +33,7 @@ def test_hessian_from_half_the_products_equals_the_full_one(cols):
     masks = [torch.ones(2, 7, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)]
     masks[1][2, 2:] = 0  # three padded tokens
     for x, mask in zip(batches, masks):
-        accumulator.add_(x, mask)
+        accumulator.update(x, mask)
     kept = torch.cat([x.reshape(-1, cols)[m.reshape(-1).bool()] for x, m in zip(batches, masks)])
     assert accumulator.tokens == kept.shape[0] == 14 + 12
     torch.testing.assert_close(accumulator.H, 2.0 / kept.shape[0] * kept.T @ kept, rtol=1e-5, atol=1e-5)
@@ -105,16 +105,25 @@ def test_lower_triangular_inverse_by_halves():
 
 def test_shared_hessian_hooks_share_between_modules_fed_the_same_tensor():
     from llmc.context import RunContext
-    from llmc.hessian import attach_shared_hessian_hooks
+    from llmc.statistics import StatisticsPass
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 8)
+
+        def forward(self, x, y):
+            return self.q(x), self.k(x), self.o(y)
 
     torch.manual_seed(0)
-    q, k, o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 8)
+    block = Block()
     context = RunContext(model=torch.nn.Module(), device=torch.device("cpu"))
-    accumulators, remove = attach_shared_hessian_hooks({"q": q, "k": k, "o": o}, context)
+    modules = {"q": block.q, "k": block.k, "o": block.o}
+    calibration = StatisticsPass(block, modules, context, input_statistic=HessianAccumulator.for_linear, stop="never")
     for _ in range(3):
-        x = torch.randn(2, 5, 8)
-        q(x), k(x), o(torch.randn(2, 5, 8))
-    remove()
+        block(torch.randn(2, 5, 8), torch.randn(2, 5, 8))
+    calibration.remove()
+    accumulators = {name: group.statistic for group in calibration.groups() for name in group.names}
     assert accumulators["q"] is accumulators["k"] and accumulators["o"] is not accumulators["q"]
     assert accumulators["q"].tokens == 30
 
@@ -123,9 +132,9 @@ def test_hessian_can_take_more_tokens_after_it_was_read():
     torch.manual_seed(3)
     first, second = torch.randn(40, 200), torch.randn(30, 200)
     accumulator = HessianAccumulator(torch.zeros(200, 200), block=64)
-    accumulator.add_(first)
+    accumulator.update(first)
     torch.testing.assert_close(accumulator.H, 2 / 40 * first.T @ first, rtol=1e-5, atol=1e-5)
-    accumulator.add_(second)
+    accumulator.update(second)
     both = torch.cat([first, second])
     torch.testing.assert_close(accumulator.H, 2 / 70 * both.T @ both, rtol=1e-5, atol=1e-5)
     assert torch.equal(accumulator.H, accumulator.H.T)

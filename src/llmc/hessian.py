@@ -9,17 +9,15 @@ product per batch, as a running mean so its scale does not depend on N.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
 
 import attrs
 import torch
 
-from llmc.context import RunContext
 from llmc.errors import CalibrationError
+from llmc.statistics import real_tokens
 
 __all__ = [
     "HessianAccumulator",
-    "attach_shared_hessian_hooks",
     "inverse_cholesky_upper",
     "lower_triangular_inverse",
     "zero_dead_columns_",
@@ -51,23 +49,42 @@ class HessianAccumulator:
         block = min(512, max(64, columns // 8 // 64 * 64))
         return cls(torch.zeros(columns, columns, dtype=torch.float32, device=module.weight.device), block)
 
-    def add_(self, inputs: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Fold one batch of inputs (``[..., in_features]``) in; padded tokens are skipped."""
-        columns = self.S.shape[0]
-        x = inputs.reshape(-1, columns)  # [tokens, cols]
-        if token_mask is not None and token_mask.numel() == x.shape[0] and not bool(token_mask.all()):
-            x = x[token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
+        x = real_tokens(x, mask)  # [tokens, cols]
         if x.shape[0] == 0:
             return
-        if self._mirrored:  # H was read: back to sums (the mirrored lower part is rewritten later)
-            self.S.mul_(self.tokens / 2.0)
-            self._mirrored = False
+        self._to_sums()
         x = x.to(torch.float32)
+        columns = self.S.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):  # float32 under any autocast
             for start in range(0, columns, self.block):
                 stop = min(start + self.block, columns)
                 self.S[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])  # block row, upper part
         self.tokens += x.shape[0]
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Fold in the sums of the same input gathered elsewhere (another rank or data shard)."""
+        if other.S.shape != self.S.shape:
+            raise CalibrationError(
+                f"cannot merge a Hessian of shape {list(other.S.shape)} into one of shape "
+                f"{list(self.S.shape)}"
+            )
+        if not other.tokens:
+            return
+        self._to_sums()
+        sums = other.S * (other.tokens / 2.0) if other._mirrored else other.S  # upper part valid
+        self.S.add_(sums.to(self.S.device))
+        self.tokens += other.tokens
+
+    def finalize(self) -> torch.Tensor:
+        """H, what a solver factors."""
+        return self.H
+
+    def _to_sums(self) -> None:
+        if self._mirrored:  # H was read: back to sums (the mirrored lower part is rewritten later)
+            self.S.mul_(self.tokens / 2.0)
+            self._mirrored = False
 
     @property
     def H(self) -> torch.Tensor:
@@ -85,54 +102,6 @@ class HessianAccumulator:
                 self.S.mul_(2.0 / self.tokens)
             self._mirrored = True
         return self.S
-
-
-def attach_shared_hessian_hooks(
-    modules: Mapping[str, torch.nn.Linear], context: RunContext
-) -> tuple[dict[str, HessianAccumulator], Callable[[], None]]:
-    """Start accumulating H for each module; modules fed the very same tensor share one H.
-
-    In a decoder layer q/k/v_proj read the same normed hidden states and gate/up_proj the same
-    MLP input, so their Hessians are equal; accumulating each separately repeats the most
-    expensive products of the calibration pass (and, downstream, the inverse). Sharing is
-    decided on the first batch (a module whose input is the tensor object another module just
-    received) and checked on every later batch. Shared accumulators appear under several names.
-    """
-    accumulators: dict[str, HessianAccumulator] = {}
-    leader_of: dict[str, str] = {}  # module → the module whose accumulator it uses
-    last_input: dict[str, torch.Tensor] = {}  # leader → the tensor it accumulated last
-    handles = []
-
-    for name, module in modules.items():
-
-        def hook(_: torch.nn.Module, args: tuple, name: str = name, module: torch.nn.Linear = module) -> None:
-            x = args[0]
-            leader = leader_of.get(name)
-            if leader is None:  # first batch: does a module already hold this very tensor?
-                leader = next((other for other, seen in last_input.items() if seen is x), name)
-                leader_of[name] = leader
-                accumulators[name] = (
-                    HessianAccumulator.for_linear(module) if leader == name else accumulators[leader]
-                )
-            if leader != name:
-                if last_input.get(leader) is not x:
-                    raise CalibrationError(
-                        f"{name} shared its input with {leader} on the first calibration batch "
-                        "but not on a later one; their Hessians cannot be shared",
-                        module=name,
-                    )
-                return
-            accumulators[name].add_(x.detach(), context.attention_mask)
-            last_input[name] = x  # a reference: the tensor cannot be freed and its id reused
-
-        handles.append(module.register_forward_pre_hook(hook))
-
-    def remove() -> None:
-        for handle in handles:
-            handle.remove()
-        last_input.clear()
-
-    return accumulators, remove
 
 
 def zero_dead_columns_(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

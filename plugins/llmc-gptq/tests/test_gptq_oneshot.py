@@ -10,13 +10,15 @@ import torch
 from safetensors import safe_open
 
 from llmc import RunContext, oneshot
+from llmc import statistics as core_statistics
 from llmc.data import make_batches, padding_token_id
 from llmc.masks import set_sparsity_mask_
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.quantization import is_quantized
 from llmc.testing import SAMPLE_TEXT, build_causal_lm, sample_logits
 from llmc_gptq import GPTQModifier
-from llmc_gptq import modifier as gptq_modifier
+from llmc_gptq import run as gptq_modifier
+from llmc_gptq import statistics as gptq_statistics
 
 pytest.importorskip("compressed_tensors")
 
@@ -115,8 +117,8 @@ def test_gptq_true_sequential_calibrates_each_stage_on_quantized_inputs(tokenize
 
 
 def test_gptq_more_groups_than_stages_fall_back_to_two_passes(tokenizer, monkeypatch, caplog):
-    monkeypatch.setattr(gptq_modifier, "MAX_STAGES", 2)
-    with caplog.at_level(logging.INFO, logger="llmc.gptq"):
+    monkeypatch.setattr(core_statistics, "MAX_STAGES", 2)
+    with caplog.at_level(logging.INFO, logger="llmc.statistics"):
         run, context = _run(build_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=True))
     assert "model.layers.0 has 4 input groups" in caplog.text
     assert len(context.report) == 7
@@ -179,7 +181,7 @@ def test_gptq_group_size_that_does_not_divide_a_width_stops_or_is_skipped(tokeni
 def test_gptq_output_error_same_from_outputs_or_from_the_hessian(tokenizer, monkeypatch):
     reports = {}
     for threshold in (10**9, 0):  # never / always read trace(W H Wᵀ) from the Linear outputs
-        monkeypatch.setattr(gptq_modifier, "ENERGY_FROM_OUTPUTS_MIN_COLS", threshold)
+        monkeypatch.setattr(gptq_statistics, "ENERGY_FROM_OUTPUTS_MIN_COLS", threshold)
         _, context = _run(build_causal_lm("llama", layers=1), tokenizer, GPTQModifier(scheme="W4A16"))
         reports[threshold] = [row["output_error"] for row in context.report]
     assert reports[0] == pytest.approx(reports[10**9], rel=1e-4)

@@ -95,3 +95,19 @@ def test_gptq_recipe_dump_and_load_round_trip(registry):
     recipe = load_recipe(_recipe("scheme: {W4A16: [re:.*mlp.*], W8A16: [Linear]}, actorder: null, true_sequential: false"), registry)
     again = load_recipe(recipe_to_yaml(recipe, registry), registry)
     assert again.modifiers[0].modifier == recipe.modifiers[0].modifier
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"true_sequential": "no"}, r"'true_sequential' must be true or false \(got 'no'\)"),
+        ({"block_size": 0}, r"'block_size' must be a positive integer \(got 0\)"),
+        ({"dampening_frac": 1.5}, r"'dampening_frac' must be a number between 0 and 1, e.g. 0.01 \(got 1.5\)"),
+    ],
+    ids=["bool", "int", "fraction"],
+)
+def test_gptq_parameters_validated_from_python(kwargs, message):
+    from llmc.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=message):
+        GPTQModifier(scheme="W4A16", **kwargs)

@@ -40,3 +40,20 @@ def test_sparsity_config_of_a_model():
     config = checkpoint_sparsity_config(model)
     assert config["sparsity_structure"] == "unstructured"  # mixed structures
     assert config["global_sparsity"] == round((128 + 64) / total, 6) and config["ignore"] == ["2"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"true_sequential": 1}, r"'true_sequential' must be true or false \(got 1\)"),
+        ({"dampening_frac": -0.1}, r"'dampening_frac' must be a number >= 0 \(got -0.1\)"),
+        ({"sparsity": 1.5}, r"'sparsity' must be a number in \[0, 1\) \(got 1.5\)"),
+    ],
+    ids=["bool", "damping", "sparsity"],
+)
+def test_sparsegpt_parameters_are_argument_errors_from_python(kwargs, message):
+    from llmc.errors import ArgumentError
+    from llmc_sparsity import SparseGPTModifier
+
+    with pytest.raises(ArgumentError, match=message):
+        SparseGPTModifier(**kwargs)

@@ -134,7 +134,7 @@ def test_sparsity_column_norms_skip_padding():
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, 3:] = 0
     accumulator = ColumnNormAccumulator(torch.zeros(8))
-    accumulator.add_(x, mask)
+    accumulator.update(x, mask)
     kept = x.reshape(-1, 8)[mask.reshape(-1).bool()]
     assert accumulator.tokens == 8
     torch.testing.assert_close(accumulator.norms, kept.norm(dim=0))

@@ -14,8 +14,7 @@ import torch
 
 from llmc.context import RunContext
 from llmc.errors import CalibrationError, RecipeError
-from llmc.hookspecs import hookimpl
-from llmc.modifier import Modifier
+from llmc.modifier import RunState, TargetedModifier
 from llmc.quantization import (
     QuantizationScheme,
     preset_scheme,
@@ -23,14 +22,20 @@ from llmc.quantization import (
     schemes_from_config_groups,
 )
 from llmc.targets import match_modules
+from llmc.validators import is_bool
 
-__all__ = ["QuantizationModifier", "plan_quantization", "resolve_schemes", "target_linears"]
+__all__ = [
+    "QuantizationModifier",
+    "QuantizationRun",
+    "QuantizingModifier",
+    "describe_scheme",
+    "plan_quantization",
+    "relative_error",
+    "resolve_schemes",
+    "target_linears",
+]
 
 logger = logging.getLogger("llmc.quantization")
-
-
-def _as_list(value: Any) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
 
 
 def _scheme_form(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -59,7 +64,7 @@ def resolve_schemes(
     if isinstance(scheme, str):
         return [preset_scheme(scheme, targets)]
     if isinstance(scheme, dict):
-        return [preset_scheme(name, _as_list(group)) for name, group in scheme.items()]
+        return [preset_scheme(name, [group] if isinstance(group, str) else list(group)) for name, group in scheme.items()]
     assert config_groups is not None
     return list(schemes_from_config_groups(config_groups).values())
 
@@ -128,7 +133,41 @@ def plan_quantization(
 
 
 @attrs.frozen(kw_only=True)
-class QuantizationModifier(Modifier):
+class QuantizingModifier(TargetedModifier):
+    """Base of the modifiers that quantize Linear weights (round-to-nearest, GPTQ, ...).
+
+    ``scheme`` (a preset name such as ``W4A16``, or ``{preset: [targets]}``) or
+    ``config_groups`` (compressed-tensors' explicit form) say what to quantize, checked when
+    the modifier is built so a bad recipe fails before any model is loaded. With
+    ``skip_incompatible`` a module whose input width the group size does not divide is left
+    unquantized (and listed in the checkpoint's ``ignore``) instead of stopping the run.
+    """
+
+    scheme: Any = attrs.field(default=None, validator=_scheme_form)
+    config_groups: dict[str, dict[str, Any]] | None = None
+    skip_incompatible: bool = attrs.field(default=False, validator=is_bool)
+
+    def __attrs_post_init__(self) -> None:
+        self.schemes()
+
+    def schemes(self) -> list[QuantizationScheme]:
+        """The schemes this modifier applies, first match wins."""
+        return resolve_schemes(self.scheme, self.config_groups, self.targets)
+
+    def plan(self, context: RunContext) -> dict[str, tuple[torch.nn.Linear, QuantizationScheme]]:
+        """The Linears this modifier quantizes, each with its scheme (see ``plan_quantization``)."""
+        return plan_quantization(
+            context.model,
+            self.schemes(),
+            modifier=self.recipe_name(),
+            targets=self.targets,
+            ignore=self.ignore,
+            skip_incompatible=self.skip_incompatible,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class QuantizationModifier(QuantizingModifier):
     """Round-to-nearest quantization of Linear weights with min-max scales.
 
     ``targets``/``ignore`` take class names, module names and ``re:`` patterns. With
@@ -138,52 +177,27 @@ class QuantizationModifier(Modifier):
 
     requires_calibration_data = False
 
-    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=_as_list)
-    ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=_as_list)
-    scheme: Any = attrs.field(default=None, validator=_scheme_form)
-    config_groups: dict[str, dict[str, Any]] | None = None
-    skip_incompatible: bool = False
-
-    def __attrs_post_init__(self) -> None:
-        # Validates the scheme now, so a bad recipe fails before any model is loaded.
-        resolve_schemes(self.scheme, self.config_groups, self.targets)
-
     def start(self, context: RunContext) -> QuantizationRun:
-        schemes = resolve_schemes(self.scheme, self.config_groups, self.targets)
-        return QuantizationRun(config=self, schemes=schemes)
+        return QuantizationRun(config=self, schemes=self.schemes())
 
 
 @attrs.define
-class QuantizationRun:
+class QuantizationRun(RunState):
     """Run state of a QuantizationModifier: which modules it will quantize and has quantized."""
 
     config: QuantizationModifier
     schemes: list[QuantizationScheme]
     pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
 
-    @hookimpl
     def llmc_initialize(self, context: RunContext) -> None:
-        self.pending = plan_quantization(
-            context.model,
-            self.schemes,
-            modifier="QuantizationModifier",
-            targets=self.config.targets,
-            ignore=self.config.ignore,
-            skip_incompatible=self.config.skip_incompatible,
-        )
+        self.pending = self.config.plan(context)
         logger.info("QuantizationModifier: %d Linear modules to quantize", len(self.pending))
 
-    @hookimpl
-    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
-        return False
-
-    @hookimpl
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
         prefix = f"{layer_name}."
         for name in [n for n in self.pending if n.startswith(prefix)]:
             self._quantize(context, name)
 
-    @hookimpl
     def llmc_finalize(self, context: RunContext) -> None:
         for name in list(self.pending):
             self._quantize(context, name)

@@ -4,7 +4,8 @@ Recipes name ``GPTQModifier`` (or ``gptq.GPTQModifier``); ``gptq_quantize`` is t
 one weight matrix, usable on its own.
 """
 
+from llmc_gptq.config import GPTQModifier
 from llmc_gptq.gptq import GPTQResult, gptq_quantize
-from llmc_gptq.modifier import GPTQModifier, GPTQRun
+from llmc_gptq.run import GPTQRun
 
 __all__ = ["GPTQModifier", "GPTQResult", "GPTQRun", "gptq_quantize"]

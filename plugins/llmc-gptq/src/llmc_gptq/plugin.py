@@ -16,7 +16,7 @@ RECIPES = {"gptq_w4a16": RECIPES_DIR / "w4a16_gptq.yaml"}
 
 @hookimpl
 def llmc_register_modifiers() -> list[type[Modifier]]:
-    from llmc_gptq.modifier import GPTQModifier
+    from llmc_gptq.config import GPTQModifier
 
     return [GPTQModifier]
 

@@ -17,17 +17,18 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.errors import CalibrationError
-from llmc.hookspecs import hookimpl
+from llmc.errors import ArgumentError, CalibrationError
 from llmc.masks import apply_mask_, set_sparsity_mask_, sparsity_mask
+from llmc.modifier import RunState
 from llmc.modifiers.quantization import relative_error
+from llmc.statistics import InputGroup, LayerCalibration, Statistic
 from llmc.targets import is_match, match_modules
 from llmc_sparsity.config import MODEL_ROW, checkpoint_sparsity_config
 from llmc_sparsity.masks_nm import UNSTRUCTURED, parse_mask_structure, structure_sparsity
@@ -38,7 +39,6 @@ __all__ = [
     "BlockwisePruningRun",
     "PruneTarget",
     "apply_kept_mask_",
-    "as_list",
     "block_of",
     "check_mask_structure",
     "check_sparsity_spec",
@@ -54,17 +54,13 @@ __all__ = [
 ]
 
 
-def as_list(value: Any) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_fraction(value: Any, where: str) -> None:
     if not _is_number(value) or not 0 <= value < 1:
-        raise ValueError(f"{where} must be a number in [0, 1) (got {value!r})")
+        raise ArgumentError(f"{where} must be a number in [0, 1) (got {value!r})")
 
 
 def check_unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -79,25 +75,25 @@ def check_sparsity_spec(instance: Any, attribute: attrs.Attribute, value: Any) -
         return
     if isinstance(value, Mapping):
         if not value:
-            raise ValueError(f"'{name}' mapping is empty; give {{target: sparsity}} pairs")
+            raise ArgumentError(f"'{name}' mapping is empty; give {{target: sparsity}} pairs")
         for key, fraction in value.items():
             if not isinstance(key, str):
-                raise ValueError(f"'{name}' keys must be module names, 're:' patterns or class names (got {key!r})")
+                raise ArgumentError(f"'{name}' keys must be module names, 're:' patterns or class names (got {key!r})")
             if key.startswith("re:"):
                 try:
                     re.compile(key[3:])
                 except re.error as error:
-                    raise ValueError(f"'{name}' key {key!r} is not a valid regular expression: {error}") from None
+                    raise ArgumentError(f"'{name}' key {key!r} is not a valid regular expression: {error}") from None
             _check_fraction(fraction, f"'{name}[{key!r}]'")
         return
     if isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError(f"'{name}' list is empty; give one sparsity per block")
+            raise ArgumentError(f"'{name}' list is empty; give one sparsity per block")
         for index, fraction in enumerate(value):
             _check_fraction(fraction, f"'{name}[{index}]'")
         return
     if not _is_number(value):
-        raise ValueError(
+        raise ArgumentError(
             f"'{name}' must be a number in [0, 1), a list of them (one per block) or a mapping "
             f"{{target: number}} (got {value!r})"
         )
@@ -107,7 +103,7 @@ def check_sparsity_spec(instance: Any, attribute: attrs.Attribute, value: Any) -
 def check_mask_structure(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """attrs validator: '0:0' / 'unstructured' or 'N:M' with 0 < N < M."""
     if not isinstance(value, str):
-        raise ValueError(f"'{attribute.name}' must be a string such as '2:4' (got {value!r})")
+        raise ArgumentError(f"'{attribute.name}' must be a string such as '2:4' (got {value!r})")
     parse_mask_structure(value)
 
 
@@ -123,7 +119,7 @@ def check_sparsity_matches_structure(sparsity: Any, mask_structure: str) -> None
     )
     for value in values:
         if abs(value - implied) > 1e-9:
-            raise ValueError(
+            raise ArgumentError(
                 f"mask_structure {mask_structure!r} keeps {keep_n} of every {group_m} weights "
                 f"(sparsity {implied:g}) but sparsity is {value!r}; leave sparsity out or set "
                 f"it to {implied:g}"
@@ -233,25 +229,30 @@ def plan_targets(
 
 
 @attrs.define
-class BlockwisePruningRun:
+class BlockwisePruningRun(RunState):
     """Run state shared by the pruners that calibrate one block at a time (SparseGPT, Wanda).
 
-    They differ only in the statistics their hooks gather and in how they prune from them, so
-    a subclass implements ``_attach_hooks`` (start gathering for a block's modules, return the
-    remover) and ``_prune_block`` (prune the block's targets once its hooks are off).
+    They differ only in the statistic they gather per input (``_input_statistic``) and in how
+    they prune an input group's modules from it (``_prune_group``); hooks, input groups,
+    padding, early stops and ``true_sequential`` stages are core's ``LayerCalibration``.
     ``config`` is the modifier, with ``targets``, ``ignore``, ``sparsity`` and
-    ``mask_structure`` fields.
+    ``mask_structure`` fields (and ``true_sequential`` where the method offers it).
     """
 
     config: Any
     pending: dict[str, PruneTarget] = attrs.field(factory=dict)
-    remove_hooks: Callable[[], None] | None = None
+    calibration: LayerCalibration = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.calibration = LayerCalibration(
+            input_statistic=self._input_statistic,
+            true_sequential=getattr(self.config, "true_sequential", False),
+        )
 
     @property
     def name(self) -> str:
         return type(self.config).recipe_name()
 
-    @hookimpl
     def llmc_initialize(self, context: RunContext) -> None:
         self.pending = plan_targets(
             context,
@@ -264,31 +265,29 @@ class BlockwisePruningRun:
         )
         logger.info("%s: %d Linear modules to prune", self.name, len(self.pending))
 
-    def _in_layer(self, layer_name: str) -> list[PruneTarget]:
-        return [target for target in self.pending.values() if target.block == layer_name]
-
-    def _attach_hooks(self, modules: dict[str, torch.nn.Linear], context: RunContext) -> Callable[[], None]:
+    def _input_statistic(self, module: torch.nn.Linear) -> Statistic:
         raise NotImplementedError
 
-    def _prune_block(self, context: RunContext, layer_name: str) -> None:
+    def _prune_group(self, context: RunContext, targets: list[PruneTarget], statistic: Any) -> None:
+        """Prune the modules of one input group from the statistic of their shared input."""
         raise NotImplementedError
 
-    @hookimpl
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
-        modules = {target.name: target.module for target in self._in_layer(layer_name)}
-        if not modules:
-            return False
-        self.remove_hooks = self._attach_hooks(modules, context)
-        return True
+        modules = {t.name: t.module for t in self.pending.values() if t.block == layer_name}
+        return self.calibration.start(context, layer_name, layer, modules)
 
-    @hookimpl
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
-        if self.remove_hooks is not None:
-            self.remove_hooks()
-            self.remove_hooks = None
-        self._prune_block(context, layer_name)
+        self.calibration.finish(context, layer_name, layer, lambda groups: self._prune_groups(context, groups))
 
-    @hookimpl
+    def _prune_groups(self, context: RunContext, groups: list[InputGroup]) -> None:
+        for group in groups:
+            targets = [self.pending.pop(name) for name in group.names if name in self.pending]
+            if group.statistic is None:
+                for target in targets:
+                    skip_unreached(context, target, modifier=self.name, mask_structure=self.config.mask_structure)
+                continue
+            self._prune_group(context, targets, group.statistic)
+
     def llmc_finalize(self, context: RunContext) -> None:
         record_model_sparsity(context, self.name)
         self.pending.clear()

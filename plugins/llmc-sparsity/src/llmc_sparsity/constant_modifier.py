@@ -6,12 +6,10 @@ import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.hookspecs import hookimpl
 from llmc.masks import set_sparsity_mask_, sparsity_mask
-from llmc.modifier import Modifier
+from llmc.modifier import RunState, TargetedModifier
 from llmc_sparsity.base import (
     PruneTarget,
-    as_list,
     mask_gradients_,
     mask_weights_,
     plan_targets,
@@ -23,7 +21,7 @@ __all__ = ["ConstantPruningModifier", "ConstantPruningRun"]
 
 
 @attrs.frozen(kw_only=True)
-class ConstantPruningModifier(Modifier):
+class ConstantPruningModifier(TargetedModifier):
     """Hold every weight that is exactly zero at zero; data-free.
 
     In training, the gradients of zero weights are zeroed after the backward pass and the
@@ -36,15 +34,13 @@ class ConstantPruningModifier(Modifier):
     supports_training = True
     requires_calibration_data = False
 
-    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=as_list)
-    ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=as_list)
 
     def start(self, context: RunContext) -> ConstantPruningRun:
         return ConstantPruningRun(config=self)
 
 
 @attrs.define
-class ConstantPruningRun:
+class ConstantPruningRun(RunState):
     """Run state: the targets whose zeros are held."""
 
     config: ConstantPruningModifier
@@ -65,7 +61,6 @@ class ConstantPruningRun:
             # the sparsity to hold is the one the module has
             self.targets[name] = attrs.evolve(target, sparsity=round(1.0 - kept.float().mean().item(), 6))
 
-    @hookimpl
     def llmc_initialize(self, context: RunContext) -> None:
         self.targets = plan_targets(
             context,
@@ -78,24 +73,19 @@ class ConstantPruningRun:
         )
         self._record_masks()
 
-    @hookimpl
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
         return False
 
-    @hookimpl
     def llmc_finalize(self, context: RunContext) -> None:
         self._report(context)
         record_model_sparsity(context, self.name)
 
-    @hookimpl
     def llmc_train_start(self, context: RunContext, optimizer: torch.optim.Optimizer) -> None:
         self._record_masks()
 
-    @hookimpl
     def llmc_train_after_backward(self, context: RunContext, step: int) -> None:
         mask_gradients_(self.targets.values())
 
-    @hookimpl
     def llmc_train_optimizer_step_end(self, context: RunContext, step: int) -> None:
         mask_weights_(self.targets.values())
 

@@ -9,14 +9,12 @@ import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.errors import CalibrationError
-from llmc.hookspecs import hookimpl
+from llmc.errors import ArgumentError, CalibrationError
 from llmc.masks import sparsity_mask
-from llmc.modifier import Modifier
+from llmc.modifier import RunState, TargetedModifier
 from llmc_sparsity.base import (
     PruneTarget,
     apply_kept_mask_,
-    as_list,
     check_mask_structure,
     check_sparsity_matches_structure,
     check_unit_interval,
@@ -64,11 +62,11 @@ def _optional_fraction(instance: Any, attribute: attrs.Attribute, value: Any) ->
 
 def _optional_non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-        raise ValueError(f"'{attribute.name}' must be a number of epochs >= 0 (got {value!r})")
+        raise ArgumentError(f"'{attribute.name}' must be a number of epochs >= 0 (got {value!r})")
 
 
 @attrs.frozen(kw_only=True)
-class MagnitudePruningModifier(Modifier):
+class MagnitudePruningModifier(TargetedModifier):
     """Zero the smallest-magnitude weights of each Linear; data-free.
 
     One-shot: each targeted Linear is pruned to ``final_sparsity`` (default 0.5; exactly
@@ -90,22 +88,20 @@ class MagnitudePruningModifier(Modifier):
     end_epoch: float | None = attrs.field(default=None, validator=_optional_non_negative)
     update_epochs: float | None = attrs.field(default=None, validator=_optional_non_negative)
     mask_structure: str = attrs.field(default="0:0", validator=check_mask_structure)
-    targets: list[str] = attrs.field(factory=lambda: ["Linear"], converter=as_list)
-    ignore: list[str] = attrs.field(factory=lambda: ["lm_head"], converter=as_list)
 
     def __attrs_post_init__(self) -> None:
         check_sparsity_matches_structure(self.final_sparsity, self.mask_structure)
         if self.init_sparsity > self.target_sparsity:
-            raise ValueError(
+            raise ArgumentError(
                 f"'init_sparsity' ({self.init_sparsity}) must not exceed 'final_sparsity' "
                 f"({self.target_sparsity}): masks are nested, pruned weights never come back"
             )
         if self.end_epoch is not None and self.end_epoch < self.start_epoch:
-            raise ValueError(
+            raise ArgumentError(
                 f"'end_epoch' ({self.end_epoch}) must not be before 'start_epoch' ({self.start_epoch})"
             )
         if self.update_epochs is not None and self.update_epochs <= 0:
-            raise ValueError(f"'update_epochs' must be a positive number of epochs (got {self.update_epochs!r})")
+            raise ArgumentError(f"'update_epochs' must be a positive number of epochs (got {self.update_epochs!r})")
 
     @property
     def target_sparsity(self) -> float:
@@ -119,7 +115,7 @@ class MagnitudePruningModifier(Modifier):
 
 
 @attrs.define
-class MagnitudeRun:
+class MagnitudeRun(RunState):
     """Run state: the targets, and in training the last update point applied."""
 
     config: MagnitudePruningModifier
@@ -145,7 +141,6 @@ class MagnitudeRun:
             mask_structure=self.config.mask_structure, record=record,
         )
 
-    @hookimpl
     def llmc_initialize(self, context: RunContext) -> None:
         self.targets = plan_targets(
             context,
@@ -159,18 +154,15 @@ class MagnitudeRun:
 
     # --- one-shot: prune each block as the pipeline reaches it, the rest at the end ----------
 
-    @hookimpl
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
         return False
 
-    @hookimpl
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
         for target in self.targets.values():
             if target.block == layer_name and target.name not in self.pruned:
                 self._prune(context, target, target.sparsity, record=True)
                 self.pruned.add(target.name)
 
-    @hookimpl
     def llmc_finalize(self, context: RunContext) -> None:
         if not self.training:
             for target in self.targets.values():
@@ -181,7 +173,6 @@ class MagnitudeRun:
 
     # --- training: the cubic schedule, masks held through every optimizer step ---------------
 
-    @hookimpl
     def llmc_train_start(self, context: RunContext, optimizer: torch.optim.Optimizer) -> None:
         config = self.config
         _, group_m = parse_mask_structure(config.mask_structure)
@@ -206,7 +197,6 @@ class MagnitudeRun:
             start=config.start_epoch, end=config.end_epoch, update=config.update_epochs,
         )
 
-    @hookimpl
     def llmc_train_batch_start(self, context: RunContext, step: int) -> None:
         scheduled = self._scheduled(step / self.steps_per_epoch)
         if scheduled is None or scheduled[0] == self.last_point:
@@ -218,15 +208,12 @@ class MagnitudeRun:
         self.current_sparsity = fraction
         logger.info("%s: step %d (epoch %.3f): sparsity %.4f", self.name, step, point, fraction)
 
-    @hookimpl
     def llmc_train_after_backward(self, context: RunContext, step: int) -> None:
         mask_gradients_(self.targets.values())
 
-    @hookimpl
     def llmc_train_optimizer_step_end(self, context: RunContext, step: int) -> None:
         mask_weights_(self.targets.values())
 
-    @hookimpl
     def llmc_train_end(self, context: RunContext) -> None:
         for target in self.targets.values():
             record_module_sparsity(

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from llmc.errors import ArgumentError
+
 __all__ = [
     "UNSTRUCTURED",
     "lowest_pruned_mask",
@@ -36,7 +38,7 @@ UNSTRUCTURED = (0, 0)
 def parse_mask_structure(structure: str) -> tuple[int, int]:
     """``"N:M"`` → (N, M): N weights kept in every M consecutive input columns.
 
-    ``"0:0"`` and ``"unstructured"`` give (0, 0). Raises ValueError for anything else.
+    ``"0:0"`` and ``"unstructured"`` give (0, 0). Raises ``ArgumentError`` for anything else.
     """
     text = structure.strip().lower()
     if text in ("unstructured", "0:0"):
@@ -46,7 +48,7 @@ def parse_mask_structure(structure: str) -> tuple[int, int]:
         keep_n, group_m = int(parts[0]), int(parts[1])
         if 0 < keep_n < group_m:
             return keep_n, group_m
-    raise ValueError(
+    raise ArgumentError(
         f"mask_structure must be '0:0' (unstructured) or 'N:M' with 0 < N < M, N weights "
         f"kept in every M ('2:4'); got {structure!r}"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from llmc.statistics import real_tokens
 from llmc_sparsity.masks_nm import nm_kept_mask, row_kept_mask
 
 __all__ = ["ColumnNormAccumulator", "wanda_kept_mask", "wanda_scores"]
@@ -18,7 +19,8 @@ __all__ = ["ColumnNormAccumulator", "wanda_kept_mask", "wanda_scores"]
 
 @attrs.define
 class ColumnNormAccumulator:
-    """Running Σ_t x_tj² per input column j of one Linear (``sum_sq: [cols]``, float32)."""
+    """Running Σ_t x_tj² per input column j of one Linear (``sum_sq: [cols]``, float32); an
+    ``llmc.statistics.Statistic``."""
 
     sum_sq: torch.Tensor
     tokens: int = 0
@@ -27,15 +29,21 @@ class ColumnNormAccumulator:
     def for_linear(cls, module: torch.nn.Linear) -> ColumnNormAccumulator:
         return cls(torch.zeros(module.in_features, dtype=torch.float32, device=module.weight.device))
 
-    def add_(self, inputs: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Fold one batch of inputs (``[..., cols]``) in; padded tokens are skipped."""
-        x = inputs.reshape(-1, self.sum_sq.shape[0])  # [tokens, cols]
-        if token_mask is not None and token_mask.numel() == x.shape[0]:
-            x = x[token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
+        x = real_tokens(x, mask)  # [tokens, cols]
         if x.shape[0] == 0:
             return
         self.sum_sq += x.float().square().sum(dim=0)
         self.tokens += x.shape[0]
+
+    def merge(self, other: ColumnNormAccumulator) -> None:
+        """Fold in the sums of the same input gathered elsewhere (another rank or data shard)."""
+        self.sum_sq += other.sum_sq.to(self.sum_sq.device)
+        self.tokens += other.tokens
+
+    def finalize(self) -> torch.Tensor:
+        return self.norms
 
     @property
     def norms(self) -> torch.Tensor:

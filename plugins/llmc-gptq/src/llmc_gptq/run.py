@@ -1,0 +1,179 @@
+"""``GPTQRun``: the run state of a ``GPTQModifier``, which calibrates and quantizes.
+
+Per decoder layer::
+
+    llmc_layer_start   core's LayerCalibration hooks the layer's target Linears: one Hessian
+                       H = 2/N Σ xxᵀ per input group (q/k/v share one), the output energy of
+                       wide Linears (llmc_gptq.statistics)
+    calibration pass   (core) every batch through the layer, cut short once the last target
+                       Linear has its input, unless another modifier has hooks on the layer
+    llmc_layer_end     solve each input group (llmc_gptq.gptq: one inverse Cholesky factor per
+                       group and act-order) and install the results
+                       (llmc.quantization.set_quantized_weight_); with true_sequential core
+                       re-runs the layer between groups (llmc.statistics)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import attrs
+import torch
+
+from llmc.context import RunContext
+from llmc.hessian import HessianAccumulator
+from llmc.masks import sparsity_mask
+from llmc.modifier import RunState
+from llmc.modifiers.quantization import describe_scheme, relative_error
+from llmc.quantization import QuantizationScheme, quantize_linear_, set_quantized_weight_
+from llmc.statistics import InputGroup, LayerCalibration
+from llmc_gptq.config import GPTQModifier
+from llmc_gptq.gptq import (
+    PreparedHessian,
+    gptq_quantize_prepared,
+    prepare_hessian,
+    reference_energy,
+)
+from llmc_gptq.statistics import output_energy_for
+
+__all__ = ["GPTQRun"]
+
+logger = logging.getLogger("llmc.gptq")
+
+
+@attrs.define
+class GPTQRun(RunState):
+    """Run state of a ``GPTQModifier``: pending modules and the layer calibration.
+
+    ``lazy_group_params`` (True) computes a group's scale when the sweep reaches it, from the
+    error-updated weights; False fixes the scales up front from the original weights, as
+    llm-compressor does (kept for comparisons, see docs/benchmarks.md).
+    ``backend`` picks the sweep: "auto" (numba on CPU, torch on GPU), "numba" or "torch".
+    """
+
+    config: GPTQModifier
+    schemes: list[QuantizationScheme]
+    pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
+    lazy_group_params: bool = True
+    backend: str = "auto"
+    calibration: LayerCalibration = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.calibration = LayerCalibration(
+            input_statistic=HessianAccumulator.for_linear,
+            output_statistic=output_energy_for,
+            true_sequential=self.config.true_sequential,
+        )
+
+    @property
+    def layouts(self) -> dict[tuple[str, tuple[str, ...]], list[list[str]]]:
+        """The input groups found per layer kind (layer class, local module names)."""
+        return self.calibration.layouts
+
+    def llmc_initialize(self, context: RunContext) -> None:
+        self.pending = self.config.plan(context)
+        logger.info("GPTQModifier: %d Linear modules to quantize", len(self.pending))
+
+    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
+        prefix = f"{layer_name}."
+        modules = {n: m for n, (m, _) in self.pending.items() if n.startswith(prefix)}
+        return self.calibration.start(context, layer_name, layer, modules)
+
+    def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        self.calibration.finish(context, layer_name, layer, lambda groups: self._solve_groups(context, groups))
+
+    def llmc_finalize(self, context: RunContext) -> None:
+        # Targets outside the calibrated blocks (a targeted lm_head) see no calibration data.
+        for name in list(self.pending):
+            module, scheme = self.pending.pop(name)
+            logger.warning("%s lies outside the calibrated layers: quantized by round-to-nearest", name)
+            self._round_to_nearest(context, name, module, scheme)
+
+    # --- helpers ---
+
+    def _solve_groups(self, context: RunContext, groups: list[InputGroup]) -> None:
+        for group in groups:
+            accumulator = group.statistic
+            H = accumulator.finalize() if accumulator is not None else None
+            prepared: dict[bool, PreparedHessian] = {}  # shared by the group, per act-order
+            for name in group.names:
+                if name not in self.pending:
+                    continue
+                module, scheme = self.pending.pop(name)
+                energy = group.outputs.get(name)
+                if H is None:
+                    logger.warning("%s received no calibration tokens: quantized by round-to-nearest", name)
+                    self._round_to_nearest(context, name, module, scheme)
+                    continue
+                actorder = scheme.weights.actorder is not None
+                seconds = 0.0
+                if actorder not in prepared:
+                    prepared[actorder] = prepare_hessian(
+                        H, dampening_frac=self.config.dampening_frac, actorder=actorder,
+                        module_name=name,
+                    )
+                    seconds = prepared[actorder].seconds
+                if energy is not None:
+                    reference = energy.finalize()
+                else:  # narrow input: trace(W H Wᵀ) as one small product
+                    reference = reference_energy(module.weight.detach(), H, kept=sparsity_mask(module))
+                self._solve(context, name, module, scheme, prepared[actorder], accumulator.tokens, reference, seconds)
+
+    def _solve(
+        self,
+        context: RunContext,
+        name: str,
+        module: torch.nn.Linear,
+        scheme: QuantizationScheme,
+        prepared: PreparedHessian,
+        tokens: int,
+        energy: float | None,
+        hessian_seconds: float,
+    ) -> None:
+        weights = scheme.weights
+        original = module.weight.detach().clone()
+        result = gptq_quantize_prepared(
+            module.weight.detach(),
+            prepared,
+            num_bits=weights.num_bits,
+            symmetric=weights.symmetric,
+            strategy=weights.strategy,
+            group_size=weights.group_size,
+            block_size=self.config.block_size,
+            kept=sparsity_mask(module),
+            lazy_group_params=self.lazy_group_params,
+            scale_dtype=module.weight.dtype,
+            output_energy=energy,
+            backend=self.backend,
+            module_name=name,
+        )
+        set_quantized_weight_(
+            module, scheme, weight_fake_quantized=result.weight, scale=result.scale, zero_point=result.zero_point
+        )
+        context.record(
+            modifier="GPTQModifier",
+            module=name,
+            scheme=describe_scheme(scheme),
+            weight_error=relative_error(original, module.weight.detach()),
+            output_error=result.output_error,
+            damping=result.damping,
+            tokens=tokens,
+            seconds=round(result.seconds + hessian_seconds, 4),
+            backend=result.backend,
+        )
+
+    def _round_to_nearest(
+        self, context: RunContext, name: str, module: torch.nn.Linear, scheme: QuantizationScheme
+    ) -> None:
+        started = time.perf_counter()
+        original = module.weight.detach().clone()
+        quantize_linear_(module, scheme)
+        context.record(
+            modifier="GPTQModifier",
+            module=name,
+            scheme=describe_scheme(scheme),
+            weight_error=relative_error(original, module.weight.detach()),
+            method="round-to-nearest",
+            seconds=round(time.perf_counter() - started, 4),
+        )
