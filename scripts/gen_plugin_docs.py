@@ -101,6 +101,7 @@ def render() -> str:
     ]
     for title, names in (
         ("Registration hooks", hookspecs.REGISTRATION_HOOKS),
+        ("Checkpoint hooks", hookspecs.CHECKPOINT_HOOKS),
         ("Lifecycle hooks", hookspecs.LIFECYCLE_HOOKS),
         ("Training hooks", hookspecs.TRAINING_HOOKS),
     ):

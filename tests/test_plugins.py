@@ -95,7 +95,7 @@ def test_lifecycle_calls_follow_recipe_order():
 def test_hookspec_is_documented_and_listed(name):
     spec = getattr(hookspecs, name)
     assert inspect.getdoc(spec) and len(inspect.getdoc(spec)) > 80
-    assert name in hookspecs.REGISTRATION_HOOKS + hookspecs.LIFECYCLE_HOOKS + hookspecs.TRAINING_HOOKS
+    assert name in hookspecs.REGISTRATION_HOOKS + hookspecs.CHECKPOINT_HOOKS + hookspecs.LIFECYCLE_HOOKS + hookspecs.TRAINING_HOOKS
 
 
 def test_every_registered_modifier_has_docstring_and_unique_name():

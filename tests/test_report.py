@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from llmc.report import plot_report
+from llmc.report import plot_report, summarize_rows
 
 
 def _image(png: bytes):
@@ -46,3 +46,12 @@ def test_plot_report_shows_pruned_then_quantized_modules_with_sparsity():
 
 def test_plot_report_without_numbers_has_no_plot():
     assert plot_report([{"modifier": "m", "module": "(model)", "sparsity_config": {}}], "nothing") is None
+
+
+def test_summary_counts_each_module_once():
+    rows = [
+        {"modifier": "M", "module": "a", "weight_error": 0.1},
+        {"modifier": "M", "module": "a", "weight_error": 0.3},  # reported again (a later step)
+        {"modifier": "M", "module": "b", "weight_error": 0.2},
+    ]
+    assert summarize_rows(rows)["M"]["modules"] == 2

@@ -8,6 +8,10 @@ documentation (``docs/plugins.md`` is generated from them). There are two kinds 
   and tell core what the plugin offers. The entry-point name (``gptq``, ``sparsity``, a third
   party's name) is the plugin's name in recipes (``gptq.GPTQModifier``) and in error messages.
 
+* **Checkpoint hooks** (``llmc_checkpoint_config``) are implemented by plugin modules too, and
+  called once when a compressed model is saved: what a plugin adds to the checkpoint's
+  ``config.json`` (the sparsity plugin's ``sparsity_config``).
+
 * **Lifecycle hooks** (``llmc_initialize`` ... ``llmc_finalize``) are implemented by the *run state*
   object a modifier returns from ``Modifier.start(context)``. One such object exists per modifier
   per run; core calls them in recipe order while it calibrates the model layer by layer.
@@ -27,7 +31,7 @@ Implement a hook with the ``hookimpl`` marker exported here (or ``pluggy.Hookimp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from llmc.modifier import Modifier
 
 __all__ = [
+    "CHECKPOINT_HOOKS",
     "LIFECYCLE_HOOKS",
     "REGISTRATION_HOOKS",
     "TRAINING_HOOKS",
@@ -73,6 +78,23 @@ def llmc_register_recipes() -> dict[str, Path]:
 
     Users load them by ``llmc:<short name>`` (``recipe="llmc:w4a16"``), with no path. A name that
     two plugins register is refused with both owners named.
+    """
+
+
+# --- Checkpoint hooks: implemented by plugin modules, called when a checkpoint is written -----
+
+
+@hookspec
+def llmc_checkpoint_config(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Return entries for the checkpoint's ``quantization_config``, or None to add nothing.
+
+    Called once per plugin when a compressed model is saved, after every stage has run, with
+    the model as it will be written. The entries are merged into the compressed-tensors
+    ``quantization_config`` that core builds, for example ``{"sparsity_config": {...}}``, and
+    appear in the run report under ``checkpoint_config`` (a model with nothing quantized is
+    saved as a plain dense checkpoint without ``quantization_config``: there, only in the
+    report). Core's own keys (``config_groups``, ``format``, ``ignore``, ...)
+    cannot be replaced, and a key two plugins return is refused with both named.
     """
 
 
@@ -176,6 +198,7 @@ def llmc_train_end(context: RunContext) -> None:
 
 
 REGISTRATION_HOOKS = ("llmc_register_modifiers", "llmc_register_recipes")
+CHECKPOINT_HOOKS = ("llmc_checkpoint_config",)
 LIFECYCLE_HOOKS = ("llmc_initialize", "llmc_layer_start", "llmc_layer_end", "llmc_finalize")
 TRAINING_HOOKS = (
     "llmc_train_start",

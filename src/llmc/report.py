@@ -18,7 +18,7 @@ logger = logging.getLogger("llmc.report")
 
 
 def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-modifier counts and the mean and worst weight error."""
+    """Per modifier: how many distinct modules it changed, and the mean and worst weight error."""
     by_modifier: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_modifier[row["modifier"]].append(row)
@@ -26,7 +26,7 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for modifier, modifier_rows in by_modifier.items():
         errors = [row["weight_error"] for row in modifier_rows if "weight_error" in row]
         summary[modifier] = {
-            "modules": len(modifier_rows),
+            "modules": len({row["module"] for row in modifier_rows}),
             "mean_weight_error": sum(errors) / len(errors) if errors else None,
             "max_weight_error": max(errors) if errors else None,
             "worst_module": max(modifier_rows, key=lambda r: r.get("weight_error", 0))["module"]

@@ -14,7 +14,7 @@ from llmc.plugins import load_registry
 from llmc.recipe import load_recipe, recipe_to_yaml
 from llmc.testing import build_causal_lm, sample_logits
 from llmc_sparsity import SparseGPTModifier, checkpoint_sparsity_config
-from llmc_sparsity.config import MODEL_ROW, mask_structure_of
+from llmc_sparsity.config import mask_structure_of
 
 pytest.importorskip("compressed_tensors")
 
@@ -36,7 +36,7 @@ def _prune(model_dir, text_file, recipe, **kwargs):
 
 
 def _pruned_rows(report):
-    return [row for row in report["modules"] if "sparsity" in row and row["module"] != MODEL_ROW]
+    return [row for row in report["modules"] if "sparsity" in row]
 
 
 @pytest.mark.parametrize(
@@ -65,8 +65,7 @@ def test_sparsity_oneshot_report_lists_sparsity_reached_per_layer(model_dir, tex
             keep_n, group_m = map(int, structure.split(":"))
             assert torch.all(kept.reshape(kept.shape[0], -1, group_m).sum(-1) == keep_n)
     assert sparsity_mask(result.model.lm_head) is None
-    (model_row,) = [row for row in result.report["modules"] if row["module"] == MODEL_ROW]
-    assert model_row["sparsity_config"]["ignore"] == ["lm_head"]
+    assert result.report["checkpoint_config"]["sparsity_config"]["ignore"] == ["lm_head"]
 
 
 def test_sparsity_wanda_prunes_exactly_per_output_row(model_dir, text_file):
@@ -137,17 +136,24 @@ def test_sparsity_config_in_quantization_config_loads_with_same_logits(model_dir
     # what vLLM does with it: validate it as compressed-tensors' config; targets None → no sparse kernels
     parsed = SparsityCompressionConfig.model_validate(record)
     assert parsed.sparsity_structure == "2:4" and not parsed.targets
-    # what core's writer would do with the proposed hook, then load through transformers
-    path = result.output_dir / "config.json"
-    config = json.loads(path.read_text())
-    config["quantization_config"]["sparsity_config"] = record
-    path.write_text(json.dumps(config))
+    # core wrote it through the plugin's llmc_checkpoint_config hook; transformers loads it
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"] == record
     loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
     torch.testing.assert_close(sample_logits(loaded, tokenizer), sample_logits(result.model, tokenizer), rtol=1e-4, atol=1e-4)
-    (model_row,) = [row for row in result.report["modules"] if row["module"] == MODEL_ROW]
-    assert model_row["sparsity_config"] == record
+    assert result.report["checkpoint_config"]["sparsity_config"] == record
     report = json.loads((result.output_dir / "llmc_report.json").read_text())
-    assert any(row["module"] == MODEL_ROW for row in report["modules"])
+    assert report["checkpoint_config"]["sparsity_config"] == record
+    assert not [row for row in report["modules"] if "sparsity_config" in row]  # no pseudo-module row
+    assert report["summary"]["SparseGPTModifier"]["modules"] == 2 * LINEARS_PER_LAYER
+
+
+def test_sparse_only_run_reports_the_sparsity_record(model_dir, text_file, tmp_path):
+    """Nothing quantized: a plain dense checkpoint (no quantization_config), the record in the report."""
+    result = _prune(model_dir, text_file, "llmc:sparsegpt_2of4", output_dir=str(tmp_path / "out"))
+    assert "quantization_config" not in json.loads((result.output_dir / "config.json").read_text())
+    report = json.loads((result.output_dir / "llmc_report.json").read_text())
+    assert report["checkpoint_config"]["sparsity_config"]["sparsity_structure"] == "2:4"
 
 
 def test_sparsity_magnitude_one_shot_needs_no_data(tokenizer):

@@ -24,7 +24,7 @@ from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import Registry
 from llmc.recipe import Recipe, RecipeStage, recipe_to_yaml
 from llmc.report import plot_report, report_json, summarize_rows
-from llmc.save import save_checkpoint
+from llmc.save import plugin_config_entries, save_checkpoint
 
 __all__ = ["check_stage_kinds", "run_oneshot_stage", "stage_kind", "write_results"]
 
@@ -101,12 +101,14 @@ def write_results(
 ) -> tuple[dict[str, Any], Path | None]:
     """The run report, and the checkpoint with its recipe and report when an output is asked."""
     model_name = model_args.model if isinstance(model_args.model, str) else type(model).__name__
+    config_entries = plugin_config_entries(registry.plugins.manager, model)
     report = {
         "model": model_name,
         "recipe": recipe.source,
         **extra,
         "seconds": round(time.perf_counter() - started, 2),
         "summary": summarize_rows(context.report),
+        **({"checkpoint_config": config_entries} if config_entries else {}),
         "modules": context.report,
     }
     if output_args.output_dir is None:
@@ -125,5 +127,6 @@ def write_results(
         save_compressed=model_args.save_compressed,
         overwrite=output_args.overwrite,
         extra_files=extra_files,
+        config_entries=config_entries,
     )
     return report, output_dir

@@ -25,7 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmc.errors import SaveError
-from llmc.save.compressed_tensors import compressed_state_dict, quantization_config
+from llmc.save.compressed_tensors import (
+    compressed_state_dict,
+    quantization_config,
+    with_config_entries,
+)
 
 __all__ = ["MAX_SHARD_SIZE", "check_output_dir", "save_checkpoint"]
 
@@ -172,6 +176,7 @@ def save_checkpoint(
     overwrite: bool = False,
     ignore: Iterable[str] = (),
     extra_files: Mapping[str, str | bytes] | None = None,
+    config_entries: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (with its quantized Linears compressed), its tokenizer and extra files.
 
@@ -180,13 +185,17 @@ def save_checkpoint(
     ``generation_config.json`` when the model has one, the tokenizer files when
     ``tokenizer`` is given, and each of ``extra_files`` (name relative to the checkpoint →
     text or bytes). ``ignore`` adds entries to the config's ignore list (every unquantized
-    Linear is listed anyway). Returns the absolute path of the checkpoint.
+    Linear is listed anyway). ``config_entries`` are added to ``quantization_config`` (what
+    plugins contribute, ``plugin_config_entries``). Returns the absolute path of the checkpoint.
     """
     output_dir = check_output_dir(output_dir, overwrite=overwrite)
     extra_files = dict(extra_files or {})
     _check_extra_files(extra_files)
 
-    quant_config = quantization_config(model, list(ignore), save_compressed=save_compressed)
+    quant_config = with_config_entries(
+        quantization_config(model, list(ignore), save_compressed=save_compressed),
+        dict(config_entries or {}),
+    )
     state = compressed_state_dict(model, save_compressed=save_compressed)
 
     temp_dir = _make_temp_dir(output_dir)

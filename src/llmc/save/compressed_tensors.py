@@ -1,17 +1,7 @@
 """The compressed-tensors view of a model quantized by llmc: its config dict and its tensors.
 
-What transformers (through compressed-tensors 0.20) and vLLM expect, per group format:
-
-- ``pack-quantized`` (integer weights, no activation quantization): ``weight_packed`` int32
-  ``[out, ceil(in*b/32)]``, ``weight_scale`` (weight dtype), ``weight_shape`` int64 ``[2]``,
-  and for asymmetric group/channel schemes ``weight_zero_point`` packed along dim 0.
-- ``int-quantized`` (W8A8, dynamic int8 inputs) and ``naive-quantized``: int8 ``weight`` +
-  ``weight_scale`` (+ int8 ``weight_zero_point`` when asymmetric).
-- ``dense`` (``save_compressed=False``, status ``frozen``): a float ``weight``,
-  ``weight_scale`` and always ``weight_zero_point``, because the loader creates a zero point
-  for every non-compressed module and re-applies fake quantization on each forward. The
-  weight is ``loader_stable_weight``: the fake-quantized weight, nudged by one ulp where
-  bfloat16 rounding would otherwise move a code when the loader re-quantizes it.
+How each format lays out a Linear's tensors is ``llmc.save.formats`` (one registered writer
+per format); this module assembles the config and the state dict from them.
 
 Targets are matched by compressed-tensors as exact module names, ``re:`` regexes or class names
 anywhere in the module's MRO. When every quantized Linear shares one scheme the config says
@@ -30,12 +20,17 @@ import torch
 from torch import nn
 
 from llmc.errors import SaveError
-from llmc.quantization.math import ZERO_POINT_DTYPE, loader_stable_weight
-from llmc.quantization.module import quantized_linears, weight_codes
-from llmc.quantization.packing import pack_to_int32
+from llmc.quantization.module import quantized_linears
 from llmc.quantization.scheme import QuantizationScheme
+from llmc.save.formats import format_writer, group_format
 
-__all__ = ["compressed_state_dict", "group_format", "quantization_config"]
+__all__ = [
+    "compressed_state_dict",
+    "group_format",
+    "plugin_config_entries",
+    "quantization_config",
+    "with_config_entries",
+]
 
 QUANT_METHOD = "compressed-tensors"
 # Version of the format written; compressed-tensors reads it for information only.
@@ -49,22 +44,6 @@ def _format_version() -> str:
         return version("compressed-tensors")
     except Exception:
         return FORMAT_VERSION
-
-
-def group_format(scheme: QuantizationScheme, *, save_compressed: bool) -> str:
-    """The compressed-tensors format a module with ``scheme`` is written in.
-
-    Follows compressed-tensors' own inference: integer weights with quantized inputs are
-    ``int-quantized``, weight-only integer schemes ``pack-quantized``; a format set on the
-    scheme wins.
-    """
-    if not save_compressed:
-        return "dense"
-    if scheme.format is not None:
-        return scheme.format
-    if scheme.input_activations is not None:
-        return "int-quantized"
-    return "pack-quantized"
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -147,37 +126,59 @@ def quantization_config(
 
 
 def _module_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of one quantized Linear, by local name (``weight_packed``, ...)."""
-    scheme: QuantizationScheme = module.quantization_scheme
-    args = scheme.weights
-    fmt = group_format(scheme, save_compressed=save_compressed)
-    scale = module.weight_scale.detach()
-    zero_point = module.weight_zero_point.detach().to(ZERO_POINT_DTYPE)
-    tensors = {"weight_scale": scale}
-    codes = weight_codes(module)
-    if fmt == "dense":
-        if save_compressed:  # compressed status: the loader uses the weight as it is
-            tensors["weight"] = module.weight.detach()
-        else:  # frozen status: the loader fake-quantizes the weight on every forward
-            tensors["weight"] = loader_stable_weight(
-                codes, scale, zero_point, args, module.weight.dtype
+    """The checkpoint tensors of one quantized Linear, by local name, from its format's writer."""
+    fmt = group_format(module.quantization_scheme, save_compressed=save_compressed)
+    return format_writer(fmt).tensors(module, save_compressed)
+
+
+# Keys of quantization_config that describe core's quantized modules; plugins add beside them.
+CORE_CONFIG_KEYS = frozenset(
+    {"config_groups", "format", "global_compression_ratio", "ignore", "quant_method", "quantization_status", "version"}
+)
+
+
+def plugin_config_entries(plugin_manager: Any, model: nn.Module) -> dict[str, Any]:
+    """What the plugins' ``llmc_checkpoint_config`` hooks add to ``quantization_config``.
+
+    Each implementation is called on its own so a key two plugins return, or a key of core's,
+    is refused naming the plugin.
+    """
+    entries: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for impl in plugin_manager.hook.llmc_checkpoint_config.get_hookimpls():
+        returned = impl.function(model=model)
+        if returned is None:
+            continue
+        if not isinstance(returned, dict):
+            raise SaveError(
+                f"plugin {impl.plugin_name!r}: llmc_checkpoint_config must return a dict or None "
+                f"(got {type(returned).__name__})"
             )
-        if not save_compressed or not args.symmetric:
-            tensors["weight_zero_point"] = zero_point
-        return tensors
-    if fmt == "pack-quantized":
-        tensors["weight_packed"] = pack_to_int32(codes, args.num_bits, packed_dim=1)
-        tensors["weight_shape"] = torch.tensor(tuple(module.weight.shape), dtype=torch.int64)
-        if not args.symmetric:
-            if args.strategy in ("group", "channel"):
-                zero_point = pack_to_int32(zero_point, args.num_bits, packed_dim=0)
-            tensors["weight_zero_point"] = zero_point
-        return tensors
-    # int-quantized / naive-quantized: one int8 per weight
-    tensors["weight"] = codes
-    if not args.symmetric:
-        tensors["weight_zero_point"] = zero_point
-    return tensors
+        for key, value in returned.items():
+            if key in CORE_CONFIG_KEYS:
+                raise SaveError(
+                    f"plugin {impl.plugin_name!r} may not set quantization_config[{key!r}], which core writes"
+                )
+            if key in owner:
+                raise SaveError(
+                    f"plugins {owner[key]!r} and {impl.plugin_name!r} both set "
+                    f"quantization_config[{key!r}]; disable one (LLMC_DISABLE_PLUGINS)"
+                )
+            owner[key] = impl.plugin_name
+            entries[key] = value
+    return entries
+
+
+def with_config_entries(quant_config: dict[str, Any] | None, entries: dict[str, Any]) -> dict[str, Any] | None:
+    """``quant_config`` with the plugins' entries added.
+
+    A model with nothing quantized keeps no ``quantization_config`` at all, entries or not: it
+    is a plain dense checkpoint that loads without compressed-tensors (a pruned model's
+    sparsity record is then in the run report only).
+    """
+    if quant_config is None or not entries:
+        return quant_config
+    return {**quant_config, **entries}
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:

@@ -30,7 +30,6 @@ from llmc.modifier import RunState
 from llmc.modifiers.quantization import relative_error
 from llmc.statistics import InputGroup, LayerCalibration, Statistic
 from llmc.targets import is_match, match_modules
-from llmc_sparsity.config import MODEL_ROW, checkpoint_sparsity_config
 from llmc_sparsity.masks_nm import UNSTRUCTURED, parse_mask_structure, structure_sparsity
 
 logger = logging.getLogger("llmc_sparsity")
@@ -46,7 +45,6 @@ __all__ = [
     "mask_gradients_",
     "mask_weights_",
     "plan_targets",
-    "record_model_sparsity",
     "record_module_sparsity",
     "resolve_sparsity",
     "skip_unreached",
@@ -289,7 +287,6 @@ class BlockwisePruningRun(RunState):
             self._prune_group(context, targets, group.statistic)
 
     def llmc_finalize(self, context: RunContext) -> None:
-        record_model_sparsity(context, self.name)
         self.pending.clear()
 
 
@@ -375,15 +372,3 @@ def skip_unreached(context: RunContext, target: PruneTarget, *, modifier: str, m
         modifier=modifier, module=target.name, sparsity=0.0, target_sparsity=target.sparsity,
         mask_structure=structure_label(mask_structure), skipped="no calibration tokens reached it",
     )
-
-
-def record_model_sparsity(context: RunContext, modifier: str) -> None:
-    """Put the checkpoint's sparsity record (``checkpoint_sparsity_config``) in the run report.
-
-    One row, module ``"(model)"``, replaced by the last pruning modifier that finishes.
-    """
-    config = checkpoint_sparsity_config(context.model)
-    if config is None:
-        return
-    context.report[:] = [row for row in context.report if row.get("module") != MODEL_ROW]
-    context.record(modifier=modifier, module=MODEL_ROW, sparsity_config=config)

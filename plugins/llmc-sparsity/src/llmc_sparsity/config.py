@@ -16,7 +16,8 @@ the weights are stored as they are, zeros included)::
   vLLM loads the checkpoint exactly as it loads one whose ``sparsity_config`` is ``{}``.
 
 transformers ignores the field (compressed-tensors' ``QuantizationConfig`` drops extra keys),
-so the checkpoint loads and computes as before.
+so the checkpoint loads and computes as before. Core writes it through the plugin's
+``llmc_checkpoint_config`` hook (``llmc_sparsity.plugin``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ import torch
 
 from llmc.masks import sparsity_mask
 
-__all__ = ["MODEL_ROW", "checkpoint_sparsity_config", "mask_structure_of"]
+__all__ = ["checkpoint_sparsity_config", "mask_structure_of"]
 
-MODEL_ROW = "(model)"
 _GROUP_SIZES = (4, 8, 16, 32, 64, 128)
 
 

@@ -13,7 +13,6 @@ from llmc_sparsity.base import (
     mask_gradients_,
     mask_weights_,
     plan_targets,
-    record_model_sparsity,
     record_module_sparsity,
 )
 
@@ -78,7 +77,6 @@ class ConstantPruningRun(RunState):
 
     def llmc_finalize(self, context: RunContext) -> None:
         self._report(context)
-        record_model_sparsity(context, self.name)
 
     def llmc_train_start(self, context: RunContext, optimizer: torch.optim.Optimizer) -> None:
         self._record_masks()

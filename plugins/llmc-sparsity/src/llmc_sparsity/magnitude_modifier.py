@@ -21,7 +21,6 @@ from llmc_sparsity.base import (
     mask_gradients_,
     mask_weights_,
     plan_targets,
-    record_model_sparsity,
     record_module_sparsity,
 )
 from llmc_sparsity.masks_nm import (
@@ -169,7 +168,6 @@ class MagnitudeRun(RunState):
                 if target.name not in self.pruned:
                     self._prune(context, target, target.sparsity, record=True)
                     self.pruned.add(target.name)
-        record_model_sparsity(context, self.name)
 
     # --- training: the cubic schedule, masks held through every optimizer step ---------------
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
@@ -23,3 +26,12 @@ def llmc_register_modifiers() -> list[type[Modifier]]:
 @hookimpl
 def llmc_register_recipes() -> dict[str, Path]:
     return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+@hookimpl
+def llmc_checkpoint_config(model: torch.nn.Module) -> dict[str, Any] | None:
+    """A pruned model's checkpoint records its sparsity (``llmc_sparsity.config``)."""
+    from llmc_sparsity.config import checkpoint_sparsity_config
+
+    record = checkpoint_sparsity_config(model)
+    return None if record is None else {"sparsity_config": record}
