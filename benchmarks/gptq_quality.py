@@ -20,17 +20,12 @@ spent in GPTQ solves (from the run report).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from common import BENCH_ROOT, EMBEDDED_MODEL, calibration_chunks, load_chunks  # noqa: E402
+from benchlib.child import load_chunks
+from benchlib.data import EMBEDDED_MODEL, chunks_file
+from benchlib.env import load_average, machine_line, names, parse, print_json_line, script_parser
 
 GROUP = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
 CHANNEL4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
@@ -64,55 +59,57 @@ VARIANTS: dict[str, tuple[str, Any, dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def _load() -> str:
-    return " ".join(open("/proc/loadavg").read().split()[:3])
+def _make_modifier(method: str, scheme: Any, options: dict[str, Any]) -> Any:
+    from llmc_gptq import GPTQModifier
+
+    from llmc.modifiers import QuantizationModifier
+
+    form = {"scheme": scheme} if isinstance(scheme, str) else {"config_groups": scheme}
+    if method == "rtn":
+        return QuantizationModifier(ignore=["lm_head"], **form)
+    return GPTQModifier(ignore=["lm_head"], **form, **options)
 
 
 def run_variant(
     name: str,
-    chunks: torch.Tensor,
-    heldout: torch.Tensor,
+    chunks: Any,
+    heldout: Any,
     max_eval_chunks: int | None,
     order_seed: int | None = None,
     precision: str = "float32",
     calibration_precision: str = "auto",
 ) -> dict[str, Any]:
-    from llmc_gptq import GPTQModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Calibrate a fresh copy of the embedded model with variant ``name``; its perplexity and times."""
+    import torch
+    from benchlib.pipeline import calibrate, load
 
-    from llmc import RunContext
-    from llmc.data import make_batches, padding_token_id
     from llmc.evaluate import perplexity
-    from llmc.modifiers import QuantizationModifier
-    from llmc.pipeline import LayerwisePipeline, make_lifecycle
 
     method, scheme, options, run_options = VARIANTS[name]
-    dtype = getattr(torch, precision)
-    model = AutoModelForCausalLM.from_pretrained(str(EMBEDDED_MODEL), dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL))
-    load_before = _load()
-    started = time.perf_counter()
+    load_before = load_average()
     report: list[dict[str, Any]] = []
-    if method != "fp":
-        form = {"scheme": scheme} if isinstance(scheme, str) else {"config_groups": scheme}
-        if method == "rtn":
-            modifier = QuantizationModifier(ignore=["lm_head"], **form)
-        else:
-            modifier = GPTQModifier(ignore=["lm_head"], **form, **options)
-        compute_dtype = None if calibration_precision == "auto" else getattr(torch, calibration_precision)
-        context = RunContext(model=model, device=torch.device("cpu"), tokenizer=tokenizer, compute_dtype=compute_dtype)
-        run = modifier.start(context)
-        for key, value in run_options.items():
-            setattr(run, key, value)
-        batches = make_batches(list(chunks), 1, padding_token_id(tokenizer))
+    seconds = 0.0
+    if method == "fp":
+        model = load(EMBEDDED_MODEL, precision=precision).model
+    else:
+        modifier = _make_modifier(method, scheme, options)
+
+        def start(context: Any) -> Any:
+            run = modifier.start(context)
+            for key, value in run_options.items():
+                setattr(run, key, value)
+            return run
+
         if order_seed is not None:  # same tokens, other order: H differs only by float rounding
-            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(order_seed))
-            batches = [batches[i] for i in order]
-        pipeline = LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([run]), show_progress=False)
-        with torch.no_grad():
-            pipeline.run(batches if method == "gptq" else None)
-        report = context.report
-    seconds = time.perf_counter() - started
+            chunks = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(order_seed))]
+        done = calibrate(
+            EMBEDDED_MODEL,
+            chunks if method == "gptq" else None,
+            start,
+            precision=precision,
+            calibration_precision=calibration_precision,
+        )
+        model, report, seconds = done.model, done.context.report, done.pipeline_s
     # Evaluated in float32 whatever the calibration precision, as compare.py evaluates
     # checkpoints (a bfloat16 weight or scale is exact in float32).
     ppl = perplexity(model.float(), heldout, seq_len=512, max_chunks=max_eval_chunks)
@@ -128,12 +125,12 @@ def run_variant(
         "solve_s": round(solve_s, 2),
         "mean_output_error": round(sum(output_errors) / len(output_errors), 6) if output_errors else None,
         "load_before": load_before,
-        "load_after": _load(),
+        "load_after": load_average(),
     }
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -145,30 +142,20 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="calibrate in this dtype")
     parser.add_argument("--calibration-precision", default="auto", help="autocast the calibration forwards to this dtype")
-    parser.add_argument("--threads", type=int, help="torch threads (quality does not depend on it; 1 is kinder to a busy machine)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse(parser, argv)
     from transformers import AutoTokenizer
 
     from llmc.evaluate import heldout_token_ids
 
-    path = BENCH_ROOT / f"chunks-{args.samples}x{args.seq_len}.safetensors"  # the file compare.py uses
-    chunks = load_chunks(path) if path.is_file() else calibration_chunks(args.samples, args.seq_len, path)
+    path = chunks_file(args.samples, args.seq_len)  # the file compare.py uses
+    chunks = load_chunks(path)
     heldout = heldout_token_ids(AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL)))
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"calibration {tuple(chunks.shape)} from {path}; held-out {heldout.numel()} tokens", flush=True)
-    for name in args.variants.split(","):
-        if name not in VARIANTS:
-            parser.error(f"unknown variant {name!r}")
+    print(f"{machine_line()}; calibration {tuple(chunks.shape)} from {path}; held-out {heldout.numel()} tokens", flush=True)
+    for name in names(parser, args.variants, VARIANTS, "variants"):
         seeds = [None] + [int(seed) for seed in args.order_seeds.split(",") if seed]
         for seed in seeds if VARIANTS[name][0] == "gptq" else [None]:
             result = run_variant(name, chunks, heldout, args.max_eval_chunks, seed, args.precision, args.calibration_precision)
-            print(json.dumps(result), flush=True)
-            if args.json:
-                with open(args.json, "a") as handle:
-                    handle.write(json.dumps(result) + "\n")
+            print_json_line(result, args.json)
     return 0
 
 

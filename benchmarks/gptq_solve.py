@@ -6,7 +6,8 @@ Run with llmc's venv (needs llmc-gptq installed)::
     python benchmarks/gptq_solve.py --shapes 4096x4096 --rounds 5 --json out.json
 
 For each weight shape ``[rows, cols]`` the Hessian is fixed (``H = 2/N XᵀX`` of seeded,
-correlated inputs, N = 2 cols) and every round measures, in this order (A B A B ...):
+correlated inputs, N = 2 cols) and every round measures, in this order (A B A B ..., each step
+after waiting for an idle machine, ``benchlib.inprocess.alternate``):
 
 * ``matmul``: one dense product of the same size, ``W @ H`` (``[rows, cols] x [cols, cols]``);
 * ``prepare``: dead inputs, act-order permutation, damping and the inverse Cholesky factor
@@ -20,27 +21,22 @@ A solve is ``prepare + sweep``. Prints a table of medians and the ratios the iss
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import wait_until_idle  # noqa: E402
-
-
-def _load() -> str:
-    return " ".join(open("/proc/loadavg").read().split()[:3])
+from benchlib.env import load_average, machine_line, parse, script_parser
+from benchlib.inprocess import alternate, medians
 
 
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+def _discarding(fn):
+    """The step without its result: ``alternate`` keeps what a step returns, and these are large."""
+
+    def step() -> None:
+        fn()
+
+    return step
 
 
 def _problem(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +57,15 @@ def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0, actorder
     # compile / warm up both kernels on a slice
     gptq_quantize_prepared(W[:64], prepared, backend="numba", **options)
     gptq_quantize_prepared(W[:64], prepared, backend="torch", **options)
-    times: dict[str, list[float]] = {k: [] for k in ("matmul", "prepare", "numba", "torch")}
-    load_before = _load()
-    busy = []
-    for _ in range(rounds):
-        busy.append(wait_until_idle(idle_wait))
-        times["matmul"].append(_timed(lambda: W @ H))
-        times["prepare"].append(_timed(lambda: prepare_hessian(H, dampening_frac=0.01, actorder=actorder)))
-        times["numba"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="numba", **options)))
-        times["torch"].append(_timed(lambda: gptq_quantize_prepared(W, prepared, backend="torch", **options)))
-    median = {k: statistics.median(v) for k, v in times.items()}
+    steps = {
+        "matmul": _discarding(lambda: W @ H),
+        "prepare": _discarding(lambda: prepare_hessian(H, dampening_frac=0.01, actorder=actorder)),
+        "numba": _discarding(lambda: gptq_quantize_prepared(W, prepared, backend="numba", **options)),
+        "torch": _discarding(lambda: gptq_quantize_prepared(W, prepared, backend="torch", **options)),
+    }
+    load_before = load_average()
+    done = alternate(rounds, steps, idle_wait_s=idle_wait)
+    median = medians(done)
     numba_solve = median["prepare"] + median["numba"]
     torch_solve = median["prepare"] + median["torch"]
     return {
@@ -78,10 +73,10 @@ def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0, actorder
         "actorder": actorder,
         "rounds": rounds,
         "load_before": load_before,
-        "load_after": _load(),
-        "machine_busy_before_rounds": busy,
+        "load_after": load_average(),
+        "machine_busy_before": {k: [row[k]["busy_before"] for row in done] for k in steps},
         "median_s": {k: round(v, 4) for k, v in median.items()},
-        "all_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "all_s": {k: [round(row[k]["seconds"], 4) for row in done] for k in steps},
         "numba_solve_s": round(numba_solve, 4),
         "torch_solve_s": round(torch_solve, 4),
         "sweep_ratio_numba_over_torch": round(median["numba"] / median["torch"], 3),
@@ -91,17 +86,16 @@ def measure(rows: int, cols: int, rounds: int, idle_wait: float = 60.0, actorder
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--shapes", default="4096x4096,11008x4096", help="comma-separated ROWSxCOLS")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write the results here as well")
-    parser.add_argument("--idle-wait", type=float, default=60.0, help="seconds to wait for an idle machine per round")
+    parser.add_argument("--idle-wait", type=float, default=60.0, help="seconds to wait for an idle machine per step")
     parser.add_argument("--actorder", default="both", choices=["both", "on", "off"], help="sweep order (default: both)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     import numba
 
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"numba {numba.__version__}", flush=True)
+    print(f"{machine_line()}, numba {numba.__version__}", flush=True)
     results = []
     orders = {"both": (True, False), "on": (True,), "off": (False,)}[args.actorder]
     for shape, actorder in [(shape, order) for shape in args.shapes.split(",") for order in orders]:

@@ -1,190 +1,147 @@
-"""llmc's oneshot on the benchmark's model and calibration chunks (same interface as the peer's).
+"""llmc's oneshot on the benchmark's model and calibration chunks: one run, one process.
 
-Run with llmc's venv::
+Run with llmc's venv (usually started by a driver, under ``/usr/bin/time -v``)::
 
-    python benchmarks/ours_oneshot.py --model DIR --chunks FILE --recipe rtn-w4a16 --output DIR
-    python benchmarks/ours_oneshot.py --model DIR --chunks FILE --floor
+    python benchmarks/ours_oneshot.py --model DIR --chunks FILE --recipe gptq-w4a16 --output DIR
+    python benchmarks/ours_oneshot.py --model DIR --chunks FILE --floor [--precision bfloat16]
 
-``--floor`` compresses nothing: it loads the model and runs llmc's layer-by-layer pipeline with a
-lifecycle that only asks for the calibration pass of every layer, so it measures the floor any
-calibrated recipe pays (capture, one calibration pass and one propagation pass per layer).
+``--recipe`` is one of ``benchlib.recipes.OURS_RECIPES``; ``--actorder`` and
+``--true-sequential`` change every GPTQModifier in it. ``--precision`` is the dtype the model is
+loaded and calibrated in (Hessians are float32 whatever it is); ``--calibration-precision`` the
+dtype the calibration forwards autocast to. ``--floor`` compresses nothing: llmc's pipeline
+with the calibration passes alone (``benchlib.pipeline``), the floor any calibrated recipe pays.
 
-Prints, as its last line, a JSON object with its own timings. A recipe whose plugin is not
-installed is reported on stderr and the script exits with status 3.
+Prints, as its last line, a JSON object with its own timings (``oneshot_s``: the call alone,
+without interpreter start and imports) and what the run report says (GPTQ solve seconds and
+output error, sparsity reached). A recipe whose plugin is not installed is reported and the
+script exits with status 3.
 """
 
 from __future__ import annotations
 
-import os
+import sys
+import time
+from typing import Any
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ[_name] = "1"
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-_started = time.perf_counter()
-
-from llmc import hookimpl  # noqa: E402
-
-_TARGETS = "targets: [Linear], ignore: [lm_head]"
-RECIPES: dict[str, tuple[str, str | None]] = {
-    # name: (recipe for llmc.oneshot, modifier that a plugin must provide, or None for core)
-    "rtn-w4a16": ("llmc:w4a16", None),
-    "gptq-w4a16": (
-        "quant_stage:\n  quant_modifiers:\n"
-        "    GPTQModifier: {targets: [Linear], scheme: W4A16, ignore: [lm_head]}\n",
-        "GPTQModifier",
-    ),
-    "sparsegpt-50": (
-        "sparsity_stage:\n  sparsity_modifiers:\n"
-        f"    SparseGPTModifier: {{sparsity: 0.5, mask_structure: '0:0', {_TARGETS}}}\n",
-        "SparseGPTModifier",
-    ),
-    "sparsegpt-2:4": (
-        "sparsity_stage:\n  sparsity_modifiers:\n"
-        f"    SparseGPTModifier: {{sparsity: 0.5, mask_structure: '2:4', {_TARGETS}}}\n",
-        "SparseGPTModifier",
-    ),
-    "wanda-50": (
-        "sparsity_stage:\n  sparsity_modifiers:\n"
-        f"    WandaPruningModifier: {{sparsity: 0.5, mask_structure: '0:0', {_TARGETS}}}\n",
-        "WandaPruningModifier",
-    ),
-}
-EXIT_PLUGIN_MISSING = 3
+from benchlib import child
+from benchlib.child import (
+    EXIT_PLUGIN_MISSING,
+    calibration_arguments,
+    load_chunks,
+    print_report,
+    run_facts,
+)
+from benchlib.env import parse, script_parser
+from benchlib.recipes import OURS_RECIPES, modifiers_of, recipe_text
 
 
-class _CalibrationOnly:
-    """A run state that asks for every layer's calibration pass and changes nothing."""
-
-    @hookimpl
-    def llmc_layer_start(self, context, layer_name, layer):  # noqa: ARG002
-        return True
-
-
-def run_floor(model_dir: str, calibration_precision: str, chunks) -> dict[str, float]:
-    """Load the model and run the pipeline's forwards only; return phase timings."""
-    import torch
-
-    from llmc import ModelArguments, RunContext
-    from llmc.data import make_batches, padding_token_id
-    from llmc.models import calibration_dtype, load_model, load_tokenizer
-    from llmc.pipeline import LayerwisePipeline, make_lifecycle
-
-    started = time.perf_counter()
-    model_args = ModelArguments(model=model_dir, calibration_precision=calibration_precision)
-    model = load_model(model_args)
-    tokenizer = load_tokenizer(model_args, model)
-    batches = make_batches(list(chunks), 1, padding_token_id(tokenizer))
-    loaded = time.perf_counter()
-    context = RunContext(
-        model=model, device=next(model.parameters()).device, tokenizer=tokenizer,
-        compute_dtype=calibration_dtype(model_args, model),
-    )
-    pipeline = LayerwisePipeline(
-        model=model, context=context, lifecycle=make_lifecycle([_CalibrationOnly()])
-    )
-    with torch.no_grad():
-        pipeline.run(batches)
-    finished = time.perf_counter()
-    return {
-        "load_s": round(loaded - started, 2),
-        "pipeline_s": round(finished - loaded, 2),
-        "oneshot_s": round(finished - started, 2),
-        "layer_s": {name: round(s, 2) for name, s in pipeline.timings.items()},
-    }
-
-
-def check_plugin(modifier: str | None) -> str | None:
-    """None when the modifier is available, else the message saying what to install."""
-    if modifier is None:
-        return None
-    from llmc import PluginError
-    from llmc.plugins import load_registry
-
-    try:
-        load_registry().resolve(modifier)
-    except PluginError as error:
-        return str(error)
-    return None
+def report_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The run report's figures worth a benchmark line: solves, output error, sparsity."""
+    rows = [row for row in report.get("modules", []) if row.get("module") != "(model)"]
+    figures: dict[str, Any] = {"calibration_samples": report.get("calibration_samples")}
+    seconds = [row["seconds"] for row in rows if row.get("seconds") is not None]
+    if seconds:
+        figures["solves_s"] = round(sum(seconds), 2)
+    errors = [row["output_error"] for row in rows if row.get("output_error") is not None]
+    if errors:
+        figures["mean_output_error"] = round(sum(errors) / len(errors), 6)
+    pruned = [row["sparsity"] for row in rows if "sparsity" in row]
+    if pruned:
+        figures["pruned_modules"] = len(pruned)
+        figures["mean_sparsity"] = round(sum(pruned) / len(pruned), 6)
+        model_row = next(
+            (row for row in report.get("modules", []) if row.get("module") == "(model)"), {}
+        )
+        figures["sparsity_config"] = model_row.get("sparsity_config")
+    return figures
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--chunks", required=True, help="safetensors file with input_ids [n, seq_len]")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), help="what to run (not with --floor)")
+    parser = script_parser(__doc__)
+    child.add_arguments(parser)
+    parser.add_argument(
+        "--recipe", choices=sorted(OURS_RECIPES), help="what to run (not with --floor)"
+    )
     parser.add_argument("--output", help="where the compressed checkpoint goes")
-    parser.add_argument("--floor", action="store_true", help="calibration forwards only, no compression")
-    parser.add_argument("--calibration-precision", default="auto", help="dtype the calibration forwards autocast to")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--floor", action="store_true", help="calibration forwards only, no compression"
+    )
+    parser.add_argument(
+        "--precision", default="auto", help="model dtype for calibration (auto: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--calibration-precision", default="auto", help="dtype the calibration forwards autocast to"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="calibration samples per forward (default: llmc's)"
+    )
+    parser.add_argument(
+        "--actorder", help="GPTQ act-order: static, weight, group or null (default: llmc-gptq's)"
+    )
+    parser.add_argument(
+        "--true-sequential", action="store_true", default=None, help="GPTQ: re-run each group"
+    )
+    args = parse(parser, argv)
     if args.floor == (args.recipe is not None):
         parser.error("give exactly one of --recipe and --floor")
     if args.recipe is not None and args.output is None:
         parser.error("--recipe needs --output")
 
-    import torch
-    from safetensors.torch import load_file
-
-    chunks = load_file(args.chunks)["input_ids"].to(torch.long)  # [n, seq_len]
-    n, seq_len = chunks.shape
-    info: dict[str, object] = {
-        "tool": "llmc",
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "recipe": "floor" if args.floor else args.recipe,
-        "calibration_precision": args.calibration_precision,
-        "samples": int(n),
-        "seq_len": int(seq_len),
-    }
-
-    if args.floor:
-        import llmc.models  # noqa: F401  (transformers; keep imports out of oneshot_s)
-        import llmc.pipeline  # noqa: F401
-
-        imported = time.perf_counter()
-        timings = run_floor(args.model, args.calibration_precision, chunks)
-    else:
-        recipe, modifier = RECIPES[args.recipe]
-        problem = check_plugin(modifier)
-        if problem is not None:
-            print(f"ours_oneshot: recipe {args.recipe!r} cannot run: {problem}", file=sys.stderr)
-            print(json.dumps({**info, "error": "plugin-missing", "message": problem}), flush=True)
-            return EXIT_PLUGIN_MISSING
-        from datasets import Dataset
-
-        from llmc import oneshot  # the entrypoint imports lazily: keep that out of oneshot_s
-
-        dataset = Dataset.from_dict(
-            {"input_ids": chunks.tolist(), "attention_mask": torch.ones_like(chunks).tolist()}
-        )
-        imported = time.perf_counter()
-        result = oneshot(
-            model=args.model,
-            dataset=dataset,
-            recipe=recipe,
-            num_calibration_samples=int(n),
-            max_seq_length=int(seq_len),
-            output_dir=args.output,
-            calibration_precision=args.calibration_precision,
-        )
-        finished = time.perf_counter()
-        timings = {"oneshot_s": round(finished - imported, 2)}
-        info["calibration_samples"] = result.report.get("calibration_samples")
-    print(
-        json.dumps(
-            {
-                **info,
-                "import_s": round(imported - _started, 2),
-                **timings,
-                "total_s": round(time.perf_counter() - _started, 2),
-            }
-        ),
-        flush=True,
+    chunks = load_chunks(args.chunks)  # [n, seq_len]
+    facts = run_facts(
+        "llmc",
+        chunks,
+        recipe="floor" if args.floor else args.recipe,
+        precision=args.precision,
+        calibration_precision=args.calibration_precision,
+        batch_size=args.batch_size,
+        actorder=args.actorder,
+        true_sequential=args.true_sequential,
     )
+    if args.floor:
+        from benchlib.pipeline import run_floor  # imports llmc: kept out of oneshot_s
+
+        imported = time.perf_counter()
+        timings = run_floor(
+            args.model,
+            chunks,
+            precision=args.precision,
+            calibration_precision=args.calibration_precision,
+            batch_size=args.batch_size or 1,
+        )
+        print_report(facts, imported, **timings)
+        return 0
+
+    from benchlib.pipeline import missing_plugin
+
+    problem = missing_plugin(modifiers_of(args.recipe))
+    if problem is not None:
+        print(f"ours_oneshot: recipe {args.recipe!r} cannot run: {problem}", file=sys.stderr)
+        print_report(facts, None, error="plugin-missing", message=problem)
+        return EXIT_PLUGIN_MISSING
+    try:
+        recipe = recipe_text(
+            args.recipe, actorder=args.actorder, true_sequential=args.true_sequential
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+    from llmc import oneshot  # the entrypoint imports lazily: keep that out of oneshot_s
+
+    calibration = calibration_arguments(chunks)
+    imported = time.perf_counter()
+    result = oneshot(
+        model=args.model,
+        recipe=recipe,
+        **calibration,
+        output_dir=args.output,
+        overwrite=True,
+        precision=args.precision,
+        calibration_precision=args.calibration_precision,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
+    )
+    oneshot_s = round(time.perf_counter() - imported, 2)
+    print_report(facts, imported, oneshot_s=oneshot_s, **report_figures(result.report))
     return 0
 
 

@@ -1,31 +1,25 @@
-"""llm-compressor's oneshot on the benchmark's model and calibration chunks.
+"""llm-compressor's oneshot on the benchmark's model and calibration chunks: one run, one process.
 
 Run with the peer's own venv (it imports llmcompressor, never llmc)::
 
     .venv-peer/bin/python benchmarks/peer_oneshot.py --model DIR --chunks FILE \
         --recipe gptq-w4a16 --output DIR
 
-Prints, as its last line, a JSON object with its own timings: ``load_s`` (``Oneshot(...)``:
-model + tokenizer loading and preprocessing), ``run_s`` (calibration, compression and saving)
-and ``oneshot_s`` (both).
+The recipe names are ``benchlib.recipes.PEER_RECIPES``, each mapped to the llm-compressor 0.14
+modifier with the parameters of our recipe of the same name. Prints, as its last line, a JSON
+object with its own timings: ``load_s`` (``Oneshot(...)``: model + tokenizer loading and
+preprocessing), ``run_s`` (calibration, compression and saving) and ``oneshot_s`` (both).
 """
 
 from __future__ import annotations
 
-import os
+import sys
+import time
 
-# No hub here: never try the network.
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ[_name] = "1"
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-_started = time.perf_counter()
-
-RECIPES = ("gptq-w4a16", "sparsegpt-50", "sparsegpt-2:4", "wanda-50")
+from benchlib import child
+from benchlib.child import calibration_arguments, load_chunks, print_report, run_facts
+from benchlib.env import parse, script_parser
+from benchlib.recipes import PEER_RECIPES
 
 
 def make_modifier(recipe: str):
@@ -49,64 +43,48 @@ def make_modifier(recipe: str):
         return WandaPruningModifier(
             sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"]
         )
-    raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(PEER_RECIPES)}")
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--chunks", required=True, help="safetensors file with input_ids [n, seq_len]")
-    parser.add_argument("--recipe", required=True, choices=RECIPES)
+    parser = script_parser(__doc__)
+    child.add_arguments(parser)
+    parser.add_argument("--recipe", required=True, choices=PEER_RECIPES)
     parser.add_argument("--output", required=True, help="where the compressed checkpoint goes")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
 
     import llmcompressor
-    import torch
-    from datasets import Dataset
     from llmcompressor.entrypoints.oneshot import Oneshot
-    from safetensors.torch import load_file
 
     imported = time.perf_counter()
-    chunks = load_file(args.chunks)["input_ids"].to(torch.long)  # [n, seq_len]
-    n, seq_len = chunks.shape
-    dataset = Dataset.from_dict(
-        {"input_ids": chunks.tolist(), "attention_mask": torch.ones_like(chunks).tolist()}
-    )
+    chunks = load_chunks(args.chunks)  # [n, seq_len]
+    calibration = calibration_arguments(chunks)
     modifier = make_modifier(args.recipe)
 
     started = time.perf_counter()
     run = Oneshot(
         model=args.model,
-        dataset=dataset,
         recipe=modifier,
-        num_calibration_samples=int(n),
-        max_seq_length=int(seq_len),
+        **calibration,
         shuffle_calibration_samples=False,
         output_dir=args.output,
     )
     loaded = time.perf_counter()
     run()
     finished = time.perf_counter()
-    device = str(next(run.model.parameters()).device)
-    print(
-        json.dumps(
-            {
-                "tool": "llmcompressor",
-                "version": llmcompressor.__version__,
-                "torch": torch.__version__,
-                "torch_threads": torch.get_num_threads(),
-                "recipe": args.recipe,
-                "samples": int(n),
-                "seq_len": int(seq_len),
-                "device": device,
-                "import_s": round(imported - _started, 2),
-                "load_s": round(loaded - started, 2),
-                "run_s": round(finished - loaded, 2),
-                "oneshot_s": round(finished - started, 2),
-                "total_s": round(finished - _started, 2),
-            }
-        ),
-        flush=True,
+    facts = run_facts(
+        "llmcompressor",
+        chunks,
+        version=llmcompressor.__version__,
+        recipe=args.recipe,
+        device=str(next(run.model.parameters()).device),
+    )
+    print_report(
+        facts,
+        imported,
+        load_s=round(loaded - started, 2),
+        run_s=round(finished - loaded, 2),
+        oneshot_s=round(finished - started, 2),
     )
     return 0
 

@@ -10,23 +10,23 @@ column sweep (block 128, damping 0.01). Ours is ``llmc.hessian.inverse_cholesky_
 ``llmc_sparsity.sparsegpt.sparsegpt_`` (numba sweep); the peer's is llm-compressor 0.14's
 ``sparsify_weight``, run in ``.venv-peer`` (``--tool peer``; it never imports llmc). Reports the
 median of ``--repeats`` timings per shape and structure, and the relative layer-output error
-‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of each result, A B A B.
+‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² of each result. With ``--tool both`` the shared driver
+(``benchlib.driver.interleave``) runs one process per tool, shape and structure, A B A B, each
+after waiting for an idle machine; without the peer's venv only ours is run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from benchlib.driver import Config, interleave
+from benchlib.env import BENCH_ROOT, PEER_PYTHON, RESULTS_DIR, parse, script_parser
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PEER_PYTHON = REPO_ROOT / ".venv-peer" / "bin" / "python"
 STRUCTURES = {"50": (0.5, 0, 0), "2:4": (0.5, 2, 4)}
 
 
@@ -93,48 +93,46 @@ def run_tool(tool: str, shapes: list[tuple[int, int]], structures: list[str], re
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--tool", choices=("ours", "peer", "both"), default="both")
     parser.add_argument("--shapes", default="2048x2048,5632x2048,2048x5632", help="rows x cols, comma-separated")
     parser.add_argument("--structures", default="50,2:4")
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    parser.add_argument("--idle-wait", type=float, default=60.0, help="--tool both: seconds to wait for an idle machine per run")
+    args = parse(parser, argv)
+    shapes = args.shapes.split(",")
     structures = args.structures.split(",")
     if args.tool != "both":
-        run_tool(args.tool, shapes, structures, args.repeats)
+        run_tool(args.tool, [tuple(int(v) for v in s.split("x")) for s in shapes], structures, args.repeats)
         return 0
-    # A B A B: one shape/structure at a time, alternating processes
-    results = []
-    for shape in args.shapes.split(","):
-        for structure in structures:
-            for tool, python in (("ours", sys.executable), ("peer", str(PEER_PYTHON))):
-                if tool == "peer" and not PEER_PYTHON.exists():
-                    continue
-                load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-                done = subprocess.run(
-                    [python, __file__, "--tool", tool, "--shapes", shape, "--structures", structure,
-                     "--repeats", str(args.repeats)],
-                    capture_output=True, text=True, check=False,
-                )
-                lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-                if not lines:
-                    print(done.stderr[-2000:], file=sys.stderr)
-                for line in lines:
-                    line["loadavg_before"] = load
-                    results.append(line)
+    tools = {"ours": sys.executable, **({"peer": str(PEER_PYTHON)} if PEER_PYTHON.exists() else {})}
+    configs = [
+        Config(
+            f"{tool}:{shape}:{structure}",
+            (python, str(Path(__file__).resolve()), "--tool", tool, "--shapes", shape, "--structures", structure, "--repeats", str(args.repeats)),
+            rounds=1,
+        )
+        for shape in shapes
+        for structure in structures
+        for tool, python in tools.items()
+    ]
+    runs = interleave(configs, work=BENCH_ROOT / "runs" / "sparsity-solve", idle_wait_s=args.idle_wait)
+    results = [{**run["internal"], "loadavg_before": run["loadavg_before"]} for run in runs if run["internal"]]
+
+    def find(tool: str, shape: str, structure: str) -> dict | None:
+        return next((r for r in results if (r["tool"], r["shape"], r["structure"]) == (tool, shape, structure)), None)
+
     print("\n| shape | structure | ours s | peer s | ours/peer | ours error | peer error | load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         for structure in structures:
-            ours = next((r for r in results if r["tool"] == "ours" and r["shape"] == shape and r["structure"] == structure), None)
-            peer = next((r for r in results if r["tool"] == "peer" and r["shape"] == shape and r["structure"] == structure), None)
+            ours, peer = find("ours", shape, structure), find("peer", shape, structure)
             if ours is None:
                 continue
             ratio = f"{ours['median_s'] / peer['median_s']:.3f}" if peer else "-"
             print(f"| {shape} | {structure} | {ours['median_s']} | {peer['median_s'] if peer else '-'} | {ratio} "
                   f"| {ours['output_error']} | {peer['output_error'] if peer else '-'} | {ours['loadavg_before']} |")
-    out = REPO_ROOT / "benchmarks" / "results" / "sparsity-solve.json"
+    out = RESULTS_DIR / "sparsity-solve.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -1,0 +1,183 @@
+"""The benchmark models and calibration chunks, built once under ``BENCH_ROOT`` and reused.
+
+* ``embedded``: the tiny Llama shipped with llmc (hidden 256, 4 layers, trained), calibrated on
+  128 × 512 tokens; its checkpoints are worth evaluating.
+* ``wide``: a random-initialised Llama of a realistic width (hidden 2048), calibrated on
+  16 × 512 tokens. Its weights are random: only time and memory measured on it mean anything.
+
+Both tools calibrate on the very same tokens: one chunks file, read by both tools' scripts.
+Run in llmc's venv (the chunks come from llmc's embedded corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchlib.child import load_chunks
+from benchlib.env import BENCH_ROOT, REPO_ROOT
+
+EMBEDDED_MODEL = REPO_ROOT / "src" / "llmc" / "assets" / "tiny-llama"
+CALIBRATION_PRESET = "llmc:stdlib-docs"
+
+# per model: calibration samples × tokens, and whether its perplexity means anything
+MODELS: dict[str, dict[str, Any]] = {
+    "embedded": {"samples": 128, "seq_len": 512, "perplexity": True},
+    "wide": {"samples": 16, "seq_len": 512, "perplexity": False},
+}
+
+WIDE_LLAMA_SPEC: dict[str, Any] = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "seed": 0,
+}
+_SPEC_FILE = "bench_model_spec.json"
+
+__all__ = [
+    "CALIBRATION_PRESET",
+    "add_model_arguments",
+    "EMBEDDED_MODEL",
+    "MODELS",
+    "WIDE_LLAMA_SPEC",
+    "calibration_chunks",
+    "chunks_file",
+    "make_wide_llama",
+    "model_dir",
+    "prepare",
+]
+
+
+def make_wide_llama(
+    path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL
+) -> Path:
+    """A random LlamaForCausalLM (hidden 2048, 4 layers, GQA 16/4 heads), fp32, seed 0.
+
+    Saved with the embedded tokenizer so both tools load it by path. Built once: a folder that
+    already holds a model of the same spec is reused. Random weights: only time and memory
+    measured on it mean anything.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    spec = {**WIDE_LLAMA_SPEC, "vocab_size": len(tokenizer)}
+    spec_file = path / _SPEC_FILE
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        return path
+    config = LlamaConfig(
+        **{key: value for key, value in spec.items() if key != "seed"},
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec["seed"])
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / _SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+    return path
+
+
+def calibration_chunks(
+    n: int,
+    seq_len: int,
+    path: str | os.PathLike[str],
+    *,
+    tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL,
+    seed: int = 0,
+) -> Any:
+    """``n`` chunks of exactly ``seq_len`` token ids from the embedded calibration corpus.
+
+    The documents of ``llmc:stdlib-docs`` are tokenized without special tokens, joined with eos
+    into one stream, cut into non-overlapping chunks of ``seq_len``, and ``n`` of them are drawn
+    with a seeded permutation. Saved as safetensors (``input_ids``, int64 ``[n, seq_len]``),
+    which both tools' scripts read. Returns the tensor.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from llmc.data.presets import get_dataset_preset
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    docs = [
+        t
+        for t in get_dataset_preset(CALIBRATION_PRESET)["text"]
+        if isinstance(t, str) and t.strip()
+    ]
+    encoded = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+    stream: list[int] = []
+    for index, ids in enumerate(encoded):
+        if index:
+            stream.append(tokenizer.eos_token_id)
+        stream.extend(ids)
+    available = len(stream) // seq_len
+    if available < n:
+        raise ValueError(
+            f"the corpus gives {available} chunks of {seq_len} tokens, fewer than the {n} asked for"
+        )
+    chunks = torch.tensor(stream[: available * seq_len], dtype=torch.long).view(available, seq_len)
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n]
+    chunks = chunks[order].contiguous()  # [n, seq_len]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"input_ids": chunks}, str(path), metadata={"source": CALIBRATION_PRESET, "seed": str(seed)}
+    )
+    return chunks
+
+
+def chunks_file(samples: int, seq_len: int) -> Path:
+    """The calibration chunks file for ``samples × seq_len`` tokens, written on first use."""
+    path = BENCH_ROOT / f"chunks-{samples}x{seq_len}.safetensors"
+    if not path.is_file() or tuple(load_chunks(path).shape) != (samples, seq_len):
+        calibration_chunks(samples, seq_len, path)
+    return path
+
+
+def model_dir(kind: str) -> Path:
+    """The directory of the ``embedded`` or ``wide`` model (the wide one is built on first use)."""
+    if kind == "embedded":
+        return EMBEDDED_MODEL
+    if kind == "wide":
+        return make_wide_llama(BENCH_ROOT / "wide-llama")
+    raise ValueError(f"unknown model {kind!r}; one of {', '.join(MODELS)}")
+
+
+def prepare(kind: str, samples: int | None = None, seq_len: int | None = None) -> tuple[Path, Path]:
+    """The model directory and the chunks file (the model's defaults unless given), read once.
+
+    The weights are read through once so that the first timed run does not pay for the disk
+    alone.
+    """
+    spec = MODELS[kind]
+    directory = model_dir(kind)
+    chunks = chunks_file(samples or spec["samples"], seq_len or spec["seq_len"])
+    for file in directory.glob("*.safetensors"):
+        with open(file, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    return directory, chunks
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--samples`` and ``--seq-len``: which model, and how much calibration data."""
+    parser.add_argument("--model", choices=sorted(MODELS), default="embedded")
+    parser.add_argument("--samples", type=int, help="calibration samples (default: per model)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sample (default: per model)")

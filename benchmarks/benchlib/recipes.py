@@ -1,0 +1,108 @@
+"""The recipe names the benchmarks know, and our recipe text for each.
+
+``PEER_RECIPES`` are the names ``peer_oneshot.py`` maps to llm-compressor modifiers with the same
+parameters: a comparison runs the same name on both tools. Ours has more: round-to-nearest
+(data-free), magnitude pruning, true-sequential SparseGPT and pruning + quantization.
+
+Every modifier targets the Linear layers and leaves ``lm_head`` alone. GPTQ options given to
+``recipe_text`` (``actorder``, ``true_sequential``) go into every GPTQModifier of the recipe;
+without them llmc-gptq's defaults hold (act-order static, no true-sequential), which are also
+llm-compressor's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["OURS_RECIPES", "PEER_RECIPES", "SPARSITY_RECIPES", "modifiers_of", "recipe_text"]
+
+_LINEARS = "targets: [Linear], ignore: [lm_head]"
+_GPTQ_OPTIONS = "<gptq-options>"
+_GPTQ = f"GPTQModifier: {{scheme: W4A16, {_LINEARS}{_GPTQ_OPTIONS}}}"
+
+
+def _stage(kind: str, *modifiers: str) -> str:
+    return f"{kind}_stage:\n  {kind}_modifiers:\n" + "".join(f"    {m}\n" for m in modifiers)
+
+
+def _sparsegpt(params: str) -> str:
+    return f"SparseGPTModifier: {{{params}, {_LINEARS}}}"
+
+
+# name: (recipe for llmc.oneshot, modifiers an installed plugin must provide; none for core's)
+OURS_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rtn-w4a16": ("llmc:w4a16", ()),
+    "gptq-w4a16": (_stage("quant", _GPTQ), ("GPTQModifier",)),
+    "sparsegpt-50": (
+        _stage("sparsity", _sparsegpt("sparsity: 0.5, mask_structure: '0:0'")),
+        ("SparseGPTModifier",),
+    ),
+    "sparsegpt-2:4": (
+        _stage("sparsity", _sparsegpt("sparsity: 0.5, mask_structure: '2:4'")),
+        ("SparseGPTModifier",),
+    ),
+    "sparsegpt-50-seq": (
+        _stage(
+            "sparsity", _sparsegpt("sparsity: 0.5, mask_structure: '0:0', true_sequential: true")
+        ),
+        ("SparseGPTModifier",),
+    ),
+    "sparsegpt-2:4-seq": (
+        _stage(
+            "sparsity", _sparsegpt("sparsity: 0.5, mask_structure: '2:4', true_sequential: true")
+        ),
+        ("SparseGPTModifier",),
+    ),
+    "wanda-50": (
+        _stage(
+            "sparsity",
+            f"WandaPruningModifier: {{sparsity: 0.5, mask_structure: '0:0', {_LINEARS}}}",
+        ),
+        ("WandaPruningModifier",),
+    ),
+    "wanda-2:4": (
+        _stage("sparsity", f"WandaPruningModifier: {{mask_structure: '2:4', {_LINEARS}}}"),
+        ("WandaPruningModifier",),
+    ),
+    "magnitude-50": (
+        _stage("sparsity", f"MagnitudePruningModifier: {{final_sparsity: 0.5, {_LINEARS}}}"),
+        ("MagnitudePruningModifier",),
+    ),
+    "magnitude-2:4": (
+        _stage("sparsity", f"MagnitudePruningModifier: {{mask_structure: '2:4', {_LINEARS}}}"),
+        ("MagnitudePruningModifier",),
+    ),
+    "sparsegpt-2:4+rtn-w4a16": ("llmc:sparsegpt_2of4_w4a16", ("SparseGPTModifier",)),
+    "sparsegpt-2:4+gptq-w4a16": (
+        _stage("sparsity", _sparsegpt("mask_structure: '2:4'"), _GPTQ),
+        ("SparseGPTModifier", "GPTQModifier"),
+    ),
+}
+
+PEER_RECIPES = ("gptq-w4a16", "sparsegpt-50", "sparsegpt-2:4", "wanda-50")
+
+# the pruning baselines and combinations of docs/benchmarks.md's sparsity quality table
+SPARSITY_RECIPES = tuple(name for name in OURS_RECIPES if name not in ("rtn-w4a16", "gptq-w4a16"))
+
+
+def recipe_text(name: str, **gptq_options: Any) -> str:
+    """Our recipe ``name`` for ``llmc.oneshot``, with ``gptq_options`` (None values left out)."""
+    text, _ = OURS_RECIPES[name]
+    extra = "".join(
+        f", {key}: {_yaml(value)}" for key, value in gptq_options.items() if value is not None
+    )
+    if extra and _GPTQ_OPTIONS not in text:
+        given = sorted(key for key, value in gptq_options.items() if value is not None)
+        raise ValueError(f"recipe {name!r} has no GPTQModifier for the options {given}")
+    return text.replace(_GPTQ_OPTIONS, extra)
+
+
+def modifiers_of(name: str) -> tuple[str, ...]:
+    """The modifier names recipe ``name`` needs from installed plugins."""
+    return OURS_RECIPES[name][1]
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
