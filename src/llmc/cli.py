@@ -216,7 +216,7 @@ def _run_plugins(_: argparse.Namespace) -> int:
         print(f"    modifiers: {', '.join(info.modifiers) or '-'}")
         if info.recipes:
             print(f"    recipes:   {', '.join('llmc:' + r for r in info.recipes)}")
-    for name, reason in registry.plugins.failed.items():
+    for name, reason in registry.failed.items():
         print(f"{name}  (failed to load: {reason})")
     return 0
 

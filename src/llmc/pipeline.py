@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from llmc import hookspecs
 from llmc.context import RunContext
-from llmc.errors import CalibrationError
+from llmc.errors import CalibrationError, PluginError
+from llmc.plugins import check_hooks, trace_hook_calls, validation_text
 from llmc.targets import is_match
 
 __all__ = [
@@ -51,12 +52,37 @@ def make_lifecycle(run_states: Sequence[object]) -> pluggy.PluginManager:
     """A plugin manager whose hooks call the modifiers' run states in recipe order.
 
     pluggy calls the most recently registered implementation first, so the run states are
-    registered in reverse.
+    registered in reverse. Every hook a run state implements is checked against the hookspecs
+    here, before any work: a misspelled hook (``llmc_layer_strat``), or one taking an argument
+    the hookspec does not have, raises a one-line ``PluginError`` naming the run state's class,
+    the hook and the closest valid hook name. ``LLMC_TRACE_PLUGINS=1`` logs every call.
     """
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
+    index_of: dict[int, int] = {}
+
+    def describe(run_state: object) -> str:
+        kind = type(run_state)
+        index = index_of[id(run_state)]
+        return f"run state {kind.__module__}.{kind.__qualname__} (modifier-{index})"
+
     for index in reversed(range(len(run_states))):
-        manager.register(run_states[index], name=f"modifier-{index}")
+        run_state = run_states[index]
+        if id(run_state) in index_of:
+            raise PluginError(
+                f"modifier-{index} and modifier-{index_of[id(run_state)]} returned the same run "
+                "state object from start(); start() must return a new object on each call"
+            )
+        index_of[id(run_state)] = index
+        try:
+            manager.register(run_state, name=f"modifier-{index}")
+        except pluggy.PluginValidationError as error:
+            raise PluginError(
+                f"{describe(run_state)} has an invalid hook: {validation_text(error)}",
+                plugin=f"modifier-{index}",
+            ) from None
+    check_hooks(manager, describe)
+    trace_hook_calls(manager, "lifecycle")
     return manager
 
 
