@@ -176,3 +176,17 @@ def test_recipe_dump_then_load_gives_same_recipe(scheme, ignore, skip):
     again = load_recipe(recipe_to_yaml(recipe), registry)
     assert again.stages == recipe.stages
     assert recipe_to_yaml(again) == recipe_to_yaml(recipe)
+
+
+def test_recipe_objects_with_recipe_args_keep_plugin_of_ambiguous_name():
+    from llmc_test_plugin import RecordInputsModifier, ShadowQuantizationModifier
+    from plugin_entry_points import TEST_PLUGIN
+
+    registry = load_registry(entry_points=[TEST_PLUGIN])  # acme offers 'QuantizationModifier' too
+    objects = [ShadowQuantizationModifier(), QuantizationModifier(scheme="W8A8"), RecordInputsModifier()]
+    recipe = load_recipe(objects, registry, recipe_args={"scheme": "W4A16", "label": "overridden"})
+    assert [(e.plugin, type(e.modifier)) for e in recipe.modifiers] == [
+        ("acme", ShadowQuantizationModifier), ("core", QuantizationModifier), ("acme", RecordInputsModifier),
+    ]
+    assert recipe.modifiers[1].modifier.scheme == "W4A16"
+    assert recipe.modifiers[2].modifier.label == "overridden"

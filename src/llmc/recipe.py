@@ -343,8 +343,10 @@ def load_recipe(
     ):
         loaded = _recipe_from_objects([recipe] if isinstance(recipe, Modifier) else list(recipe), registry)
         if recipe_args:
-            # Overrides go through YAML so objects and files are validated the same way.
-            return load_recipe(recipe_to_yaml(loaded), registry, recipe_args=recipe_args, stage=stage)
+            # Overrides go through YAML so objects and files are validated the same way; with the
+            # registry, a name two plugins offer is written qualified (core.QuantizationModifier).
+            text = recipe_to_yaml(loaded, registry)
+            return load_recipe(text, registry, recipe_args=recipe_args, stage=stage)
     elif isinstance(recipe, (str, os.PathLike)):
         tree, source = _read_source(recipe, registry)
         loaded = _recipe_from_tree(tree, source, registry, recipe_args or {})
