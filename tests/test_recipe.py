@@ -190,3 +190,21 @@ def test_recipe_objects_with_recipe_args_keep_plugin_of_ambiguous_name():
     ]
     assert recipe.modifiers[1].modifier.scheme == "W4A16"
     assert recipe.modifiers[2].modifier.label == "overridden"
+
+
+def test_recipe_args_key_may_qualify_the_modifier_by_plugin():
+    from plugin_entry_points import TEST_PLUGIN
+
+    registry = load_registry(entry_points=[TEST_PLUGIN])
+    qualified = load_recipe(
+        QuantizationModifier(scheme="W4A16"), registry,
+        recipe_args={"core.QuantizationModifier.scheme": "W8A16"},
+    )
+    assert qualified.modifiers[0].modifier == QuantizationModifier(scheme="W8A16")
+    # a recipe that wrote the name bare (only core offers it here) takes a qualified key too
+    core_only = load_registry(entry_points=[])
+    for key in ("core.QuantizationModifier.scheme", "quant_stage.quant_modifiers.core.QuantizationModifier.scheme"):
+        recipe = load_recipe(LLM_COMPRESSOR_RECIPE, core_only, recipe_args={key: "W8A8"})
+        assert recipe.modifiers[0].modifier.scheme == "W8A8"
+    with pytest.raises(RecipeError, match=r"recipe_args key 'acme.QuantizationModifier.scheme' names no modifier"):
+        load_recipe(LLM_COMPRESSOR_RECIPE, core_only, recipe_args={"acme.QuantizationModifier.scheme": "W8A8"})

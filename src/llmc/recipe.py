@@ -198,13 +198,17 @@ def _read_source(recipe: str | os.PathLike[str], registry: Registry) -> tuple[An
 def _apply_overrides(
     tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]],
     overrides: Mapping[str, Any],
-    field_names: dict[tuple[str, str, int], set[str]],
+    resolved: dict[tuple[str, str, int], tuple[str, type[Modifier]]],
 ) -> None:
     """Apply ``recipe_args`` to the modifier parameters, refusing keys that set nothing.
 
     A key is a bare parameter name (applies to every modifier having it), ``Modifier.param``,
-    or ``stage.group.Modifier.param``.
+    or ``stage.group.Modifier.param``; ``Modifier`` may be qualified by the plugin that provides
+    it (``core.QuantizationModifier.scheme``), whether or not the recipe wrote it so.
     """
+    field_names = {
+        position: {f.name for f in attrs.fields(cls)} for position, (_, cls) in resolved.items()
+    }
     for key, value in overrides.items():
         parts = key.split(".")
         field = parts[-1]
@@ -214,13 +218,15 @@ def _apply_overrides(
         for stage_name, groups in tree.items():
             for group_name, entries in groups.items():
                 for index, (modifier_name, params) in enumerate(entries):
+                    position = (stage_name, group_name, index)
                     bare_name = modifier_name.rpartition(".")[2]
+                    plugin = resolved[position][0] if position in resolved else None
                     if selector and selector not in (
-                        [bare_name], [modifier_name], [stage_name, group_name, bare_name],
-                        [stage_name, group_name, *modifier_name.split(".")],
+                        [bare_name], [plugin, bare_name], [stage_name, group_name, bare_name],
+                        [stage_name, group_name, plugin, bare_name],
                     ):
                         continue
-                    fields = field_names.get((stage_name, group_name, index), set())
+                    fields = field_names.get(position, set())
                     known_fields |= fields
                     if field in fields:
                         params[field] = value
@@ -403,10 +409,7 @@ def _recipe_from_tree(
 
     # Overrides only make sense once every name resolved; otherwise report what is known.
     if recipe_args and not problems.items:
-        field_names = {
-            position: {f.name for f in attrs.fields(cls)} for position, (_, cls) in resolved.items()
-        }
-        _apply_overrides(stages, recipe_args, field_names)
+        _apply_overrides(stages, recipe_args, resolved)
 
     built_stages = []
     for stage_name, groups in stages.items():
