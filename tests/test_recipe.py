@@ -208,3 +208,23 @@ def test_recipe_args_key_may_qualify_the_modifier_by_plugin():
         assert recipe.modifiers[0].modifier.scheme == "W8A8"
     with pytest.raises(RecipeError, match=r"recipe_args key 'acme.QuantizationModifier.scheme' names no modifier"):
         load_recipe(LLM_COMPRESSOR_RECIPE, core_only, recipe_args={"acme.QuantizationModifier.scheme": "W8A8"})
+
+
+@pytest.mark.parametrize(
+    ("stub", "hint"),
+    [
+        ("zoo:llama2-7b-open_platypus-w4a16", "the closest shipped recipe is 'llmc:w4a16'"),
+        ("zoo:nlp/text_generation/llama-7b/pytorch/llmcompressor/w8a8_int8/", "the closest shipped recipe is 'llmc:w8a8'"),
+        ("zoo:w4a61", "the closest shipped recipe is 'llmc:w4a16'"),
+        ("zoo:llama2-7b-ultrachat200k_llama2_pretrain-pruned50_quantized",
+         "shipped recipes: llmc:w4a16, llmc:w4a16_asym, llmc:w8a16, llmc:w8a8"),
+    ],
+    ids=["contains-name", "path-stub", "misspelled", "nothing-close"],
+)
+def test_recipe_sparsezoo_stub_is_refused_naming_a_shipped_recipe(registry, stub, hint):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(stub, registry)
+    assert str(caught.value) == (
+        f"SparseZoo recipe stubs are not supported (got {stub!r}); {hint} (see: llmc recipes), "
+        "or pass a recipe YAML file"
+    )

@@ -30,7 +30,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from llmc.converters import make_converter, validation_problems
-from llmc.errors import LlmcError, PluginError, RecipeError, did_you_mean
+from llmc.errors import LlmcError, PluginError, RecipeError, closest, did_you_mean
 from llmc.modifier import Modifier
 from llmc.plugins import Registry
 
@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 RECIPE_PREFIX = "llmc:"
+SPARSEZOO_PREFIX = "zoo:"
 DEFAULT_STAGE = "default_stage"
 DEFAULT_GROUP = "default_modifiers"
 TOP_LEVEL_KEYS = ("plugins", "version")
@@ -157,6 +158,8 @@ def _read_source(recipe: str | os.PathLike[str], registry: Registry) -> tuple[An
     text: str
     source: str
     value = os.fspath(recipe)
+    if value.startswith(SPARSEZOO_PREFIX):
+        raise RecipeError(_sparsezoo_message(value, sorted(registry.recipes)))
     if value.startswith(RECIPE_PREFIX):
         name = value[len(RECIPE_PREFIX):]
         if name not in registry.recipes:
@@ -190,6 +193,27 @@ def _read_source(recipe: str | os.PathLike[str], registry: Registry) -> tuple[An
             )
         raise RecipeError(f"a recipe must be a YAML mapping of stages (got {type(tree).__name__}) in {source}")
     return tree, source
+
+
+def _sparsezoo_message(stub: str, shipped: list[str]) -> str:
+    """Refuse a SparseZoo stub (llm-compressor's ``zoo:...``), naming the nearest shipped recipe.
+
+    The stub's last path part (``llama2-7b-...-pruned50_quantized``) is compared with the shipped
+    names: one it contains wins (the longest), else the closest by spelling.
+    """
+    tail = stub[len(SPARSEZOO_PREFIX):].rstrip("/").rpartition("/")[2].lower()
+    contained = [name for name in shipped if name.lower() in tail]
+    match = max(contained, key=len) if contained else closest(tail, shipped)
+    if match is not None:
+        hint = f"the closest shipped recipe is '{RECIPE_PREFIX}{match}'"
+    elif shipped:
+        hint = "shipped recipes: " + ", ".join(RECIPE_PREFIX + name for name in shipped)
+    else:
+        hint = "no recipe is shipped"
+    return (
+        f"SparseZoo recipe stubs are not supported (got {stub!r}); {hint} (see: llmc recipes), "
+        "or pass a recipe YAML file"
+    )
 
 
 # --- recipe_args ----------------------------------------------------------------------------
