@@ -51,6 +51,9 @@ __all__ = [
     "load_registry",
     "make_plugin_manager",
     "trace_hook_calls",
+    "unknown_hooks",
+    "unknown_hooks_text",
+    "validation_text",
 ]
 
 logger = logging.getLogger("llmc.plugins")
