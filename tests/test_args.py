@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import attrs
 import pytest
 from hypothesis import given, settings
@@ -79,3 +81,75 @@ def test_dataset_arguments_structure_unstructure_round_trip(samples, seq, shuffl
         shuffle_calibration_samples=shuffle, sequential_targets=targets,
     )
     assert CONVERTER.structure(CONVERTER.unstructure(args), DatasetArguments) == args
+
+
+def _actions(parser):
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def test_cli_flag_types_follow_the_field_types():
+    import argparse
+
+    from llmc.args import TRAIN_ARGUMENT_CLASSES
+    from llmc.cli import _add_argument_fields, _MergeMapping, _parse_mapping
+
+    parser = argparse.ArgumentParser()
+    _add_argument_fields(parser, TRAIN_ARGUMENT_CLASSES)
+    actions = _actions(parser)
+    # (action class, type, nargs) per kind of field
+    expected = {
+        "num_calibration_samples": (argparse._StoreAction, int, None),   # int
+        "max_steps": (argparse._StoreAction, int, None),                 # int | None
+        "learning_rate": (argparse._StoreAction, float, None),           # float
+        "trust_remote_code": (argparse.BooleanOptionalAction, None, 0),  # bool
+        "sequential_targets": (argparse._StoreAction, None, "+"),        # list[str] | None
+        "recipe_args": (_MergeMapping, _parse_mapping, None),            # dict[str, Any] | None
+        "precision": (argparse._StoreAction, None, None),                # str
+        "device": (argparse._StoreAction, None, None),                   # str | None
+        "model": (argparse._StoreAction, None, None),                    # Any, cli_type str
+    }
+    for name, (action_class, kind, nargs) in expected.items():
+        action = actions[name]
+        assert (type(action), action.type, action.nargs) == (action_class, kind, nargs), name
+        assert action.default is None, name
+    assert actions["num_calibration_samples"].help.endswith("(default: 512)")
+    assert actions["precision"].help.endswith("(default: auto)")
+
+
+@attrs.frozen(kw_only=True)
+class _Typed:
+    """Fields of every kind a flag can be made from."""
+
+    mode: Literal["fast", "exact"] = attrs.field(default="fast", metadata={"help": "how"})
+    ratio: float | None = attrs.field(default=None, metadata={"help": "a ratio"})
+    sizes: list[int] = attrs.field(factory=list, metadata={"help": "sizes"})
+    names: tuple[str, ...] = attrs.field(default=(), metadata={"help": "names"})
+    hook: Any = attrs.field(default=None, metadata={"help": "an object", "cli_type": "mapping"})
+    hidden: set[int] = attrs.field(factory=set, metadata={"cli": False})
+
+
+@attrs.frozen(kw_only=True)
+class _Ambiguous:
+    """A field whose command-line form cannot be told from its type."""
+
+    value: int | str = 0
+
+
+def test_cli_flag_types_derived_from_annotations():
+    import argparse
+
+    from llmc.cli import _add_argument_fields, _parse_mapping
+
+    parser = argparse.ArgumentParser()
+    _add_argument_fields(parser, [_Typed])
+    actions = _actions(parser)
+    assert actions["mode"].choices == ("fast", "exact")
+    assert actions["ratio"].type is float
+    assert (actions["sizes"].nargs, actions["sizes"].type) == ("+", int)
+    assert (actions["names"].nargs, actions["names"].type) == ("+", None)
+    assert actions["hook"].type is _parse_mapping
+    assert "hidden" not in actions
+    parsed = parser.parse_args(["--mode", "exact", "--ratio", "0.5", "--sizes", "1", "2", "--hook", "a=1"])
+    assert (parsed.mode, parsed.ratio, parsed.sizes, parsed.hook) == ("exact", 0.5, [1, 2], {"a": 1})
+    with pytest.raises(TypeError, match=r"cannot make a flag for _Ambiguous.value: it is typed int \| str"):
+        _add_argument_fields(argparse.ArgumentParser(), [_Ambiguous])

@@ -10,7 +10,7 @@ from plugin_entry_points import TEST_PLUGIN
 from llmc import hookimpl
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
-from llmc.pipeline import LayerwisePipeline, find_blocks, make_lifecycle
+from llmc.pipeline import LayerwisePipeline, StopLayerForward, find_blocks, make_lifecycle
 from llmc.testing import build_causal_lm
 
 
@@ -148,3 +148,94 @@ def test_pipeline_forward_layer_reruns_block_and_stops_early():
     LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([state]), show_progress=False).run(batches)
     assert state.mlp_inputs == 2 * len(batches)
     assert context.forward_layer is None
+
+
+def _hook_tables(model):
+    """Every hook (and its flags) on every module, by handle id, to compare before and after."""
+    tables = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+              "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+    return {name: {table: dict(getattr(module, table, {})) for table in tables} for name, module in model.named_modules()}
+
+
+class _FailsAtLayer:
+    """Hooks modules the way calibrating modifiers do, then raises in the middle of the run."""
+
+    def __init__(self, fail_at, fail_in="llmc_layer_end"):
+        self.fail_at = fail_at
+        self.fail_in = fail_in
+        self.calls = []
+
+    def _maybe_fail(self, hook_name, layer_name):
+        if hook_name == self.fail_in and layer_name == self.fail_at:
+            raise CalibrationError(f"cannot compress {layer_name}", module=layer_name)
+
+    @hookimpl
+    def llmc_initialize(self, context):
+        self.calls.append("initialize")
+        context.model.lm_head.register_forward_pre_hook(lambda module, args: None)
+
+    @hookimpl
+    def llmc_layer_start(self, context, layer_name, layer):
+        self.calls.append(f"layer_start:{layer_name}")
+        layer.mlp.down_proj.register_forward_pre_hook(lambda module, args, kwargs: None, with_kwargs=True)
+        layer.self_attn.q_proj.register_forward_hook(lambda module, args, output: None, always_call=True)
+        layer.mlp.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+
+        def stop(module, args):
+            raise StopLayerForward
+
+        layer.mlp.up_proj.register_forward_pre_hook(stop)  # fatal if it outlived the run
+        return True
+
+    @hookimpl
+    def llmc_layer_end(self, context, layer_name, layer):
+        self.calls.append(f"layer_end:{layer_name}")
+        self._maybe_fail("llmc_layer_end", layer_name)
+        layer.mlp.up_proj._forward_pre_hooks.clear()  # done with the stop hook; keeps the others
+
+    @hookimpl
+    def llmc_finalize(self, context):
+        self.calls.append("finalize")
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "fail_in"),
+    [("model.layers.1", "llmc_layer_end"), ("model.layers.0", "forward")],
+    ids=["modifier-raises", "forward-raises"],
+)
+def test_pipeline_failure_leaves_the_model_hooks_it_had_before(fail_at, fail_in):
+    model = build_causal_lm("llama", layers=3)
+    batches = _batches(model.config.vocab_size)
+    calls = []
+    model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: calls.append(1))  # the caller's
+    before = _hook_tables(model)
+    state = _FailsAtLayer(fail_at, fail_in)
+    if fail_in == "forward":  # an exception from the block itself, during the calibration pass
+        def broken(module, args):
+            raise RuntimeError("out of memory")
+
+        model.model.layers[0].post_attention_layernorm.register_forward_pre_hook(broken)
+        before = _hook_tables(model)
+    context = RunContext(model=model, device=torch.device("cpu"))
+    pipeline = LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([state]), show_progress=False)
+    with pytest.raises(CalibrationError if fail_in == "llmc_layer_end" else RuntimeError):
+        pipeline.run(batches)
+    assert _hook_tables(model) == before
+    assert "finalize" not in state.calls  # no compression after a failure
+    assert context.forward_layer is None and context.attention_mask is None
+    if fail_in == "llmc_layer_end":
+        calls.clear()
+        with torch.no_grad():
+            model(**batches[0])  # no calibration hook left to stop or slow the forward
+        assert calls == [1]
+
+
+def test_pipeline_success_keeps_hooks_modifiers_leave_on_purpose():
+    model = build_causal_lm("llama", layers=2)
+    state = _FailsAtLayer(fail_at=None)
+    context = RunContext(model=model, device=torch.device("cpu"))
+    LayerwisePipeline(model=model, context=context, lifecycle=make_lifecycle([state]), show_progress=False).run(
+        _batches(model.config.vocab_size)
+    )
+    assert state.calls[-1] == "finalize"
+    assert all(len(layer.mlp.down_proj._forward_pre_hooks) == 1 for layer in model.model.layers)

@@ -176,3 +176,55 @@ def test_recipe_dump_then_load_gives_same_recipe(scheme, ignore, skip):
     again = load_recipe(recipe_to_yaml(recipe), registry)
     assert again.stages == recipe.stages
     assert recipe_to_yaml(again) == recipe_to_yaml(recipe)
+
+
+def test_recipe_objects_with_recipe_args_keep_plugin_of_ambiguous_name():
+    from llmc_test_plugin import RecordInputsModifier, ShadowQuantizationModifier
+    from plugin_entry_points import TEST_PLUGIN
+
+    registry = load_registry(entry_points=[TEST_PLUGIN])  # acme offers 'QuantizationModifier' too
+    objects = [ShadowQuantizationModifier(), QuantizationModifier(scheme="W8A8"), RecordInputsModifier()]
+    recipe = load_recipe(objects, registry, recipe_args={"scheme": "W4A16", "label": "overridden"})
+    assert [(e.plugin, type(e.modifier)) for e in recipe.modifiers] == [
+        ("acme", ShadowQuantizationModifier), ("core", QuantizationModifier), ("acme", RecordInputsModifier),
+    ]
+    assert recipe.modifiers[1].modifier.scheme == "W4A16"
+    assert recipe.modifiers[2].modifier.label == "overridden"
+
+
+def test_recipe_args_key_may_qualify_the_modifier_by_plugin():
+    from plugin_entry_points import TEST_PLUGIN
+
+    registry = load_registry(entry_points=[TEST_PLUGIN])
+    qualified = load_recipe(
+        QuantizationModifier(scheme="W4A16"), registry,
+        recipe_args={"core.QuantizationModifier.scheme": "W8A16"},
+    )
+    assert qualified.modifiers[0].modifier == QuantizationModifier(scheme="W8A16")
+    # a recipe that wrote the name bare (only core offers it here) takes a qualified key too
+    core_only = load_registry(entry_points=[])
+    for key in ("core.QuantizationModifier.scheme", "quant_stage.quant_modifiers.core.QuantizationModifier.scheme"):
+        recipe = load_recipe(LLM_COMPRESSOR_RECIPE, core_only, recipe_args={key: "W8A8"})
+        assert recipe.modifiers[0].modifier.scheme == "W8A8"
+    with pytest.raises(RecipeError, match=r"recipe_args key 'acme.QuantizationModifier.scheme' names no modifier"):
+        load_recipe(LLM_COMPRESSOR_RECIPE, core_only, recipe_args={"acme.QuantizationModifier.scheme": "W8A8"})
+
+
+@pytest.mark.parametrize(
+    ("stub", "hint"),
+    [
+        ("zoo:llama2-7b-open_platypus-w4a16", "the closest shipped recipe is 'llmc:w4a16'"),
+        ("zoo:nlp/text_generation/llama-7b/pytorch/llmcompressor/w8a8_int8/", "the closest shipped recipe is 'llmc:w8a8'"),
+        ("zoo:w4a61", "the closest shipped recipe is 'llmc:w4a16'"),
+        ("zoo:llama2-7b-ultrachat200k_llama2_pretrain-pruned50_quantized",
+         "shipped recipes: llmc:w4a16, llmc:w4a16_asym, llmc:w8a16, llmc:w8a8"),
+    ],
+    ids=["contains-name", "path-stub", "misspelled", "nothing-close"],
+)
+def test_recipe_sparsezoo_stub_is_refused_naming_a_shipped_recipe(registry, stub, hint):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(stub, registry)
+    assert str(caught.value) == (
+        f"SparseZoo recipe stubs are not supported (got {stub!r}); {hint} (see: llmc recipes), "
+        "or pass a recipe YAML file"
+    )

@@ -8,9 +8,12 @@ config files and the Python API accept exactly the same names. Bad input prints 
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,32 +52,66 @@ class _MergeMapping(argparse.Action):
         setattr(namespace, self.dest, merged)
 
 
+# How a field typed ``Any`` (a Python object from the API) is read on the command line.
+_CLI_TYPES: dict[str, Any] = {"str": str, "list": list[str], "mapping": dict[str, Any]}
+
+
+def _flag_type(cls: type, field: attrs.Attribute, annotation: Any) -> Any:
+    """The type a flag parses: the field's resolved type, ``X | None`` read as ``X``.
+
+    A field typed ``Any`` takes its command-line form from the ``cli_type`` metadata (``str``
+    when absent), since its Python type says nothing about it.
+    """
+    if annotation is Any:
+        return _CLI_TYPES[field.metadata.get("cli_type") or "str"]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0]
+        raise TypeError(
+            f"cannot make a flag for {cls.__name__}.{field.name}: it is typed {annotation}; "
+            "use one type (or X | None), or set cli=False in its metadata"
+        )
+    return annotation
+
+
 def _add_argument_fields(parser: argparse.ArgumentParser, classes: Sequence[type]) -> None:
+    """One flag per field, typed from the field's annotation (``bool`` gives --x/--no-x)."""
     for cls in classes:
         group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+        annotations = typing.get_type_hints(cls)
         for field in attrs.fields(cls):
             meta = field.metadata
             if not meta.get("cli", True):
                 continue
             help_text = meta.get("help", "").replace("%", "%%")
-            cli_type = meta.get("cli_type")
             flag = _flag(field.name)
-            if field.type in ("bool", bool):
+            kind = _flag_type(cls, field, annotations[field.name])
+            origin = typing.get_origin(kind) or kind
+            if kind is bool:
                 group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                    default=None, help=f"{help_text} (default: {field.default})")
-            elif field.type in ("int", int, "int | None", "float", float):
-                number = float if field.type in ("float", float) else int
-                group.add_argument(flag, dest=field.name, type=number, default=None,
+            elif kind in (int, float):
+                group.add_argument(flag, dest=field.name, type=kind, default=None,
                                    help=f"{help_text} (default: {field.default})")
-            elif cli_type == "list":
-                group.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text)
-            elif cli_type == "mapping":
+            elif origin in (list, tuple, collections.abc.Sequence):
+                item = (typing.get_args(kind) or (str,))[0]
+                group.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text,
+                                   type=item if item in (int, float) else None)
+            elif origin in (dict, collections.abc.Mapping):
                 group.add_argument(flag, dest=field.name, type=_parse_mapping, action=_MergeMapping,
                                    default=None, metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
-            else:
+            elif kind is str or origin is typing.Literal:
+                choices = typing.get_args(kind) if origin is typing.Literal else None
                 default = field.default if field.default is not None else None
                 suffix = f" (default: {default})" if default not in (None, attrs.NOTHING) else ""
-                group.add_argument(flag, dest=field.name, default=None, help=help_text + suffix)
+                group.add_argument(flag, dest=field.name, default=None, choices=choices,
+                                   help=help_text + suffix)
+            else:
+                raise TypeError(
+                    f"cannot make a flag for {cls.__name__}.{field.name} of type {kind}; "
+                    "set cli=False in its metadata"
+                )
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -216,7 +253,7 @@ def _run_plugins(_: argparse.Namespace) -> int:
         print(f"    modifiers: {', '.join(info.modifiers) or '-'}")
         if info.recipes:
             print(f"    recipes:   {', '.join('llmc:' + r for r in info.recipes)}")
-    for name, reason in registry.plugins.failed.items():
+    for name, reason in registry.failed.items():
         print(f"{name}  (failed to load: {reason})")
     return 0
 

@@ -16,6 +16,17 @@ Llama, Qwen, Mistral, Gemma, Phi, BERT and most others::
 
 The inputs of a block are kept per batch as the positional and keyword arguments the model
 passed to it (hidden states, attention mask, rotary embeddings...), so any block signature works.
+
+When a run fails (a modifier or a forward raises, or the user interrupts it), the pipeline
+removes every forward and backward hook (and pre-hook) that was added to the model's modules
+during the run, whoever added it, so the caller's model has exactly the hooks it had before
+and no calibration hook (a Hessian accumulator, a hook raising ``StopLayerForward``) outlives
+the run; then the error propagates unchanged. ``llmc_finalize`` is *not* called after a failure:
+it compresses the modules outside the blocks, which is work, and a second failure there would
+hide the first. Blocks compressed before the failure keep their new weights, but hooks that
+compression itself installs (W8A8's input quantizer) are removed with the rest, so the model is
+neither the original nor a usable compressed one: reload it rather than save it. A successful
+run leaves the hooks the modifiers keep on purpose.
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ from tqdm.auto import tqdm
 
 from llmc import hookspecs
 from llmc.context import RunContext
-from llmc.errors import CalibrationError
+from llmc.errors import CalibrationError, PluginError
+from llmc.plugins import check_hooks, trace_hook_calls, validation_text
 from llmc.targets import is_match
 
 __all__ = [
@@ -51,12 +63,37 @@ def make_lifecycle(run_states: Sequence[object]) -> pluggy.PluginManager:
     """A plugin manager whose hooks call the modifiers' run states in recipe order.
 
     pluggy calls the most recently registered implementation first, so the run states are
-    registered in reverse.
+    registered in reverse. Every hook a run state implements is checked against the hookspecs
+    here, before any work: a misspelled hook (``llmc_layer_strat``), or one taking an argument
+    the hookspec does not have, raises a one-line ``PluginError`` naming the run state's class,
+    the hook and the closest valid hook name. ``LLMC_TRACE_PLUGINS=1`` logs every call.
     """
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
+    index_of: dict[int, int] = {}
+
+    def describe(run_state: object) -> str:
+        kind = type(run_state)
+        index = index_of[id(run_state)]
+        return f"run state {kind.__module__}.{kind.__qualname__} (modifier-{index})"
+
     for index in reversed(range(len(run_states))):
-        manager.register(run_states[index], name=f"modifier-{index}")
+        run_state = run_states[index]
+        if id(run_state) in index_of:
+            raise PluginError(
+                f"modifier-{index} and modifier-{index_of[id(run_state)]} returned the same run "
+                "state object from start(); start() must return a new object on each call"
+            )
+        index_of[id(run_state)] = index
+        try:
+            manager.register(run_state, name=f"modifier-{index}")
+        except pluggy.PluginValidationError as error:
+            raise PluginError(
+                f"{describe(run_state)} has an invalid hook: {validation_text(error)}",
+                plugin=f"modifier-{index}",
+            ) from None
+    check_hooks(manager, describe)
+    trace_hook_calls(manager, "lifecycle")
     return manager
 
 
@@ -153,6 +190,42 @@ def _first_output(output: Any) -> torch.Tensor:
     raise CalibrationError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
 
 
+# torch keeps a module's hooks in these tables, keyed by the id of the hook's handle; the
+# second group holds per-hook flags (with_kwargs, always_call) under the same ids. Reading them
+# is the only way to know which hooks a module has (torch has no public listing).
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_HOOK_FLAG_TABLES = (
+    "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+)
+
+
+def _hook_ids(model: torch.nn.Module) -> dict[torch.nn.Module, dict[str, frozenset[int]]]:
+    """The handle ids of every hook on each module of ``model``, per table."""
+    return {
+        module: {name: frozenset(getattr(module, name, ())) for name in _HOOK_TABLES}
+        for module in model.modules()
+    }
+
+
+def _remove_hooks_added_since(
+    model: torch.nn.Module, before: dict[torch.nn.Module, dict[str, frozenset[int]]]
+) -> int:
+    """Remove the hooks not in ``before`` (as ``RemovableHandle.remove`` does); returns how many."""
+    removed = 0
+    for module in model.modules():
+        known = before.get(module, {})
+        for name in _HOOK_TABLES:
+            table = getattr(module, name, None)
+            if not table:
+                continue
+            for hook_id in [key for key in table if key not in known.get(name, ())]:
+                del table[hook_id]
+                for flag_name in _HOOK_FLAG_TABLES:
+                    getattr(module, flag_name, {}).pop(hook_id, None)
+                removed += 1
+    return removed
+
+
 @attrs.define
 class LayerwisePipeline:
     """Runs the calibration data through the model one block at a time (see module docstring).
@@ -170,29 +243,46 @@ class LayerwisePipeline:
     timings: dict[str, float] = attrs.field(factory=dict)
 
     def run(self, batches: Sequence[dict[str, torch.Tensor]] | None) -> None:
+        """Calibrate and compress every block; after a failure, see the module docstring."""
         blocks = find_blocks(self.model, self.sequential_targets)
+        hooks_before = _hook_ids(self.model)
+        try:
+            self._run(blocks, batches)
+        except BaseException:
+            self.context.forward_layer = None
+            removed = _remove_hooks_added_since(self.model, hooks_before)
+            if removed:
+                logger.info("run failed: removed %d hooks added to the model during it", removed)
+            raise
+
+    def _run(
+        self,
+        blocks: list[tuple[str, torch.nn.Module]],
+        batches: Sequence[dict[str, torch.Tensor]] | None,
+    ) -> None:
         self.context.layer_names = [name for name, _ in blocks]
         hook = self.lifecycle.hook
         hook.llmc_initialize(context=self.context)
         inputs = self._capture(blocks[0][1], batches) if batches else None
         progress = tqdm(blocks, desc="calibrating", unit="layer", disable=not self.show_progress)
-        for name, block in progress:
-            progress.set_postfix_str(name)
-            started = time.perf_counter()
-            self.context.forward_layer = self._calibration_pass(name, block, inputs)
-            wants_data = any(hook.llmc_layer_start(context=self.context, layer_name=name, layer=block))
-            if wants_data:
-                self.context.forward_layer()
-            hook.llmc_layer_end(context=self.context, layer_name=name, layer=block)
-            self.context.forward_layer = None
-            if inputs is not None and name != blocks[-1][0]:
-                with self._compute_precision():
-                    inputs = [
-                        batch.with_hidden_states(output.to(self.storage_device))
-                        for batch, output in zip(inputs, self._forward(block, inputs))
-                    ]
-            self.timings[name] = time.perf_counter() - started
-            logger.debug("%s done in %.2f s", name, self.timings[name])
+        with progress:
+            for name, block in progress:
+                progress.set_postfix_str(name)
+                started = time.perf_counter()
+                self.context.forward_layer = self._calibration_pass(name, block, inputs)
+                wants_data = any(hook.llmc_layer_start(context=self.context, layer_name=name, layer=block))
+                if wants_data:
+                    self.context.forward_layer()
+                hook.llmc_layer_end(context=self.context, layer_name=name, layer=block)
+                self.context.forward_layer = None
+                if inputs is not None and name != blocks[-1][0]:
+                    with self._compute_precision():
+                        inputs = [
+                            batch.with_hidden_states(output.to(self.storage_device))
+                            for batch, output in zip(inputs, self._forward(block, inputs))
+                        ]
+                self.timings[name] = time.perf_counter() - started
+                logger.debug("%s done in %.2f s", name, self.timings[name])
         hook.llmc_finalize(context=self.context)
 
     def _calibration_pass(

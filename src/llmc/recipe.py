@@ -30,7 +30,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from llmc.converters import make_converter, validation_problems
-from llmc.errors import LlmcError, PluginError, RecipeError, did_you_mean
+from llmc.errors import LlmcError, PluginError, RecipeError, closest, did_you_mean
 from llmc.modifier import Modifier
 from llmc.plugins import Registry
 
@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 RECIPE_PREFIX = "llmc:"
+SPARSEZOO_PREFIX = "zoo:"
 DEFAULT_STAGE = "default_stage"
 DEFAULT_GROUP = "default_modifiers"
 TOP_LEVEL_KEYS = ("plugins", "version")
@@ -157,6 +158,8 @@ def _read_source(recipe: str | os.PathLike[str], registry: Registry) -> tuple[An
     text: str
     source: str
     value = os.fspath(recipe)
+    if value.startswith(SPARSEZOO_PREFIX):
+        raise RecipeError(_sparsezoo_message(value, sorted(registry.recipes)))
     if value.startswith(RECIPE_PREFIX):
         name = value[len(RECIPE_PREFIX):]
         if name not in registry.recipes:
@@ -192,19 +195,44 @@ def _read_source(recipe: str | os.PathLike[str], registry: Registry) -> tuple[An
     return tree, source
 
 
+def _sparsezoo_message(stub: str, shipped: list[str]) -> str:
+    """Refuse a SparseZoo stub (llm-compressor's ``zoo:...``), naming the nearest shipped recipe.
+
+    The stub's last path part (``llama2-7b-...-pruned50_quantized``) is compared with the shipped
+    names: one it contains wins (the longest), else the closest by spelling.
+    """
+    tail = stub[len(SPARSEZOO_PREFIX):].rstrip("/").rpartition("/")[2].lower()
+    contained = [name for name in shipped if name.lower() in tail]
+    match = max(contained, key=len) if contained else closest(tail, shipped)
+    if match is not None:
+        hint = f"the closest shipped recipe is '{RECIPE_PREFIX}{match}'"
+    elif shipped:
+        hint = "shipped recipes: " + ", ".join(RECIPE_PREFIX + name for name in shipped)
+    else:
+        hint = "no recipe is shipped"
+    return (
+        f"SparseZoo recipe stubs are not supported (got {stub!r}); {hint} (see: llmc recipes), "
+        "or pass a recipe YAML file"
+    )
+
+
 # --- recipe_args ----------------------------------------------------------------------------
 
 
 def _apply_overrides(
     tree: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]],
     overrides: Mapping[str, Any],
-    field_names: dict[tuple[str, str, int], set[str]],
+    resolved: dict[tuple[str, str, int], tuple[str, type[Modifier]]],
 ) -> None:
     """Apply ``recipe_args`` to the modifier parameters, refusing keys that set nothing.
 
     A key is a bare parameter name (applies to every modifier having it), ``Modifier.param``,
-    or ``stage.group.Modifier.param``.
+    or ``stage.group.Modifier.param``; ``Modifier`` may be qualified by the plugin that provides
+    it (``core.QuantizationModifier.scheme``), whether or not the recipe wrote it so.
     """
+    field_names = {
+        position: {f.name for f in attrs.fields(cls)} for position, (_, cls) in resolved.items()
+    }
     for key, value in overrides.items():
         parts = key.split(".")
         field = parts[-1]
@@ -214,13 +242,15 @@ def _apply_overrides(
         for stage_name, groups in tree.items():
             for group_name, entries in groups.items():
                 for index, (modifier_name, params) in enumerate(entries):
+                    position = (stage_name, group_name, index)
                     bare_name = modifier_name.rpartition(".")[2]
+                    plugin = resolved[position][0] if position in resolved else None
                     if selector and selector not in (
-                        [bare_name], [modifier_name], [stage_name, group_name, bare_name],
-                        [stage_name, group_name, *modifier_name.split(".")],
+                        [bare_name], [plugin, bare_name], [stage_name, group_name, bare_name],
+                        [stage_name, group_name, plugin, bare_name],
                     ):
                         continue
-                    fields = field_names.get((stage_name, group_name, index), set())
+                    fields = field_names.get(position, set())
                     known_fields |= fields
                     if field in fields:
                         params[field] = value
@@ -343,8 +373,10 @@ def load_recipe(
     ):
         loaded = _recipe_from_objects([recipe] if isinstance(recipe, Modifier) else list(recipe), registry)
         if recipe_args:
-            # Overrides go through YAML so objects and files are validated the same way.
-            return load_recipe(recipe_to_yaml(loaded), registry, recipe_args=recipe_args, stage=stage)
+            # Overrides go through YAML so objects and files are validated the same way; with the
+            # registry, a name two plugins offer is written qualified (core.QuantizationModifier).
+            text = recipe_to_yaml(loaded, registry)
+            return load_recipe(text, registry, recipe_args=recipe_args, stage=stage)
     elif isinstance(recipe, (str, os.PathLike)):
         tree, source = _read_source(recipe, registry)
         loaded = _recipe_from_tree(tree, source, registry, recipe_args or {})
@@ -401,10 +433,7 @@ def _recipe_from_tree(
 
     # Overrides only make sense once every name resolved; otherwise report what is known.
     if recipe_args and not problems.items:
-        field_names = {
-            position: {f.name for f in attrs.fields(cls)} for position, (_, cls) in resolved.items()
-        }
-        _apply_overrides(stages, recipe_args, field_names)
+        _apply_overrides(stages, recipe_args, resolved)
 
     built_stages = []
     for stage_name, groups in stages.items():
