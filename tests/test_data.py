@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 import time
+import tracemalloc
 from pathlib import Path
 
 import datasets
@@ -23,8 +25,9 @@ from llmc.data import (
     register_dataset_preset,
     tokenize_calibration_data,
 )
-from llmc.data import loading as loading_module
 from llmc.data import presets as presets_module
+from llmc.data import row_order as row_order_module
+from llmc.data import sources as sources_module
 from llmc.errors import ArgumentError, DataError, PluginError
 from llmc.hub import hub_is_reachable
 
@@ -217,7 +220,7 @@ def test_hub_unreachable_without_offline_setting_loads_in_offline_mode(
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(loading_module, "hub_is_reachable", lambda: False)
+    monkeypatch.setattr(sources_module, "hub_is_reachable", lambda: False)
     seen = {}
 
     def fake_load_dataset(name, config_name=None, **kwargs):
@@ -385,11 +388,49 @@ def test_shuffle_is_deterministic_by_seed_and_differs_across_seeds(tokenizer) ->
 def test_lazy_row_order_of_large_datasets_is_a_seeded_permutation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(loading_module, "_FULL_PERMUTATION_MAX_ROWS", 10)
-    order = list(loading_module._row_order(1000, True, seed=3))
+    monkeypatch.setattr(row_order_module, "_RANDPERM_ORDER_MAX_ROWS", 10)
+    order = list(row_order_module.row_order(1000, True, seed=3))
     assert sorted(order) == list(range(1000))
     assert order != list(range(1000))
-    assert order == list(loading_module._row_order(1000, True, seed=3))
+    assert order == list(row_order_module.row_order(1000, True, seed=3))
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "seed"),
+    [(1, 0), (2, 42), (17, 3), (1000, 42), (4099, -1), (50_000, 2**40 + 5)],
+    ids=lambda value: str(value),
+)
+def test_row_order_is_torch_randperm_so_checkpoints_keep_their_rows(num_rows, seed) -> None:
+    """The order llmc has always drawn (torch.randperm), now lazy: the rows a seed picks stay."""
+    expected = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    taken = min(num_rows, 3000)
+    order = row_order_module.row_order(num_rows, True, seed)
+    assert list(itertools.islice(order, taken)) == expected[:taken]
+    if num_rows <= 1000:
+        assert list(row_order_module.row_order(num_rows, True, seed)) == expected
+
+
+@pytest.mark.parametrize(
+    "num_rows", [row_order_module._RANDPERM_ORDER_MAX_ROWS, 10**12], ids=["randperm", "drawn"]
+)
+def test_row_order_takes_memory_for_the_rows_read_only(
+    num_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list of all row indices (millions here) would take tens of MB; 1000 rows take little."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("row_order must not permute every row")
+
+    monkeypatch.setattr(torch, "randperm", refuse)
+    tracemalloc.start()
+    try:
+        rows = list(itertools.islice(row_order_module.row_order(num_rows, True, seed=42), 1000))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(set(rows)) == 1000
+    assert all(0 <= row < num_rows for row in rows)
+    assert peak < 1 << 20
 
 
 def test_only_the_rows_needed_are_tokenized(tokenizer) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "SaveError",
     "closest",
     "did_you_mean",
+    "root_cause_line",
 ]
 
 
@@ -88,3 +89,16 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     if len(choices) <= 12:
         return f"; valid names: {', '.join(choices)}" if choices else ""
     return ""
+
+
+def root_cause_line(error: BaseException) -> str:
+    """One line about ``error``'s root cause: libraries wrap the useful message in generic ones.
+
+    The root's type is named when it is not ``error`` itself, since a bare message such as
+    ``'text'`` says little without ``KeyError``.
+    """
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = (str(root).strip() or type(root).__name__).splitlines()[0]
+    return text if root is error else f"{type(root).__name__}: {text}"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llmc.args import DatasetArguments, ModelArguments
-from llmc.data.loading import load_raw_dataset
+from llmc.data.sources import load_raw_dataset
 from llmc.errors import ArgumentError, DataError, closest
 from llmc.models import load_model, load_tokenizer
 
