@@ -27,22 +27,42 @@ dependencies = ["llmc-core"]
 acme = "acme_llmc.plugin"
 ```
 
-`acme_llmc/modifier.py`, the recipe parameters as a frozen attrs class:
+`acme_llmc/modifier.py`, the recipe parameters as a frozen attrs class (``targets`` and
+``ignore`` come from ``TargetedModifier``; validators raise ``ArgumentError``, which recipes
+report with the parameter's path and line):
 
 ```python
 import attrs
-from llmc import Modifier
+from llmc.modifier import TargetedModifier
+from llmc.validators import is_number_in
 
 @attrs.frozen(kw_only=True)
-class AcmePruningModifier(Modifier):
+class AcmePruningModifier(TargetedModifier):
     """Zero the smallest weights of each Linear (why you would want to, in one line)."""
 
-    sparsity: float = 0.5
+    sparsity: float = attrs.field(default=0.5, validator=is_number_in(0, 1))
     requires_calibration_data = False   # data-free: no dataset needed
 
     def start(self, context):
         from acme_llmc.run import AcmeRun
-        return AcmeRun(self)            # run state: implements the lifecycle hooks
+        return AcmeRun(config=self)     # run state: implements the lifecycle hooks
+```
+
+`acme_llmc/run.py`, the run state; ``RunState`` gives every hook as a no-op, so override only
+what you need (no marker needed; a misspelled ``llmc_*`` name is an error naming the closest):
+
+```python
+import attrs
+from llmc.modifier import RunState
+from llmc.targets import match_modules
+
+@attrs.define
+class AcmeRun(RunState):
+    config: "AcmePruningModifier"
+
+    def llmc_layer_end(self, context, layer_name, layer):
+        for name, module in match_modules(layer, self.config.targets, self.config.ignore, prefix=layer_name + "."):
+            ...  # prune module.weight in place, then context.record(modifier=..., module=name, ...)
 ```
 
 `acme_llmc/plugin.py`:
@@ -87,6 +107,83 @@ def test_acme_pruning_writes_a_checkpoint(model_dir, tmp_path):
 '''
 
 
+SEAMS = """\
+## Where new work plugs in
+
+Each of these is the one place a new algorithm, format or backend is added; nothing else in
+core changes.
+
+- **A data-driven algorithm** (AWQ, an observer, a new pruner): its run state holds one
+  `llmc.statistics.LayerCalibration(input_statistic=..., output_statistic=..., true_sequential=...)`,
+  calls `start(context, layer_name, layer, modules)` from `llmc_layer_start` and
+  `finish(context, layer_name, layer, solve)` from `llmc_layer_end`. Core groups the Linears
+  that read one tensor (one statistic for q/k/v), filters padding (`real_tokens`), stops each
+  batch once everything is collected, and runs true-sequential stages; `solve(groups)` gets
+  each `InputGroup` (names, input statistic, output statistics). A statistic implements
+  `Statistic` (`update(x, mask)`, `merge(other)`, `finalize()`), so a distributed run reduces
+  every statistic in `LayerCalibration.finish`, before `solve`.
+- **A modifier's parameters**: subclass `llmc.modifier.TargetedModifier` (`targets`, `ignore`)
+  or, for a quantizer, `llmc.modifiers.quantization.QuantizingModifier` (`scheme`,
+  `config_groups`, `skip_incompatible`, `plan(context)`); validate fields with
+  `llmc.validators` or `attrs.validators` (errors are `ArgumentError`).
+- **A modifier's run state**: subclass `llmc.modifier.RunState` and override the hooks it needs.
+- **A checkpoint format**: one `llmc.save.register_format(FormatWriter(name, tensors, infers))`
+  in `llmc/save/formats.py`; schemes name it with `format:` or are inferred to it.
+- **A checkpoint config entry** (`sparsity_config`, a plugin's own record): implement
+  `llmc_checkpoint_config(model)` in the plugin module.
+"""
+
+# Core modules whose ``__all__`` is the API plugins may import (a test checks that the
+# first-party plugins import nothing else).
+PLUGIN_API_MODULES = (
+    "llmc",
+    "llmc.context",
+    "llmc.errors",
+    "llmc.hessian",
+    "llmc.hookspecs",
+    "llmc.masks",
+    "llmc.modifier",
+    "llmc.modifiers.quantization",
+    "llmc.pipeline",
+    "llmc.quantization",
+    "llmc.report",
+    "llmc.save",
+    "llmc.statistics",
+    "llmc.targets",
+    "llmc.testing",
+    "llmc.validators",
+)
+
+
+def _summary(obj: object) -> str:
+    if isinstance(obj, (str, int, float, tuple, frozenset, dict)):
+        text = repr(obj)
+        return f"constant, `{text}`" if len(text) <= 60 else "constant"
+    if not (inspect.isroutine(obj) or inspect.isclass(obj) or inspect.ismodule(obj)):
+        obj = type(obj)  # a marker or other instance: its class says what it is
+    doc = inspect.getdoc(obj) or ""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
+def _helpers() -> list[str]:
+    import importlib
+
+    lines = [
+        "## Core helpers for plugins",
+        "",
+        "Everything a plugin may import from core: the `__all__` of these modules (anything else is",
+        "internal and may change).",
+        "",
+    ]
+    for module_name in PLUGIN_API_MODULES:
+        module = importlib.import_module(module_name)
+        lines += [f"### `{module_name}`", "", _summary(module), ""]
+        for name in module.__all__:
+            lines.append(f"- `{name}`: {_summary(getattr(module, name))}".rstrip(": "))
+        lines.append("")
+    return lines
+
+
 def render() -> str:
     sys.path.insert(0, str(ROOT / "src"))
     from llmc import hookspecs
@@ -110,6 +207,8 @@ def render() -> str:
             function = getattr(hookspecs, name)
             signature = str(inspect.signature(function)).replace("'", "")
             lines += [f"### `{name}{signature}`", "", inspect.getdoc(function) or "", ""]
+    lines.append(SEAMS)
+    lines += _helpers()
     lines.append(EXAMPLE)
     return "\n".join(lines)
 

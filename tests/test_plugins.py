@@ -347,3 +347,28 @@ class _Answer:
     @hookimpl
     def llmc_finalize(self, context):
         raise RuntimeError("finalize failed")
+
+
+def test_first_party_plugins_import_only_core_public_api():
+    """Whatever a plugin imports from core is exported (``__all__``) and documented in plugins.md."""
+    import ast
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_plugin_docs", root / "scripts" / "gen_plugin_docs.py")
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
+    problems = []
+    for source in sorted((root / "plugins").glob("*/src/**/*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.module or node.module.split(".")[0] != "llmc":
+                continue
+            where = f"{source.relative_to(root)}:{node.lineno}"
+            if node.module not in docs.PLUGIN_API_MODULES:
+                problems.append(f"{where} imports from {node.module}, not a plugin API module")
+                continue
+            exported = set(importlib.import_module(node.module).__all__)
+            problems += [f"{where} imports {a.name} from {node.module}, not in its __all__" for a in node.names if a.name not in exported]
+    assert not problems, "\n".join(problems)

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("recipes", help="list the shipped recipes (use them as llmc:<name>)")
 
     demo = commands.add_parser(
-        "demo", help="compress the embedded tiny model (W4A16 and W8A8) and show what changed"
+        "demo", help="compress the embedded tiny model (RTN, GPTQ, W8A8, SparseGPT 2:4) and show what changed"
     )
     demo.add_argument("--output-dir", default="llmc-demo", help="where the checkpoints go")
     demo.add_argument("--num-calibration-samples", type=int, default=64)

@@ -12,9 +12,19 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["plot_report", "report_json", "summarize_rows"]
+import torch
+
+__all__ = ["plot_report", "relative_error", "report_json", "summarize_rows"]
 
 logger = logging.getLogger("llmc.report")
+
+
+def relative_error(original: torch.Tensor, changed: torch.Tensor) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F: how much of the weight a compression step changed (the report's
+    ``weight_error``, the same measure for every modifier)."""
+    original = original.float()
+    denominator = torch.linalg.vector_norm(original).item() or 1.0
+    return torch.linalg.vector_norm(original - changed.float()).item() / denominator
 
 
 def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -37,6 +47,7 @@ def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def report_json(report: dict[str, Any]) -> str:
+    """The report as the text of ``llmc_report.json`` (anything not JSON-native as its str)."""
     return json.dumps(report, indent=2, sort_keys=False, default=str) + "\n"
 
 

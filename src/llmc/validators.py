@@ -48,6 +48,7 @@ def is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 
 def is_positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """An int above zero (``True`` is not 1 here)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ArgumentError(
             f"'{attribute.name}' must be a positive integer (got {_quote(value)})", name=attribute.name

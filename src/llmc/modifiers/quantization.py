@@ -21,6 +21,7 @@ from llmc.quantization import (
     quantize_linear_,
     schemes_from_config_groups,
 )
+from llmc.report import relative_error
 from llmc.targets import match_modules
 from llmc.validators import is_bool
 
@@ -30,7 +31,6 @@ __all__ = [
     "QuantizingModifier",
     "describe_scheme",
     "plan_quantization",
-    "relative_error",
     "resolve_schemes",
     "target_linears",
 ]
@@ -225,10 +225,3 @@ def describe_scheme(scheme: QuantizationScheme) -> str:
     if scheme.input_activations is not None:
         parts.append(f"a:int{scheme.input_activations.num_bits} {scheme.input_activations.strategy}")
     return ", ".join(parts)
-
-
-def relative_error(original: torch.Tensor, changed: torch.Tensor) -> float:
-    """‖W − Ŵ‖_F / ‖W‖_F: how much of the weight a compression step changed."""
-    original = original.float()
-    denominator = torch.linalg.vector_norm(original).item() or 1.0
-    return torch.linalg.vector_norm(original - changed.float()).item() / denominator

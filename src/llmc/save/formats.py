@@ -74,10 +74,12 @@ def register_format(writer: FormatWriter) -> FormatWriter:
 
 
 def registered_formats() -> tuple[str, ...]:
+    """The format names there is a writer for, in inference order."""
     return tuple(_WRITERS)
 
 
 def format_writer(name: str) -> FormatWriter:
+    """The writer of format ``name``; an unknown name is a ``SaveError`` with the closest."""
     writer = _WRITERS.get(name)
     if writer is None:
         raise SaveError(f"no writer for the compressed-tensors format {name!r}{did_you_mean(name, _WRITERS)}")

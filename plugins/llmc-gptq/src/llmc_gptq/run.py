@@ -25,8 +25,9 @@ from llmc.context import RunContext
 from llmc.hessian import HessianAccumulator
 from llmc.masks import sparsity_mask
 from llmc.modifier import RunState
-from llmc.modifiers.quantization import describe_scheme, relative_error
+from llmc.modifiers.quantization import describe_scheme
 from llmc.quantization import QuantizationScheme, quantize_linear_, set_quantized_weight_
+from llmc.report import relative_error
 from llmc.statistics import InputGroup, LayerCalibration
 from llmc_gptq.config import GPTQModifier
 from llmc_gptq.gptq import (

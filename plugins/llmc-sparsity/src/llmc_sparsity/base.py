@@ -27,7 +27,7 @@ from llmc.context import RunContext
 from llmc.errors import ArgumentError, CalibrationError
 from llmc.masks import apply_mask_, set_sparsity_mask_, sparsity_mask
 from llmc.modifier import RunState
-from llmc.modifiers.quantization import relative_error
+from llmc.report import relative_error
 from llmc.statistics import InputGroup, LayerCalibration, Statistic
 from llmc.targets import is_match, match_modules
 from llmc_sparsity.masks_nm import UNSTRUCTURED, parse_mask_structure, structure_sparsity
