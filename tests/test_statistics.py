@@ -42,6 +42,15 @@ def _modules(block: Block) -> dict[str, torch.nn.Linear]:
     return {"q": block.q, "k": block.k, "o": block.o}
 
 
+def _run_batches(block: Block, batches: list[torch.Tensor]) -> None:
+    """What the pipeline's calibration pass does: each batch through, a stopped one skipped."""
+    for x in batches:
+        try:
+            block(x)
+        except StopLayerForward:
+            pass
+
+
 def test_real_tokens_drops_padding_only_when_the_mask_fits():
     x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -107,11 +116,7 @@ def test_batches_stop_early_only_when_no_other_hook_is_on_the_layer(foreign):
     if foreign:
         block.o.register_forward_hook(lambda *_: None)
     collector = StatisticsPass(block, _modules(block), _context(), input_statistic=HessianAccumulator.for_linear)
-    for _ in range(3):
-        try:
-            block(torch.randn(1, 3, 8))
-        except StopLayerForward:
-            pass
+    _run_batches(block, [torch.randn(1, 3, 8) for _ in range(3)])
     collector.remove()
     # the first batch always runs whole (the groups are found on it)
     assert block.after == (3 if foreign else 1)
@@ -136,11 +141,7 @@ def test_output_statistics_keep_the_batch_running_until_the_output_exists():
         block, _modules(block), _context(), input_statistic=HessianAccumulator.for_linear,
         output_statistic=lambda module: Count() if module is block.o else None, stop="always",
     )
-    for _ in range(2):
-        try:
-            block(torch.randn(1, 3, 8))
-        except StopLayerForward:
-            pass
+    _run_batches(block, [torch.randn(1, 3, 8) for _ in range(2)])
     collector.remove()
     (_, group_o) = collector.groups()
     assert group_o.outputs["o"].finalize() == 6  # o's output was reached on both batches
@@ -161,11 +162,7 @@ def test_layer_calibration_reruns_the_layer_between_stages_and_remembers_the_lay
     batches = [torch.randn(1, 4, 8) for _ in range(2)]
 
     def forward_layer() -> None:
-        for x in batches:
-            try:
-                block(x)
-            except StopLayerForward:
-                pass
+        _run_batches(block, batches)
 
     context.forward_layer = forward_layer
     calibration = LayerCalibration(input_statistic=HessianAccumulator.for_linear, true_sequential=True)

@@ -32,7 +32,7 @@ import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.errors import CalibrationError
+from llmc.errors import ArgumentError, CalibrationError
 from llmc.pipeline import StopLayerForward
 
 __all__ = [
@@ -163,7 +163,7 @@ class StatisticsPass:
         stop: str = "if-alone",
     ) -> None:
         if stop not in STOP_POLICIES:
-            raise ValueError(f"stop must be one of {STOP_POLICIES} (got {stop!r})")
+            raise ArgumentError(f"'stop' must be one of {', '.join(STOP_POLICIES)} (got {stop!r})", name="stop")
         self.layer = layer
         self.modules = dict(modules)
         self.context = context
