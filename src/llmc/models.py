@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llmc.args import ModelArguments
@@ -88,12 +89,34 @@ def default_device(requested: str | torch.device | None = None) -> torch.device:
     if requested is None or requested == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(requested)
+        device = torch.device(requested)
     except (RuntimeError, TypeError) as error:
         raise ArgumentError(
             f"'device' must be a torch device such as 'cpu', 'cuda' or 'cuda:1' (got {requested!r})",
             name="device",
         ) from error
+    if device.type == "cuda":
+        _check_cuda_device(device, requested)
+    return device
+
+
+def _check_cuda_device(device: torch.device, requested: Any) -> None:
+    """Refuse a GPU that is not there before any work, instead of torch's assertion later."""
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ArgumentError(
+            f"'device' {str(requested)!r} needs a CUDA GPU, but torch ({build}) sees none; "
+            "use device 'cpu', or install a CUDA build of torch on a machine with a GPU",
+            name="device",
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ArgumentError(
+            f"'device' {str(requested)!r} names GPU {device.index} but {count} "
+            f"{'is' if count == 1 else 'are'} visible (cuda:0 to cuda:{count - 1}); "
+            "check CUDA_VISIBLE_DEVICES",
+            name="device",
+        )
 
 
 def _offline_message(kind: str, name: str) -> str:
@@ -126,6 +149,16 @@ def _hub_kwargs(path: str, model_args: ModelArguments) -> dict[str, Any]:
 
 
 def _load_error(kind: str, name: str, kwargs: dict[str, Any], error: Exception) -> ModelLoadError:
+    if "trust_remote_code" in str(error) or "contains custom code" in str(error):
+        return ModelLoadError(
+            f"{kind} {name!r} needs its own Python code to load (auto_map in its config); if you "
+            "trust its source, pass --trust-remote-code (Python: trust_remote_code=True)"
+        )
+    if isinstance(error, SafetensorError):
+        return ModelLoadError(
+            f"cannot read the weights of {kind} {name!r}: a safetensors file is truncated or "
+            f"corrupt ({_first_line(error)}); download or copy it again"
+        )
     if kwargs.get("local_files_only") or (
         isinstance(error, OSError) and "connect" in str(error).lower()
     ):
@@ -228,7 +261,7 @@ def load_model(model_args: ModelArguments) -> PreTrainedModel:
     dtype = "auto" if model_args.precision == "auto" else _DTYPES[model_args.precision]
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as error:
+    except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
         raise _load_error("model", model, kwargs, error) from error
     loaded.eval()
     if any(p.device != device for p in loaded.parameters()):

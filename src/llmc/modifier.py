@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from llmc.errors import PluginError, did_you_mean
+from llmc.errors import ArgumentError, PluginError, did_you_mean
 from llmc.hookspecs import LIFECYCLE_HOOKS, TRAINING_HOOKS, hookimpl
 from llmc.validators import as_list, is_target_list
 
@@ -116,6 +116,19 @@ class Modifier:
     requires_calibration_data: ClassVar[bool] = True
     supports_oneshot: ClassVar[bool] = True
     supports_training: ClassVar[bool] = False
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Modifier:
+        # attrs' generated __init__ would say only "unexpected keyword argument"; a mistyped
+        # parameter from Python deserves the closest name, as recipes get.
+        if attrs.has(cls):
+            names = [field.alias for field in attrs.fields(cls) if field.init]
+            for key in kwargs:
+                if key not in names:
+                    raise ArgumentError(
+                        f"{cls.recipe_name()} has no parameter {key!r}{did_you_mean(key, names)}",
+                        name=key,
+                    )
+        return super().__new__(cls)
 
     def start(self, context: RunContext) -> RunState:
         """Create this modifier's run state (a ``RunState``) for one run."""

@@ -368,6 +368,11 @@ def load_recipe(
     """Parse and validate a recipe in any accepted form, with ``recipe_args`` applied."""
     if recipe is None:
         raise RecipeError("no recipe given; pass recipe=<file, YAML string or llmc:name> (see: llmc recipes)")
+    if isinstance(recipe, (list, tuple)) and not recipe:
+        raise RecipeError(
+            "the recipe list is empty; give at least one modifier, e.g. "
+            "[QuantizationModifier(scheme='W4A16')], or a shipped name such as 'llmc:w4a16'"
+        )
     if isinstance(recipe, Modifier) or (
         isinstance(recipe, (list, tuple)) and recipe and all(isinstance(m, Modifier) for m in recipe)
     ):

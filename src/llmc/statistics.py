@@ -350,6 +350,7 @@ class LayerCalibration:
     layouts: dict[tuple[str, tuple[str, ...]], list[list[str]]] = attrs.field(factory=dict)
     current: StatisticsPass | None = None
     _layout_key: tuple[str, tuple[str, ...]] | None = None
+    _warned_few_tokens: bool = False
 
     def start(
         self,
@@ -386,6 +387,7 @@ class LayerCalibration:
         assert self._layout_key is not None
         self.layouts[self._layout_key] = [[n.removeprefix(prefix) for n in group] for group in layout]
         stages = calibration_stages(layout, self.true_sequential, layer_name)
+        self._check_tokens(first)
         solve(first.groups(stages[0]))
         for stage in stages[1:]:
             if context.forward_layer is None:
@@ -400,6 +402,27 @@ class LayerCalibration:
             finally:
                 rerun.remove()
             solve(rerun.groups(stage))
+
+    def _check_tokens(self, finished: StatisticsPass) -> None:
+        """Warn once per run when a statistic saw fewer tokens than its input has columns.
+
+        A Hessian of C columns from fewer than C tokens is singular: damping, not data, then
+        decides the result (``max_seq_length: 1`` is accepted, but calibrates almost nothing).
+        """
+        if self._warned_few_tokens:
+            return
+        for group in finished.groups():
+            module = finished.modules[group.names[0]]
+            columns = getattr(module, "in_features", 0)
+            if group.statistic is not None and group.statistic.tokens < columns:
+                self._warned_few_tokens = True
+                logger.warning(
+                    "the calibration statistics of %s come from %d tokens, fewer than its %d "
+                    "input columns, so they are singular and damping decides the result; "
+                    "calibrate on more tokens (num_calibration_samples × max_seq_length)",
+                    group.names[0], group.statistic.tokens, columns,
+                )
+                return
 
     def _pass(
         self,

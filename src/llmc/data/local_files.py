@@ -80,6 +80,25 @@ def _split_of(file: Path, root: Path) -> str:
     return "train"
 
 
+_ROW_EXAMPLES = {
+    "json": '{"text": "..."} per line',
+    "csv": "a header line, then one row per line",
+    "text": "one line of text per row",
+}
+
+
+def _holds_nothing(path: Path) -> bool:
+    """An empty (or whitespace-only, uncompressed) file: the readers fail on it with internals."""
+    if path.suffix in (".gz", ".bz2", ".xz", ".zst"):
+        return path.stat().st_size == 0
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > 4096:
+        return False
+    return not path.read_bytes().strip()
+
+
 def load_local(path: Path, builder: str | None, cache_dir: str | None) -> datasets.DatasetDict:
     """The splits held by an existing file or folder; ``builder`` overrides the suffix."""
     if path.is_file():
@@ -111,6 +130,12 @@ def load_local(path: Path, builder: str | None, cache_dir: str | None) -> datase
         for file in files:
             if builder_for(file) == builder:
                 data_files.setdefault(_split_of(file, path), []).append(str(file))
+    empty = [f for files in data_files.values() for f in files if _holds_nothing(Path(f))]
+    if empty:
+        raise DataError(
+            f"the file {empty[0]} is empty (0 bytes of data); give it rows of text "
+            f"(for {builder}: {_ROW_EXAMPLES.get(builder, 'one row per line')}) or point dataset elsewhere"
+        )
     try:
         return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
     except Exception as error:  # the readers raise many types; all mean "cannot read this file"

@@ -55,6 +55,12 @@ def tokenize_calibration_data(
         )
     row_tokenizer = RowTokenizer(dataset, tokenizer, args)
     wanted = args.num_calibration_samples
+    if not args.concatenate_data and wanted > num_rows:
+        logger.warning(
+            "num_calibration_samples=%d but the dataset has %d rows: at most %d samples "
+            "(one per row; concatenate_data=True packs rows into more samples)",
+            wanted, num_rows, num_rows,
+        )
     length = args.max_seq_length
     eos = getattr(tokenizer, "eos_token_id", None)
     order = row_order(num_rows, args.shuffle_calibration_samples, args.seed)
