@@ -47,6 +47,7 @@ from llmc.context import RunContext
 from llmc.errors import CalibrationError, PluginError
 from llmc.plugins import check_hooks, trace_hook_calls, validation_text
 from llmc.targets import is_match
+from llmc.torch_hooks import hook_ids, remove_hooks_added_since
 
 __all__ = [
     "BlockInputs",
@@ -190,42 +191,6 @@ def _first_output(output: Any) -> torch.Tensor:
     raise CalibrationError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
 
 
-# torch keeps a module's hooks in these tables, keyed by the id of the hook's handle; the
-# second group holds per-hook flags (with_kwargs, always_call) under the same ids. Reading them
-# is the only way to know which hooks a module has (torch has no public listing).
-_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-_HOOK_FLAG_TABLES = (
-    "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-)
-
-
-def _hook_ids(model: torch.nn.Module) -> dict[torch.nn.Module, dict[str, frozenset[int]]]:
-    """The handle ids of every hook on each module of ``model``, per table."""
-    return {
-        module: {name: frozenset(getattr(module, name, ())) for name in _HOOK_TABLES}
-        for module in model.modules()
-    }
-
-
-def _remove_hooks_added_since(
-    model: torch.nn.Module, before: dict[torch.nn.Module, dict[str, frozenset[int]]]
-) -> int:
-    """Remove the hooks not in ``before`` (as ``RemovableHandle.remove`` does); returns how many."""
-    removed = 0
-    for module in model.modules():
-        known = before.get(module, {})
-        for name in _HOOK_TABLES:
-            table = getattr(module, name, None)
-            if not table:
-                continue
-            for hook_id in [key for key in table if key not in known.get(name, ())]:
-                del table[hook_id]
-                for flag_name in _HOOK_FLAG_TABLES:
-                    getattr(module, flag_name, {}).pop(hook_id, None)
-                removed += 1
-    return removed
-
-
 @attrs.define
 class LayerwisePipeline:
     """Runs the calibration data through the model one block at a time (see module docstring).
@@ -245,12 +210,12 @@ class LayerwisePipeline:
     def run(self, batches: Sequence[dict[str, torch.Tensor]] | None) -> None:
         """Calibrate and compress every block; after a failure, see the module docstring."""
         blocks = find_blocks(self.model, self.sequential_targets)
-        hooks_before = _hook_ids(self.model)
+        hooks_before = hook_ids(self.model)
         try:
             self._run(blocks, batches)
         except BaseException:
             self.context.forward_layer = None
-            removed = _remove_hooks_added_since(self.model, hooks_before)
+            removed = remove_hooks_added_since(self.model, hooks_before)
             if removed:
                 logger.info("run failed: removed %d hooks added to the model during it", removed)
             raise

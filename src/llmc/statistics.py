@@ -34,6 +34,7 @@ import torch
 from llmc.context import RunContext
 from llmc.errors import ArgumentError, CalibrationError
 from llmc.pipeline import StopLayerForward
+from llmc.torch_hooks import has_foreign_hooks
 
 __all__ = [
     "MAX_STAGES",
@@ -99,23 +100,6 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
         and a.stride() == b.stride()
         and a.dtype == b.dtype
     )
-
-
-def _foreign_hooks(layer: torch.nn.Module, own: set[int]) -> bool:
-    """Whether a forward hook not in ``own`` (hook handle ids) is on ``layer`` or inside it.
-
-    torch has no public way to list hooks, so this is the one place that reads its hook tables;
-    a modifier asks ``StatisticsPass`` instead.
-    """
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    for module in layer.modules():
-        for table in (module._forward_pre_hooks, module._forward_hooks):
-            if any(key not in own for key in table):
-                return True
-    return False
 
 
 @attrs.define
@@ -240,7 +224,7 @@ class StatisticsPass:
         if self.stop == "never":
             return False
         if self._alone is None:
-            self._alone = not _foreign_hooks(self.layer, {handle.id for handle in self._handles})
+            self._alone = not has_foreign_hooks(self.layer, {handle.id for handle in self._handles})
         return self._alone
 
     def _new_batch(self, *_: Any) -> None:

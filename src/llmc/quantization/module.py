@@ -31,6 +31,7 @@ from llmc.quantization.math import (
     recover_codes,
 )
 from llmc.quantization.scheme import QuantizationScheme
+from llmc.torch_hooks import has_forward_pre_hook, remove_forward_pre_hooks
 
 __all__ = [
     "is_quantized",
@@ -137,14 +138,11 @@ def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple | None:
 
 
 def _set_input_hook(module: nn.Module, enabled: bool) -> None:
-    """Install or remove the input hook; at most one is ever installed."""
-    hooks = module._forward_pre_hooks
-    installed = [key for key, hook in hooks.items() if hook is _quantize_input_hook]
-    if enabled and not installed:
+    """Install or remove the input hook; at most one is ever installed (and it keeps its place)."""
+    if not enabled:
+        remove_forward_pre_hooks(module, _quantize_input_hook)
+    elif not has_forward_pre_hook(module, _quantize_input_hook):
         module.register_forward_pre_hook(_quantize_input_hook)
-    elif not enabled:
-        for key in installed:
-            del hooks[key]
 
 
 @torch.no_grad()
