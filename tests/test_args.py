@@ -91,16 +91,16 @@ def test_cli_flag_types_follow_the_field_types():
     import argparse
 
     from llmc.args import TRAIN_ARGUMENT_CLASSES
-    from llmc.cli import _add_argument_fields, _MergeMapping, _parse_mapping
+    from llmc.cli import _add_argument_fields, _integer, _MergeMapping, _number, _parse_mapping
 
     parser = argparse.ArgumentParser()
     _add_argument_fields(parser, TRAIN_ARGUMENT_CLASSES)
     actions = _actions(parser)
     # (action class, type, nargs) per kind of field
     expected = {
-        "num_calibration_samples": (argparse._StoreAction, int, None),   # int
-        "max_steps": (argparse._StoreAction, int, None),                 # int | None
-        "learning_rate": (argparse._StoreAction, float, None),           # float
+        "num_calibration_samples": (argparse._StoreAction, _integer, None),  # int
+        "max_steps": (argparse._StoreAction, _integer, None),                # int | None
+        "learning_rate": (argparse._StoreAction, _number, None),             # float
         "trust_remote_code": (argparse.BooleanOptionalAction, None, 0),  # bool
         "sequential_targets": (argparse._StoreAction, None, "+"),        # list[str] | None
         "recipe_args": (_MergeMapping, _parse_mapping, None),            # dict[str, Any] | None
@@ -138,14 +138,14 @@ class _Ambiguous:
 def test_cli_flag_types_derived_from_annotations():
     import argparse
 
-    from llmc.cli import _add_argument_fields, _parse_mapping
+    from llmc.cli import _add_argument_fields, _integer, _number, _parse_mapping
 
     parser = argparse.ArgumentParser()
     _add_argument_fields(parser, [_Typed])
     actions = _actions(parser)
     assert actions["mode"].choices == ("fast", "exact")
-    assert actions["ratio"].type is float
-    assert (actions["sizes"].nargs, actions["sizes"].type) == ("+", int)
+    assert actions["ratio"].type is _number
+    assert (actions["sizes"].nargs, actions["sizes"].type) == ("+", _integer)
     assert (actions["names"].nargs, actions["names"].type) == ("+", None)
     assert actions["hook"].type is _parse_mapping
     assert "hidden" not in actions
