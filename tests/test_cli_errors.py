@@ -118,10 +118,22 @@ def test_command_argument_error_fails_before_transformers_is_imported():
         pytest.param("-q", "no command given; choose one of oneshot, train, eval, plugins, recipes, demo "
                            "(see: llmc --help)", id="only-global-flags"),
         pytest.param("-x oneshot", "unknown option '-x'; did you mean '-q'?", id="unknown-global-flag"),
+        # Choices come from the field's OneOf validator, so the flag refuses them at parse time.
+        pytest.param("oneshot --precision fp16",
+                     f"--precision must be one of {PRECISIONS} (got 'fp16'); did you mean 'float16'?",
+                     id="oneshot-precision"),
+        pytest.param("train --lr-scheduler cos",
+                     "--lr-scheduler must be one of 'cosine', 'linear', 'constant' (got 'cos'); "
+                     "did you mean 'cosine'?", id="train-lr-scheduler"),
+        # Values the flags accept but the argument classes refuse, before transformers is imported.
+        pytest.param(["oneshot", "--model", ""],
+                     "'model' is empty; pass a local directory, a hub name or llmc:tiny-llama", id="empty-model"),
+        pytest.param("oneshot --model x --num-calibration-samples 0",
+                     "'num_calibration_samples' must be a positive integer (got 0)", id="not-positive"),
     ],
 )
 def test_cli_argument_error_is_one_line(capsys, argv, expected):
-    code = main(argv.split())
+    code = main(argv.split() if isinstance(argv, str) else argv)
     captured = capsys.readouterr()
     assert_one_line_error(code, captured.out, captured.err, expected)
 

@@ -14,16 +14,17 @@ from typing import Any
 
 import attrs
 import cattrs
-from attrs import validators as v
 
-from llmc.converters import make_converter, validation_problems
+from llmc.converters import choice_message, error_text, make_converter, validation_problems
 from llmc.errors import ArgumentError, did_you_mean
 
 __all__ = [
     "ARGUMENT_CLASSES",
     "DatasetArguments",
     "ModelArguments",
+    "OneOf",
     "OutputArguments",
+    "PRECISIONS",
     "RecipeArguments",
     "TRAIN_ARGUMENT_CLASSES",
     "TrainingArguments",
@@ -45,7 +46,27 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         )
 
 
+@attrs.frozen
+class OneOf:
+    """Validator: the value is one of ``options``; the CLI makes them the flag's choices.
+
+    Unlike ``attrs.validators.in_`` it raises a one-line ``ArgumentError`` with the closest
+    option, also when an argument class is built directly (``ModelArguments(precision=...)``).
+    """
+
+    options: tuple[Any, ...]
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in self.options:
+            raise ArgumentError(choice_message(attribute.name, self.options, value), name=attribute.name)
+
+
 def _model_like(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, str) and not value.strip():
+        raise ArgumentError(
+            f"'{attribute.name}' is empty; pass a local directory, a hub name or llmc:tiny-llama",
+            name=attribute.name,
+        )
     if value is None or isinstance(value, (str, os.PathLike)):
         return
     if hasattr(value, "forward") and hasattr(value, "named_modules"):
@@ -82,12 +103,12 @@ class ModelArguments:
     )
     precision: str = attrs.field(
         default="auto",
-        validator=v.in_(PRECISIONS),
+        validator=OneOf(PRECISIONS),
         metadata=_help(f"dtype to load the model in: {', '.join(PRECISIONS)}"),
     )
     calibration_precision: str = attrs.field(
         default="auto",
-        validator=v.in_(PRECISIONS),
+        validator=OneOf(PRECISIONS),
         metadata=_help(
             "dtype the calibration forward passes compute in (autocast): auto = the model's own; "
             "bfloat16 roughly halves them on CPUs with native bf16 and on GPUs. Weights, "
@@ -255,7 +276,7 @@ class TrainingArguments:
         default=0.0, converter=float, validator=_non_negative, metadata=_help("AdamW weight decay")
     )
     lr_scheduler: str = attrs.field(
-        default="cosine", validator=v.in_(LR_SCHEDULES),
+        default="cosine", validator=OneOf(LR_SCHEDULES),
         metadata=_help(f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}"),
     )
     warmup_steps: int = attrs.field(
@@ -308,7 +329,7 @@ def structure_one(cls: type, values: Mapping[str, Any]) -> Any:
         text = "; ".join(f"'{field}': {message}" if field else message for field, message in problems)
         raise ArgumentError(text, name=problems[0][0] or None) from None
     except (TypeError, ValueError) as error:
-        raise ArgumentError(str(error)) from None
+        raise ArgumentError(error_text(error)) from None
 
 
 def _leaf_exceptions(error: BaseException) -> list[BaseException]:

@@ -19,7 +19,14 @@ from typing import Any
 
 import attrs
 
-from llmc.args import ARGUMENT_CLASSES, PRECISIONS, TRAIN_ARGUMENT_CLASSES, field_owner
+from llmc.args import (
+    ARGUMENT_CLASSES,
+    PRECISIONS,
+    TRAIN_ARGUMENT_CLASSES,
+    OneOf,
+    field_owner,
+    parse_arguments,
+)
 from llmc.errors import ArgumentError, LlmcError, closest, did_you_mean
 
 __all__ = ["LlmcArgumentParser", "build_parser", "main"]
@@ -206,6 +213,8 @@ def _add_argument_fields(parser: argparse.ArgumentParser, classes: Sequence[type
                                    default=None, metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
             elif kind is str or origin is typing.Literal:
                 choices = typing.get_args(kind) if origin is typing.Literal else None
+                if isinstance(field.validator, OneOf):
+                    choices = field.validator.options
                 default = field.default if field.default is not None else None
                 suffix = f" (default: {default})" if default not in (None, attrs.NOTHING) else ""
                 group.add_argument(flag, dest=field.name, default=None, choices=choices,
@@ -308,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_oneshot(namespace: argparse.Namespace) -> int:
+    values = _collect(namespace, ARGUMENT_CLASSES)
+    parse_arguments(values, ARGUMENT_CLASSES)  # a bad value fails here, before transformers is imported
     from llmc.entrypoints.oneshot import oneshot
 
-    result = oneshot(**_collect(namespace, ARGUMENT_CLASSES))
+    result = oneshot(**values)
     for modifier, summary in result.report["summary"].items():
         logger.info(
             "%s: %d modules, mean weight error %.4f (worst %s)",
@@ -324,9 +335,11 @@ def _run_oneshot(namespace: argparse.Namespace) -> int:
 
 
 def _run_train(namespace: argparse.Namespace) -> int:
+    values = _collect(namespace, TRAIN_ARGUMENT_CLASSES)
+    parse_arguments(values, TRAIN_ARGUMENT_CLASSES)  # as in _run_oneshot
     from llmc.entrypoints.train import train
 
-    result = train(**_collect(namespace, TRAIN_ARGUMENT_CLASSES))
+    result = train(**values)
     report = result.report
     if report["train_steps"]:
         print(f"trained {report['train_steps']} steps: loss {report['first_loss']:.4f} -> {report['last_loss']:.4f}")
