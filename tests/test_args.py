@@ -213,3 +213,13 @@ def test_attrs_in_validator_message_is_one_line_with_closest():
         make_converter().structure({"mode": "fsat"}, _InValidated)
     [(_, message)] = validation_problems(caught.value, {"mode": "fsat"})
     assert message == "'mode' must be in ('fast', 'exact') (got 'fsat'); did you mean 'fast'?"
+
+
+def test_parse_arguments_reports_every_unknown_name():
+    expected = (
+        r"^3 unknown arguments: 'modle' \(did you mean 'model'\?\), 'recipie' \(did you mean 'recipe'\?\), "
+        r"'zzz'$"
+    )
+    with pytest.raises(ArgumentError, match=expected) as caught:
+        parse_arguments({"modle": "x", "recipie": "llmc:w4a16", "zzz": 1, "seed": 1})
+    assert caught.value.name == "modle"

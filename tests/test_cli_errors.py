@@ -151,3 +151,24 @@ def test_cli_argument_error_is_one_line(capsys, argv, expected):
 def test_cli_global_flags_before_or_after_the_command(argv, quiet):
     namespace, unknown = build_parser().parse_known_args(argv)
     assert (namespace.quiet, unknown) == (quiet, [])
+
+
+# --- unknown names: all of them at once -------------------------------------------------------
+
+def test_cli_config_file_reports_every_unknown_key(capsys, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("modle: x\nrecipie: llmc:w4a16\nnum-calibration-sample: 8\nseed: 1\n")
+    code = main(["oneshot", "--config", str(config)])
+    captured = capsys.readouterr()
+    expected = (
+        f"config file {str(config)!r}: 3 unknown arguments: 'modle' (did you mean 'model'?), "
+        "'recipie' (did you mean 'recipe'?), 'num_calibration_sample' (did you mean 'num_calibration_samples'?)"
+    )
+    assert_one_line_error(code, captured.out, captured.err, expected)
+
+
+def test_cli_reports_every_unknown_option(capsys):
+    code = main(["oneshot", "--modle", "x", "--recipie=y", "--seed", "-1"])
+    captured = capsys.readouterr()
+    expected = "2 unknown options: '--modle' (did you mean '--model'?), '--recipie' (did you mean '--recipe'?)"
+    assert_one_line_error(code, captured.out, captured.err, expected)

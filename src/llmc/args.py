@@ -9,14 +9,14 @@ closest valid name and a wrong type names the field, what it expects and what it
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import cattrs
 
 from llmc.converters import choice_message, error_text, make_converter, validation_problems
-from llmc.errors import ArgumentError, did_you_mean
+from llmc.errors import ArgumentError, closest, did_you_mean
 
 __all__ = [
     "ARGUMENT_CLASSES",
@@ -29,6 +29,7 @@ __all__ = [
     "TRAIN_ARGUMENT_CLASSES",
     "TrainingArguments",
     "parse_arguments",
+    "unknown_names_message",
 ]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -341,6 +342,22 @@ def _leaf_exceptions(error: BaseException) -> list[BaseException]:
     return [error]
 
 
+def unknown_names_message(unknown: Sequence[str], valid: Iterable[str], *, kind: str = "argument") -> str:
+    """Every unknown name in one line, each with the closest valid one.
+
+    One name: ``unknown argument 'modle'; did you mean 'model'?``; several:
+    ``2 unknown arguments: 'modle' (did you mean 'model'?), 'recipie' (did you mean 'recipe'?)``.
+    """
+    valid = sorted(set(valid))
+    if len(unknown) == 1:
+        return f"unknown {kind} {unknown[0]!r}{did_you_mean(unknown[0], valid)}"
+    listed = []
+    for name in unknown:
+        match = closest(name, valid)
+        listed.append(f"{name!r} (did you mean {match!r}?)" if match else repr(name))
+    return f"{len(unknown)} unknown {kind}s: {', '.join(listed)}"
+
+
 def parse_arguments(
     values: Mapping[str, Any], classes: tuple[type, ...] = ARGUMENT_CLASSES
 ) -> tuple[Any, ...]:
@@ -352,10 +369,7 @@ def parse_arguments(
     owners = field_owner(classes)
     unknown = [name for name in values if name not in owners]
     if unknown:
-        name = unknown[0]
-        raise ArgumentError(
-            f"unknown argument {name!r}{did_you_mean(name, owners)}", name=name
-        )
+        raise ArgumentError(unknown_names_message(unknown, owners), name=unknown[0])
     grouped: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
     for name, value in values.items():
         grouped[owners[name]][name] = value

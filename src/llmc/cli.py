@@ -26,6 +26,7 @@ from llmc.args import (
     OneOf,
     field_owner,
     parse_arguments,
+    unknown_names_message,
 )
 from llmc.errors import ArgumentError, LlmcError, closest, did_you_mean
 
@@ -248,9 +249,16 @@ def _read_config(path: str) -> dict[str, Any]:
 def _collect(namespace: argparse.Namespace, classes: Sequence[type]) -> dict[str, Any]:
     """Config-file values overridden by the flags that were given."""
     values: dict[str, Any] = {}
+    owners = field_owner(tuple(classes))
     if getattr(namespace, "config", None):
         values.update(_read_config(namespace.config))
-    for name in field_owner(tuple(classes)):
+        unknown = [name for name in values if name not in owners]
+        if unknown:
+            raise ArgumentError(
+                f"config file {namespace.config!r}: {unknown_names_message(unknown, owners)}",
+                name=unknown[0],
+            )
+    for name in owners:
         value = getattr(namespace, name, None)
         if value is not None:
             values[name] = value
@@ -261,11 +269,18 @@ def _refuse_unknown(unknown: list[str], parser: argparse.ArgumentParser) -> None
     if not unknown:
         return
     flags = [opt for action in parser._actions for opt in action.option_strings]
-    first = next((item for item in unknown if item.startswith("-")), unknown[0])
-    flag = first.split("=")[0]
-    if flag.startswith("-"):
-        raise ArgumentError(f"unknown option {flag!r}{did_you_mean(flag, flags)}", name=flag)
-    raise ArgumentError(f"unexpected argument {first!r}", name=first)
+    options = [item.split("=")[0] for item in unknown if item.startswith("-") and not _is_number(item)]
+    if options:
+        raise ArgumentError(unknown_names_message(options, flags, kind="option"), name=options[0])
+    raise ArgumentError(f"unexpected argument {unknown[0]!r}", name=unknown[0])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
