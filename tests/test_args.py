@@ -91,16 +91,16 @@ def test_cli_flag_types_follow_the_field_types():
     import argparse
 
     from llmc.args import TRAIN_ARGUMENT_CLASSES
-    from llmc.cli import _add_argument_fields, _MergeMapping, _parse_mapping
+    from llmc.cli import _add_argument_fields, _integer, _MergeMapping, _number, _parse_mapping
 
     parser = argparse.ArgumentParser()
     _add_argument_fields(parser, TRAIN_ARGUMENT_CLASSES)
     actions = _actions(parser)
     # (action class, type, nargs) per kind of field
     expected = {
-        "num_calibration_samples": (argparse._StoreAction, int, None),   # int
-        "max_steps": (argparse._StoreAction, int, None),                 # int | None
-        "learning_rate": (argparse._StoreAction, float, None),           # float
+        "num_calibration_samples": (argparse._StoreAction, _integer, None),  # int
+        "max_steps": (argparse._StoreAction, _integer, None),                # int | None
+        "learning_rate": (argparse._StoreAction, _number, None),             # float
         "trust_remote_code": (argparse.BooleanOptionalAction, None, 0),  # bool
         "sequential_targets": (argparse._StoreAction, None, "+"),        # list[str] | None
         "recipe_args": (_MergeMapping, _parse_mapping, None),            # dict[str, Any] | None
@@ -138,14 +138,14 @@ class _Ambiguous:
 def test_cli_flag_types_derived_from_annotations():
     import argparse
 
-    from llmc.cli import _add_argument_fields, _parse_mapping
+    from llmc.cli import _add_argument_fields, _integer, _number, _parse_mapping
 
     parser = argparse.ArgumentParser()
     _add_argument_fields(parser, [_Typed])
     actions = _actions(parser)
     assert actions["mode"].choices == ("fast", "exact")
-    assert actions["ratio"].type is float
-    assert (actions["sizes"].nargs, actions["sizes"].type) == ("+", int)
+    assert actions["ratio"].type is _number
+    assert (actions["sizes"].nargs, actions["sizes"].type) == ("+", _integer)
     assert (actions["names"].nargs, actions["names"].type) == ("+", None)
     assert actions["hook"].type is _parse_mapping
     assert "hidden" not in actions
@@ -153,3 +153,73 @@ def test_cli_flag_types_derived_from_annotations():
     assert (parsed.mode, parsed.ratio, parsed.sizes, parsed.hook) == ("exact", 0.5, [1, 2], {"a": 1})
     with pytest.raises(TypeError, match=r"cannot make a flag for _Ambiguous.value: it is typed int \| str"):
         _add_argument_fields(argparse.ArgumentParser(), [_Ambiguous])
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param({"precision": "fp64"},
+                     r"^'precision' must be in \('auto', 'float32', 'bfloat16', 'float16'\) \(got 'fp64'\)$",
+                     id="precision-nothing-close"),
+        pytest.param({"precision": "fp16"},
+                     r"^'precision' must be in \(.*\) \(got 'fp16'\); did you mean 'float16'\?$",
+                     id="precision-close"),
+        pytest.param({"calibration_precision": "bf16"},
+                     r"^'calibration_precision' must be in \(.*\) \(got 'bf16'\); did you mean 'bfloat16'\?$",
+                     id="calibration-precision"),
+        pytest.param({"lr_scheduler": "cos"},
+                     r"^'lr_scheduler' must be in \('cosine', 'linear', 'constant'\) \(got 'cos'\); "
+                     r"did you mean 'cosine'\?$",
+                     id="lr-scheduler"),
+        pytest.param({"model": ""},
+                     r"^'model' is empty; pass a local directory, a hub name or llmc:tiny-llama$", id="empty-model"),
+        pytest.param({"model": "  "}, r"^'model' is empty", id="blank-model"),
+    ],
+)
+def test_parse_arguments_bad_value_is_one_line(values, expected):
+    from llmc.args import TRAIN_ARGUMENT_CLASSES
+
+    with pytest.raises(ArgumentError, match=expected):
+        parse_arguments(values, TRAIN_ARGUMENT_CLASSES)
+
+
+def test_argument_class_built_directly_refuses_bad_choice_in_one_line():
+    # llmc.evaluate builds ModelArguments itself, without the converter.
+    with pytest.raises(ArgumentError, match=r"^'precision' must be in \(.*\) \(got 'half'\)$") as caught:
+        ModelArguments(precision="half")
+    assert caught.value.name == "precision"
+
+
+def test_oneshot_refuses_empty_model():
+    from llmc import oneshot
+
+    with pytest.raises(ArgumentError, match=r"^'model' is empty; pass a local directory"):
+        oneshot(model="", recipe="llmc:w4a16")
+
+
+@attrs.frozen(kw_only=True)
+class _InValidated:
+    """A field checked with attrs' own in_ validator, as a plugin may write it."""
+
+    mode: str = attrs.field(default="fast", validator=attrs.validators.in_(("fast", "exact")))
+
+
+def test_attrs_in_validator_message_is_one_line_with_closest():
+    import cattrs
+
+    from llmc.converters import make_converter, validation_problems
+
+    with pytest.raises(cattrs.BaseValidationError) as caught:
+        make_converter().structure({"mode": "fsat"}, _InValidated)
+    [(_, message)] = validation_problems(caught.value, {"mode": "fsat"})
+    assert message == "'mode' must be in ('fast', 'exact') (got 'fsat'); did you mean 'fast'?"
+
+
+def test_parse_arguments_reports_every_unknown_name():
+    expected = (
+        r"^3 unknown arguments: 'modle' \(did you mean 'model'\?\), 'recipie' \(did you mean 'recipe'\?\), "
+        r"'zzz'$"
+    )
+    with pytest.raises(ArgumentError, match=expected) as caught:
+        parse_arguments({"modle": "x", "recipie": "llmc:w4a16", "zzz": 1, "seed": 1})
+    assert caught.value.name == "modle"

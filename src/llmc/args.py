@@ -9,25 +9,27 @@ closest valid name and a wrong type names the field, what it expects and what it
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import cattrs
-from attrs import validators as v
 
-from llmc.converters import make_converter, validation_problems
-from llmc.errors import ArgumentError, did_you_mean
+from llmc.converters import choice_message, error_text, make_converter, validation_problems
+from llmc.errors import ArgumentError, closest, did_you_mean
 
 __all__ = [
     "ARGUMENT_CLASSES",
     "DatasetArguments",
     "ModelArguments",
+    "OneOf",
     "OutputArguments",
+    "PRECISIONS",
     "RecipeArguments",
     "TRAIN_ARGUMENT_CLASSES",
     "TrainingArguments",
     "parse_arguments",
+    "unknown_names_message",
 ]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -45,7 +47,27 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         )
 
 
+@attrs.frozen
+class OneOf:
+    """Validator: the value is one of ``options``; the CLI makes them the flag's choices.
+
+    Unlike ``attrs.validators.in_`` it raises a one-line ``ArgumentError`` with the closest
+    option, also when an argument class is built directly (``ModelArguments(precision=...)``).
+    """
+
+    options: tuple[Any, ...]
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in self.options:
+            raise ArgumentError(choice_message(attribute.name, self.options, value), name=attribute.name)
+
+
 def _model_like(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, str) and not value.strip():
+        raise ArgumentError(
+            f"'{attribute.name}' is empty; pass a local directory, a hub name or llmc:tiny-llama",
+            name=attribute.name,
+        )
     if value is None or isinstance(value, (str, os.PathLike)):
         return
     if hasattr(value, "forward") and hasattr(value, "named_modules"):
@@ -82,12 +104,12 @@ class ModelArguments:
     )
     precision: str = attrs.field(
         default="auto",
-        validator=v.in_(PRECISIONS),
+        validator=OneOf(PRECISIONS),
         metadata=_help(f"dtype to load the model in: {', '.join(PRECISIONS)}"),
     )
     calibration_precision: str = attrs.field(
         default="auto",
-        validator=v.in_(PRECISIONS),
+        validator=OneOf(PRECISIONS),
         metadata=_help(
             "dtype the calibration forward passes compute in (autocast): auto = the model's own; "
             "bfloat16 roughly halves them on CPUs with native bf16 and on GPUs. Weights, "
@@ -255,7 +277,7 @@ class TrainingArguments:
         default=0.0, converter=float, validator=_non_negative, metadata=_help("AdamW weight decay")
     )
     lr_scheduler: str = attrs.field(
-        default="cosine", validator=v.in_(LR_SCHEDULES),
+        default="cosine", validator=OneOf(LR_SCHEDULES),
         metadata=_help(f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}"),
     )
     warmup_steps: int = attrs.field(
@@ -308,7 +330,7 @@ def structure_one(cls: type, values: Mapping[str, Any]) -> Any:
         text = "; ".join(f"'{field}': {message}" if field else message for field, message in problems)
         raise ArgumentError(text, name=problems[0][0] or None) from None
     except (TypeError, ValueError) as error:
-        raise ArgumentError(str(error)) from None
+        raise ArgumentError(error_text(error)) from None
 
 
 def _leaf_exceptions(error: BaseException) -> list[BaseException]:
@@ -318,6 +340,22 @@ def _leaf_exceptions(error: BaseException) -> list[BaseException]:
             leaves.extend(_leaf_exceptions(sub))
         return leaves
     return [error]
+
+
+def unknown_names_message(unknown: Sequence[str], valid: Iterable[str], *, kind: str = "argument") -> str:
+    """Every unknown name in one line, each with the closest valid one.
+
+    One name: ``unknown argument 'modle'; did you mean 'model'?``; several:
+    ``2 unknown arguments: 'modle' (did you mean 'model'?), 'recipie' (did you mean 'recipe'?)``.
+    """
+    valid = sorted(set(valid))
+    if len(unknown) == 1:
+        return f"unknown {kind} {unknown[0]!r}{did_you_mean(unknown[0], valid)}"
+    listed = []
+    for name in unknown:
+        match = closest(name, valid)
+        listed.append(f"{name!r} (did you mean {match!r}?)" if match else repr(name))
+    return f"{len(unknown)} unknown {kind}s: {', '.join(listed)}"
 
 
 def parse_arguments(
@@ -331,10 +369,7 @@ def parse_arguments(
     owners = field_owner(classes)
     unknown = [name for name in values if name not in owners]
     if unknown:
-        name = unknown[0]
-        raise ArgumentError(
-            f"unknown argument {name!r}{did_you_mean(name, owners)}", name=name
-        )
+        raise ArgumentError(unknown_names_message(unknown, owners), name=unknown[0])
     grouped: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
     for name, value in values.items():
         grouped[owners[name]][name] = value

@@ -14,15 +14,23 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
-from llmc.args import ARGUMENT_CLASSES, TRAIN_ARGUMENT_CLASSES, field_owner
-from llmc.errors import ArgumentError, LlmcError, did_you_mean
+from llmc.args import (
+    ARGUMENT_CLASSES,
+    PRECISIONS,
+    TRAIN_ARGUMENT_CLASSES,
+    OneOf,
+    field_owner,
+    parse_arguments,
+    unknown_names_message,
+)
+from llmc.errors import ArgumentError, LlmcError, closest, did_you_mean
 
-__all__ = ["build_parser", "main"]
+__all__ = ["LlmcArgumentParser", "build_parser", "main"]
 
 logger = logging.getLogger("llmc")
 
@@ -31,18 +39,121 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _parse_mapping(text: str) -> dict[str, Any]:
-    """``--recipe-args`` takes ``key=value`` (value read as a YAML scalar) or a YAML mapping."""
+@attrs.frozen
+class _FlagType:
+    """How a flag's text is read, and how an error names the form it expects.
+
+    Used as an argparse ``type``: a ``TypeError``/``ValueError`` from ``read`` becomes
+    ``--flag expects <expects> (got '<text>')``.
+    """
+
+    read: Callable[[str], Any]
+    expects: str
+    expects_many: str
+
+    def __call__(self, text: str) -> Any:
+        try:
+            return self.read(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expects {self.expects} (got {text!r})") from None
+
+
+def _read_mapping(text: str) -> dict[str, Any]:
+    """``key=value`` (value read as a YAML scalar) or a YAML mapping."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
     yaml = YAML(typ="safe", pure=True)
-    if "=" in text and not text.lstrip().startswith("{"):
-        key, _, value = text.partition("=")
-        return {key.strip(): yaml.load(value) if value.strip() else None}
-    loaded = yaml.load(text)
+    try:
+        if "=" in text and not text.lstrip().startswith("{"):
+            key, _, value = text.partition("=")
+            if not key.strip():
+                raise ValueError("no key")
+            return {key.strip(): yaml.load(value) if value.strip() else None}
+        loaded = yaml.load(text)
+    except YAMLError:
+        raise ValueError("not YAML") from None
     if not isinstance(loaded, dict):
-        raise argparse.ArgumentTypeError(f"expected key=value or a YAML mapping, got {text!r}")
+        raise ValueError("not a mapping")
     return loaded
+
+
+_integer = _FlagType(int, "an integer", "integers")
+_number = _FlagType(float, "a number", "numbers")
+# ``--recipe-args`` takes ``key=value`` or a YAML mapping; repeated flags merge.
+_parse_mapping = _FlagType(_read_mapping, "KEY=VALUE pairs", "KEY=VALUE pairs")
+_ITEM_TYPES: dict[Any, _FlagType] = {int: _integer, float: _number}
+
+
+def _expected_form(action: argparse.Action) -> str:
+    """What a flag accepts, in words: 'an integer', 'one or more values', 'one of 'a', 'b''."""
+    if action.choices is not None:
+        return "one of " + ", ".join(repr(choice) for choice in action.choices)
+    kind = action.type if isinstance(action.type, _FlagType) else None
+    if action.nargs in ("+", "*"):
+        return f"one or more {kind.expects_many if kind else 'values'}"
+    return kind.expects if kind else "a value"
+
+
+class LlmcArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one-line ``ArgumentError``s, never usage text.
+
+    argparse's own errors (a value of the wrong type, a missing value, an invalid choice, an
+    unknown command) are raised as ``ArgumentError("--flag expects ... (got ...)")``; ``main``
+    prints that line and exits with status 2. ``--help`` still prints help and exits 0.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("exit_on_error", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        try:
+            return super().parse_known_args(args, namespace)
+        except argparse.ArgumentError as error:
+            raise ArgumentError(self._describe(error), name=error.argument_name) from None
+
+    def error(self, message: str) -> typing.NoReturn:
+        # What argparse reports without naming an action: a required flag, an ambiguous prefix.
+        raise ArgumentError(message)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is None or value in action.choices:
+            return
+        names = [str(choice) for choice in action.choices]
+        if action.dest == "command":
+            raise ArgumentError(
+                f"unknown command {value!r}{did_you_mean(str(value), names)} (see: llmc --help)",
+                name=str(value),
+            )
+        match = closest(str(value), names)
+        raise argparse.ArgumentError(
+            action,
+            f"must be {_expected_form(action)} (got {value!r})"
+            + (f"; did you mean {match!r}?" if match else ""),
+        )
+
+    def _describe(self, error: argparse.ArgumentError) -> str:
+        """``--flag <what went wrong>``, from argparse's error and the flag's expected form."""
+        name, message = error.argument_name, error.message
+        if name is None:
+            return message
+        flag = name.split("/")[0]
+        action = self._option_string_actions.get(flag)
+        if message.startswith(("expects ", "must be ")):
+            return f"{flag} {message}"
+        if action is not None and message.startswith("expected "):  # expected one argument, ...
+            return f"{flag} expects {_expected_form(action)} (got no value)"
+        if action is not None and message.startswith("ignored explicit argument"):
+            value = message.rpartition(" ")[2]
+            flags = " or ".join(action.option_strings)
+            return f"{flag} takes no value (got {value}); use {flags}"
+        return f"{flag}: {message}"
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """Flags accepted before and after the command: ``llmc -q oneshot`` = ``llmc oneshot -q``."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="log warnings only")
 
 
 class _MergeMapping(argparse.Action):
@@ -92,17 +203,19 @@ def _add_argument_fields(parser: argparse.ArgumentParser, classes: Sequence[type
                 group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                    default=None, help=f"{help_text} (default: {field.default})")
             elif kind in (int, float):
-                group.add_argument(flag, dest=field.name, type=kind, default=None,
+                group.add_argument(flag, dest=field.name, type=_ITEM_TYPES[kind], default=None,
                                    help=f"{help_text} (default: {field.default})")
             elif origin in (list, tuple, collections.abc.Sequence):
                 item = (typing.get_args(kind) or (str,))[0]
                 group.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text,
-                                   type=item if item in (int, float) else None)
+                                   type=_ITEM_TYPES.get(item))
             elif origin in (dict, collections.abc.Mapping):
                 group.add_argument(flag, dest=field.name, type=_parse_mapping, action=_MergeMapping,
                                    default=None, metavar="KEY=VALUE", help=f"{help_text} (repeatable)")
             elif kind is str or origin is typing.Literal:
                 choices = typing.get_args(kind) if origin is typing.Literal else None
+                if isinstance(field.validator, OneOf):
+                    choices = field.validator.options
                 default = field.default if field.default is not None else None
                 suffix = f" (default: {default})" if default not in (None, attrs.NOTHING) else ""
                 group.add_argument(flag, dest=field.name, default=None, choices=choices,
@@ -136,9 +249,16 @@ def _read_config(path: str) -> dict[str, Any]:
 def _collect(namespace: argparse.Namespace, classes: Sequence[type]) -> dict[str, Any]:
     """Config-file values overridden by the flags that were given."""
     values: dict[str, Any] = {}
+    owners = field_owner(tuple(classes))
     if getattr(namespace, "config", None):
         values.update(_read_config(namespace.config))
-    for name in field_owner(tuple(classes)):
+        unknown = [name for name in values if name not in owners]
+        if unknown:
+            raise ArgumentError(
+                f"config file {namespace.config!r}: {unknown_names_message(unknown, owners)}",
+                name=unknown[0],
+            )
+    for name in owners:
         value = getattr(namespace, name, None)
         if value is not None:
             values[name] = value
@@ -149,20 +269,27 @@ def _refuse_unknown(unknown: list[str], parser: argparse.ArgumentParser) -> None
     if not unknown:
         return
     flags = [opt for action in parser._actions for opt in action.option_strings]
-    first = next((item for item in unknown if item.startswith("-")), unknown[0])
-    flag = first.split("=")[0]
-    if flag.startswith("-"):
-        raise ArgumentError(f"unknown option {flag!r}{did_you_mean(flag, flags)}", name=flag)
-    raise ArgumentError(f"unexpected argument {first!r}", name=first)
+    options = [item.split("=")[0] for item in unknown if item.startswith("-") and not _is_number(item)]
+    if options:
+        raise ArgumentError(unknown_names_message(options, flags, kind="option"), name=options[0])
+    raise ArgumentError(f"unexpected argument {unknown[0]!r}", name=unknown[0])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = LlmcArgumentParser(
         prog="llmc", description="Compress Hugging Face language models with recipes and plugins."
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    _add_global_flags(parser, default=False)
+    # Not required=True: no command gets its own message in main, not argparse's.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LlmcArgumentParser)
 
     oneshot = commands.add_parser(
         "oneshot", help="calibrate and compress a model (no training)",
@@ -182,10 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="checkpoint directory, hub name, or llmc:tiny-llama")
     evaluate.add_argument("--dataset", default=None, help="text to evaluate on (default: llmc:stdlib-docs-heldout)")
     evaluate.add_argument("--text-column", default="text")
-    evaluate.add_argument("--max-seq-length", type=int, default=512)
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--max-chunks", type=int, default=None, help="evaluate at most this many chunks")
-    evaluate.add_argument("--precision", default="auto")
+    evaluate.add_argument("--max-seq-length", type=_integer, default=512)
+    evaluate.add_argument("--batch-size", type=_integer, default=8)
+    evaluate.add_argument("--max-chunks", type=_integer, default=None, help="evaluate at most this many chunks")
+    evaluate.add_argument("--precision", default="auto", choices=PRECISIONS)
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--trust-remote-code", action="store_true")
 
@@ -196,15 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="compress the embedded tiny model (RTN, GPTQ, W8A8, SparseGPT 2:4) and show what changed"
     )
     demo.add_argument("--output-dir", default="llmc-demo", help="where the checkpoints go")
-    demo.add_argument("--num-calibration-samples", type=int, default=64)
-    demo.add_argument("--max-chunks", type=int, default=64, help="held-out chunks of 512 tokens to evaluate")
+    demo.add_argument("--num-calibration-samples", type=_integer, default=64)
+    demo.add_argument("--max-chunks", type=_integer, default=64, help="held-out chunks of 512 tokens to evaluate")
+    for command in commands.choices.values():
+        # SUPPRESS: an absent flag after the command keeps the value given before it.
+        _add_global_flags(command, default=argparse.SUPPRESS)
     return parser
 
 
 def _run_oneshot(namespace: argparse.Namespace) -> int:
+    values = _collect(namespace, ARGUMENT_CLASSES)
+    parse_arguments(values, ARGUMENT_CLASSES)  # a bad value fails here, before transformers is imported
     from llmc.entrypoints.oneshot import oneshot
 
-    result = oneshot(**_collect(namespace, ARGUMENT_CLASSES))
+    result = oneshot(**values)
     for modifier, summary in result.report["summary"].items():
         logger.info(
             "%s: %d modules, mean weight error %.4f (worst %s)",
@@ -218,9 +350,11 @@ def _run_oneshot(namespace: argparse.Namespace) -> int:
 
 
 def _run_train(namespace: argparse.Namespace) -> int:
+    values = _collect(namespace, TRAIN_ARGUMENT_CLASSES)
+    parse_arguments(values, TRAIN_ARGUMENT_CLASSES)  # as in _run_oneshot
     from llmc.entrypoints.train import train
 
-    result = train(**_collect(namespace, TRAIN_ARGUMENT_CLASSES))
+    result = train(**values)
     report = result.report
     if report["train_steps"]:
         print(f"trained {report['train_steps']} steps: loss {report['first_loss']:.4f} -> {report['last_loss']:.4f}")
@@ -294,6 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         namespace, unknown = parser.parse_known_args(argv)
+        if namespace.command is None:
+            raise ArgumentError(
+                f"no command given; choose one of {', '.join(COMMANDS)} (see: llmc --help)"
+            )
         if unknown:
             subparser = parser._subparsers._group_actions[0].choices[namespace.command]  # type: ignore[union-attr]
             _refuse_unknown(unknown, subparser)

@@ -4,16 +4,44 @@ Strict on purpose: ``True`` is not an int, ``[1, 2]`` is not a bool and ``3.7`` 
 sample count; a user's slip must surface as an error naming the field, not as a silent
 conversion. One string where a list of strings is expected is taken as a one-element list, the
 way llm-compressor recipes write ``targets: Linear``.
+
+Messages are one line: attrs validators raise ``ValueError(message, attribute, ...)``, whose
+``str()`` is the whole tuple, so ``error_text`` keeps the message (and, for ``attrs.validators.in_``,
+rewrites it with the closest valid value).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
+import attrs
 import cattrs
 
-__all__ = ["make_converter", "validation_problems"]
+from llmc.errors import closest
+
+__all__ = ["choice_message", "error_text", "make_converter", "validation_problems"]
+
+
+def choice_message(name: str, options: Collection[Any], value: Any) -> str:
+    """``'name' must be in (...) (got value)``, with the closest option when one is close."""
+    names = [option for option in options if isinstance(option, str)]
+    match = closest(value, names) if isinstance(value, str) else None
+    return f"'{name}' must be in {tuple(options)!r} (got {value!r})" + (
+        f"; did you mean {match!r}?" if match else ""
+    )
+
+
+def error_text(error: BaseException) -> str:
+    """The one-line message of ``error``, also when an attrs validator raised it."""
+    args = error.args
+    if len(args) > 1 and isinstance(args[0], str) and isinstance(args[1], attrs.Attribute):
+        # attrs.validators.in_ raises ValueError(message, attribute, options, value).
+        if isinstance(error, ValueError) and len(args) == 4 and isinstance(args[2], Collection):
+            return choice_message(args[1].name, args[2], args[3])
+        return args[0]
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _strict_bool(value: Any, _: Any) -> bool:
@@ -47,7 +75,7 @@ def make_converter() -> cattrs.Converter:
 def _format_leaf(error: BaseException, expected_type: Any) -> str:
     # No type means the error came from the class's own validators, whose text says it all.
     if expected_type is None or isinstance(error, TypeError) and str(error).startswith("expected"):
-        return str(error)
+        return error_text(error)
     message = cattrs.v.format_exception(error, expected_type)
     return message.replace("invalid value for type, expected", "expected")
 
