@@ -15,14 +15,14 @@ from typing import Any
 import attrs
 import cattrs
 
-from llmc.converters import choice_message, error_text, make_converter, validation_problems
+from llmc.converters import error_text, make_converter, validation_problems
 from llmc.errors import ArgumentError, closest, did_you_mean
+from llmc.validators import OneOf
 
 __all__ = [
     "ARGUMENT_CLASSES",
     "DatasetArguments",
     "ModelArguments",
-    "OneOf",
     "OutputArguments",
     "PRECISIONS",
     "RecipeArguments",
@@ -45,21 +45,6 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ArgumentError(
             f"'{attribute.name}' must be a positive integer (got {value!r})", name=attribute.name
         )
-
-
-@attrs.frozen
-class OneOf:
-    """Validator: the value is one of ``options``; the CLI makes them the flag's choices.
-
-    Unlike ``attrs.validators.in_`` it raises a one-line ``ArgumentError`` with the closest
-    option, also when an argument class is built directly (``ModelArguments(precision=...)``).
-    """
-
-    options: tuple[Any, ...]
-
-    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in self.options:
-            raise ArgumentError(choice_message(attribute.name, self.options, value), name=attribute.name)
 
 
 def _model_like(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

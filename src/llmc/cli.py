@@ -23,12 +23,12 @@ from llmc.args import (
     ARGUMENT_CLASSES,
     PRECISIONS,
     TRAIN_ARGUMENT_CLASSES,
-    OneOf,
     field_owner,
     parse_arguments,
     unknown_names_message,
 )
 from llmc.errors import ArgumentError, LlmcError, closest, did_you_mean
+from llmc.validators import OneOf
 
 __all__ = ["LlmcArgumentParser", "build_parser", "main"]
 

@@ -18,18 +18,9 @@ from typing import Any
 import attrs
 import cattrs
 
-from llmc.errors import closest
+from llmc.validators import choice_message
 
-__all__ = ["choice_message", "error_text", "make_converter", "validation_problems"]
-
-
-def choice_message(name: str, options: Collection[Any], value: Any) -> str:
-    """``'name' must be in (...) (got value)``, with the closest option when one is close."""
-    names = [option for option in options if isinstance(option, str)]
-    match = closest(value, names) if isinstance(value, str) else None
-    return f"'{name}' must be in {tuple(options)!r} (got {value!r})" + (
-        f"; did you mean {match!r}?" if match else ""
-    )
+__all__ = ["error_text", "make_converter", "validation_problems"]
 
 
 def error_text(error: BaseException) -> str:

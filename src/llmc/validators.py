@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
 
-from llmc.errors import ArgumentError
+from llmc.errors import ArgumentError, closest
 
 __all__ = [
+    "OneOf",
     "as_list",
+    "choice_message",
     "is_bool",
     "is_number_in",
     "is_positive_int",
@@ -28,6 +30,30 @@ __all__ = [
 
 def _quote(value: Any) -> str:
     return repr(value)
+
+
+def choice_message(name: str, options: Collection[Any], value: Any) -> str:
+    """``'name' must be in (...) (got value)``, with the closest option when one is close."""
+    names = [option for option in options if isinstance(option, str)]
+    match = closest(value, names) if isinstance(value, str) else None
+    return f"'{name}' must be in {tuple(options)!r} (got {value!r})" + (
+        f"; did you mean {match!r}?" if match else ""
+    )
+
+
+@attrs.frozen
+class OneOf:
+    """Validator: the value is one of ``options``; the CLI makes them the flag's choices.
+
+    Unlike ``attrs.validators.in_`` it raises a one-line ``ArgumentError`` with the closest
+    option, also when a class is built directly (``ModelArguments(precision=...)``).
+    """
+
+    options: tuple[Any, ...]
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in self.options:
+            raise ArgumentError(choice_message(attribute.name, self.options, value), name=attribute.name)
 
 
 def as_list(value: Any) -> Any:
