@@ -487,3 +487,26 @@ def test_set_quantized_weight_wrong_scale_shape_raises():
             scale=torch.ones(8, 2),
             zero_point=None,
         )
+
+
+def test_save_checkpoint_safetensors_error_is_one_line_save_error(tmp_path: Path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not as an OSError."""
+    from safetensors import SafetensorError
+
+    def failing_save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    model = _tiny_llama()
+    _quantize_all_but_lm_head_(model, PRESET_SCHEMES["W4A16"])
+
+    with pytest.raises(
+        SaveError,
+        match=r"^could not write the checkpoint to .*out: Error while serializing: I/O error: No "
+        r"space left on device \(os error 28\); check free disk space and permissions$",
+    ):
+        save_checkpoint(model, None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

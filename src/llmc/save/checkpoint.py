@@ -2,10 +2,11 @@
 
 A compression run can take hours, and its output directory is what users point serving at, so
 the write is all or nothing: everything goes into a hidden sibling directory
-(``.<name>.tmp-XXXXXXXX``, same filesystem, so the final step is a rename) and only a
+(``.<name>.tmp-<pid>-<hex>``, same file system, so the final step is a rename) and only a
 complete checkpoint ever appears at ``output_dir``. An existing non-empty directory is kept
 unless ``overwrite=True``, and even then it is replaced only after the new checkpoint is
-completely written.
+completely written; how it is replaced, so that a kill at any moment leaves a complete
+checkpoint, and how the next run clears what a killed one left, is ``llmc.save.atomic``.
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ import copy
 import json
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from llmc.errors import SaveError
+from llmc.save.atomic import (
+    check_writable,
+    clean_leftovers,
+    make_sibling_dir,
+    move_into_place,
+    pause_point,
+)
 from llmc.save.compressed_tensors import (
     compressed_state_dict,
     quantization_config,
@@ -48,12 +56,31 @@ def _is_empty_dir(path: Path) -> bool:
 def check_output_dir(output_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Refuse an output directory ``save_checkpoint`` would refuse, before hours of work.
 
-    Returns the absolute path. Raises ``SaveError`` if the path is a file, or a non-empty
-    directory and ``overwrite`` is false.
+    Returns the absolute path (a symlink's target: replacing the link itself would leave its
+    target untouched). Raises ``SaveError`` if the path is a file, a non-empty directory and
+    ``overwrite`` is false, or a place where the checkpoint could not be written (checked by
+    creating the missing parents and a probe folder). It also clears what killed runs for the
+    same output left behind, restoring the previous checkpoint if one was killed mid-swap,
+    so that a restored checkpoint is refused like any other without ``overwrite``.
     """
-    output_dir = Path(output_dir).expanduser().absolute()
+    output_dir = Path(os.path.abspath(Path(output_dir).expanduser()))
+    if not output_dir.name:
+        raise SaveError(
+            f"output directory {output_dir} is a file system root; choose a directory inside it"
+        )
+    if _is_symlink(output_dir):
+        output_dir = output_dir.resolve()
+    check_writable(output_dir)
+    clean_leftovers(output_dir)
     _check_destination(output_dir, overwrite)
     return output_dir
+
+
+def _is_symlink(path: Path) -> bool:
+    try:
+        return path.is_symlink()
+    except OSError:  # a name too long to stat: check_writable says so
+        return False
 
 
 def _check_destination(output_dir: Path, overwrite: bool) -> None:
@@ -82,18 +109,6 @@ def _check_extra_files(extra_files: Mapping[str, str | bytes]) -> None:
             )
 
 
-def _make_temp_dir(output_dir: Path) -> Path:
-    """A new hidden sibling of ``output_dir``, created with the user's umask."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        candidate = output_dir.parent / f".{output_dir.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-
-
 def _write_weights(state: dict, directory: Path) -> list[str]:
     split = split_torch_state_dict_into_shards(
         state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=MAX_SHARD_SIZE
@@ -105,6 +120,8 @@ def _write_weights(state: dict, directory: Path) -> list[str]:
         size = (directory / filename).stat().st_size
         logger.info("wrote %s (%d tensors, %.1f MB)", filename, len(shard), size / 1e6)
         written.append(filename)
+        if len(written) == 1:
+            pause_point("after-first-shard")
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -148,25 +165,6 @@ def _write_extra_files(
         logger.info("wrote %s", name)
 
 
-def _move_into_place(temp_dir: Path, output_dir: Path) -> None:
-    """Rename the finished checkpoint to ``output_dir``, replacing what was there last."""
-    if not output_dir.exists():
-        os.rename(temp_dir, output_dir)
-        return
-    if _is_empty_dir(output_dir):
-        os.replace(temp_dir, output_dir)
-        return
-    backup = output_dir.parent / f".{output_dir.name}.old-{secrets.token_hex(4)}"
-    os.rename(output_dir, backup)
-    try:
-        os.rename(temp_dir, output_dir)
-    except BaseException:
-        os.rename(backup, output_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-    logger.info("replaced the previous contents of %s", output_dir)
-
-
 def save_checkpoint(
     model: nn.Module,
     tokenizer: Any,
@@ -198,7 +196,10 @@ def save_checkpoint(
     )
     state = compressed_state_dict(model, save_compressed=save_compressed)
 
-    temp_dir = _make_temp_dir(output_dir)
+    try:
+        temp_dir = make_sibling_dir(output_dir, "tmp")
+    except OSError as error:
+        raise _write_failed(output_dir, error) from error
     logger.info("writing checkpoint for %s into %s", output_dir, temp_dir)
     try:
         written = _write_weights(state, temp_dir)
@@ -214,15 +215,21 @@ def save_checkpoint(
             logger.info("wrote the tokenizer")
         _write_extra_files(extra_files, temp_dir, written)
         _check_destination(output_dir, overwrite)
-        _move_into_place(temp_dir, output_dir)
-    except OSError as error:
+        move_into_place(temp_dir, output_dir)
+    except (OSError, SafetensorError) as error:
+        # SafetensorError is how safetensors reports a failed write (disk full, file too large)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        raise SaveError(
-            f"could not write the checkpoint to {output_dir}: {error}; check free disk space "
-            f"and permissions"
-        ) from error
+        raise _write_failed(output_dir, error) from error
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     logger.info("saved checkpoint to %s", output_dir)
     return output_dir
+
+
+def _write_failed(output_dir: Path, error: BaseException) -> SaveError:
+    reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return SaveError(
+        f"could not write the checkpoint to {output_dir}: {reason}; check free disk space and "
+        f"permissions"
+    )
