@@ -510,3 +510,16 @@ def test_save_checkpoint_safetensors_error_is_one_line_save_error(tmp_path: Path
     ):
         save_checkpoint(model, None, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_shards_have_the_mode_of_every_other_file(tmp_path):
+    """safetensors creates its files 0600; a checkpoint must be readable like the files beside it."""
+    import os
+
+    from llmc import oneshot
+
+    out = oneshot(model="llmc:tiny-llama", recipe="llmc:w4a16", output_dir=str(tmp_path / "out")).output_dir
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~mask

@@ -109,6 +109,14 @@ def _check_extra_files(extra_files: Mapping[str, str | bytes]) -> None:
             )
 
 
+def _readable_as_umask_allows(path: Path) -> None:
+    """Give a shard the mode any other file gets (safetensors creates it 0600, so a serving user
+    other than the writer could not read the checkpoint)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _write_weights(state: dict, directory: Path) -> list[str]:
     split = split_torch_state_dict_into_shards(
         state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=MAX_SHARD_SIZE
@@ -117,6 +125,7 @@ def _write_weights(state: dict, directory: Path) -> list[str]:
     for filename, names in split.filename_to_tensors.items():
         shard = {name: state[name].contiguous() for name in names}
         save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        _readable_as_umask_allows(directory / filename)
         size = (directory / filename).stat().st_size
         logger.info("wrote %s (%d tensors, %.1f MB)", filename, len(shard), size / 1e6)
         written.append(filename)
