@@ -105,3 +105,18 @@ def test_checkpoint_bytes_pinned_per_recipe(case, installed_plugins, one_thread,
         output_dir=str(tmp_path / "out"),
     )
     assert _digest(result.output_dir) == expected, f"{case}: checkpoint bytes changed"
+
+
+def test_a_rerun_with_overwrite_writes_the_same_bytes(installed_plugins, one_thread, tmp_path):
+    """Determinism without pinned digests: the same run twice, the second over the first."""
+    recipe = "llmc:gptq_w4a16" if "gptq" in installed_plugins else "llmc:w4a16"
+    digests = []
+    for overwrite in (False, True):
+        result = oneshot(
+            model="llmc:tiny-llama", recipe=recipe, dataset="llmc:stdlib-docs",
+            num_calibration_samples=8, max_seq_length=128, output_dir=str(tmp_path / "out"),
+            overwrite=overwrite,
+        )
+        digests.append(_digest(result.output_dir))
+    assert digests[0] == digests[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
