@@ -78,7 +78,11 @@ def test_truncated_safetensors_is_one_line(truncated_model, capsys, tmp_path):
         oneshot(model=str(truncated_model), recipe="llmc:w4a16")
 
 
-def test_custom_code_without_trust_remote_code_names_our_flag(custom_code_model):
+def test_custom_code_without_trust_remote_code_names_our_flag(custom_code_model, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["oneshot", "--model", str(custom_code_model), "--recipe", "llmc:w4a16", "--output-dir", str(out)]) == 2
+    assert "pass --trust-remote-code" in _one_error_line(capsys)
+    assert "out" not in _siblings(out)
     with pytest.raises(ModelLoadError, match=r"needs its own Python code to load .* pass --trust-remote-code \(Python: trust_remote_code=True\)"):
         oneshot(model=str(custom_code_model), recipe="llmc:w4a16")
 

@@ -111,3 +111,10 @@ def test_gptq_parameters_validated_from_python(kwargs, message):
 
     with pytest.raises(ArgumentError, match=message):
         GPTQModifier(scheme="W4A16", **kwargs)
+
+
+def test_gptq_mistyped_parameter_from_python_names_the_closest():
+    from llmc.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"GPTQModifier has no parameter 'schem'; did you mean 'scheme'\?"):
+        GPTQModifier(schem="W4A16")
