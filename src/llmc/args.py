@@ -16,7 +16,7 @@ import attrs
 import cattrs
 
 from llmc.converters import error_text, make_converter, validation_problems
-from llmc.errors import ArgumentError, closest, did_you_mean
+from llmc.errors import ArgumentError, did_you_mean, names_with_closest
 from llmc.validators import OneOf
 
 __all__ = [
@@ -336,11 +336,7 @@ def unknown_names_message(unknown: Sequence[str], valid: Iterable[str], *, kind:
     valid = sorted(set(valid))
     if len(unknown) == 1:
         return f"unknown {kind} {unknown[0]!r}{did_you_mean(unknown[0], valid)}"
-    listed = []
-    for name in unknown:
-        match = closest(name, valid)
-        listed.append(f"{name!r} (did you mean {match!r}?)" if match else repr(name))
-    return f"{len(unknown)} unknown {kind}s: {', '.join(listed)}"
+    return f"{len(unknown)} unknown {kind}s: {names_with_closest(unknown, valid)}"
 
 
 def parse_arguments(

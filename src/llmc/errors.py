@@ -102,3 +102,13 @@ def root_cause_line(error: BaseException) -> str:
         root = root.__cause__
     text = (str(root).strip() or type(root).__name__).splitlines()[0]
     return text if root is error else f"{type(root).__name__}: {text}"
+
+
+def names_with_closest(names: Iterable[str], choices: Iterable[str]) -> str:
+    """``'modle' (did you mean 'model'?), 'zzz'``: several unknown names, each with its closest."""
+    choices = sorted(set(choices))
+    listed = []
+    for name in names:
+        match = closest(name, choices)
+        listed.append(f"{name!r} (did you mean {match!r}?)" if match else repr(name))
+    return ", ".join(listed)

@@ -36,7 +36,7 @@ import attrs
 import pluggy
 
 from llmc import hookspecs
-from llmc.errors import PluginError, closest, did_you_mean
+from llmc.errors import PluginError, did_you_mean, names_with_closest
 from llmc.modifier import Modifier
 
 __all__ = [
@@ -115,11 +115,7 @@ def unknown_hooks_text(names: Sequence[str]) -> str:
     """``unknown hook 'llmc_layer_strat'; did you mean 'llmc_layer_start'?`` for one or more."""
     if len(names) == 1:
         return f"unknown hook {names[0]!r}{did_you_mean(names[0], HOOK_NAMES)}"
-    parts = []
-    for name in names:
-        match = closest(name, HOOK_NAMES)
-        parts.append(f"{name!r} (did you mean {match!r}?)" if match else repr(name))
-    return f"unknown hooks {', '.join(parts)}"
+    return f"unknown hooks {names_with_closest(names, HOOK_NAMES)}"
 
 
 def validation_text(error: pluggy.PluginValidationError) -> str:
