@@ -22,6 +22,7 @@ __all__ = [
     "SaveError",
     "closest",
     "did_you_mean",
+    "names_with_closest",
     "root_cause_line",
 ]
 
