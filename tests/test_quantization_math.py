@@ -9,8 +9,10 @@ import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs as CTArgs
 from compressed_tensors.quantization import QuantizationScheme as CTScheme
+from compressed_tensors.quantization import preset_name_to_scheme
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES as CT_PRESET_SCHEMES
 from compressed_tensors.quantization.utils import (
     calculate_qparams,
     compute_dynamic_scales_and_zp,
@@ -21,7 +23,9 @@ from hypothesis.extra.numpy import arrays
 
 from llmc.errors import ArgumentError, CalibrationError
 from llmc.quantization import (
+    PRESET_ALIASES,
     PRESET_SCHEMES,
+    UNSUPPORTED_PRESETS,
     QuantizationArgs,
     QuantizationScheme,
     compute_qparams,
@@ -325,9 +329,53 @@ def test_quantization_scheme_static_inputs_raise():
 
 def test_preset_scheme_unknown_raises_with_closest():
     with pytest.raises(
-        ArgumentError, match=r"^unknown quantization scheme 'W4A61'; did you mean 'W4A16'\?$"
+        ArgumentError,
+        match=r"^unknown quantization scheme 'W4A61'; did you mean 'W4A16', 'W8A16' or "
+        r"'W4A16_ASYM'\?$",
     ):
         preset_scheme("W4A61", ["Linear"])
+    with pytest.raises(
+        ArgumentError, match=r"^unknown quantization scheme 'w8a8x'; did you mean 'W8A8'"
+    ):
+        preset_scheme("w8a8x", ["Linear"])
+    with pytest.raises(
+        ArgumentError,
+        match=r"^unknown quantization scheme 'XYZ'; supported presets: INT8, W4A16, "
+        r"W4A16_ASYM, W8A16, W8A8$",
+    ):
+        preset_scheme("XYZ", ["Linear"])
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "mxfp4", "W4AFP8", "FP8_BLOCK", "W3A16"], ids=str)
+def test_preset_scheme_compressed_tensors_name_not_supported_yet(name):
+    """A real compressed-tensors preset is refused as not supported, never as a typo."""
+    with pytest.raises(
+        ArgumentError,
+        match=rf"^quantization scheme '{name.upper()}' is not supported yet; supported presets: "
+        r"INT8, W4A16, W4A16_ASYM, W8A16, W8A8$",
+    ):
+        preset_scheme(name, ["Linear"])
+
+
+def test_preset_names_cover_compressed_tensors_presets():
+    """Every preset of the installed compressed-tensors is either produced or refused by name."""
+    ours = {*PRESET_SCHEMES, *PRESET_ALIASES}
+    assert not ours & set(UNSUPPORTED_PRESETS)
+    assert ours | set(UNSUPPORTED_PRESETS) == set(CT_PRESET_SCHEMES)
+
+
+# compressed-tensors' presets leave the weight observer unset (None means min-max for static
+# weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
+SAME_AS_COMPRESSED_TENSORS = ["W4A16", "W4A16_ASYM", "W8A8", "INT8"]
+
+
+@pytest.mark.parametrize("name", SAME_AS_COMPRESSED_TENSORS, ids=str)
+def test_preset_equals_compressed_tensors_preset(name):
+    ours = CTScheme.model_validate(preset_scheme(name, ["Linear"]).to_config_dict()).model_dump()
+    theirs = preset_name_to_scheme(name, ["Linear"]).model_dump()
+    assert ours["weights"].pop("observer") == "minmax"
+    assert theirs["weights"].pop("observer", None) is None
+    assert ours == theirs
 
 
 def test_preset_scheme_is_case_insensitive_and_sets_targets():

@@ -21,7 +21,9 @@ from llmc.quantization.module import (
 )
 from llmc.quantization.packing import pack_to_int32, packed_size, unpack_from_int32
 from llmc.quantization.scheme import (
+    PRESET_ALIASES,
     PRESET_SCHEMES,
+    UNSUPPORTED_PRESETS,
     QuantizationArgs,
     QuantizationScheme,
     args_from_config_dict,
@@ -31,7 +33,9 @@ from llmc.quantization.scheme import (
 )
 
 __all__ = [
+    "PRESET_ALIASES",
     "PRESET_SCHEMES",
+    "UNSUPPORTED_PRESETS",
     "QuantizationArgs",
     "QuantizationScheme",
     "args_from_config_dict",

@@ -15,6 +15,7 @@ message saying so, instead of producing a checkpoint that fails to load.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,7 +27,9 @@ __all__ = [
     "ACTORDERS",
     "FORMATS",
     "NUM_BITS",
+    "PRESET_ALIASES",
     "PRESET_SCHEMES",
+    "UNSUPPORTED_PRESETS",
     "STRATEGIES",
     "QuantizationArgs",
     "QuantizationScheme",
@@ -402,12 +405,56 @@ PRESET_SCHEMES: dict[str, QuantizationScheme] = {
 }
 
 
+# compressed-tensors' other names for the same schemes.
+PRESET_ALIASES = {"INT8": "W8A8"}
+
+# The presets compressed-tensors 0.20 defines that llmc cannot produce (yet), each with the
+# message it is refused with when there is more to say than "not supported yet; supported
+# presets: ..." (a test keeps the names equal to the installed library's).
+UNSUPPORTED_PRESETS: dict[str, str | None] = {
+    "UNQUANTIZED": (
+        "quantization scheme 'UNQUANTIZED' quantizes nothing; leave the modules out of "
+        "targets or list them in ignore"
+    ),
+    **dict.fromkeys(
+        (
+            "FP8", "FP8_DYNAMIC", "W4AFP8", "FP8_BLOCK", "NVFP4A16", "NVFP4", "MXFP4A16",
+            "MXFP4", "MXFP4XFP8", "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8", "W2A4", "W2A8",
+            "W2A16", "W3A4", "W3A8", "W3A16", "W4A4", "W4A8", "W5A8", "W5A16", "W6A8",
+            "W6A16", "W7A8", "W7A16",
+        )
+    ),
+}
+
+
+def _closest_presets(name: str) -> str:
+    """'; did you mean A, B or C?' from the supported names, or the list of them."""
+    supported = sorted({*PRESET_SCHEMES, *PRESET_ALIASES})
+    matches = [repr(m) for m in difflib.get_close_matches(name, supported, n=3, cutoff=0.5)]
+    if not matches:
+        return f"; supported presets: {', '.join(supported)}"
+    listed = matches[0] if len(matches) == 1 else f"{', '.join(matches[:-1])} or {matches[-1]}"
+    return f"; did you mean {listed}?"
+
+
 def preset_scheme(name: str, targets: Iterable[str] | str = ("Linear",)) -> QuantizationScheme:
-    """The preset scheme called ``name`` (case-insensitive), applied to ``targets``."""
+    """The preset scheme called ``name`` (case-insensitive), applied to ``targets``.
+
+    A name compressed-tensors defines that llmc cannot produce yet (``NVFP4``, ``W4AFP8``, ...)
+    is refused as such, naming the supported presets; any other unknown name gets the closest
+    supported names.
+    """
     key = name.upper() if isinstance(name, str) else name
-    if key not in PRESET_SCHEMES:
+    key = PRESET_ALIASES.get(key, key)
+    if key in PRESET_SCHEMES:
+        return attrs.evolve(PRESET_SCHEMES[key], targets=targets)
+    if key in UNSUPPORTED_PRESETS:
+        supported = ", ".join(sorted({*PRESET_SCHEMES, *PRESET_ALIASES}))
         raise ArgumentError(
-            f"unknown quantization scheme {name!r}{did_you_mean(str(key), PRESET_SCHEMES)}",
+            UNSUPPORTED_PRESETS[key]
+            or f"quantization scheme {key!r} is not supported yet; supported presets: {supported}",
             name="scheme",
         )
-    return attrs.evolve(PRESET_SCHEMES[key], targets=targets)
+    raise ArgumentError(
+        f"unknown quantization scheme {name!r}{_closest_presets(str(key))}", name="scheme"
+    )
