@@ -57,6 +57,7 @@ CASES: dict[str, tuple[str, str | None, str]] = {
     "rtn-w4a16-asym": ("llmc:w4a16_asym", None, "052ef20c8c2a723eba61610b47edb4b18d2a5447dcef960ddbec55fabb6f1a1d"),
     "rtn-w8a16": ("llmc:w8a16", None, "514acee731cfa75d6775eb0a8d6b0c901f6be641ed22864cbed26242dd97b51e"),
     "rtn-w8a8": ("llmc:w8a8", None, "e1ac2c6c65d960c08881149d0055eaf7647c250645c5181bd5dd3340e18dbe6e"),
+    "rtn-fp8-dynamic": ("llmc:fp8_dynamic", None, "6f936097f6516480b7edc581dcb7aa821a2f4b37ea0938ba9e6fddaf36d5dc75"),
     "gptq-w4a16": ("llmc:gptq_w4a16", "gptq", "58ff53e1a02a2ab2a67740707fa8c641e4b0534871b1f113639f2e8cc3b432c8"),
     "gptq-w4a16-true-sequential": (GPTQ_TRUE_SEQUENTIAL, "gptq", "669fcb94b90ba84498a36af0cd751b7ff64433b09898a6788695a368229a376d"),
     "sparsegpt-2of4": ("llmc:sparsegpt_2of4", "sparsity", "51f99ecf6d0ac9b28d066cb6c85f2501799c3095991f6d1dd7398b2e948c793a"),

@@ -45,6 +45,26 @@ SCHEMES = {
     "w4a16-asym-group128": PRESET_SCHEMES["W4A16_ASYM"],
     "w8a16-channel": PRESET_SCHEMES["W8A16"],
     "w8a8-dynamic-token": PRESET_SCHEMES["W8A8"],
+    "fp8-dynamic": PRESET_SCHEMES["FP8_DYNAMIC"],
+    "fp8-tensor-dynamic-tensor": QuantizationScheme(
+        weights=QuantizationArgs(num_bits=8, type="float", strategy="tensor"),
+        input_activations=QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=True),
+    ),
+    "fp8-channel-weight-only": QuantizationScheme(
+        weights=QuantizationArgs(num_bits=8, type="float", strategy="channel")
+    ),
+}
+# compressed-tensors' format inference: int weights with int inputs, int weight-only, FP8 with
+# quantized inputs, and naive-quantized for the rest (FP8 weight-only).
+EXPECTED_FORMAT = {
+    "w4a16-group128": "pack-quantized",
+    "w4a16-channel": "pack-quantized",
+    "w4a16-asym-group128": "pack-quantized",
+    "w8a16-channel": "pack-quantized",
+    "w8a8-dynamic-token": "int-quantized",
+    "fp8-dynamic": "float-quantized",
+    "fp8-tensor-dynamic-tensor": "float-quantized",
+    "fp8-channel-weight-only": "naive-quantized",
 }
 VOCAB = 512
 
@@ -115,9 +135,13 @@ def _expected_tensors(model: nn.Module, *, save_compressed: bool):
         )
         expected[f"{name}.weight_scale"] = (torch.float32, scale_shape)
         del expected[f"{name}.weight"]
+        fp8 = args.type == "float"
         if not save_compressed:
             expected[f"{name}.weight"] = (torch.float32, (rows, cols))
-            expected[f"{name}.weight_zero_point"] = (torch.int8, scale_shape)
+            zero_point_dtype = torch.float8_e4m3fn if fp8 else torch.int8
+            expected[f"{name}.weight_zero_point"] = (zero_point_dtype, scale_shape)
+        elif fp8:  # float-quantized / naive-quantized: one FP8 code per weight, no zero point
+            expected[f"{name}.weight"] = (torch.float8_e4m3fn, (rows, cols))
         elif module.quantization_scheme.input_activations is not None:
             expected[f"{name}.weight"] = (torch.int8, (rows, cols))
         else:
@@ -135,8 +159,9 @@ def _assert_loaded_weights_equal(loaded: nn.Module, model: nn.Module) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
-@pytest.mark.parametrize("scheme", SCHEMES.values(), ids=SCHEMES.keys())
-def test_checkpoint_roundtrip_logits_match(scheme: QuantizationScheme, tmp_path: Path):
+@pytest.mark.parametrize("case", SCHEMES.keys())
+def test_checkpoint_roundtrip_logits_match(case: str, tmp_path: Path):
+    scheme = SCHEMES[case]
     model = _tiny_llama()
     _quantize_all_but_lm_head_(model, scheme)
     expected_logits = _logits(model)
@@ -157,7 +182,7 @@ def test_checkpoint_roundtrip_logits_match(scheme: QuantizationScheme, tmp_path:
     _assert_loaded_weights_equal(loaded, model)
 
     config = json.loads((path / "config.json").read_text())["quantization_config"]
-    fmt = "int-quantized" if scheme.input_activations is not None else "pack-quantized"
+    fmt = EXPECTED_FORMAT[case]
     assert config["format"] == fmt
     assert config["quantization_status"] == "compressed"
     assert config["ignore"] == ["lm_head"]
@@ -166,6 +191,7 @@ def test_checkpoint_roundtrip_logits_match(scheme: QuantizationScheme, tmp_path:
     assert group["targets"] == ["Linear"]
     assert group["format"] == fmt
     assert group["weights"]["num_bits"] == scheme.weights.num_bits
+    assert group["weights"]["type"] == scheme.weights.type
     assert group["weights"]["strategy"] == scheme.weights.strategy
     assert group["weights"]["symmetric"] == scheme.weights.symmetric
     assert (group["input_activations"] is None) == (scheme.input_activations is None)
@@ -191,7 +217,8 @@ def test_checkpoint_asym_loads_without_dequantize(tmp_path: Path):
 
 
 DENSE_SCHEMES = {
-    k: SCHEMES[k] for k in ("w4a16-group128", "w4a16-asym-group128", "w8a8-dynamic-token")
+    k: SCHEMES[k]
+    for k in ("w4a16-group128", "w4a16-asym-group128", "w8a8-dynamic-token", "fp8-dynamic")
 }
 
 
@@ -249,6 +276,41 @@ def test_checkpoint_bf16_int8_roundtrip_logits_match(
     assert torch.equal(logits, expected_logits)
     if save_compressed:
         _assert_loaded_weights_equal(loaded, model)
+
+
+@pytest.mark.parametrize("save_compressed", [True, False], ids=["compressed", "dense"])
+def test_checkpoint_bf16_fp8_roundtrip_logits_equal(save_compressed: bool, tmp_path: Path):
+    """FP8 in bf16 needs no nudging (a code has 4 significant bits): the loaded model computes
+    exactly what the in-memory one does, weights and per-token FP8 inputs alike."""
+    model = _tiny_llama(dtype=torch.bfloat16)
+    _quantize_all_but_lm_head_(model, PRESET_SCHEMES["FP8_DYNAMIC"])
+    expected_logits = _logits(model)
+
+    path = save_checkpoint(model, None, tmp_path / "ckpt", save_compressed=save_compressed)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(_logits(loaded), expected_logits)
+    if save_compressed:
+        _assert_loaded_weights_equal(loaded, model)
+
+
+def test_checkpoint_mixed_fp8_and_int4_is_mixed_precision(tmp_path: Path):
+    model = _tiny_llama()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            quantize_linear_(module, preset_scheme("FP8_DYNAMIC" if "self_attn" in name else "W4A16"))
+    expected_logits = _logits(model)
+
+    path = save_checkpoint(model, None, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in config["config_groups"].values()) == [
+        "float-quantized",
+        "pack-quantized",
+    ]
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert (_logits(loaded) - expected_logits).abs().max().item() < 1e-4
+    _assert_loaded_weights_equal(loaded, model)
 
 
 def test_checkpoint_mixed_schemes_target_exact_names(tmp_path: Path):

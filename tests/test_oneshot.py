@@ -14,7 +14,7 @@ from llmc.testing import build_causal_lm, sample_logits
 pytest.importorskip("compressed_tensors")
 
 
-@pytest.mark.parametrize("recipe", ["w4a16", "w4a16_asym", "w8a16", "w8a8"])
+@pytest.mark.parametrize("recipe", ["w4a16", "w4a16_asym", "w8a16", "w8a8", "fp8_dynamic"])
 def test_oneshot_checkpoint_loads_in_transformers_with_same_logits(tiny_model_dir, tmp_path, recipe):
     import transformers
 

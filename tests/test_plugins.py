@@ -22,7 +22,7 @@ def test_registry_core_modifiers_without_any_plugin():
     plugin, modifier_class = registry.resolve("QuantizationModifier")
     assert plugin == "core"
     assert modifier_class.__name__ == "QuantizationModifier"
-    assert {"w4a16", "w4a16_asym", "w8a16", "w8a8"} <= set(registry.recipes)
+    assert {"w4a16", "w4a16_asym", "w8a16", "w8a8", "fp8_dynamic"} <= set(registry.recipes)
 
 
 def test_registry_third_party_plugin_found_through_entry_point():

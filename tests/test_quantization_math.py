@@ -1,16 +1,22 @@
 """llmc's quantization math must equal compressed-tensors' bit for bit, since transformers and
 vLLM rebuild our checkpoints with compressed-tensors' code; and the scheme classes must refuse
-what cannot be saved with messages that say what to change."""
+what cannot be saved with messages that say what to change.
+
+FP8 codes are compared as their bytes (``_bits``): torch has no ``equal`` for float8 on CPU,
+and the bytes also tell -0 (0x80) from +0."""
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs as CTArgs
 from compressed_tensors.quantization import QuantizationScheme as CTScheme
+from compressed_tensors.quantization import preset_name_to_scheme
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES as CT_PRESET_SCHEMES
 from compressed_tensors.quantization.utils import (
     calculate_qparams,
     compute_dynamic_scales_and_zp,
@@ -21,7 +27,9 @@ from hypothesis.extra.numpy import arrays
 
 from llmc.errors import ArgumentError, CalibrationError
 from llmc.quantization import (
+    PRESET_ALIASES,
     PRESET_SCHEMES,
+    UNSUPPORTED_PRESETS,
     QuantizationArgs,
     QuantizationScheme,
     compute_qparams,
@@ -35,6 +43,17 @@ from llmc.quantization import (
     scheme_from_config_dict,
     schemes_from_config_groups,
 )
+from llmc.quantization.grids import FP8_E4M3, grid_of
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor ``torch.equal`` can compare: FP8 codes as their bytes."""
+    return t.view(torch.uint8) if t.dtype == FP8_E4M3 else t
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """Codes as numbers (FP8 -0 and +0 compare equal)."""
+    return t.to(torch.float32) if t.dtype == FP8_E4M3 else t
 
 
 def _ct_args(args: QuantizationArgs) -> CTArgs:
@@ -75,6 +94,8 @@ ARGS_CASES = {
     ),
     "int3-group64-sym": QuantizationArgs(num_bits=3, strategy="group", group_size=64),
     "int2-group32-sym": QuantizationArgs(num_bits=2, strategy="group", group_size=32),
+    "fp8-tensor": QuantizationArgs(num_bits=8, type="float", strategy="tensor"),
+    "fp8-channel": QuantizationArgs(num_bits=8, type="float", strategy="channel"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,9 +107,9 @@ def test_compute_qparams_equals_compressed_tensors(args: QuantizationArgs, dtype
     scale, zero_point = compute_qparams(W, args)
     ct_scale, ct_zero_point = calculate_qparams(*_ct_minmax(W, args), _ct_args(args))
     assert scale.dtype == dtype == ct_scale.dtype
-    assert zero_point.dtype == torch.int8 == ct_zero_point.dtype
+    assert zero_point.dtype == grid_of(args).zero_point_dtype == ct_zero_point.dtype
     assert torch.equal(scale, ct_scale)
-    assert torch.equal(zero_point, ct_zero_point)
+    assert torch.equal(_bits(zero_point), _bits(ct_zero_point))
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -100,8 +121,9 @@ def test_quantize_and_fake_quantize_equal_compressed_tensors(
     scale, zero_point = compute_qparams(W, args)
     ct_args = _ct_args(args)
     codes = quantize(W, scale, zero_point, args)
-    assert codes.dtype == torch.int8
-    assert torch.equal(codes, ct_quantize(W, scale, zero_point, ct_args, dtype=torch.int8))
+    code_dtype = grid_of(args).code_dtype  # int8, or float8_e4m3fn
+    assert codes.dtype == code_dtype
+    assert torch.equal(_bits(codes), _bits(ct_quantize(W, scale, zero_point, ct_args, dtype=code_dtype)))
     fake = fake_quantize(W, scale, zero_point, args)
     assert fake.dtype == dtype
     assert torch.equal(fake, ct_fake_quantize(W, scale, zero_point, ct_args))
@@ -115,6 +137,8 @@ ACTIVATION_CASES = {
     ),
     "int8-tensor-sym": QuantizationArgs(num_bits=8, strategy="tensor", dynamic=True),
     "int4-group32-sym": QuantizationArgs(num_bits=4, strategy="group", group_size=32, dynamic=True),
+    "fp8-token-sym": QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True),
+    "fp8-tensor-sym": QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=True),
 }
 
 
@@ -155,6 +179,9 @@ PROPERTY_ARGS = [
     for bits in (2, 3, 4, 8)
     for strategy, group in (("tensor", None), ("channel", None), ("group", 16))
     for symmetric in (True, False)
+] + [
+    QuantizationArgs(num_bits=8, type="float", strategy=strategy)
+    for strategy in ("tensor", "channel")
 ]
 
 
@@ -183,22 +210,24 @@ def weights_and_args(draw):
 def test_quantize_codes_lie_in_range(case):
     W, _, args = case
     scale, zero_point = compute_qparams(W, args)
-    codes = quantize(W, scale, zero_point, args)
-    assert int(codes.min()) >= args.q_min and int(codes.max()) <= args.q_max
-    assert int(zero_point.min()) >= args.q_min and int(zero_point.max()) <= args.q_max
+    codes = _values(quantize(W, scale, zero_point, args))
+    zero_point = _values(zero_point)
+    assert codes.min() >= args.q_min and codes.max() <= args.q_max
+    assert zero_point.min() >= args.q_min and zero_point.max() <= args.q_max
 
 
 @settings(max_examples=150, deadline=None)
 @given(weights_and_args())
 def test_fake_quantize_is_idempotent(case):
     W, _, args = case
-    if W.dtype == torch.bfloat16 and args.num_bits == 8:
+    if W.dtype == torch.bfloat16 and args.num_bits == 8 and args.type == "int":
         return  # not a fixed point at the ends of the range: see the bf16 tests below
     scale, zero_point = compute_qparams(W, args)
     once = fake_quantize(W, scale, zero_point, args)
     assert torch.equal(fake_quantize(once, scale, zero_point, args), once)
     assert torch.equal(
-        quantize(once, scale, zero_point, args), quantize(W, scale, zero_point, args)
+        _values(quantize(once, scale, zero_point, args)),
+        _values(quantize(W, scale, zero_point, args)),
     )
 
 
@@ -209,7 +238,7 @@ def test_recover_codes_inverts_fake_quantize_in_every_dtype(case):
     scale, zero_point = compute_qparams(W, args)
     codes = quantize(W, scale, zero_point, args)
     W_hat = fake_quantize(W, scale, zero_point, args)
-    assert torch.equal(recover_codes(W_hat, scale, zero_point, args), codes)
+    assert torch.equal(_bits(recover_codes(W_hat, scale, zero_point, args)), _bits(codes))
 
 
 @settings(max_examples=150, deadline=None)
@@ -219,7 +248,7 @@ def test_loader_stable_weight_requantizes_to_its_codes(case):
     scale, zero_point = compute_qparams(W, args)
     codes = quantize(W, scale, zero_point, args)
     x = loader_stable_weight(codes, scale, zero_point, args, W.dtype)
-    assert torch.equal(quantize(x, scale, zero_point, args), codes)
+    assert torch.equal(_values(quantize(x, scale, zero_point, args)), _values(codes))
     assert torch.equal(
         fake_quantize(x, scale, zero_point, args), fake_quantize(W, scale, zero_point, args)
     )
@@ -263,8 +292,23 @@ def test_fake_quantize_keeps_zero_exact(case):
             r"^'num_bits' must be one of 2, 3, 4, 8 \(got 5\)$",
         ),
         (
-            {"num_bits": 8, "type": "float", "strategy": "channel"},
-            r"^'type' 'float' \(FP8/FP4\) is not supported yet; use type 'int'$",
+            {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 16},
+            r"^'num_bits' 4 with type 'float' \(FP4/FP6: NVFP4, MXFP4\) is not supported yet; "
+            r"type 'float' takes num_bits 8 \(FP8 E4M3\)$",
+        ),
+        (
+            {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": False},
+            r"^type 'float' \(FP8\) must be symmetric: vLLM has no FP8 zero points; set "
+            r"symmetric true$",
+        ),
+        (
+            {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128},
+            r"^type 'float' \(FP8\) supports strategies 'tensor', 'channel', 'token' \(got "
+            r"'group'\); FP8 groups and blocks \(MXFP8, FP8_BLOCK\) are not supported yet$",
+        ),
+        (
+            {"num_bits": 8, "type": "fp8", "strategy": "channel"},
+            r"^'type' must be one of 'int', 'float' \(got 'fp8'\)$",
         ),
         (
             {"num_bits": 4, "strategy": "block"},
@@ -295,7 +339,10 @@ def test_fake_quantize_keeps_zero_exact(case):
     ],
     ids=[
         "num-bits",
-        "float-type",
+        "float-4-bits",
+        "float-asymmetric",
+        "float-group",
+        "type",
         "strategy",
         "group-size-missing",
         "group-size-unexpected",
@@ -325,9 +372,62 @@ def test_quantization_scheme_static_inputs_raise():
 
 def test_preset_scheme_unknown_raises_with_closest():
     with pytest.raises(
-        ArgumentError, match=r"^unknown quantization scheme 'W4A61'; did you mean 'W4A16'\?$"
+        ArgumentError,
+        match=r"^unknown quantization scheme 'W4A61'; did you mean 'W4A16', 'W8A16' or "
+        r"'W4A16_ASYM'\?$",
     ):
         preset_scheme("W4A61", ["Linear"])
+    with pytest.raises(
+        ArgumentError, match=r"^unknown quantization scheme 'fp8_dynamc'; did you mean 'FP8_DYNAMIC'\?$"
+    ):
+        preset_scheme("fp8_dynamc", ["Linear"])
+    with pytest.raises(
+        ArgumentError,
+        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8_DYNAMIC, INT8, W4A16, "
+        r"W4A16_ASYM, W8A16, W8A8$",
+    ):
+        preset_scheme("XYZ", ["Linear"])
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "mxfp4", "W4AFP8", "FP8_BLOCK", "W3A16"], ids=str)
+def test_preset_scheme_compressed_tensors_name_not_supported_yet(name):
+    """A real compressed-tensors preset is refused as not supported, never as a typo."""
+    with pytest.raises(
+        ArgumentError,
+        match=rf"^quantization scheme '{name.upper()}' is not supported yet; supported presets: "
+        r"FP8_DYNAMIC, INT8, W4A16, W4A16_ASYM, W8A16, W8A8$",
+    ):
+        preset_scheme(name, ["Linear"])
+
+
+def test_preset_scheme_fp8_static_needs_observers():
+    with pytest.raises(
+        ArgumentError,
+        match=r"^quantization scheme 'FP8' is not supported yet: its static input_scale needs "
+        r"activation observers run on calibration data, which are coming; use FP8_DYNAMIC",
+    ):
+        preset_scheme("FP8", ["Linear"])
+
+
+def test_preset_names_cover_compressed_tensors_presets():
+    """Every preset of the installed compressed-tensors is either produced or refused by name."""
+    ours = {*PRESET_SCHEMES, *PRESET_ALIASES}
+    assert not ours & set(UNSUPPORTED_PRESETS)
+    assert ours | set(UNSUPPORTED_PRESETS) == set(CT_PRESET_SCHEMES)
+
+
+# compressed-tensors' presets leave the weight observer unset (None means min-max for static
+# weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
+SAME_AS_COMPRESSED_TENSORS = ["FP8_DYNAMIC", "W4A16", "W4A16_ASYM", "W8A8", "INT8"]
+
+
+@pytest.mark.parametrize("name", SAME_AS_COMPRESSED_TENSORS, ids=str)
+def test_preset_equals_compressed_tensors_preset(name):
+    ours = CTScheme.model_validate(preset_scheme(name, ["Linear"]).to_config_dict()).model_dump()
+    theirs = preset_name_to_scheme(name, ["Linear"]).model_dump()
+    assert ours["weights"].pop("observer") == "minmax"
+    assert theirs["weights"].pop("observer", None) is None
+    assert ours == theirs
 
 
 def test_preset_scheme_is_case_insensitive_and_sets_targets():
@@ -386,3 +486,66 @@ def test_scheme_from_config_dict_unknown_key_raises_with_closest():
 def test_schemes_from_config_groups_accepts_preset_names():
     schemes = schemes_from_config_groups({"W8A8": ["Linear"]})
     assert schemes["W8A8"] == PRESET_SCHEMES["W8A8"]
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_scheme_from_config_dict_reads_fp8_weights(strategy):
+    scheme = scheme_from_config_dict(
+        {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True},
+        }
+    )
+    assert scheme.weights == QuantizationArgs(num_bits=8, type="float", strategy=strategy)
+    assert scheme.input_activations is None
+
+
+def test_scheme_from_config_dict_reads_compressed_tensors_fp8_dynamic_group():
+    """The config group compressed-tensors writes for FP8_DYNAMIC reads back as our preset."""
+    entry = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]).model_dump()
+    entry["weights"]["zp_dtype"] = "torch.float8_e4m3fn"  # as written for asymmetric schemes
+    scheme = scheme_from_config_dict(entry)
+    assert scheme.weights == PRESET_SCHEMES["FP8_DYNAMIC"].weights
+    expected_inputs = PRESET_SCHEMES["FP8_DYNAMIC"].input_activations
+    assert scheme.input_activations == attrs.evolve(expected_inputs, observer="minmax")
+
+
+def test_scheme_int_weights_with_fp8_inputs_raise():
+    with pytest.raises(
+        ArgumentError,
+        match=r"^int weights with float input activations \(e.g. W4AFP8\) are not supported yet; "
+        r"give both the same type$",
+    ):
+        QuantizationScheme(
+            weights=QuantizationArgs(num_bits=4, strategy="group", group_size=128),
+            input_activations=QuantizationArgs(
+                num_bits=8, type="float", strategy="token", dynamic=True
+            ),
+        )
+
+
+def test_args_from_config_dict_wrong_fp8_zp_dtype_raises():
+    with pytest.raises(
+        ArgumentError,
+        match=r"^'weights.zp_dtype' must be float8_e4m3fn for FP8 quantization \(got 'torch.int8'\)$",
+    ):
+        scheme_from_config_dict(
+            {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "zp_dtype": "torch.int8"},
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("weights", "fmt"),
+    [
+        ({"num_bits": 8, "type": "float", "strategy": "channel"}, "pack-quantized"),
+        ({"num_bits": 8, "type": "float", "strategy": "channel"}, "int-quantized"),
+        ({"num_bits": 4, "strategy": "group", "group_size": 128}, "float-quantized"),
+    ],
+    ids=["fp8-packed", "fp8-int-quantized", "int4-float-quantized"],
+)
+def test_scheme_format_that_cannot_hold_the_weights_raises(weights, fmt):
+    with pytest.raises(ArgumentError, match=rf"^format '{fmt}' cannot hold \w+ weights; use one of "):
+        scheme_from_config_dict({"targets": ["Linear"], "weights": weights, "format": fmt})

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pluggy
 import pytest
+import torch
 
 from llmc import hookimpl, hookspecs
 from llmc.errors import SaveError
-from llmc.quantization import preset_scheme
+from llmc.quantization import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, preset_scheme
 from llmc.save import (
     FormatWriter,
     plugin_config_entries,
@@ -20,10 +21,35 @@ from llmc.save.formats import format_writer, group_format
 
 @pytest.mark.parametrize(
     ("preset", "save_compressed", "expected"),
-    [("W4A16", True, "pack-quantized"), ("W8A16", True, "pack-quantized"), ("W8A8", True, "int-quantized"), ("W4A16", False, "dense")],
+    [
+        ("W4A16", True, "pack-quantized"),
+        ("W8A16", True, "pack-quantized"),
+        ("W8A8", True, "int-quantized"),
+        ("FP8_DYNAMIC", True, "float-quantized"),
+        ("W4A16", False, "dense"),
+        ("FP8_DYNAMIC", False, "dense"),
+    ],
 )
 def test_format_inferred_from_the_scheme_as_compressed_tensors_does(preset, save_compressed, expected):
     assert group_format(preset_scheme(preset, ["Linear"]), save_compressed=save_compressed) == expected
+
+
+FP8_WEIGHT_ONLY = QuantizationScheme(weights=QuantizationArgs(num_bits=8, type="float", strategy="channel"))
+INFERENCE_CASES = {
+    **{name: scheme for name, scheme in PRESET_SCHEMES.items()},
+    "fp8-weight-only": FP8_WEIGHT_ONLY,
+    "int3-group32": QuantizationScheme(weights=QuantizationArgs(num_bits=3, strategy="group", group_size=32)),
+}
+
+
+@pytest.mark.parametrize("scheme", INFERENCE_CASES.values(), ids=INFERENCE_CASES.keys())
+def test_format_inference_equals_compressed_tensors_infer_module_format(scheme):
+    """The oracle: compressed-tensors' own priority list (FP8 weight-only falls to naive-quantized)."""
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme as CTScheme
+
+    expected = infer_module_format(torch.nn.Linear, CTScheme.model_validate(scheme.to_config_dict()))
+    assert group_format(scheme, save_compressed=True) == expected.value
 
 
 def test_every_format_the_scheme_accepts_has_a_writer():

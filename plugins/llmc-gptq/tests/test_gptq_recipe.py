@@ -82,7 +82,13 @@ def test_gptq_every_problem_reported_at_once(registry):
         ("scheme: W4A16, block_size: 0", r"'block_size' must be a positive integer \(got 0\)"),
         ("scheme: W4A16, dampening_frac: 2", r"'dampening_frac' must be a number between 0 and 1, e.g. 0.01 \(got 2.0\)"),
         ("scheme: W4A16, actorder: sometimes", r"'actorder' must be one of null, 'weight', 'static' \(got 'sometimes'\)"),
-        ("scheme: W5A16", r"unknown quantization scheme 'W5A16'"),
+        ("scheme: W5A61", r"unknown quantization scheme 'W5A61'; did you mean "),
+        ("scheme: W5A16", r"quantization scheme 'W5A16' is not supported yet; supported presets: "),
+        ("scheme: FP8_DYNAMIC", r"GPTQModifier does not support float \(FP8\) weights yet; use QuantizationModifier"),
+        (
+            "config_groups: {g: {targets: [Linear], weights: {num_bits: 8, type: float, strategy: channel}}}",
+            r"GPTQModifier does not support float \(FP8\) weights yet",
+        ),
         ("block_size: 64", r"give exactly one of 'scheme' and 'config_groups'"),
     ],
 )

@@ -216,12 +216,16 @@ class QuantizationRun(RunState):
 
 
 def describe_scheme(scheme: QuantizationScheme) -> str:
-    """A short label such as 'int4 group128 sym' for reports."""
+    """A short label such as 'w:int4 group128 sym' or 'w:fp8 channel sym, a:fp8 token' for reports."""
+
+    def kind(args: Any) -> str:
+        return "fp8" if args.type == "float" else f"int{args.num_bits}"
+
     parts = []
     if scheme.weights is not None:
         w = scheme.weights
         strategy = f"group{w.group_size}" if w.strategy == "group" else w.strategy
-        parts.append(f"w:int{w.num_bits} {strategy} {'sym' if w.symmetric else 'asym'}")
+        parts.append(f"w:{kind(w)} {strategy} {'sym' if w.symmetric else 'asym'}")
     if scheme.input_activations is not None:
-        parts.append(f"a:int{scheme.input_activations.num_bits} {scheme.input_activations.strategy}")
+        parts.append(f"a:{kind(scheme.input_activations)} {scheme.input_activations.strategy}")
     return ", ".join(parts)

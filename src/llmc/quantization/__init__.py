@@ -1,7 +1,9 @@
-"""Integer quantization of Linear weights (and dynamic input activations) in the
-compressed-tensors format: schemes, the exact round-to-nearest math, int32 packing, and the
-in-memory representation of a quantized Linear that algorithms and the saver share."""
+"""Integer and FP8 quantization of Linear weights (and dynamic input activations) in the
+compressed-tensors format: schemes, the grids and the exact round-to-nearest math, int32
+packing, and the in-memory representation of a quantized Linear that algorithms and the saver
+share."""
 
+from llmc.quantization.grids import FP8_E4M3, Grid, grid_of
 from llmc.quantization.math import (
     compute_qparams,
     dequantize,
@@ -21,7 +23,9 @@ from llmc.quantization.module import (
 )
 from llmc.quantization.packing import pack_to_int32, packed_size, unpack_from_int32
 from llmc.quantization.scheme import (
+    PRESET_ALIASES,
     PRESET_SCHEMES,
+    UNSUPPORTED_PRESETS,
     QuantizationArgs,
     QuantizationScheme,
     args_from_config_dict,
@@ -31,7 +35,11 @@ from llmc.quantization.scheme import (
 )
 
 __all__ = [
+    "FP8_E4M3",
+    "PRESET_ALIASES",
     "PRESET_SCHEMES",
+    "UNSUPPORTED_PRESETS",
+    "Grid",
     "QuantizationArgs",
     "QuantizationScheme",
     "args_from_config_dict",
@@ -39,6 +47,7 @@ __all__ = [
     "dequantize",
     "dynamic_activation_fake_quantize",
     "fake_quantize",
+    "grid_of",
     "is_quantized",
     "loader_stable_weight",
     "pack_to_int32",

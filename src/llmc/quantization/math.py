@@ -1,4 +1,5 @@
-"""Round-to-nearest integer quantization, bit for bit as compressed-tensors 0.20 computes it.
+"""Round-to-nearest quantization (integers and FP8 E4M3), bit for bit as compressed-tensors 0.20
+computes it.
 
 A checkpoint is only as good as the agreement between the weights llmc evaluates in memory and
 the weights transformers and vLLM rebuild from it, so every operation here repeats the
@@ -16,6 +17,9 @@ Symbols, for a weight ``W: [rows, cols]`` (rows = out_features, cols = in_featur
   is always exactly representable. Symmetric: ``scale = max(|lo|, |hi|) / ((q_max - q_min) / 2)``
   (4 bits: ``/ 7.5``). Asymmetric: ``scale = (hi - lo) / (q_max - q_min)``,
   ``zero_point = round(clamp(q_min - lo / scale, q_min, q_max))``.
+- FP8 E4M3 (``type: float``, symmetric only): the same formulas on the grid ``[-448, 448]``
+  (``grids.py``), so ``scale = max|W| / 448``; "rounding" is the cast to ``float8_e4m3fn``
+  after clamping, codes are ``float8_e4m3fn`` and the zero point is ``float8_e4m3fn`` zeros.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from llmc.errors import ArgumentError, CalibrationError
+from llmc.quantization.grids import grid_of
 from llmc.quantization.scheme import QuantizationArgs
 
 __all__ = [
@@ -36,7 +41,8 @@ __all__ = [
     "recover_codes",
 ]
 
-# compressed-tensors stores zero points as the smallest integer dtype that holds num_bits.
+# compressed-tensors stores integer zero points as the smallest integer dtype that holds
+# num_bits (FP8 zero points are float8_e4m3fn: ``grid_of(args).zero_point_dtype``).
 ZERO_POINT_DTYPE = torch.int8
 
 
@@ -74,8 +80,16 @@ def _qparams_from_range(
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     dtype = lo.dtype
+    grid = grid_of(args)
     # q_max - q_min as a tensor of the observed dtype, as the reference divides by it.
-    levels = torch.tensor(float(args.q_max - args.q_min)).to(dtype)
+    levels = torch.tensor(float(grid.q_max - grid.q_min)).to(dtype)
+    if grid.is_float:  # symmetric only (QuantizationArgs refuses asymmetric FP8)
+        scale = torch.maximum(lo.abs(), hi.abs()) / (levels / 2)
+        scale = scale.masked_fill(scale == 0, torch.finfo(dtype).eps)
+        zero_point = torch.zeros_like(scale).to(grid.zero_point_dtype)
+        if scale.ndim == 0:
+            scale, zero_point = scale.reshape(1), zero_point.reshape(1)
+        return scale, zero_point
     if args.symmetric:
         scale = torch.maximum(lo.abs(), hi.abs()) / (levels / 2)
         zero_point = torch.zeros_like(scale)
@@ -138,7 +152,7 @@ def _codes_as_float(
     scaled = W / scale  # a new tensor: the rest works in place (same results, a third of the memory traffic)
     if zero_point is not None:
         scaled.add_(zero_point.to(W.dtype))
-    return scaled.clamp_(args.q_min, args.q_max).round_()
+    return grid_of(args).round_(scaled)
 
 
 def _from_codes(
@@ -158,9 +172,10 @@ def quantize(
     zero_point: torch.Tensor | None,
     args: QuantizationArgs,
 ) -> torch.Tensor:
-    """Signed int8 codes of ``W: [rows, cols]``, each in ``[q_min, q_max]``."""
+    """Codes of ``W: [rows, cols]`` in ``[q_min, q_max]``: int8, or float8_e4m3fn for FP8."""
     Wg, scale_g, zero_g = _grouped(W, scale, zero_point, args)
-    return _codes_as_float(Wg, scale_g, zero_g, args).to(torch.int8).reshape(W.shape)
+    codes = _codes_as_float(Wg, scale_g, zero_g, args)
+    return codes.to(grid_of(args).code_dtype).reshape(W.shape)
 
 
 @torch.no_grad()
@@ -196,14 +211,20 @@ def recover_codes(
     zero_point: torch.Tensor | None,
     args: QuantizationArgs,
 ) -> torch.Tensor:
-    """The int8 codes of a weight already on the grid, ``W_hat = (q - zero_point) * scale``.
+    """The codes of a weight already on the grid, ``W_hat = (q - zero_point) * scale``.
 
     ``quantize`` in bfloat16 does not invert ``dequantize`` at the ends of the int8 range: the
     product ``127 * scale`` is rounded to 8 significant bits and dividing it back can land on
     126.5, which rounds to 126. Dividing in float64 leaves an error below 0.25 of a code for
     every dtype with at least 8 significant bits, so rounding recovers ``q`` exactly. Off-grid
     inputs (a solver's float32 result) are rounded to the nearest code.
+
+    FP8 codes keep the sign of zero: the reference turns a small negative weight into the code
+    -0 (``0x80``), whose dequantized value is -0.0; adding the (zero) zero point here would
+    turn it into +0, so it is left out (FP8 is symmetric).
     """
+    if grid_of(args).is_float:
+        zero_point = None
     zero_point = zero_point.to(torch.float64) if zero_point is not None else None
     codes = quantize(W_hat.to(torch.float64), scale.to(torch.float64), zero_point, args)
     return codes
@@ -223,8 +244,21 @@ def loader_stable_weight(
     forward, in the weight's dtype. ``dequantize(codes)`` itself is not always a fixed point of
     that in bfloat16 (see ``recover_codes``), so entries whose codes would move are nudged one
     representable step at a time towards their code until ``quantize(x) == codes``.
+
+    FP8 needs no nudging: a code has 4 significant bits, so ``q * scale`` rounded to bfloat16
+    and divided back stays within 2^-7 of ``q``, far inside half a step of the E4M3 grid.
+    That is checked rather than assumed (values compared, so -0 and +0 agree).
     """
     x = dequantize(codes, scale, zero_point, args, dtype)
+    if grid_of(args).is_float:
+        got = quantize(x, scale, zero_point, args)
+        wrong = got.to(torch.float32) != codes.to(torch.float32)
+        if bool(wrong.any()):
+            raise CalibrationError(
+                f"could not find a {dtype} weight that re-quantizes to its FP8 codes "
+                f"({int(wrong.sum())} entries differ); save with save_compressed=True"
+            )
+        return x
     for _ in range(8):
         got = quantize(x, scale, zero_point, args)
         wrong = got != codes

@@ -2,11 +2,12 @@
 
 A quantized ``nn.Linear`` stays an ``nn.Linear`` whose ``weight`` holds the fake-quantized
 values (``(q - zero_point) * scale``, in the weight's own dtype), plus buffers
-``weight_scale`` and ``weight_zero_point`` (int8, zeros when symmetric) and an attribute
-``quantization_scheme``. Its forward is therefore exactly the forward transformers runs after
-loading the saved checkpoint (which dequantizes to the same values), so evaluation, the next
-layer's calibration inputs and the checkpoint all agree. Dynamic input quantization (W8A8) is a
-forward pre-hook doing what compressed-tensors does in its quantized forward.
+``weight_scale`` and ``weight_zero_point`` (int8, zeros when symmetric; float8_e4m3fn zeros
+for FP8) and an attribute ``quantization_scheme``. Its forward is therefore exactly the forward
+transformers runs after loading the saved checkpoint (which dequantizes to the same values), so
+evaluation, the next layer's calibration inputs and the checkpoint all agree. Dynamic input
+quantization (W8A8's int8, FP8_DYNAMIC's FP8, per token) is a forward pre-hook doing what
+compressed-tensors does in its quantized forward.
 
 Keeping the float weight rather than the codes means solvers (GPTQ, ...) write their result
 once and everything downstream, including ``weight_codes``, recovers the codes exactly.
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from llmc.errors import ArgumentError, CalibrationError
+from llmc.quantization.grids import grid_of
 from llmc.quantization.math import (
     ZERO_POINT_DTYPE,
     compute_qparams,
@@ -66,7 +68,8 @@ def _checked_qparams(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scale`` in the weight's dtype and an int8 ``zero_point``, both checked against the weight.
+    """``scale`` in the weight's dtype and a ``zero_point`` (int8, or float8_e4m3fn zeros for FP8),
+    both checked against the weight.
 
     The checkpoint stores the scale in the weight's dtype (compressed-tensors creates the
     parameter that way), so the in-memory weight must be built from that same scale.
@@ -81,6 +84,15 @@ def _checked_qparams(
         )
     if not scale.dtype.is_floating_point:
         raise CalibrationError(f"scale must be a float tensor (got dtype {scale.dtype})")
+    grid = grid_of(args)
+    if grid.is_float:  # symmetric only: the zero point is all zeros
+        if zero_point is not None and bool(zero_point.to(torch.float32).ne(0).any()):
+            raise CalibrationError(
+                "an FP8 scheme is symmetric and needs an all-zero zero_point (got non-zero "
+                "values); pass zero_point=None"
+            )
+        zeros = torch.zeros(expected, dtype=grid.zero_point_dtype, device=weight.device)
+        return scale.detach().to(device=weight.device, dtype=weight.dtype), zeros
     if zero_point is None:
         if not args.symmetric:
             raise CalibrationError(
@@ -230,7 +242,10 @@ def quantized_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 @torch.no_grad()
 def weight_codes(module: nn.Linear) -> torch.Tensor:
-    """The int8 codes ``q`` of a quantized Linear's weight, recovered exactly from the grid."""
+    """The codes ``q`` of a quantized Linear's weight, recovered exactly from the grid.
+
+    int8, or float8_e4m3fn for FP8 schemes.
+    """
     if not is_quantized(module):
         raise ArgumentError(
             f"module is not quantized (a {type(module).__name__} without quantization_scheme "

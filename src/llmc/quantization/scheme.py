@@ -8,25 +8,31 @@ validation story: every invalid value is an ``ArgumentError`` naming the field, 
 and what was given.
 
 Only what llmc can compute and save exactly is accepted: integer weights of 2, 3, 4 or 8 bits
-with a tensor, channel or group scale, and dynamic integer input activations. Everything else
-compressed-tensors knows (floats, static activation scales, blocks) is refused up front with a
-message saying so, instead of producing a checkpoint that fails to load.
+with a tensor, channel or group scale, FP8 E4M3 weights (``type: float, num_bits: 8``) with a
+tensor or channel scale, and dynamic input activations of the weights' type. Everything else
+compressed-tensors knows (FP4/MXFP, static activation scales, blocks, int weights with float
+activations) is refused up front with a message saying so, instead of producing a checkpoint
+that fails to load.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from llmc.errors import ArgumentError, did_you_mean
+from llmc.quantization.grids import grid_of
 
 __all__ = [
     "ACTORDERS",
     "FORMATS",
     "NUM_BITS",
+    "PRESET_ALIASES",
     "PRESET_SCHEMES",
+    "UNSUPPORTED_PRESETS",
     "STRATEGIES",
     "QuantizationArgs",
     "QuantizationScheme",
@@ -41,7 +47,15 @@ TYPES = ("int", "float")
 STRATEGIES = ("tensor", "channel", "group", "token")
 ACTORDERS = (None, "weight", "group", "static")
 # Formats a group can be saved in; "dense" keeps the fake-quantized float weight.
-FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "dense")
+FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "dense")
+# The formats that can hold each weight type (compressed-tensors' compressors' can_compress).
+_FORMATS_BY_TYPE = {
+    "int": ("pack-quantized", "int-quantized", "naive-quantized", "dense"),
+    "float": ("float-quantized", "naive-quantized", "dense"),
+}
+# Strategies of float (FP8) arguments: static tensor/channel weight scales, dynamic
+# token/tensor input scales.
+FLOAT_STRATEGIES = ("tensor", "channel", "token")
 
 
 def _quote(value: Any) -> str:
@@ -69,14 +83,6 @@ def _is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         )
 
 
-def _check_type(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value == "float":
-        raise ArgumentError(
-            "'type' 'float' (FP8/FP4) is not supported yet; use type 'int'", name="type"
-        )
-    _one_of(TYPES)(instance, attribute, value)
-
-
 def _check_group_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ArgumentError(
@@ -102,7 +108,7 @@ def _canonical_actorder(value: Any) -> Any:
 
 @attrs.frozen(kw_only=True)
 class QuantizationArgs:
-    """How one tensor (a weight, or a Linear's input) is mapped to integers.
+    """How one tensor (a weight, or a Linear's input) is mapped to integers or FP8 values.
 
     The fields and their JSON spelling are those of compressed-tensors' ``QuantizationArgs``.
     ``observer`` only names how static parameters are estimated ("minmax" is what llmc's
@@ -110,7 +116,7 @@ class QuantizationArgs:
     """
 
     num_bits: int = attrs.field(validator=_one_of(NUM_BITS))
-    type: str = attrs.field(default="int", validator=_check_type)
+    type: str = attrs.field(default="int", validator=_one_of(TYPES))
     symmetric: bool = attrs.field(default=True, validator=_is_bool)
     strategy: str = attrs.field(validator=_one_of(STRATEGIES))
     group_size: int | None = attrs.field(default=None, validator=_check_group_size)
@@ -144,16 +150,39 @@ class QuantizationArgs:
                 "(got 'channel')",
                 name="strategy",
             )
+        if self.type == "float":
+            self._check_float()
+
+    def _check_float(self) -> None:
+        if self.num_bits != 8:
+            raise ArgumentError(
+                f"'num_bits' {self.num_bits} with type 'float' (FP4/FP6: NVFP4, MXFP4) is not "
+                f"supported yet; type 'float' takes num_bits 8 (FP8 E4M3)",
+                name="num_bits",
+            )
+        if not self.symmetric:
+            raise ArgumentError(
+                "type 'float' (FP8) must be symmetric: vLLM has no FP8 zero points; set "
+                "symmetric true",
+                name="symmetric",
+            )
+        if self.strategy not in FLOAT_STRATEGIES:
+            listed = ", ".join(repr(s) for s in FLOAT_STRATEGIES)
+            raise ArgumentError(
+                f"type 'float' (FP8) supports strategies {listed} (got {self.strategy!r}); "
+                f"FP8 groups and blocks (MXFP8, FP8_BLOCK) are not supported yet",
+                name="strategy",
+            )
 
     @property
-    def q_min(self) -> int:
-        """Smallest signed code, e.g. -8 for 4 bits."""
-        return -(1 << (self.num_bits - 1))
+    def q_min(self) -> int | float:
+        """Smallest code, e.g. -8 for int4 or -448.0 for FP8 E4M3 (``grids.grid_of``)."""
+        return grid_of(self).q_min
 
     @property
-    def q_max(self) -> int:
-        """Largest signed code, e.g. 7 for 4 bits."""
-        return (1 << (self.num_bits - 1)) - 1
+    def q_max(self) -> int | float:
+        """Largest code, e.g. 7 for int4 or 448.0 for FP8 E4M3."""
+        return grid_of(self).q_max
 
     def to_config_dict(self) -> dict[str, Any]:
         """The JSON object compressed-tensors reads for these arguments."""
@@ -257,6 +286,23 @@ class QuantizationScheme:
         default=None, validator=attrs.validators.optional(_one_of(FORMATS))
     )
 
+    def __attrs_post_init__(self) -> None:
+        inputs = self.input_activations
+        if inputs is not None and inputs.type != self.weights.type:
+            raise ArgumentError(
+                f"{self.weights.type} weights with {inputs.type} input activations (e.g. "
+                f"W4AFP8) are not supported yet; give both the same type",
+                name="input_activations",
+            )
+        allowed = _FORMATS_BY_TYPE[self.weights.type]
+        if self.format is not None and self.format not in allowed:
+            listed = ", ".join(repr(f) for f in allowed)
+            raise ArgumentError(
+                f"format {self.format!r} cannot hold {self.weights.type} weights; use one of "
+                f"{listed} or leave format unset",
+                name="format",
+            )
+
     def to_config_dict(self) -> dict[str, Any]:
         """The ``config_groups`` entry compressed-tensors reads for this scheme."""
         return {
@@ -296,12 +342,15 @@ def args_from_config_dict(entry: Mapping[str, Any], *, where: str = "weights") -
                 raise ArgumentError(
                     f"'{where}.{key}' is not supported (got {given!r}); remove it", name=key
                 )
-    # zp_dtype is implied by num_bits for integer types; compressed-tensors writes it for
-    # asymmetric schemes.
+    # zp_dtype is implied by type and num_bits (int8, or float8_e4m3fn for FP8);
+    # compressed-tensors writes it for asymmetric schemes.
     zp_dtype = values.pop("zp_dtype", None)
-    if zp_dtype not in (None, "torch.int8", "int8"):
+    is_float = str(values.get("type", "int")).lower() == "float"
+    implied = "float8_e4m3fn" if is_float else "int8"
+    if zp_dtype not in (None, f"torch.{implied}", implied):
+        kind = "FP8" if is_float else "integer"
         raise ArgumentError(
-            f"'{where}.zp_dtype' must be int8 for integer quantization (got {zp_dtype!r})",
+            f"'{where}.zp_dtype' must be {implied} for {kind} quantization (got {zp_dtype!r})",
             name="zp_dtype",
         )
     unknown = sorted(set(values) - _ARGS_KEYS)
@@ -387,6 +436,10 @@ def _int_args(num_bits: int, strategy: str, **kwargs: Any) -> QuantizationArgs:
     return QuantizationArgs(num_bits=num_bits, type="int", strategy=strategy, **kwargs)
 
 
+def _fp8_args(strategy: str, **kwargs: Any) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, **kwargs)
+
+
 # The presets of compressed-tensors llmc supports, with its names. W8A16 here is per-channel
 # (compressed-tensors 0.20 makes it group-128); both load the same way.
 PRESET_SCHEMES: dict[str, QuantizationScheme] = {
@@ -399,15 +452,66 @@ PRESET_SCHEMES: dict[str, QuantizationScheme] = {
         weights=_int_args(8, "channel"),
         input_activations=_int_args(8, "token", dynamic=True, observer=None),
     ),
+    "FP8_DYNAMIC": QuantizationScheme(
+        weights=_fp8_args("channel"),
+        input_activations=_fp8_args("token", dynamic=True, observer=None),
+    ),
+}
+# compressed-tensors' other names for the same schemes.
+PRESET_ALIASES = {"INT8": "W8A8"}
+
+# The presets compressed-tensors 0.20 defines that llmc cannot produce (yet), each with the
+# message it is refused with when there is more to say than "not supported yet; supported
+# presets: ..." (a test keeps the names equal to the installed library's).
+UNSUPPORTED_PRESETS: dict[str, str | None] = {
+    "FP8": (
+        "quantization scheme 'FP8' is not supported yet: its static input_scale needs "
+        "activation observers run on calibration data, which are coming; use FP8_DYNAMIC "
+        "(per-token input scales computed at run time)"
+    ),
+    "UNQUANTIZED": (
+        "quantization scheme 'UNQUANTIZED' quantizes nothing; leave the modules out of "
+        "targets or list them in ignore"
+    ),
+    **dict.fromkeys(
+        (
+            "W4AFP8", "FP8_BLOCK", "NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP4XFP8",
+            "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8", "W2A4", "W2A8", "W2A16", "W3A4",
+            "W3A8", "W3A16", "W4A4", "W4A8", "W5A8", "W5A16", "W6A8", "W6A16", "W7A8",
+            "W7A16",
+        )
+    ),
 }
 
 
+def _closest_presets(name: str) -> str:
+    """'; did you mean A, B or C?' from the supported names, or the list of them."""
+    supported = sorted({*PRESET_SCHEMES, *PRESET_ALIASES})
+    matches = [repr(m) for m in difflib.get_close_matches(name, supported, n=3, cutoff=0.5)]
+    if not matches:
+        return f"; supported presets: {', '.join(supported)}"
+    listed = matches[0] if len(matches) == 1 else f"{', '.join(matches[:-1])} or {matches[-1]}"
+    return f"; did you mean {listed}?"
+
+
 def preset_scheme(name: str, targets: Iterable[str] | str = ("Linear",)) -> QuantizationScheme:
-    """The preset scheme called ``name`` (case-insensitive), applied to ``targets``."""
+    """The preset scheme called ``name`` (case-insensitive), applied to ``targets``.
+
+    A name compressed-tensors defines that llmc cannot produce yet (``NVFP4``, ``FP8``, ...)
+    is refused as such, naming the supported presets; any other unknown name gets the closest
+    supported names.
+    """
     key = name.upper() if isinstance(name, str) else name
-    if key not in PRESET_SCHEMES:
+    key = PRESET_ALIASES.get(key, key)
+    if key in PRESET_SCHEMES:
+        return attrs.evolve(PRESET_SCHEMES[key], targets=targets)
+    if key in UNSUPPORTED_PRESETS:
+        supported = ", ".join(sorted({*PRESET_SCHEMES, *PRESET_ALIASES}))
         raise ArgumentError(
-            f"unknown quantization scheme {name!r}{did_you_mean(str(key), PRESET_SCHEMES)}",
+            UNSUPPORTED_PRESETS[key]
+            or f"quantization scheme {key!r} is not supported yet; supported presets: {supported}",
             name="scheme",
         )
-    return attrs.evolve(PRESET_SCHEMES[key], targets=targets)
+    raise ArgumentError(
+        f"unknown quantization scheme {name!r}{_closest_presets(str(key))}", name="scheme"
+    )

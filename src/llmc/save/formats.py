@@ -4,21 +4,28 @@ A format is how a quantized Linear's tensors are laid out in the checkpoint; com
 names it in each config group (``"format": "pack-quantized"``) and its loader picks the matching
 decompressor. Each ``FormatWriter`` knows which schemes it is the natural format for (so a
 scheme without an explicit ``format`` gets the one compressed-tensors itself would infer) and
-which tensors it writes. A new format (``float-quantized`` for FP8, ``nvfp4-pack-quantized``,
-...) is one more ``register_format`` call here, nothing else in the writer changes.
+which tensors it writes. A new format (``nvfp4-pack-quantized``, ``mxfp8-quantized``, ...) is
+one more ``register_format`` call here, nothing else in the writer changes.
 
 What transformers (through compressed-tensors 0.20) and vLLM expect, per format:
 
 - ``pack-quantized`` (integer weights, no activation quantization): ``weight_packed`` int32
   ``[out, ceil(in*b/32)]``, ``weight_scale`` (weight dtype), ``weight_shape`` int64 ``[2]``,
   and for asymmetric group/channel schemes ``weight_zero_point`` packed along dim 0.
-- ``int-quantized`` (W8A8, dynamic int8 inputs) and ``naive-quantized``: int8 ``weight`` +
-  ``weight_scale`` (+ int8 ``weight_zero_point`` when asymmetric).
+- ``int-quantized`` (W8A8, dynamic int8 inputs): int8 ``weight`` + ``weight_scale`` (+ int8
+  ``weight_zero_point`` when asymmetric).
+- ``float-quantized`` (FP8 weights with quantized inputs, e.g. FP8_DYNAMIC): ``weight``
+  float8_e4m3fn ``[out, in]`` + ``weight_scale`` ``[out, 1]`` (channel) or ``[1]`` (tensor),
+  in the weight's dtype; no zero point (FP8 is symmetric).
+- ``naive-quantized``: the same one-code-per-weight layout in the codes' own dtype (int8 or
+  float8_e4m3fn). compressed-tensors falls back to it for every scheme no other format takes,
+  which among llmc's schemes means FP8 weights without input quantization.
 - ``dense`` (``save_compressed=False``, status ``frozen``): a float ``weight``,
-  ``weight_scale`` and always ``weight_zero_point``, because the loader creates a zero point
-  for every non-compressed module and re-applies fake quantization on each forward. The
-  weight is ``loader_stable_weight``: the fake-quantized weight, nudged by one ulp where
-  bfloat16 rounding would otherwise move a code when the loader re-quantizes it.
+  ``weight_scale`` and always ``weight_zero_point`` (int8, or float8_e4m3fn zeros for FP8),
+  because the loader creates a zero point for every non-compressed module and re-applies fake
+  quantization on each forward. The weight is ``loader_stable_weight``: the fake-quantized
+  weight, nudged by one ulp where bfloat16 rounding would otherwise move a code when the
+  loader re-quantizes it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from torch import nn
 
 from llmc.errors import SaveError, did_you_mean
+from llmc.quantization.grids import grid_of
 from llmc.quantization.math import ZERO_POINT_DTYPE, loader_stable_weight
 from llmc.quantization.module import weight_codes
 from llmc.quantization.packing import pack_to_int32
@@ -111,6 +119,14 @@ def _is_int_with_int_inputs(scheme: QuantizationScheme) -> bool:
     return scheme.weights is not None and scheme.weights.type == "int" and inputs is not None and inputs.type == "int"
 
 
+def _is_float_with_inputs(scheme: QuantizationScheme) -> bool:
+    return scheme.weights is not None and scheme.weights.type == "float" and scheme.input_activations is not None
+
+
+def _has_weights(scheme: QuantizationScheme) -> bool:
+    return scheme.weights is not None
+
+
 def _pack_quantized(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     args = module.quantization_scheme.weights
     tensors = {
@@ -126,8 +142,9 @@ def _pack_quantized(module: nn.Linear, save_compressed: bool) -> dict[str, torch
     return tensors
 
 
-def _int8_codes(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
-    """One int8 per weight (``int-quantized``, ``naive-quantized``)."""
+def _unpacked_codes(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
+    """One code per weight, int8 or float8_e4m3fn (``int-quantized``, ``float-quantized``,
+    ``naive-quantized``)."""
     tensors = {"weight_scale": module.weight_scale.detach(), "weight": weight_codes(module)}
     if not module.quantization_scheme.weights.symmetric:
         tensors["weight_zero_point"] = module.weight_zero_point.detach().to(ZERO_POINT_DTYPE)
@@ -137,7 +154,7 @@ def _int8_codes(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Ten
 def _dense(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     args = module.quantization_scheme.weights
     scale = module.weight_scale.detach()
-    zero_point = module.weight_zero_point.detach().to(ZERO_POINT_DTYPE)
+    zero_point = module.weight_zero_point.detach().to(grid_of(args).zero_point_dtype)
     tensors = {"weight_scale": scale}
     if save_compressed:  # compressed status: the loader uses the weight as it is
         tensors["weight"] = module.weight.detach()
@@ -148,8 +165,10 @@ def _dense(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
-# Registration order is inference order (compressed-tensors': quantized inputs first).
-register_format(FormatWriter("int-quantized", _int8_codes, infers=_is_int_with_int_inputs))
+# Registration order is inference order (compressed-tensors' COMPRESSION_FORMAT_PRIORITY:
+# int with int inputs, int weight-only, FP8 with inputs, then naive for whatever is left).
+register_format(FormatWriter("int-quantized", _unpacked_codes, infers=_is_int_with_int_inputs))
 register_format(FormatWriter("pack-quantized", _pack_quantized, infers=_is_int_weight_only))
-register_format(FormatWriter("naive-quantized", _int8_codes))
+register_format(FormatWriter("float-quantized", _unpacked_codes, infers=_is_float_with_inputs))
+register_format(FormatWriter("naive-quantized", _unpacked_codes, infers=_has_weights))
 register_format(FormatWriter(DENSE, _dense))
