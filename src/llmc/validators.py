@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import attrs
@@ -23,13 +23,14 @@ __all__ = [
     "choice_message",
     "is_bool",
     "is_number_in",
+    "is_one_of",
     "is_positive_int",
     "is_target_list",
 ]
 
 
 def _quote(value: Any) -> str:
-    return repr(value)
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def choice_message(name: str, options: Collection[Any], value: Any) -> str:
@@ -71,6 +72,22 @@ def is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ArgumentError(
             f"'{attribute.name}' must be true or false (got {_quote(value)})", name=attribute.name
         )
+
+
+def is_one_of(choices: Iterable[Any]) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """One of ``choices`` (a bool never counts as 0 or 1): *'num_bits' must be one of 2, 3, 4, 8
+    (got 5)*."""
+    choices = tuple(choices)
+    listed = ", ".join(_quote(c) for c in choices)
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices or isinstance(value, bool):
+            raise ArgumentError(
+                f"'{attribute.name}' must be one of {listed} (got {_quote(value)})",
+                name=attribute.name,
+            )
+
+    return check
 
 
 def is_positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

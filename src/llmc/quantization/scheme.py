@@ -25,6 +25,7 @@ import attrs
 
 from llmc.errors import ArgumentError, did_you_mean
 from llmc.quantization.grids import grid_of
+from llmc.validators import is_bool, is_one_of
 
 __all__ = [
     "ACTORDERS",
@@ -62,27 +63,6 @@ def _quote(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _one_of(choices: Iterable[Any]):
-    choices = tuple(choices)
-    listed = ", ".join(_quote(c) for c in choices)
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in choices or isinstance(value, bool):
-            raise ArgumentError(
-                f"'{attribute.name}' must be one of {listed} (got {_quote(value)})",
-                name=attribute.name,
-            )
-
-    return check
-
-
-def _is_bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ArgumentError(
-            f"'{attribute.name}' must be true or false (got {_quote(value)})", name=attribute.name
-        )
-
-
 def _check_group_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ArgumentError(
@@ -98,7 +78,7 @@ def _check_actorder(instance: Any, attribute: attrs.Attribute, value: Any) -> No
             "0.20 no longer loads; use actorder 'weight' (same accuracy gain, no runtime cost)",
             name="actorder",
         )
-    _one_of(ACTORDERS)(instance, attribute, value)
+    is_one_of(ACTORDERS)(instance, attribute, value)
 
 
 def _canonical_actorder(value: Any) -> Any:
@@ -115,12 +95,12 @@ class QuantizationArgs:
     round-to-nearest uses); it is written to the config for the record.
     """
 
-    num_bits: int = attrs.field(validator=_one_of(NUM_BITS))
-    type: str = attrs.field(default="int", validator=_one_of(TYPES))
-    symmetric: bool = attrs.field(default=True, validator=_is_bool)
-    strategy: str = attrs.field(validator=_one_of(STRATEGIES))
+    num_bits: int = attrs.field(validator=is_one_of(NUM_BITS))
+    type: str = attrs.field(default="int", validator=is_one_of(TYPES))
+    symmetric: bool = attrs.field(default=True, validator=is_bool)
+    strategy: str = attrs.field(validator=is_one_of(STRATEGIES))
     group_size: int | None = attrs.field(default=None, validator=_check_group_size)
-    dynamic: bool = attrs.field(default=False, validator=_is_bool)
+    dynamic: bool = attrs.field(default=False, validator=is_bool)
     actorder: str | None = attrs.field(
         default=None, converter=_canonical_actorder, validator=_check_actorder
     )
@@ -283,7 +263,7 @@ class QuantizationScheme:
     )
     output_activations: None = attrs.field(default=None, validator=_no_outputs)
     format: str | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_one_of(FORMATS))
+        default=None, validator=attrs.validators.optional(is_one_of(FORMATS))
     )
 
     def __attrs_post_init__(self) -> None:
