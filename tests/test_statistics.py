@@ -15,6 +15,7 @@ from llmc.statistics import (
     StatisticsPass,
     calibration_stages,
     real_tokens,
+    same_tensor,
 )
 
 
@@ -57,6 +58,15 @@ def test_real_tokens_drops_padding_only_when_the_mask_fits():
     assert real_tokens(x, mask).shape == (3, 4)
     assert real_tokens(x, None).shape == (6, 4)
     assert real_tokens(x[:1], mask).shape == (3, 4)  # a routed subset: the mask cannot name its tokens
+
+
+def test_empty_inputs_are_the_same_tensor_only_when_they_are_one_object():
+    # two MoE experts that no token reached get distinct empty inputs at the same address
+    a, b = torch.empty(0, 8), torch.empty(0, 8)
+    assert a.data_ptr() == b.data_ptr() and not same_tensor(a, b)
+    assert same_tensor(a, a)
+    x = torch.randn(4, 8)
+    assert same_tensor(x, x.view(4, 8)) and not same_tensor(x, x.clone())
 
 
 def test_hessian_is_a_statistic_and_merging_parts_equals_the_whole():

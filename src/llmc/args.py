@@ -101,6 +101,15 @@ class ModelArguments:
             "Hessians and the checkpoint keep their dtype"
         ),
     )
+    moe_calibrate_all_experts: bool = attrs.field(
+        default=True,
+        metadata=_help(
+            "in calibration passes, run every token through every expert of a mixture-of-experts "
+            "layer, so each expert is calibrated on all tokens (the layer output still uses only "
+            "the routed experts); off calibrates each expert on the tokens routed to it, and an "
+            "expert no token reaches is handled by each modifier's fallback"
+        ),
+    )
     device: str | None = attrs.field(
         default=None,
         metadata=_help("device for calibration (default: the model's, else cuda if present, else cpu)"),

@@ -16,6 +16,9 @@ Llama, Qwen, Mistral, Gemma, Phi, BERT and most others::
 
 The inputs of a block are kept per batch as the positional and keyword arguments the model
 passed to it (hidden states, attention mask, rotary embeddings...), so any block signature works.
+In the calibration passes (never the propagation passes) the unfused experts of an MoE block
+(``llmc.moe``) run in calibration mode: every expert on each batch, on every token with
+``calibrate_all_experts``; the tokens routed to each expert go into its modules' report rows.
 
 When a run fails (a modifier or a forward raises, or the user interrupts it), the pipeline
 removes every forward and backward hook (and pre-hook) that was added to the model's modules
@@ -45,6 +48,7 @@ from tqdm.auto import tqdm
 from llmc import hookspecs
 from llmc.context import RunContext
 from llmc.errors import CalibrationError, PluginError
+from llmc.moe import experts_calibration, record_routed_tokens
 from llmc.plugins import check_hooks, trace_hook_calls, validation_text
 from llmc.targets import is_match
 from llmc.torch_hooks import hook_ids, remove_hooks_added_since
@@ -196,7 +200,9 @@ class LayerwisePipeline:
     """Runs the calibration data through the model one block at a time (see module docstring).
 
     ``storage_device`` holds the block inputs between blocks (CPU by default, so activations
-    for many samples never sit on the accelerator).
+    for many samples never sit on the accelerator). ``calibrate_all_experts``: in calibration
+    passes the unfused experts of an MoE block (``llmc.moe``) compute on every token, so each
+    expert is calibrated on all of them; the block's output still uses only the routed experts.
     """
 
     model: torch.nn.Module
@@ -205,6 +211,7 @@ class LayerwisePipeline:
     sequential_targets: Sequence[str] | None = None
     storage_device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     show_progress: bool = True
+    calibrate_all_experts: bool = True
     timings: dict[str, float] = attrs.field(factory=dict)
 
     def run(self, batches: Sequence[dict[str, torch.Tensor]] | None) -> None:
@@ -238,7 +245,9 @@ class LayerwisePipeline:
                 wants_data = any(hook.llmc_layer_start(context=self.context, layer_name=name, layer=block))
                 if wants_data:
                     self.context.forward_layer()
+                first_row = len(self.context.report)
                 hook.llmc_layer_end(context=self.context, layer_name=name, layer=block)
+                record_routed_tokens(self.context.report[first_row:], name, block)
                 self.context.forward_layer = None
                 if inputs is not None and name != blocks[-1][0]:
                     with self._compute_precision():
@@ -260,7 +269,10 @@ class LayerwisePipeline:
                     "pass dataset=... (for example 'llmc:stdlib-docs')",
                     module=name,
                 )
-            with self._compute_precision():
+            with self._compute_precision(), experts_calibration(
+                block, all_experts=self.calibrate_all_experts,
+                attention_mask=lambda: self.context.attention_mask,
+            ):
                 for _ in self._forward(block, inputs, stoppable=True):
                     pass
 

@@ -79,8 +79,10 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``x`` as ``[tokens, features]`` without its padded positions.
 
     ``mask`` is the batch's attention mask (``[batch, seq]``, 1 = real token); it applies when it
-    has one entry per token of ``x`` (a Linear inside an MoE expert sees a routed subset, whose
-    tokens the mask cannot name, and is taken whole).
+    has one entry per token of ``x``. An MoE expert's Linear sees all tokens of the batch when
+    every expert is calibrated on every token (``llmc.moe``), and the mask applies; with routed
+    calibration it sees the tokens routed to it in ascending order, a subset the mask cannot
+    name, taken whole (padding included) unless it is every token, in order.
     """
     x = x.reshape(-1, x.shape[-1])  # [tokens, features]
     if mask is not None and mask.numel() == x.shape[0] and not bool(mask.all()):
@@ -90,11 +92,16 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
     """Whether ``a`` and ``b`` are the same values in the same memory (the same object, or a
-    view of it with the same layout), so a statistic of one is a statistic of the other."""
+    view of it with the same layout), so a statistic of one is a statistic of the other.
+
+    Empty tensors hold no memory (their addresses coincide), so two of them are the same only
+    when they are one object: the inputs of two MoE experts that no token reached are not.
+    """
     if b is None:
         return False
     return a is b or (
-        a.device == b.device
+        a.numel() > 0
+        and a.device == b.device
         and a.data_ptr() == b.data_ptr()
         and a.shape == b.shape
         and a.stride() == b.stride()

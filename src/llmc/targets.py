@@ -3,6 +3,11 @@
 Targets and ignore lists use the forms llm-compressor users know: a class name (``Linear``),
 an exact module name (``lm_head``, ``model.layers.0.mlp.down_proj``), or a regular expression
 prefixed with ``re:`` matched against the full module name (``re:.*mlp.*``).
+
+A class name never selects a module marked as a router (``mark_router_``: the Linears that
+route tokens to an MoE block's experts, such as Qwen2-MoE's ``shared_expert_gate``), so
+``targets: [Linear]`` leaves routers alone as llm-compressor's MoE recipes do with ``ignore:
+["re:.*mlp.gate$"]``; a module name or a regular expression still selects one.
 """
 
 from __future__ import annotations
@@ -13,7 +18,20 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["is_match", "match_modules"]
+__all__ = ["is_match", "is_router", "mark_router_", "match_modules"]
+
+# Set on the Linears that route tokens to experts (``llmc.moe``).
+ROUTER = "_llmc_router"
+
+
+def mark_router_(module: torch.nn.Module) -> None:
+    """Mark ``module`` as a router: class-name targets pass over it."""
+    setattr(module, ROUTER, True)
+
+
+def is_router(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was marked by ``mark_router_``."""
+    return bool(getattr(module, ROUTER, False))
 
 
 @lru_cache(maxsize=256)
@@ -24,7 +42,9 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 def _matches_one(name: str, module: torch.nn.Module, target: str) -> bool:
     if target.startswith("re:"):
         return _compiled(target[3:]).fullmatch(name) is not None
-    return target == name or target == type(module).__name__
+    if target == name:
+        return True
+    return target == type(module).__name__ and not is_router(module)
 
 
 def is_match(name: str, module: torch.nn.Module, targets: Iterable[str]) -> bool:

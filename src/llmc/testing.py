@@ -19,10 +19,13 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "MOE_KINDS",
     "SAMPLE_TEXT",
     "build_causal_lm",
+    "build_moe_lm",
     "build_tokenizer",
     "correlated_inputs",
+    "never_route_to",
     "sample_logits",
     "save_tiny_model",
     "write_text_file",
@@ -87,13 +90,91 @@ def build_causal_lm(
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3")
+
+
+def build_moe_lm(
+    kind: str = "qwen3_moe",
+    *,
+    hidden: int = 64,
+    experts: int = 8,
+    expert_width: int = 32,
+    top_k: int = 2,
+    layers: int = 2,
+    vocab: int = 320,
+    seed: int = 0,
+):
+    """A seeded random mixture-of-experts decoder (one of ``MOE_KINDS``) with fused experts.
+
+    As transformers 5 builds them: ``experts`` experts of width ``expert_width``, ``top_k`` per
+    token, in every layer (DeepSeek-V3: after a first dense layer, with one shared expert, as
+    Qwen2-MoE has its own). The default widths (64, 32) fit group size 16 or 32, not 128.
+    """
+    import transformers
+
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        max_position_embeddings=256, tie_word_embeddings=False, num_experts_per_tok=top_k,
+        bos_token_id=0, eos_token_id=1, pad_token_id=3,
+    )
+    if kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, num_key_value_heads=2, head_dim=hidden // 4, intermediate_size=2 * hidden,
+            moe_intermediate_size=expert_width, num_experts=experts,
+        )
+    elif kind == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            **common, num_key_value_heads=2, intermediate_size=2 * hidden,
+            moe_intermediate_size=expert_width, shared_expert_intermediate_size=2 * expert_width,
+            num_experts=experts,
+        )
+    elif kind == "mixtral":
+        config = transformers.MixtralConfig(
+            **common, num_key_value_heads=2, intermediate_size=expert_width, num_local_experts=experts,
+        )
+    elif kind == "deepseek_v3":
+        config = transformers.DeepseekV3Config(
+            **common, num_key_value_heads=4, intermediate_size=2 * hidden,
+            moe_intermediate_size=expert_width, n_routed_experts=experts, n_shared_experts=1,
+            n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=hidden // 2,
+            kv_lora_rank=hidden // 2, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+        )
+    else:
+        raise ValueError(f"kind must be one of {', '.join(MOE_KINDS)} (got {kind!r})")
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def never_route_to(model, expert: int) -> list:
+    """Make the routers of a ``build_moe_lm`` model never choose ``expert``: a forward hook on
+    each ``mlp.gate`` gives that top-k slot to the lowest-numbered expert the token has not
+    chosen (routing weights unchanged). Returns the hook handles, to ``remove()`` them.
+    """
+
+    def reroute(module, args, output):
+        logits, weights, index = output
+        index = index.clone()
+        for row in index:  # [top_k] experts of one token
+            if bool((row == expert).any()):
+                free = next(e for e in range(logits.shape[-1]) if e != expert and not bool((row == e).any()))
+                row[row == expert] = free
+        return logits, weights, index
+
+    return [
+        module.register_forward_hook(reroute)
+        for name, module in model.named_modules()
+        if name.endswith("mlp.gate")
+    ]
+
+
 def save_tiny_model(path: str | Path, tokenizer=None, kind: str = "llama") -> Path:
-    """Save a ``build_causal_lm`` model and its tokenizer to ``path``, loadable like a checkpoint.
+    """Save a ``build_causal_lm`` model (``build_moe_lm`` for a kind in ``MOE_KINDS``) and its
+    tokenizer to ``path``, loadable like a checkpoint.
 
     Tests that pass a model by path exercise the loading code a user's run goes through.
     """
     path = Path(path)
-    build_causal_lm(kind).save_pretrained(path)
+    (build_moe_lm(kind) if kind in MOE_KINDS else build_causal_lm(kind)).save_pretrained(path)
     (tokenizer if tokenizer is not None else build_tokenizer()).save_pretrained(path)
     return path
 

@@ -1,8 +1,9 @@
 """``oneshot``: calibrate and compress a model in one pass, no training.
 
 The whole data flow, top to bottom: arguments → recipe (validated before anything heavy) →
-output directory check → model and tokenizer → calibration data (only if a modifier needs it) →
-layer-by-layer calibration with the recipe's modifiers → report → checkpoint.
+output directory check → model (fused MoE experts unfused into Linears, ``llmc.moe``) and
+tokenizer → calibration data (only if a modifier needs it) → layer-by-layer calibration with the
+recipe's modifiers → report → checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llmc.context import RunContext
 from llmc.data import load_calibration_data, make_batches, padding_token_id
 from llmc.entrypoints.stages import ONESHOT, check_stage_kinds, run_oneshot_stage, write_results
 from llmc.models import calibration_dtype, load_model, load_tokenizer
+from llmc.moe import unfuse_experts_
 from llmc.plugins import load_registry
 from llmc.recipe import Recipe, load_recipe
 from llmc.save import check_output_dir
@@ -61,8 +63,10 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
     logger.info("recipe: %s", ", ".join(f"{e.plugin}.{e.name}" for e in recipe.modifiers))
 
-    # 2. Model, tokenizer and, when a modifier needs them, calibration batches.
+    # 2. Model (fused MoE experts become per-expert Linears), tokenizer and, when a modifier
+    #    needs them, calibration batches.
     model = load_model(model_args)
+    unfuse_experts_(model)
     tokenizer = load_tokenizer(model_args, model)
     batches = None
     if recipe.requires_calibration_data:
@@ -81,7 +85,10 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         compute_dtype=calibration_dtype(model_args, model),
     )
     for stage in recipe.stages:
-        run_oneshot_stage(stage, model, context, batches, data_args.sequential_targets)
+        run_oneshot_stage(
+            stage, model, context, batches, data_args.sequential_targets,
+            calibrate_all_experts=model_args.moe_calibrate_all_experts,
+        )
 
     # 4. The report and the checkpoint.
     report, output_dir = write_results(

@@ -74,8 +74,11 @@ def run_oneshot_stage(
     context: RunContext,
     batches: Sequence[dict[str, torch.Tensor]] | None,
     sequential_targets: Sequence[str] | None,
+    *,
+    calibrate_all_experts: bool = True,
 ) -> None:
-    """The stage's modifiers over the model, one block at a time."""
+    """The stage's modifiers over the model, one block at a time (``calibrate_all_experts``: see
+    ``LayerwisePipeline``)."""
     run_states = [entry.modifier.start(context) for entry in stage.modifiers]
     logger.info("stage %s (oneshot): %d modifiers", stage.name, len(run_states))
     pipeline = LayerwisePipeline(
@@ -83,6 +86,7 @@ def run_oneshot_stage(
         context=context,
         lifecycle=make_lifecycle(run_states),
         sequential_targets=sequential_targets,
+        calibrate_all_experts=calibrate_all_experts,
     )
     pipeline.run(batches)
 

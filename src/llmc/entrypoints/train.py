@@ -36,6 +36,7 @@ from llmc.entrypoints.oneshot import OneshotResult
 from llmc.entrypoints.stages import TRAIN, check_stage_kinds, run_oneshot_stage, write_results
 from llmc.errors import DataError
 from llmc.models import calibration_dtype, load_model, load_tokenizer
+from llmc.moe import unfuse_experts_
 from llmc.pipeline import make_lifecycle
 from llmc.plugins import load_registry
 from llmc.recipe import Recipe, RecipeStage, load_recipe
@@ -74,8 +75,10 @@ def train(**kwargs: Any) -> TrainResult:
     if output_args.output_dir is not None:
         check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
 
-    # 2. Model, tokenizer, training samples, and calibration batches for one-shot stages.
+    # 2. Model (fused MoE experts unfused into Linears), tokenizer, training samples, and
+    #    calibration batches for one-shot stages.
     model = load_model(model_args)
+    unfuse_experts_(model)
     tokenizer = load_tokenizer(model_args, model)
     pad_id = padding_token_id(tokenizer)
     train_samples = _training_samples(data_args, train_args, tokenizer, model_args.cache_dir)
@@ -97,7 +100,10 @@ def train(**kwargs: Any) -> TrainResult:
         if kind == TRAIN:
             losses += _train_stage(stage, model, context, train_samples, pad_id, train_args, data_args.seed)
         else:
-            run_oneshot_stage(stage, model, context, calibration, data_args.sequential_targets)
+            run_oneshot_stage(
+                stage, model, context, calibration, data_args.sequential_targets,
+                calibrate_all_experts=model_args.moe_calibrate_all_experts,
+            )
 
     # 4. The report and the checkpoint.
     report, output_dir = write_results(

@@ -249,7 +249,11 @@ def _revert_weight_renaming(
 ) -> dict[str, torch.Tensor]:
     """Undo transformers' load-time weight conversions, as ``save_pretrained`` does.
 
-    The quantized modules' keys must come out unchanged, since the config names them.
+    The keys come out as the model's checkpoints name them (Mixtral's ``mlp`` back to
+    ``block_sparse_moe``; an MoE's experts are already per-expert Linears, ``llmc.moe``, so no
+    fused tensor is split here). The quantized modules' tensors (``kept``) may be renamed but
+    must come out unchanged, since the loader reads them as they are: one merged or split by a
+    conversion is an error.
     """
     try:
         from transformers import PreTrainedModel
@@ -262,11 +266,12 @@ def _revert_weight_renaming(
     if reverted is state:
         return state
     reverted = dict(reverted)
-    missing = sorted(kept - set(reverted))
-    if missing:
+    written = {id(tensor) for tensor in reverted.values()}
+    converted = sorted(key for key in kept if id(state[key]) not in written)
+    if converted:
         raise SaveError(
-            f"transformers renames weights of this model on save, including the quantized "
-            f"{missing[0]}; saving quantized modules of such models is not supported yet"
+            f"transformers converts weights of this model on save, including the quantized "
+            f"{converted[0]}; saving quantized modules of such models is not supported yet"
         )
     return reverted
 

@@ -1,0 +1,97 @@
+"""GPTQ on mixture-of-experts models: every expert gets a Hessian (all-experts calibration), an
+expert no token reaches is rounded to nearest, and the checkpoint loads with the same logits."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from llmc import oneshot
+from llmc.testing import build_moe_lm, never_route_to, sample_logits, save_tiny_model
+
+pytest.importorskip("compressed_tensors")
+
+GPTQ_W4_GROUP16 = """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: [lm_head]
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
+"""
+EXPERTS = 8
+
+
+def _expert_rows(report: dict) -> dict[tuple[str, int], list[dict]]:
+    """The report rows of expert modules, by (MoE block, expert)."""
+    rows = defaultdict(list)
+    for row in report["modules"]:
+        block, found, rest = row["module"].partition(".experts.")
+        if found:
+            rows[(block, int(rest.partition(".")[0]))].append(row)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_gptq_calibrates_every_expert_and_the_checkpoint_loads_with_the_same_logits(
+    kind, tmp_path, tokenizer, text_file
+):
+    model_dir = save_tiny_model(tmp_path / kind, tokenizer, kind=kind)
+    result = oneshot(
+        model=str(model_dir), recipe=GPTQ_W4_GROUP16, dataset=str(text_file), num_calibration_samples=8,
+        batch_size=4, output_dir=str(tmp_path / "out"),
+    )
+    rows = _expert_rows(result.report)
+    assert len(rows) == 2 * EXPERTS and all(len(module_rows) == 3 for module_rows in rows.values())
+    routed = defaultdict(int)
+    tokens = defaultdict(set)
+    for (block, _), module_rows in rows.items():
+        assert all(row["tokens"] > 0 and "method" not in row for row in module_rows)  # a Hessian each
+        tokens[block] |= {row["tokens"] for row in module_rows}
+        routed[block] += module_rows[0]["routed_tokens"]
+    attention = {row["module"]: row["tokens"] for row in result.report["modules"] if "q_proj" in row["module"]}
+    for block in routed:  # model.layers.N.mlp
+        real = attention[f"{block.rpartition('.')[0]}.self_attn.q_proj"]
+        assert tokens[block] == {real}  # each expert saw every real token (padding left out) ...
+        assert routed[block] == 2 * real  # ... and two experts were routed each
+    with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
+        scales = [checkpoint.get_tensor(key) for key in checkpoint.keys() if key.endswith("weight_scale")]
+        quantized = sum(
+            math.prod(checkpoint.get_tensor(key).tolist()) for key in checkpoint.keys() if key.endswith("weight_shape")
+        )
+    assert all(torch.isfinite(scale).all() for scale in scales)
+    expected = sum(
+        module.weight.numel() for name, module in result.model.model.layers.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    assert quantized == expected  # every decoder Linear, experts included
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    ours = sample_logits(result.model, result.tokenizer)
+    torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_routed_calibration_rounds_an_expert_no_token_reaches(tokenizer, text_file, caplog):
+    model = build_moe_lm("qwen3_moe")  # a model object, unfused by oneshot as a path would be
+    never_route_to(model, 7)
+    with caplog.at_level(logging.WARNING, logger="llmc.gptq"):
+        result = oneshot(
+            model=model, tokenizer=tokenizer, recipe=GPTQ_W4_GROUP16, dataset=str(text_file),
+            num_calibration_samples=4, moe_calibrate_all_experts=False,
+        )
+    rows = _expert_rows(result.report)
+    for (_, expert), module_rows in rows.items():
+        if expert == 7:
+            assert all(row["method"] == "round-to-nearest" and row["routed_tokens"] == 0 for row in module_rows)
+        else:  # calibrated on the tokens routed to it (no padding with batch_size 1)
+            assert all(row["tokens"] == row["routed_tokens"] > 0 for row in module_rows)
+    assert "model.layers.1.mlp.experts.7.down_proj received no calibration tokens" in caplog.text
+    weights = [module.weight_scale for module in result.model.modules() if hasattr(module, "weight_scale")]
+    assert all(torch.isfinite(scale).all() for scale in weights)
