@@ -27,6 +27,7 @@ __all__ = [
     "OutputArguments",
     "PRECISIONS",
     "RecipeArguments",
+    "SELF_TEACHER",
     "TRAIN_ARGUMENT_CLASSES",
     "TrainingArguments",
     "parse_arguments",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+SELF_TEACHER = "self"
 
 
 def _help(text: str, *, cli: bool = True, cli_type: str | None = None) -> dict[str, Any]:
@@ -119,6 +121,21 @@ class ModelArguments:
     save_compressed: bool = attrs.field(
         default=True,
         metadata=_help("pack quantized weights (compressed-tensors); off writes dense fake-quantized weights"),
+    )
+    distill_teacher: Any = attrs.field(
+        default=None,
+        converter=_path_or_none,
+        validator=_model_like,
+        metadata=_help(
+            "teacher of a distillation modifier (train): a local directory, a hub name, (from "
+            f"Python) a loaded model, or {SELF_TEACHER!r}: a frozen copy of the model before the "
+            "recipe's first stage",
+            cli_type="str",
+        ),
+    )
+    distill_teacher_device: str | None = attrs.field(
+        default=None,
+        metadata=_help("device the teacher runs on (default: the model's), e.g. 'cpu' or 'cuda:1'"),
     )
 
 

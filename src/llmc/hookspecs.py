@@ -172,10 +172,15 @@ def llmc_train_batch_start(context: RunContext, step: int) -> None:
 def llmc_train_loss(
     context: RunContext, step: int, batch: dict[str, torch.Tensor], outputs: object, loss: torch.Tensor
 ) -> torch.Tensor | None:
-    """The student's forward pass is done; return a term to *add* to ``loss``, or None.
+    """The student's forward pass on one micro-batch is done; return a term to *add* to ``loss``, or None.
 
-    ``outputs`` is the model output (with ``logits``); distillation returns its weighted KD
-    loss here. Every returned term is added to the task loss before the backward pass.
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (-100 at padding);
+    ``outputs`` is the model output (with ``logits``); ``loss`` is the task loss (the mean over
+    the micro-batch's labelled tokens), the same tensor for every modifier. Every returned term
+    is added to it before the backward pass (and, like it, divided by the accumulation steps).
+    Distillation returns its weighted loss here. To weigh the task loss itself (distillation's
+    ``orig_scale``), include ``(scale - 1) * loss`` in the term: the total is then
+    ``scale * loss + ...``; such weights add up across modifiers.
     """
 
 

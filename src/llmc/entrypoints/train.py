@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
-from llmc.args import TRAIN_ARGUMENT_CLASSES, DatasetArguments, TrainingArguments, parse_arguments
+from llmc.args import (
+    SELF_TEACHER,
+    TRAIN_ARGUMENT_CLASSES,
+    DatasetArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse_arguments,
+)
 from llmc.context import RunContext
 from llmc.data import (
     load_calibration_data,
@@ -29,7 +37,13 @@ from llmc.data import (
 from llmc.entrypoints.oneshot import OneshotResult
 from llmc.entrypoints.stages import TRAIN, check_stage_kinds, run_oneshot_stage, write_results
 from llmc.errors import ArgumentError, DataError
-from llmc.models import calibration_dtype, load_model, load_tokenizer
+from llmc.models import (
+    TeacherSource,
+    calibration_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from llmc.pipeline import make_lifecycle
 from llmc.plugins import load_registry
 from llmc.recipe import Recipe, RecipeStage, load_recipe
@@ -63,6 +77,7 @@ def train(**kwargs: Any) -> TrainResult:
             recipe_args.recipe, registry, recipe_args=recipe_args.recipe_args, stage=recipe_args.stage
         )
     kinds = check_stage_kinds(recipe, TRAIN)
+    needs_teacher = _check_teacher(recipe, model_args)
     output_dir = None
     if output_args.output_dir is not None:
         output_dir = check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
@@ -86,15 +101,16 @@ def train(**kwargs: Any) -> TrainResult:
             samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
             calibration = make_batches(samples, data_args.batch_size, pad_id)
 
-        # 3. The stages, in recipe order.
+        # 3. The stages, in recipe order (a "self" teacher is copied before the first).
         context = RunContext(
             model=model,
             device=next(model.parameters()).device,
             tokenizer=tokenizer,
             compute_dtype=calibration_dtype(model_args, model),
+            teacher=TeacherSource.for_run(model_args, model) if needs_teacher else None,
         )
         losses: list[float] = []
-        for stage, kind in zip(recipe.stages, kinds):
+        for index, (stage, kind) in enumerate(zip(recipe.stages, kinds)):
             if kind == TRAIN:
                 losses += _train_stage(
                     stage, model, context, train_samples, pad_id, train_args,
@@ -103,6 +119,9 @@ def train(**kwargs: Any) -> TrainResult:
                 )
             else:
                 run_oneshot_stage(stage, model, context, calibration, data_args.sequential_targets)
+            if context.teacher is not None and not _uses_teacher(recipe.stages[index + 1 :]):
+                context.teacher.release()
+                context.teacher = None
 
         # 4. The report and the checkpoint.
         report, saved_to = write_results(
@@ -133,6 +152,49 @@ def _training_samples(
     samples = tokenize_calibration_data(raw, tokenizer, attrs.evolve(data_args, num_calibration_samples=wanted))
     logger.info("training data: %d samples of at most %d tokens", len(samples), data_args.max_seq_length)
     return samples
+
+
+def _uses_teacher(stages: Sequence[RecipeStage]) -> bool:
+    return any(type(entry.modifier).requires_teacher for stage in stages for entry in stage.modifiers)
+
+
+def _check_teacher(recipe: Recipe, model_args: ModelArguments) -> bool:
+    """Whether the recipe distils; without a usable ``distill_teacher`` that fails now."""
+    needing = [
+        f"{stage.name}.{entry.name}"
+        for stage in recipe.stages
+        for entry in stage.modifiers
+        if type(entry.modifier).requires_teacher
+    ]
+    teacher = model_args.distill_teacher
+    if not needing:
+        if teacher is not None:
+            logger.warning("distill_teacher is given but no modifier in the recipe uses a teacher")
+        return False
+    if teacher is None:
+        raise ArgumentError(
+            f"{needing[0]} needs a teacher model: pass distill_teacher=... (a local directory, a "
+            f"hub name, a loaded model, or {SELF_TEACHER!r} for a frozen copy of the model before "
+            "the recipe's first stage)",
+            name="distill_teacher",
+        )
+    if teacher is model_args.model and not isinstance(teacher, str):
+        raise ArgumentError(
+            f"distill_teacher is the model being trained; pass {SELF_TEACHER!r} for a frozen copy of it",
+            name="distill_teacher",
+        )
+    if model_args.distill_teacher_device is not None:
+        try:
+            torch.device(model_args.distill_teacher_device)
+        except (RuntimeError, TypeError):
+            raise ArgumentError(
+                "'distill_teacher_device' must be a torch device such as 'cpu', 'cuda' or "
+                f"'cuda:1' (got {model_args.distill_teacher_device!r})",
+                name="distill_teacher_device",
+            ) from None
+    if isinstance(teacher, str) and teacher != SELF_TEACHER:
+        resolve_model_path(teacher)  # a mistyped path fails before minutes of one-shot stages
+    return True
 
 
 def _parse(kwargs: dict[str, Any]) -> tuple[Any, ...]:
