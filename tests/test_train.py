@@ -52,7 +52,7 @@ def test_train_calls_training_hooks_in_order(with_test_plugin, tiny_model_dir, t
 
 def test_train_runs_oneshot_stage_then_training_stage(with_test_plugin, tiny_model_dir, text_file, tmp_path):
     recipe = (
-        "quant_stage:\n  quant_modifiers:\n    core.QuantizationModifier: {scheme: W8A16}\n"
+        "quant_stage:\n  run_type: oneshot\n  quant_modifiers:\n    core.QuantizationModifier: {scheme: W8A16}\n"
         "finetune_stage:\n  train_modifiers:\n    RecordTrainingModifier: {}\n"
     )
     result = train(
@@ -69,9 +69,9 @@ def test_oneshot_refuses_a_training_stage(with_test_plugin, tiny_model_dir):
         oneshot(model=str(tiny_model_dir), recipe=recipe)
 
 
-def test_train_refuses_training_stage_with_oneshot_only_modifier(tiny_model_dir):
-    recipe = "finetune_stage:\n  run_type: train\n  m_modifiers:\n    QuantizationModifier: {scheme: W4A16}\n"
-    with pytest.raises(RecipeError, match=r"finetune_stage.QuantizationModifier cannot run in a training stage"):
+def test_train_refuses_training_stage_with_oneshot_only_modifier(with_test_plugin, tiny_model_dir):
+    recipe = "finetune_stage:\n  run_type: train\n  m_modifiers:\n    RecordInputsModifier: {}\n"
+    with pytest.raises(RecipeError, match=r"finetune_stage.RecordInputsModifier cannot run in a training stage"):
         train(model=str(tiny_model_dir), recipe=recipe, dataset="unused")
 
 

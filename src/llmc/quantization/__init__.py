@@ -1,6 +1,7 @@
 """Integer quantization of Linear weights (and dynamic input activations) in the
 compressed-tensors format: schemes, the exact round-to-nearest math, int32 packing, and the
-in-memory representation of a quantized Linear that algorithms and the saver share."""
+in-memory representation of a quantized Linear that algorithms and the saver share, and the
+straight-through forward of quantization-aware training."""
 
 from llmc.quantization.math import (
     compute_qparams,
@@ -20,6 +21,7 @@ from llmc.quantization.module import (
     weight_codes,
 )
 from llmc.quantization.packing import pack_to_int32, packed_size, unpack_from_int32
+from llmc.quantization.qat import fake_quantized_weight, in_qat, start_qat_, stop_qat_
 from llmc.quantization.scheme import (
     PRESET_SCHEMES,
     QuantizationArgs,
@@ -39,6 +41,8 @@ __all__ = [
     "dequantize",
     "dynamic_activation_fake_quantize",
     "fake_quantize",
+    "fake_quantized_weight",
+    "in_qat",
     "is_quantized",
     "loader_stable_weight",
     "pack_to_int32",
@@ -52,6 +56,8 @@ __all__ = [
     "scheme_from_config_dict",
     "schemes_from_config_groups",
     "set_quantized_weight_",
+    "start_qat_",
+    "stop_qat_",
     "unpack_from_int32",
     "weight_codes",
 ]
