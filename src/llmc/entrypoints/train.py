@@ -24,6 +24,7 @@ from llmc.args import (
     DatasetArguments,
     ModelArguments,
     TrainingArguments,
+    field_owner,
     parse_arguments,
 )
 from llmc.context import RunContext
@@ -36,10 +37,11 @@ from llmc.data import (
 )
 from llmc.entrypoints.oneshot import OneshotResult
 from llmc.entrypoints.stages import TRAIN, check_stage_kinds, run_oneshot_stage, write_results
-from llmc.errors import ArgumentError, DataError
+from llmc.errors import ArgumentError, DataError, closest
 from llmc.models import (
     TeacherSource,
     calibration_dtype,
+    default_device,
     load_model,
     load_tokenizer,
     resolve_model_path,
@@ -88,7 +90,10 @@ def train(**kwargs: Any) -> TrainResult:
     succeeded = False
     try:
         resume = scratch.prepare(train_args, training_stages)
-        hf_training_arguments(train_args, output_dir=scratch.root, seed=data_args.seed, use_cpu=True)
+        hf_training_arguments(  # transformers checks the values now, not after the model loads
+            train_args, output_dir=scratch.root, seed=data_args.seed,
+            use_cpu=_planned_device(model_args).type == "cpu",
+        )
 
         # 2. Model, tokenizer, training samples, and calibration batches for one-shot stages.
         model = load_model(model_args)
@@ -154,6 +159,14 @@ def _training_samples(
     return samples
 
 
+def _planned_device(model_args: ModelArguments) -> torch.device:
+    """The device the model will train on, known before it is loaded."""
+    model = model_args.model
+    if model is not None and not isinstance(model, str):
+        return next(model.parameters()).device
+    return default_device(model_args.device)
+
+
 def _uses_teacher(stages: Sequence[RecipeStage]) -> bool:
     return any(type(entry.modifier).requires_teacher for stage in stages for entry in stage.modifiers)
 
@@ -199,21 +212,20 @@ def _check_teacher(recipe: Recipe, model_args: ModelArguments) -> bool:
 
 def _parse(kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """The argument classes; a transformers.TrainingArguments name is pointed to trainer_args."""
-    try:
-        return parse_arguments(kwargs, TRAIN_ARGUMENT_CLASSES)
-    except ArgumentError as error:
-        from llmc.args import field_owner
-        from llmc.entrypoints.trainer import trainer_field_names
+    owners = field_owner(TRAIN_ARGUMENT_CLASSES)
+    unknown = [name for name in kwargs if name not in owners]
+    if unknown and not any(closest(name, owners) for name in unknown):
+        from llmc.entrypoints.trainer import trainer_field_names  # imports transformers
 
-        owners = field_owner(TRAIN_ARGUMENT_CLASSES)
-        for name in kwargs:
-            if name not in owners and name in trainer_field_names():
+        theirs = set(trainer_field_names())
+        for name in unknown:
+            if name in theirs:
                 raise ArgumentError(
                     f"{name!r} is a transformers.TrainingArguments field; pass it in "
                     f"trainer_args={{{name!r}: ...}} (CLI: --trainer-args {name}=...)",
                     name=name,
-                ) from None
-        raise error from None
+                )
+    return parse_arguments(kwargs, TRAIN_ARGUMENT_CLASSES)
 
 
 def _train_stage(
