@@ -83,6 +83,7 @@ class RecordTrainingModifier(Modifier):
     requires_calibration_data: ClassVar[bool] = False
     supports_training: ClassVar[bool] = True
     extra_loss: float = 0.0
+    fail_at_step: int = -1  # raise at the start of this step, as a killed run would stop
 
     def start(self, context: RunContext) -> RecordTrainingRun:
         run = RecordTrainingRun(self)
@@ -94,6 +95,8 @@ class RecordTrainingModifier(Modifier):
 class RecordTrainingRun:
     config: RecordTrainingModifier
     calls: list[str] = attrs.field(factory=list)
+    batch_sizes: list[int] = attrs.field(factory=list)
+    optimizer: Any = None
 
     @hookimpl
     def llmc_initialize(self, context: RunContext) -> None:
@@ -102,14 +105,18 @@ class RecordTrainingRun:
     @hookimpl
     def llmc_train_start(self, context: RunContext, optimizer: Any) -> None:
         self.calls.append(f"train_start:{context.total_steps}")
+        self.optimizer = optimizer
 
     @hookimpl
     def llmc_train_batch_start(self, context: RunContext, step: int) -> None:
         self.calls.append(f"batch_start:{step}")
+        if step == self.config.fail_at_step:
+            raise RuntimeError(f"stopped at step {step}")
 
     @hookimpl
     def llmc_train_loss(self, context, step, batch, outputs, loss):
         self.calls.append(f"loss:{step}")
+        self.batch_sizes.append(len(batch["input_ids"]))
         return torch.tensor(self.config.extra_loss) if self.config.extra_loss else None
 
     @hookimpl

@@ -22,10 +22,12 @@ from llmc.validators import OneOf
 __all__ = [
     "ARGUMENT_CLASSES",
     "DatasetArguments",
+    "LR_SCHEDULER_TYPES",
     "ModelArguments",
     "OutputArguments",
     "PRECISIONS",
     "RecipeArguments",
+    "SELF_TEACHER",
     "TRAIN_ARGUMENT_CLASSES",
     "TrainingArguments",
     "parse_arguments",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+SELF_TEACHER = "self"
 
 
 def _help(text: str, *, cli: bool = True, cli_type: str | None = None) -> dict[str, Any]:
@@ -128,6 +131,21 @@ class ModelArguments:
         default=True,
         metadata=_help("pack quantized weights (compressed-tensors); off writes dense fake-quantized weights"),
     )
+    distill_teacher: Any = attrs.field(
+        default=None,
+        converter=_path_or_none,
+        validator=_model_like,
+        metadata=_help(
+            "teacher of a distillation modifier (train): a local directory, a hub name, (from "
+            f"Python) a loaded model, or {SELF_TEACHER!r}: a frozen copy of the model before the "
+            "recipe's first stage",
+            cli_type="str",
+        ),
+    )
+    distill_teacher_device: str | None = attrs.field(
+        default=None,
+        metadata=_help("device the teacher runs on (default: the model's), e.g. 'cpu' or 'cuda:1'"),
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -165,7 +183,10 @@ class DatasetArguments:
     shuffle_calibration_samples: bool = attrs.field(
         default=True, metadata=_help("shuffle (seeded) before taking the samples")
     )
-    seed: int = attrs.field(default=42, metadata=_help("seed of the shuffle"))
+    seed: int = attrs.field(
+        default=42,
+        metadata=_help("seed of the shuffle (train: also of the Trainer, its batch order and dropout)"),
+    )
     preprocessing_func: Any = attrs.field(
         default=None,
         metadata=_help(
@@ -240,12 +261,56 @@ def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None
         raise ArgumentError(f"'{attribute.name}' must be 0 or more (got {value!r})", name=attribute.name)
 
 
+# transformers' ``SchedulerType`` values that need nothing but the step count (a test checks
+# that transformers still has each); others go through ``trainer_args``' ``lr_scheduler_kwargs``.
+LR_SCHEDULER_TYPES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+# The deprecated ``lr_scheduler`` alias, with the meaning it had: linear warmup, then the schedule.
 LR_SCHEDULES = ("cosine", "linear", "constant")
+_LR_SCHEDULE_TYPES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+RESUME_LATEST = "latest"
+
+
+def _resume_point(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or value is True or value is False:
+        return
+    if isinstance(value, str) and value.strip():
+        return
+    raise ArgumentError(
+        f"'{attribute.name}' must be true, {RESUME_LATEST!r} or the path of a checkpoint-N folder "
+        f"(got {value!r})",
+        name=attribute.name,
+    )
+
+
+def _mapping_or_none(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        raise ArgumentError(
+            f"'{attribute.name}' must be a mapping of transformers.TrainingArguments field names "
+            f"to values (got {value!r})",
+            name=attribute.name,
+        )
 
 
 @attrs.frozen(kw_only=True)
 class TrainingArguments:
-    """How ``train`` fine-tunes the model while the recipe's training modifiers are active."""
+    """How ``train`` fine-tunes the model while the recipe's training modifiers are active.
+
+    Training runs on ``transformers.Trainer``: these fields have the names, and the meaning, of
+    ``transformers.TrainingArguments`` fields (``output_dir`` and ``seed`` are shared with the
+    other argument classes: the checkpoint's directory, and the seed of the data shuffle and of
+    the Trainer). Every other valid ``transformers.TrainingArguments`` field can be passed in
+    ``trainer_args``.
+    """
 
     num_train_epochs: float = attrs.field(
         default=1.0, converter=float, validator=_positive_number,
@@ -258,7 +323,7 @@ class TrainingArguments:
         default=None, validator=_positive,
         metadata=_help("use at most this many training samples (default: all)"),
     )
-    train_batch_size: int = attrs.field(
+    per_device_train_batch_size: int = attrs.field(
         default=4, validator=_positive, metadata=_help("samples per forward pass in training")
     )
     gradient_accumulation_steps: int = attrs.field(
@@ -268,11 +333,19 @@ class TrainingArguments:
         default=2e-5, converter=float, validator=_positive_number, metadata=_help("peak learning rate (AdamW)")
     )
     weight_decay: float = attrs.field(
-        default=0.0, converter=float, validator=_non_negative, metadata=_help("AdamW weight decay")
+        default=0.0, converter=float, validator=_non_negative,
+        metadata=_help("AdamW weight decay (not applied to biases and norms)"),
     )
-    lr_scheduler: str = attrs.field(
-        default="cosine", validator=OneOf(LR_SCHEDULES),
-        metadata=_help(f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}"),
+    lr_scheduler_type: str = attrs.field(
+        default="cosine", validator=OneOf(LR_SCHEDULER_TYPES),
+        metadata=_help("learning-rate schedule (transformers' names; 'constant' ignores warmup)"),
+    )
+    lr_scheduler: str | None = attrs.field(
+        default=None, validator=OneOf(LR_SCHEDULES, allow_none=True),
+        metadata=_help(
+            "deprecated, use lr_scheduler_type: the schedule after warmup ('constant' is "
+            "lr_scheduler_type constant_with_warmup)"
+        ),
     )
     warmup_steps: int = attrs.field(
         default=0, validator=_non_negative, metadata=_help("linear warmup steps")
@@ -286,6 +359,53 @@ class TrainingArguments:
     logging_steps: int = attrs.field(
         default=10, validator=_positive, metadata=_help("log the loss every this many steps")
     )
+    save_steps: int | None = attrs.field(
+        default=None, validator=_positive,
+        metadata=_help(
+            "save a Trainer checkpoint (weights, optimizer, schedule, RNG) every this many steps, "
+            "to resume from; they go to a scratch folder beside output_dir"
+        ),
+    )
+    resume_from_checkpoint: Any = attrs.field(
+        default=None, converter=_path_or_none, validator=_resume_point,
+        metadata=_help(
+            f"continue an interrupted run: {RESUME_LATEST!r} (Python: True) takes the last "
+            "checkpoint save_steps wrote for the same output_dir, or give a checkpoint-N folder",
+            cli_type="str",
+        ),
+    )
+    report_to: list[str] = attrs.field(
+        factory=lambda: ["none"],
+        metadata=_help("experiment trackers the Trainer logs to (transformers' names: none, all, tensorboard, ...)"),
+    )
+    trainer_args: dict[str, Any] | None = attrs.field(
+        default=None, validator=_mapping_or_none,
+        metadata=_help(
+            "any other transformers.TrainingArguments fields, e.g. {'optim': 'adafactor', "
+            "'gradient_checkpointing': True}",
+            cli_type="mapping",
+        ),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.lr_scheduler is not None and self.lr_scheduler_type != "cosine":
+            raise ArgumentError(
+                "'lr_scheduler' is the deprecated name of 'lr_scheduler_type'; give only "
+                f"lr_scheduler_type (got lr_scheduler={self.lr_scheduler!r}, "
+                f"lr_scheduler_type={self.lr_scheduler_type!r})",
+                name="lr_scheduler",
+            )
+
+    @property
+    def scheduler_type(self) -> str:
+        """The transformers ``lr_scheduler_type`` to use, the deprecated alias resolved."""
+        if self.lr_scheduler is not None:
+            return _LR_SCHEDULE_TYPES[self.lr_scheduler]
+        return self.lr_scheduler_type
+
+    @property
+    def resume_latest(self) -> bool:
+        return self.resume_from_checkpoint is True or self.resume_from_checkpoint == RESUME_LATEST
 
 
 ARGUMENT_CLASSES: tuple[type, ...] = (

@@ -27,6 +27,11 @@ class RunContext:
 
     ``compute_dtype``, when set, is the dtype the pipeline's forward passes compute in
     (``torch.autocast``); statistics a hook gathers should not assume their inputs' dtype.
+
+    ``teacher`` is set by ``train`` when a modifier ``requires_teacher``: calling it returns the
+    ``distill_teacher`` model, in eval mode with gradients off, on ``distill_teacher_device``
+    (a path or hub name is loaded on each call: call it once, in ``llmc_train_start``, and
+    drop the model in ``llmc_train_end``).
     """
 
     model: torch.nn.Module
@@ -36,6 +41,7 @@ class RunContext:
     layer_names: list[str] = attrs.field(factory=list)
     forward_layer: Callable[[], None] | None = None
     compute_dtype: torch.dtype | None = None
+    teacher: Callable[[], torch.nn.Module] | None = None
     # set by ``train``: where fine-tuning is, so scheduled modifiers can follow their schedule
     step: int = 0
     steps_per_epoch: int | None = None

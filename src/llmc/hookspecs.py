@@ -18,7 +18,9 @@ documentation (``docs/plugins.md`` is generated from them). There are two kinds 
 
 * **Training hooks** (``llmc_train_*``) are implemented by the same run-state objects and called
   by the ``train`` entrypoint around each optimizer step, between ``llmc_initialize`` and
-  ``llmc_finalize``. A run state implements only the hooks it needs.
+  ``llmc_finalize``. Training runs on ``transformers.Trainer``; the hooks fire from its callback
+  events and its loss computation (``llmc.entrypoints.trainer``). A run state implements only
+  the hooks it needs.
 
 Implement a hook with the ``hookimpl`` marker exported here (or ``pluggy.HookimplMarker("llmc")``)::
 
@@ -150,8 +152,10 @@ def llmc_finalize(context: RunContext) -> None:
 def llmc_train_start(context: RunContext, optimizer: torch.optim.Optimizer) -> None:
     """Fine-tuning is about to start (after ``llmc_initialize``).
 
-    ``context.total_steps`` and ``context.steps_per_epoch`` are set. Prepare what the training
-    steps need (masks to keep, a teacher model to run, schedules to follow).
+    ``optimizer`` is the Trainer's. ``context.total_steps`` and ``context.steps_per_epoch`` are
+    set, and ``context.step`` is the step training starts at (not 0 when a run resumes from a
+    checkpoint). Prepare what the training steps need (masks to keep, a teacher model to run,
+    schedules to follow).
     """
 
 
@@ -168,10 +172,15 @@ def llmc_train_batch_start(context: RunContext, step: int) -> None:
 def llmc_train_loss(
     context: RunContext, step: int, batch: dict[str, torch.Tensor], outputs: object, loss: torch.Tensor
 ) -> torch.Tensor | None:
-    """The student's forward pass is done; return a term to *add* to ``loss``, or None.
+    """The student's forward pass on one micro-batch is done; return a term to *add* to ``loss``, or None.
 
-    ``outputs`` is the model output (with ``logits``); distillation returns its weighted KD
-    loss here. Every returned term is added to the task loss before the backward pass.
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (-100 at padding);
+    ``outputs`` is the model output (with ``logits``); ``loss`` is the task loss (the mean over
+    the micro-batch's labelled tokens), the same tensor for every modifier. Every returned term
+    is added to it before the backward pass (and, like it, divided by the accumulation steps).
+    Distillation returns its weighted loss here. To weigh the task loss itself (distillation's
+    ``orig_scale``), include ``(scale - 1) * loss`` in the term: the total is then
+    ``scale * loss + ...``; such weights add up across modifiers.
     """
 
 
@@ -179,7 +188,9 @@ def llmc_train_loss(
 def llmc_train_after_backward(context: RunContext, step: int) -> None:
     """Gradients are computed and not yet applied: mask or clip them here.
 
-    Constant pruning zeroes the gradients of pruned weights so the optimizer does not move them.
+    Called once per optimizer step, after the backward pass of its last micro-batch and before
+    the Trainer clips the gradients (``max_grad_norm``). Constant pruning zeroes the gradients
+    of pruned weights so the optimizer does not move them.
     """
 
 

@@ -8,17 +8,19 @@ than after transformers' ~25 s of retries) or a checkpoint that needs a package 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
 from collections import Counter
 from typing import Any
 
+import attrs
 import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from llmc.args import ModelArguments
+from llmc.args import SELF_TEACHER, ModelArguments
 from llmc.data.presets import asset_path
 from llmc.errors import ArgumentError, ModelLoadError, did_you_mean
 from llmc.hub import hub_is_reachable
@@ -26,6 +28,7 @@ from llmc.quantization.module import EXCLUSIVE
 
 __all__ = [
     "MODEL_PRESETS",
+    "TeacherSource",
     "calibration_dtype",
     "default_device",
     "load_model",
@@ -316,3 +319,48 @@ def load_tokenizer(model_args: ModelArguments, model: Any = None) -> Any:
         return AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, TypeError) as error:
         raise _load_error("tokenizer", source, kwargs, error) from error
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@attrs.define
+class TeacherSource:
+    """The ``distill_teacher`` of a run, as ``RunContext.teacher`` hands it to modifiers.
+
+    ``"self"`` is a frozen deep copy of the model taken when this object is made (before the
+    recipe's first stage changes anything), placed on the teacher device at once, so it never
+    takes room on the student's device during one-shot stages; a model object is frozen and
+    moved; a path or hub name is loaded like the model, with the model's precision, on each
+    call. ``release()`` drops what is held once no later stage needs it.
+    """
+
+    model_args: ModelArguments
+    device: torch.device
+    held: torch.nn.Module | None = None
+
+    @classmethod
+    def for_run(cls, model_args: ModelArguments, model: torch.nn.Module) -> TeacherSource:
+        device = default_device(model_args.distill_teacher_device or next(model.parameters()).device)
+        source = cls(model_args, device)
+        teacher = model_args.distill_teacher
+        if teacher == SELF_TEACHER:
+            source.held = _frozen(copy.deepcopy(model).to(device))
+        elif not isinstance(teacher, (str, os.PathLike)):
+            source.held = _frozen(teacher.to(device))
+        return source
+
+    def __call__(self) -> torch.nn.Module:
+        if self.held is not None:
+            return self.held
+        teacher_args = attrs.evolve(
+            self.model_args, model=self.model_args.distill_teacher, device=str(self.device),
+            distill_teacher=None, revision=None,
+        )
+        return _frozen(load_model(teacher_args))
+
+    def release(self) -> None:
+        self.held = None

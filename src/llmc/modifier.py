@@ -110,12 +110,15 @@ class Modifier:
       magnitude pruning), so ``oneshot`` can run without a dataset.
     * ``supports_oneshot`` / ``supports_training``: in which kind of stage the modifier can run
       (a one-shot calibration pass, or fine-tuning with the ``llmc_train_*`` hooks).
+    * ``requires_teacher``: ``True`` for distillation: ``train`` refuses to start without the
+      ``distill_teacher`` argument, and ``context.teacher()`` returns the teacher model.
     """
 
     modifier_name: ClassVar[str | None] = None
     requires_calibration_data: ClassVar[bool] = True
     supports_oneshot: ClassVar[bool] = True
     supports_training: ClassVar[bool] = False
+    requires_teacher: ClassVar[bool] = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Modifier:
         # attrs' generated __init__ would say only "unexpected keyword argument"; a mistyped

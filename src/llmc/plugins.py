@@ -73,7 +73,6 @@ FIRST_PARTY_PACKAGES: dict[str, str] = {
     "MagnitudePruningModifier": "llmc-sparsity",
     "ConstantPruningModifier": "llmc-sparsity",
     "OutputDistillationModifier": "llmc-distill",
-    "LayerDistillationModifier": "llmc-distill",
 }
 FIRST_PARTY_PLUGINS: dict[str, str] = {
     "gptq": "llmc-gptq",

@@ -51,8 +51,11 @@ class OneOf:
     """
 
     options: tuple[Any, ...]
+    allow_none: bool = False  # None means "not given" (an optional alias), not an option
 
     def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is None and self.allow_none:
+            return
         if value not in self.options:
             raise ArgumentError(choice_message(attribute.name, self.options, value), name=attribute.name)
 

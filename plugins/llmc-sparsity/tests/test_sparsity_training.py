@@ -181,7 +181,7 @@ finetune_stage:
 """
     result = train(
         model=str(model_dir), recipe=recipe, dataset=str(text_file), num_calibration_samples=8,
-        max_seq_length=32, max_steps=3, learning_rate=1e-3, train_batch_size=4,
+        max_seq_length=32, max_steps=3, learning_rate=1e-3, per_device_train_batch_size=4,
     )
     checked = 0
     for module in result.model.modules():
@@ -192,3 +192,23 @@ finetune_stage:
             checked += 1
     assert checked == 14
     assert result.report["train_steps"] == 3
+
+
+def test_sparsity_constant_pruning_holds_exact_sparsity_through_trainer_steps(model_dir, text_file):
+    """Magnitude pruning (one-shot), then Trainer steps with AdamW, weight decay and a large
+    learning rate, which would move every zero: each Linear keeps exactly its zeros."""
+    from llmc import oneshot, train
+
+    prune = "prune_stage:\n  run_type: oneshot\n  prune_modifiers:\n    MagnitudePruningModifier: {final_sparsity: 0.6}\n"
+    pruned = {name: m.weight.detach().clone() for name, m in _linears(oneshot(model=str(model_dir), recipe=prune).model).items()}
+    recipe = prune + "finetune_stage:\n  run_type: train\n  finetune_modifiers:\n    ConstantPruningModifier: {}\n"
+    result = train(
+        model=str(model_dir), recipe=recipe, dataset=str(text_file), max_seq_length=24, max_steps=4,
+        per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1, warmup_steps=1,
+    )
+    assert result.report["train_steps"] == 4
+    for name, module in _linears(result.model).items():
+        weight = module.weight.detach()
+        assert torch.equal(weight == 0, pruned[name] == 0), name  # the same zeros, no more, no fewer
+        assert int((weight == 0).sum()) == pruned_count(weight.numel(), 0.6)
+        assert not torch.equal(weight, pruned[name])  # the kept weights trained

@@ -1,29 +1,32 @@
 """``train``: fine-tune a model while the recipe's training modifiers act on every step.
 
 Top to bottom: arguments → recipe (stage kinds checked before anything heavy) → output
-directory check → model and tokenizer → training samples (and calibration batches if a one-shot
-stage needs them) → the stages in recipe order (one-shot stages calibrate layer by layer,
-training stages run the loop below) → report → checkpoint.
-
-The loop, per optimizer step::
-
-    llmc_train_batch_start → forward (+ llmc_train_loss terms) → backward
-    → llmc_train_after_backward → clip → optimizer.step → llmc_train_optimizer_step_end
+directory, Trainer arguments and resume points checked → model and tokenizer → training samples
+(and calibration batches if a one-shot stage needs them) → the stages in recipe order (one-shot
+stages calibrate layer by layer, training stages run on ``transformers.Trainer`` with the
+modifiers' hooks in every step, see ``llmc.entrypoints.trainer``) → report → checkpoint.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
-from tqdm.auto import tqdm
 
-from llmc.args import TRAIN_ARGUMENT_CLASSES, DatasetArguments, TrainingArguments, parse_arguments
+from llmc.args import (
+    SELF_TEACHER,
+    TRAIN_ARGUMENT_CLASSES,
+    DatasetArguments,
+    ModelArguments,
+    TrainingArguments,
+    field_owner,
+    parse_arguments,
+)
 from llmc.context import RunContext
 from llmc.data import (
     load_calibration_data,
@@ -34,8 +37,15 @@ from llmc.data import (
 )
 from llmc.entrypoints.oneshot import OneshotResult
 from llmc.entrypoints.stages import TRAIN, check_stage_kinds, run_oneshot_stage, write_results
-from llmc.errors import DataError
-from llmc.models import calibration_dtype, load_model, load_tokenizer
+from llmc.errors import ArgumentError, DataError, closest
+from llmc.models import (
+    TeacherSource,
+    calibration_dtype,
+    default_device,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
 from llmc.moe import unfuse_experts_
 from llmc.pipeline import make_lifecycle
 from llmc.plugins import load_registry
@@ -59,9 +69,7 @@ def train(**kwargs: Any) -> TrainResult:
               max_steps=200, learning_rate=1e-4, output_dir="tiny-sparse-ft")
     """
     started = time.perf_counter()
-    model_args, data_args, recipe_args, output_args, train_args = parse_arguments(
-        kwargs, TRAIN_ARGUMENT_CLASSES
-    )
+    model_args, data_args, recipe_args, output_args, train_args = _parse(kwargs)
 
     # 1. Recipe and output directory, before anything heavy.
     registry = load_registry()
@@ -72,53 +80,77 @@ def train(**kwargs: Any) -> TrainResult:
             recipe_args.recipe, registry, recipe_args=recipe_args.recipe_args, stage=recipe_args.stage
         )
     kinds = check_stage_kinds(recipe, TRAIN)
+    needs_teacher = _check_teacher(recipe, model_args)
+    output_dir = None
     if output_args.output_dir is not None:
-        check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
+        output_dir = check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
+    from llmc.entrypoints.trainer import TrainingScratch, hf_training_arguments
 
-    # 2. Model (fused MoE experts unfused into Linears), tokenizer, training samples, and
-    #    calibration batches for one-shot stages.
-    model = load_model(model_args)
-    unfuse_experts_(model)
-    tokenizer = load_tokenizer(model_args, model)
-    pad_id = padding_token_id(tokenizer)
-    train_samples = _training_samples(data_args, train_args, tokenizer, model_args.cache_dir)
-    calibration = None
-    one_shot_stages = [s for s, k in zip(recipe.stages, kinds) if k != TRAIN]
-    if any(type(e.modifier).requires_calibration_data for s in one_shot_stages for e in s.modifiers):
-        samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
-        calibration = make_batches(samples, data_args.batch_size, pad_id)
+    training_stages = [s.name for s, k in zip(recipe.stages, kinds) if k == TRAIN]
+    scratch = TrainingScratch.for_output(output_dir)
+    succeeded = False
+    try:
+        resume = scratch.prepare(train_args, training_stages)
+        hf_training_arguments(  # transformers checks the values now, not after the model loads
+            train_args, output_dir=scratch.root, seed=data_args.seed,
+            use_cpu=_planned_device(model_args).type == "cpu",
+        )
 
-    # 3. The stages, in recipe order.
-    context = RunContext(
-        model=model,
-        device=next(model.parameters()).device,
-        tokenizer=tokenizer,
-        compute_dtype=calibration_dtype(model_args, model),
-    )
-    losses: list[float] = []
-    for stage, kind in zip(recipe.stages, kinds):
-        if kind == TRAIN:
-            losses += _train_stage(stage, model, context, train_samples, pad_id, train_args, data_args.seed)
-        else:
-            run_oneshot_stage(
-                stage, model, context, calibration, data_args.sequential_targets,
-                calibrate_all_experts=model_args.moe_calibrate_all_experts,
-            )
+        # 2. Model (fused MoE experts unfused into Linears), tokenizer, training samples, and
+        #    calibration batches for one-shot stages.
+        model = load_model(model_args)
+        unfuse_experts_(model)
+        tokenizer = load_tokenizer(model_args, model)
+        pad_id = padding_token_id(tokenizer)
+        train_samples = _training_samples(data_args, train_args, tokenizer, model_args.cache_dir)
+        calibration = None
+        one_shot_stages = [s for s, k in zip(recipe.stages, kinds) if k != TRAIN]
+        if any(type(e.modifier).requires_calibration_data for s in one_shot_stages for e in s.modifiers):
+            samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
+            calibration = make_batches(samples, data_args.batch_size, pad_id)
 
-    # 4. The report and the checkpoint.
-    report, output_dir = write_results(
-        model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
-        model_args=model_args, output_args=output_args, started=started,
-        extra={
-            "train_samples": len(train_samples),
-            "train_steps": len(losses),
-            "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "losses": losses,
-        },
-    )
-    logger.info("train finished in %.1f s", time.perf_counter() - started)
-    return TrainResult(model, tokenizer, recipe, report, output_dir)
+        # 3. The stages, in recipe order (a "self" teacher is copied before the first).
+        context = RunContext(
+            model=model,
+            device=next(model.parameters()).device,
+            tokenizer=tokenizer,
+            compute_dtype=calibration_dtype(model_args, model),
+            teacher=TeacherSource.for_run(model_args, model) if needs_teacher else None,
+        )
+        losses: list[float] = []
+        for index, (stage, kind) in enumerate(zip(recipe.stages, kinds)):
+            if kind == TRAIN:
+                losses += _train_stage(
+                    stage, model, context, train_samples, pad_id, train_args,
+                    seed=data_args.seed, output_dir=scratch.stage_dir(stage.name),
+                    resume_from=resume[stage.name],
+                )
+            else:
+                run_oneshot_stage(
+                    stage, model, context, calibration, data_args.sequential_targets,
+                    calibrate_all_experts=model_args.moe_calibrate_all_experts,
+                )
+            if context.teacher is not None and not _uses_teacher(recipe.stages[index + 1 :]):
+                context.teacher.release()
+                context.teacher = None
+
+        # 4. The report and the checkpoint.
+        report, saved_to = write_results(
+            model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
+            model_args=model_args, output_args=output_args, started=started,
+            extra={
+                "train_samples": len(train_samples),
+                "train_steps": len(losses),
+                "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None,
+                "losses": losses,
+            },
+        )
+        logger.info("train finished in %.1f s", time.perf_counter() - started)
+        succeeded = True
+    finally:
+        scratch.close(succeeded=succeeded)
+    return TrainResult(model, tokenizer, recipe, report, saved_to)
 
 
 def _training_samples(
@@ -133,21 +165,73 @@ def _training_samples(
     return samples
 
 
-def _schedule(train_args: TrainingArguments, total_steps: int):
-    """Learning-rate multiplier per step: linear warmup, then cosine/linear decay or constant."""
-    warmup = train_args.warmup_steps
+def _planned_device(model_args: ModelArguments) -> torch.device:
+    """The device the model will train on, known before it is loaded."""
+    model = model_args.model
+    if model is not None and not isinstance(model, str):
+        return next(model.parameters()).device
+    return default_device(model_args.device)
 
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if train_args.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if train_args.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return factor
+def _uses_teacher(stages: Sequence[RecipeStage]) -> bool:
+    return any(type(entry.modifier).requires_teacher for stage in stages for entry in stage.modifiers)
+
+
+def _check_teacher(recipe: Recipe, model_args: ModelArguments) -> bool:
+    """Whether the recipe distils; without a usable ``distill_teacher`` that fails now."""
+    needing = [
+        f"{stage.name}.{entry.name}"
+        for stage in recipe.stages
+        for entry in stage.modifiers
+        if type(entry.modifier).requires_teacher
+    ]
+    teacher = model_args.distill_teacher
+    if not needing:
+        if teacher is not None:
+            logger.warning("distill_teacher is given but no modifier in the recipe uses a teacher")
+        return False
+    if teacher is None:
+        raise ArgumentError(
+            f"{needing[0]} needs a teacher model: pass distill_teacher=... (a local directory, a "
+            f"hub name, a loaded model, or {SELF_TEACHER!r} for a frozen copy of the model before "
+            "the recipe's first stage)",
+            name="distill_teacher",
+        )
+    if teacher is model_args.model and not isinstance(teacher, str):
+        raise ArgumentError(
+            f"distill_teacher is the model being trained; pass {SELF_TEACHER!r} for a frozen copy of it",
+            name="distill_teacher",
+        )
+    if model_args.distill_teacher_device is not None:
+        try:
+            torch.device(model_args.distill_teacher_device)
+        except (RuntimeError, TypeError):
+            raise ArgumentError(
+                "'distill_teacher_device' must be a torch device such as 'cpu', 'cuda' or "
+                f"'cuda:1' (got {model_args.distill_teacher_device!r})",
+                name="distill_teacher_device",
+            ) from None
+    if isinstance(teacher, str) and teacher != SELF_TEACHER:
+        resolve_model_path(teacher)  # a mistyped path fails before minutes of one-shot stages
+    return True
+
+
+def _parse(kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The argument classes; a transformers.TrainingArguments name is pointed to trainer_args."""
+    owners = field_owner(TRAIN_ARGUMENT_CLASSES)
+    unknown = [name for name in kwargs if name not in owners]
+    if unknown and not any(closest(name, owners) for name in unknown):
+        from llmc.entrypoints.trainer import trainer_field_names  # imports transformers
+
+        theirs = set(trainer_field_names())
+        for name in unknown:
+            if name in theirs:
+                raise ArgumentError(
+                    f"{name!r} is a transformers.TrainingArguments field; pass it in "
+                    f"trainer_args={{{name!r}: ...}} (CLI: --trainer-args {name}=...)",
+                    name=name,
+                )
+    return parse_arguments(kwargs, TRAIN_ARGUMENT_CLASSES)
 
 
 def _train_stage(
@@ -157,71 +241,41 @@ def _train_stage(
     samples: list[torch.Tensor],
     pad_id: int,
     train_args: TrainingArguments,
+    *,
     seed: int,
+    output_dir: Path,
+    resume_from: Path | None,
 ) -> list[float]:
     """Fine-tune with the stage's modifiers hooked into every optimizer step; returns the losses."""
+    from llmc.entrypoints.trainer import (
+        LlmcTrainer,
+        ModifierHooks,
+        PaddingCollator,
+        hf_training_arguments,
+    )
+
     run_states = [entry.modifier.start(context) for entry in stage.modifiers]
     hook = make_lifecycle(run_states).hook
-    batches = make_batches(samples, train_args.train_batch_size, pad_id)
-    accumulation = train_args.gradient_accumulation_steps
-    steps_per_epoch = max(1, len(batches) // accumulation)
-    total_steps = train_args.max_steps or max(1, math.ceil(train_args.num_train_epochs * steps_per_epoch))
-    context.steps_per_epoch, context.total_steps = steps_per_epoch, total_steps
+    args = hf_training_arguments(
+        train_args, output_dir=output_dir, seed=seed, use_cpu=context.device.type == "cpu"
+    )
     logger.info(
-        "stage %s (train): %d modifiers, %d steps of %d x %d samples",
-        stage.name, len(run_states), total_steps, accumulation, train_args.train_batch_size,
+        "stage %s (train): %d modifiers, %s of %d x %d samples%s",
+        stage.name, len(run_states),
+        f"{train_args.max_steps} steps" if train_args.max_steps else f"{train_args.num_train_epochs:g} epochs",
+        train_args.gradient_accumulation_steps, train_args.per_device_train_batch_size,
+        f", resuming from {resume_from}" if resume_from else "",
     )
-
-    device = context.device
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train_args.learning_rate,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(train_args, total_steps))
-    order = _epoch_order(len(batches), seed)
-
     hook.llmc_initialize(context=context)
-    hook.llmc_train_start(context=context, optimizer=optimizer)
-    model.train()
-    losses: list[float] = []
-    progress = tqdm(range(total_steps), desc=f"training {stage.name}", unit="step")
-    for step in progress:
-        context.step = step
-        hook.llmc_train_batch_start(context=context, step=step)
-        step_loss = 0.0
-        for _ in range(accumulation):
-            batch = {k: v.to(device) for k, v in batches[next(order)].items()}
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train_args.bf16):
-                outputs = model(**batch, labels=labels)
-                loss = outputs.loss
-                for term in hook.llmc_train_loss(context=context, step=step, batch=batch, outputs=outputs, loss=loss):
-                    loss = loss + term
-            (loss / accumulation).backward()
-            step_loss += loss.item() / accumulation
-        hook.llmc_train_after_backward(context=context, step=step)
-        if train_args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        hook.llmc_train_optimizer_step_end(context=context, step=step)
-        losses.append(step_loss)
-        progress.set_postfix(loss=f"{step_loss:.4f}")
-        if (step + 1) % train_args.logging_steps == 0 or step + 1 == total_steps:
-            logger.info("step %d/%d loss %.4f lr %.3g", step + 1, total_steps, step_loss, scheduler.get_last_lr()[0])
+    callback = ModifierHooks(hook, context)
+    trainer = LlmcTrainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": sample} for sample in samples],
+        data_collator=PaddingCollator(pad_id),
+        llmc_hooks=callback,
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model.eval()
-    hook.llmc_train_end(context=context)
     hook.llmc_finalize(context=context)
-    return losses
-
-
-def _epoch_order(count: int, seed: int):
-    """Batch indices forever, reshuffled (seeded) every epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in itertools.count():
-        yield from torch.randperm(count, generator=generator).tolist()
+    return callback.losses

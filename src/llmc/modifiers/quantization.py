@@ -20,6 +20,8 @@ from llmc.quantization import (
     preset_scheme,
     quantize_linear_,
     schemes_from_config_groups,
+    start_qat_,
+    stop_qat_,
 )
 from llmc.report import relative_error
 from llmc.targets import match_modules
@@ -173,9 +175,15 @@ class QuantizationModifier(QuantizingModifier):
     ``targets``/``ignore`` take class names, module names and ``re:`` patterns. With
     ``skip_incompatible=True`` a module whose input width the group size does not divide is
     left unquantized (and listed in the checkpoint's ``ignore``) instead of stopping the run.
+
+    In a training stage this is quantization-aware training: every optimizer step computes with
+    the fake-quantized weights and passes gradients straight through to the float weights
+    (``llmc.quantization.qat``); when training ends the trained weights are quantized, so the
+    checkpoint computes what the last training step computed.
     """
 
     requires_calibration_data = False
+    supports_training = True
 
     def start(self, context: RunContext) -> QuantizationRun:
         return QuantizationRun(config=self, schemes=self.schemes())
@@ -202,8 +210,20 @@ class QuantizationRun(RunState):
         for name in list(self.pending):
             self._quantize(context, name)
 
+    # --- training stage: quantization-aware training, quantized when it ends ------------------
+
+    def llmc_train_start(self, context: RunContext, optimizer: torch.optim.Optimizer) -> None:
+        for module, scheme in self.pending.values():
+            start_qat_(module, scheme)
+        logger.info("QuantizationModifier: quantization-aware training of %d Linear modules", len(self.pending))
+
+    def llmc_train_end(self, context: RunContext) -> None:
+        for module, _ in self.pending.values():
+            stop_qat_(module)
+
     def _quantize(self, context: RunContext, name: str) -> None:
         module, scheme = self.pending.pop(name)
+        stop_qat_(module)
         original = module.weight.detach().clone()
         quantize_linear_(module, scheme)
         error = relative_error(original, module.weight.detach())

@@ -1,7 +1,7 @@
 """Integer and FP8 quantization of Linear weights (and dynamic input activations) in the
 compressed-tensors format: schemes, the grids and the exact round-to-nearest math, int32
-packing, and the in-memory representation of a quantized Linear that algorithms and the saver
-share."""
+packing, the in-memory representation of a quantized Linear that algorithms and the saver
+share, and the straight-through forward of quantization-aware training."""
 
 from llmc.quantization.grids import FP8_E4M3, Grid, grid_of
 from llmc.quantization.math import (
@@ -22,6 +22,7 @@ from llmc.quantization.module import (
     weight_codes,
 )
 from llmc.quantization.packing import pack_to_int32, packed_size, unpack_from_int32
+from llmc.quantization.qat import fake_quantized_weight, in_qat, start_qat_, stop_qat_
 from llmc.quantization.scheme import (
     PRESET_ALIASES,
     PRESET_SCHEMES,
@@ -47,7 +48,9 @@ __all__ = [
     "dequantize",
     "dynamic_activation_fake_quantize",
     "fake_quantize",
+    "fake_quantized_weight",
     "grid_of",
+    "in_qat",
     "is_quantized",
     "loader_stable_weight",
     "pack_to_int32",
@@ -61,6 +64,8 @@ __all__ = [
     "scheme_from_config_dict",
     "schemes_from_config_groups",
     "set_quantized_weight_",
+    "start_qat_",
+    "stop_qat_",
     "unpack_from_int32",
     "weight_codes",
 ]
