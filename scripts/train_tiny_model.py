@@ -4,12 +4,17 @@ llmc's tests, examples and smoke runs need a real causal LM that loads with
 ``AutoModelForCausalLM`` without touching the Hugging Face hub. Downloaded
 checkpoints are not an option, so this script trains one from scratch on the
 embedded stdlib docstring corpus (see ``scripts/build_stdlib_corpus.py``),
-entirely on CPU in a bounded amount of wall time.
+entirely on CPU.
+
+The script builds the tokenizer and the randomly initialised model and saves them
+as a checkpoint folder; ``llmc.train`` (no recipe: plain fine-tuning on
+``transformers.Trainer``) then trains that folder on exactly the chunks cut here.
 
 Typical use (first measure, then train in the background)::
 
-    /work/venv/bin/python scripts/train_tiny_model.py --bench 3
-    /work/venv/bin/python scripts/train_tiny_model.py --steps 300 --max-minutes 20
+    python scripts/train_tiny_model.py --bench 3
+    python scripts/train_tiny_model.py --steps 360
+    python scripts/train_tiny_model.py --steps 5 --out /tmp/tiny-llama-check   # smoke run
 """
 
 from __future__ import annotations
@@ -22,16 +27,16 @@ import os
 import platform
 import random
 import shlex
-import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -155,49 +160,6 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausal
     return model
 
 
-def lr_at(
-    step: int, planned_steps: int, warmup: int, peak: float, floor_ratio: float = 0.1
-) -> float:
-    """Linear warmup then cosine decay to ``floor_ratio * peak`` at ``planned_steps``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, planned_steps - warmup))
-    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """Decay matrices only; decaying RMSNorm gains just pulls them towards zero."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def train_step(
-    model: LlamaForCausalLM,
-    optimizer: torch.optim.Optimizer,
-    batch: torch.Tensor,
-    micro_batch: int,
-    use_bf16: bool,
-    clip: float,
-) -> float:
-    """One optimizer step, with gradient accumulation to bound peak memory."""
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    parts = batch.split(micro_batch)
-    for part in parts:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(input_ids=part, labels=part).loss
-        (loss / len(parts)).backward()
-        total += loss.item() / len(parts)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return total
-
-
 @torch.no_grad()
 def perplexity(
     model: LlamaForCausalLM, chunks: torch.Tensor, batch_size: int = 8
@@ -222,28 +184,65 @@ def perplexity(
     return math.exp(nll_sum / count), count
 
 
-def bench(model: LlamaForCausalLM, chunks: torch.Tensor, args: argparse.Namespace) -> None:
-    """Time a few steps in fp32 and in bf16 autocast so the run can pick the faster.
-
-    The weights are restored afterwards so benchmarking does not change the run.
+def trainer_settings(args: argparse.Namespace, steps: int, bf16: bool) -> dict:
+    """``llmc.train``'s arguments for the run: AdamW with betas 0.9/0.95, weight decay on
+    matrices only (the Trainer skips biases and norms), linear warmup, cosine to 10 % of the
+    peak, gradient accumulation to ``micro_batch`` samples per forward pass.
     """
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for use_bf16 in (False, True):
-        model.load_state_dict(state)
-        opt = make_optimizer(model, args.lr, args.weight_decay)
-        times = []
-        for i in range(args.bench + 1):
-            batch = chunks[i * args.batch_size : (i + 1) * args.batch_size]
-            t0 = time.perf_counter()
-            loss = train_step(model, opt, batch, args.micro_batch, use_bf16, args.clip)
-            times.append(time.perf_counter() - t0)
-        steady = times[1:]  # first step includes one-off allocation/JIT costs
+    if args.batch_size % args.micro_batch:
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch}")
+    return {
+        "max_steps": steps,
+        "per_device_train_batch_size": args.micro_batch,
+        "gradient_accumulation_steps": args.batch_size // args.micro_batch,
+        "learning_rate": args.lr,
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "warmup_steps": args.warmup,
+        "max_grad_norm": args.clip,
+        "bf16": bf16,
+        "logging_steps": 10,
+        "seed": args.seed,
+        "max_seq_length": args.seq_len,
+        "trainer_args": {
+            "adam_beta1": 0.9,
+            "adam_beta2": 0.95,
+            "adam_epsilon": 1e-8,
+            "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+        },
+    }
+
+
+def train_with_llmc(
+    init_dir: Path, chunks: torch.Tensor, args: argparse.Namespace, *, steps: int, bf16: bool,
+    output_dir: Path | None,
+):
+    """``llmc.train`` on the saved initial model: the chunks as an ``input_ids`` dataset."""
+    import llmc
+
+    dataset = datasets.Dataset.from_dict({"input_ids": chunks.tolist()})
+    return llmc.train(
+        model=str(init_dir), dataset=dataset, recipe=None, precision="float32",
+        output_dir=None if output_dir is None else str(output_dir), overwrite=True,
+        **trainer_settings(args, steps, bf16),
+    )
+
+
+def bench(init_dir: Path, chunks: torch.Tensor, args: argparse.Namespace) -> None:
+    """Time ``args.bench`` steps in fp32 and in bf16 autocast so the run can pick the faster.
+
+    Each timing is one whole ``llmc.train`` call (model load and Trainer set-up included) with
+    nothing saved, so short benches overstate the per-step time a little.
+    """
+    for bf16 in (False, True):
+        started = time.perf_counter()
+        result = train_with_llmc(init_dir, chunks, args, steps=args.bench, bf16=bf16, output_dir=None)
+        seconds = time.perf_counter() - started
         print(
-            f"{'bf16' if use_bf16 else 'fp32'}: first {times[0]:.2f}s, "
-            f"then {sum(steady) / len(steady):.2f}s/step (loss {loss:.3f})",
+            f"{'bf16' if bf16 else 'fp32'}: {seconds / args.bench:.2f}s/step over {args.bench} steps "
+            f"(loss {result.report['last_loss']:.3f})",
             flush=True,
         )
-    model.load_state_dict(state)
 
 
 def machine_description() -> str:
@@ -278,8 +277,6 @@ class RunStats:
     n_params: int
     use_bf16: bool
     final_loss: float
-    last_lr: float
-    stopped_by_time_cap: bool
     command: str
     machine: str
 
@@ -289,14 +286,6 @@ def write_model_card(out_dir: Path, stats: RunStats, args: argparse.Namespace) -
     import transformers
 
     epochs = stats.tokens_seen / max(1, stats.n_train_tokens)
-    cap_note = ""
-    if stats.stopped_by_time_cap:
-        cap_note = (
-            f"\nTraining stopped at the {args.max_minutes:g}-minute time cap after {stats.steps_done} of "
-            f"{stats.planned_steps} planned steps, so the cosine schedule did not finish "
-            f"(last learning rate {stats.last_lr:.2e}); steps ran slower than planned, "
-            f"typically because the machine was busy with other jobs.\n"
-        )
     card = f"""---
 license: psf-2.0
 library_name: transformers
@@ -352,19 +341,20 @@ in training.
 
 | field | value |
 |---|---|
+| trainer | `llmc.train` without a recipe (`transformers.Trainer`) |
 | optimizer | AdamW (betas 0.9/0.95, weight decay {args.weight_decay} on matrices) |
 | learning rate | {args.lr} peak, {args.warmup} warmup steps, cosine to 10% over {stats.planned_steps} planned steps |
 | batch | {args.batch_size} x {args.seq_len} tokens (micro-batch {args.micro_batch}) |
 | grad clip | {args.clip} |
 | precision | {"bf16 autocast" if stats.use_bf16 else "fp32"} |
-| steps done | {stats.steps_done} (planned {stats.planned_steps}, time cap {args.max_minutes} min) |
+| steps | {stats.steps_done} |
 | tokens seen | {stats.tokens_seen:,} (~{epochs:.1f} epochs) |
 | final train loss | {stats.final_loss:.3f} |
 | training wall time | {stats.train_seconds / 60:.1f} min (whole script {stats.total_seconds / 60:.1f} min) |
 | seed | {args.seed} |
 | machine | {stats.machine} |
 | libraries | transformers {transformers.__version__}, tokenizers {tokenizers.__version__} |
-{cap_note}
+
 ## Evaluation
 
 Perplexity = exp(mean next-token NLL) over all {args.seq_len}-token chunks, fp32,
@@ -381,9 +371,8 @@ same `</s>` document joining as training.
 {stats.command}
 ```
 
-Results are reproducible in structure (same data, tokenizer, init and schedule);
-exact numbers vary with the step count reached within the time cap and with CPU
-kernels.
+Results are reproducible in structure (same data, tokenizer, init, schedule and
+data order); exact numbers vary with CPU kernels.
 """
     (out_dir / "README.md").write_text(card, encoding="utf-8")
 
@@ -393,10 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus-dir", type=Path, default=CORPUS_DIR)
     p.add_argument("--out", type=Path, default=OUT_DIR)
     p.add_argument(
-        "--steps", type=int, default=600, help="planned steps; the cosine schedule spans these"
-    )
-    p.add_argument(
-        "--max-minutes", type=float, default=20.0, help="stop training after this much wall time"
+        "--steps", type=int, default=360, help="optimizer steps; the cosine schedule spans these"
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -408,12 +394,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=50,
-        help="log held-out perplexity every N steps (0: never)",
-    )
     p.add_argument(
         "--bench", type=int, default=0, help="only time N steps in fp32 and bf16, then exit"
     )
@@ -441,63 +421,29 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(tokenizer, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model parameters: {n_params:,}", flush=True)
-    model.train()
 
-    if args.bench:
-        bench(model, train_chunks, args)
-        return
-
-    use_bf16 = args.precision == "bf16"
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train_chunks), generator=gen)
-    cursor = 0
-    deadline = time.perf_counter() + args.max_minutes * 60
-    t_train = time.perf_counter()
-    steps_done = 0
-    loss = float("nan")
-    lr = 0.0
-    stopped_by_time_cap = False
-    bar = tqdm(
-        range(args.steps),
-        desc="train",
-        mininterval=15,
-        file=sys.stdout,
-        dynamic_ncols=False,
-        ncols=100,
-    )
-    for step in bar:
-        if time.perf_counter() >= deadline:
-            print(f"\ntime cap reached after {step} steps", flush=True)
-            stopped_by_time_cap = True
-            break
-        if cursor + args.batch_size > len(order):  # new epoch, fresh shuffle
-            order = torch.randperm(len(train_chunks), generator=gen)
-            cursor = 0
-        batch = train_chunks[order[cursor : cursor + args.batch_size]]
-        cursor += args.batch_size
-        lr = lr_at(step, args.steps, args.warmup, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = train_step(model, optimizer, batch, args.micro_batch, use_bf16, args.clip)
-        steps_done = step + 1
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-        if step % 10 == 0 or step == args.steps - 1:
-            elapsed = time.perf_counter() - t_train
-            print(
-                f"step {step} loss {loss:.4f} lr {lr:.2e} elapsed {elapsed / 60:.1f} min",
-                flush=True,
-            )
-        if args.eval_every and steps_done % args.eval_every == 0:
-            # Monitoring only: the saved model is always the last step, so the
-            # held-out split never influences training or model selection.
-            ppl, _ = perplexity(model, heldout_chunks)
-            print(f"step {step} heldout ppl {ppl:.2f}", flush=True)
-    bar.close()
-    train_seconds = time.perf_counter() - t_train
+    with tempfile.TemporaryDirectory(prefix="tiny-llama-init-") as init:
+        # The random initialisation as a checkpoint folder: llmc.train loads it like any model.
+        init_dir = Path(init)
+        model.save_pretrained(init_dir, safe_serialization=True)
+        tokenizer.save_pretrained(init_dir)
+        del model
+        if args.bench:
+            bench(init_dir, train_chunks, args)
+            return
+        use_bf16 = args.precision == "bf16"
+        t_train = time.perf_counter()
+        result = train_with_llmc(
+            init_dir, train_chunks, args, steps=args.steps, bf16=use_bf16, output_dir=args.out
+        )
+        train_seconds = time.perf_counter() - t_train
+    model = result.model
+    losses = result.report["losses"]
+    steps_done = len(losses)
     tokens_seen = steps_done * args.batch_size * args.seq_len
     print(
-        f"trained {steps_done} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min",
+        f"trained {steps_done} steps, {tokens_seen:,} tokens in {train_seconds / 60:.1f} min "
+        "(model load, training and save)",
         flush=True,
     )
 
@@ -507,13 +453,11 @@ def main(argv: list[str] | None = None) -> None:
         f"heldout ppl {heldout_ppl:.3f} over {heldout_tokens} tokens; train ppl {train_ppl:.3f}",
         flush=True,
     )
-
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
-    model.to(torch.float32).save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
     make_tokenizer_config_portable(args.out)
+    # The asset is a plain checkpoint: the model card below records the run instead of train's
+    # report (which names the temporary init folder) and its empty recipe.
+    for name in ("llmc_report.json", "recipe.yaml"):
+        (args.out / name).unlink(missing_ok=True)
 
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO_ROOT), *sys.argv[1:]]
@@ -532,9 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         n_train_chunks=len(train_chunks),
         n_params=n_params,
         use_bf16=use_bf16,
-        final_loss=loss,
-        last_lr=lr,
-        stopped_by_time_cap=stopped_by_time_cap,
+        final_loss=losses[-1],
         command=command,
         machine=machine_description(),
     )

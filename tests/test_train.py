@@ -31,6 +31,7 @@ def test_train_without_recipe_lowers_the_loss(tiny_model_dir, text_file, tmp_pat
     losses = result.report["losses"]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert result.report["train_s"] > 0  # Trainer.train alone, for time per step
     assert (result.output_dir / "model.safetensors").exists()
 
 

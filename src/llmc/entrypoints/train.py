@@ -118,13 +118,16 @@ def train(**kwargs: Any) -> TrainResult:
             teacher=TeacherSource.for_run(model_args, model) if needs_teacher else None,
         )
         losses: list[float] = []
+        train_seconds = 0.0
         for index, (stage, kind) in enumerate(zip(recipe.stages, kinds)):
             if kind == TRAIN:
-                losses += _train_stage(
+                stage_losses, seconds = _train_stage(
                     stage, model, context, train_samples, pad_id, train_args,
                     seed=data_args.seed, output_dir=scratch.stage_dir(stage.name),
                     resume_from=resume[stage.name],
                 )
+                losses += stage_losses
+                train_seconds += seconds
             else:
                 run_oneshot_stage(
                     stage, model, context, calibration, data_args.sequential_targets,
@@ -141,6 +144,7 @@ def train(**kwargs: Any) -> TrainResult:
             extra={
                 "train_samples": len(train_samples),
                 "train_steps": len(losses),
+                "train_s": round(train_seconds, 3),
                 "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None,
                 "losses": losses,
@@ -245,8 +249,12 @@ def _train_stage(
     seed: int,
     output_dir: Path,
     resume_from: Path | None,
-) -> list[float]:
-    """Fine-tune with the stage's modifiers hooked into every optimizer step; returns the losses."""
+) -> tuple[list[float], float]:
+    """Fine-tune with the stage's modifiers hooked into every optimizer step.
+
+    Returns the loss of every step and the seconds ``Trainer.train`` took (the report's
+    ``train_s``: the training loop with the modifiers' hooks, without loading or saving).
+    """
     from llmc.entrypoints.trainer import (
         LlmcTrainer,
         ModifierHooks,
@@ -275,7 +283,9 @@ def _train_stage(
         data_collator=PaddingCollator(pad_id),
         llmc_hooks=callback,
     )
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
     model.eval()
     hook.llmc_finalize(context=context)
-    return callback.losses
+    return callback.losses, seconds
