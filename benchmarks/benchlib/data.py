@@ -50,6 +50,7 @@ __all__ = [
     "WIDE_LLAMA_SPEC",
     "calibration_chunks",
     "chunks_file",
+    "corpus_chunks",
     "make_wide_llama",
     "model_dir",
     "prepare",
@@ -94,23 +95,18 @@ def make_wide_llama(
     return path
 
 
-def calibration_chunks(
-    n: int,
-    seq_len: int,
-    path: str | os.PathLike[str],
-    *,
-    tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL,
-    seed: int = 0,
+def corpus_chunks(
+    seq_len: int, *, tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL, seed: int = 0
 ) -> Any:
-    """``n`` chunks of exactly ``seq_len`` token ids from the embedded calibration corpus.
+    """Every chunk of exactly ``seq_len`` token ids of the embedded corpus, in a seeded order.
 
     The documents of ``llmc:stdlib-docs`` are tokenized without special tokens, joined with eos
-    into one stream, cut into non-overlapping chunks of ``seq_len``, and ``n`` of them are drawn
-    with a seeded permutation. Saved as safetensors (``input_ids``, int64 ``[n, seq_len]``),
-    which both tools' scripts read. Returns the tensor.
+    into one stream and cut into non-overlapping chunks of ``seq_len`` (the ragged tail is
+    dropped); the chunks are permuted with ``seed``. ``calibration_chunks`` takes the first
+    ``n``, so calibration chunks are also the first training chunks. Returns ``[N, seq_len]``
+    int64.
     """
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from llmc.data.presets import get_dataset_preset
@@ -128,13 +124,34 @@ def calibration_chunks(
             stream.append(tokenizer.eos_token_id)
         stream.extend(ids)
     available = len(stream) // seq_len
-    if available < n:
-        raise ValueError(
-            f"the corpus gives {available} chunks of {seq_len} tokens, fewer than the {n} asked for"
-        )
     chunks = torch.tensor(stream[: available * seq_len], dtype=torch.long).view(available, seq_len)
-    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n]
-    chunks = chunks[order].contiguous()  # [n, seq_len]
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    return chunks[order].contiguous()  # [available, seq_len]
+
+
+def calibration_chunks(
+    n: int,
+    seq_len: int,
+    path: str | os.PathLike[str],
+    *,
+    tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL,
+    seed: int = 0,
+) -> Any:
+    """``n`` chunks of exactly ``seq_len`` token ids from the embedded calibration corpus.
+
+    The documents of ``llmc:stdlib-docs`` are tokenized without special tokens, joined with eos
+    into one stream, cut into non-overlapping chunks of ``seq_len``, and ``n`` of them are drawn
+    with a seeded permutation. Saved as safetensors (``input_ids``, int64 ``[n, seq_len]``),
+    which both tools' scripts read. Returns the tensor.
+    """
+    from safetensors.torch import save_file
+
+    chunks = corpus_chunks(seq_len, tokenizer_dir=tokenizer_dir, seed=seed)
+    if len(chunks) < n:
+        raise ValueError(
+            f"the corpus gives {len(chunks)} chunks of {seq_len} tokens, fewer than the {n} asked for"
+        )
+    chunks = chunks[:n].contiguous()  # [n, seq_len]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(
