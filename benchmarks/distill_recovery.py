@@ -3,8 +3,8 @@
 Run with llmc's venv (needs llmc-sparsity, llmc-gptq and llmc-distill installed)::
 
     python benchmarks/distill_recovery.py                                  # everything
-    python benchmarks/distill_recovery.py --parts sparse --lrs 1e-4,3e-4 --steps 100
-    python benchmarks/distill_recovery.py --parts timing --timing-steps 20 --rounds 3
+    python benchmarks/distill_recovery.py --parts sparse,dense --lrs 1e-4 --steps 100
+    python benchmarks/distill_recovery.py --parts timing --timing-steps 30 --rounds 3
 
 On the embedded tiny Llama (``llmc:tiny-llama``), in one process, every row from a fresh load:
 
@@ -303,14 +303,14 @@ def timing(bench: Bench) -> None:
 def main(argv: list[str]) -> int:
     parser = script_parser(__doc__)
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every trained row")
-    parser.add_argument("--lrs", default="1e-4,3e-4", help="comma-separated learning rates, each run for P2, P3 and QAT")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every trained row")
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="comma-separated learning rates, each run for P2, P3 and QAT")
     parser.add_argument("--batch", type=int, default=4, help="samples per step")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per training and calibration sample")
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--timing-steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="A B A B rounds of the timing part")
     parser.add_argument("--name", default="distill-recovery", help="results/<name>.json")
     args = parse(parser, argv)
