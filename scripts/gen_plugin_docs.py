@@ -89,7 +89,9 @@ plugins' tests use, so your plugin is tested on the same kind of model, with no 
 checkpoint to pass by path), `write_text_file(path)` (a local jsonl calibration set),
 `sample_logits(model, tokenizer)` (to compare before and after a save) and
 `correlated_inputs(tokens, cols)` (seeded layer inputs for math tests). It does not import pytest;
-make fixtures of them:
+`llmc.testing_fixtures` (which does) holds the fixtures the bundled plugins share (`tokenizer`,
+`model_dir`, `text_file` and the autouse `one_thread`): import them in your `conftest.py`, or
+make fixtures of your own:
 
 ```python
 import pytest

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import pytest
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from llmc.testing import build_tokenizer, save_tiny_model, write_text_file  # noqa: E402
+# first: importing it sets the offline flags before transformers and huggingface_hub load
+from llmc.testing_fixtures import text_file, tokenizer  # noqa: F401
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # noqa: F811
     """A saved tiny random Llama with its tokenizer, loadable by path like a real checkpoint."""
+    from llmc.testing import save_tiny_model
+
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local jsonl calibration file."""
-    return write_text_file(tmp_path_factory.mktemp("data") / "calibration.jsonl")
