@@ -3,12 +3,15 @@
     python benchmarks/compare.py --model embedded --recipe gptq-w4a16
     python benchmarks/compare.py --model wide --ours-recipe floor,rtn-w4a16 --peer-recipe gptq-w4a16
     python benchmarks/compare.py --ours-recipe sparsegpt-2:4,sparsegpt-2:4@bfloat16 --peer-recipe sparsegpt-2:4
+    python benchmarks/compare.py --model llama8b-8 --ours-recipe rtn-w4a16+disk,gptq-w4a16+disk \
+        --peer-recipe rtn-w4a16 --repeats 1
 
 The shared driver (``benchlib.driver``) runs each configuration as its own process under
 ``/usr/bin/time -v``, interleaved (ours, peer, ours, peer, ...), and reports medians of wall
 time, peak RSS and (embedded model) held-out perplexity of each checkpoint, with the ratio ours
 / peer. ``@bfloat16`` after one of our recipes calibrates it with ``calibration_precision:
-bfloat16``; ``floor`` is our calibration forwards alone. Without the peer's venv
+bfloat16``; ``+disk`` (``+cpu``, ``+none``) after it sets ``offload`` (``llmc.offload``: ``disk``
+streams the model a layer at a time); ``floor`` is our calibration forwards alone. Without the peer's venv
 (``.venv-peer``) only our numbers are reported.
 """
 
@@ -24,11 +27,17 @@ from benchlib.recipes import OURS_RECIPES, PEER_RECIPES
 PRECISIONS = ("", "bfloat16", "float16")
 
 
+OFFLOADS = ("", "none", "cpu", "disk")
+
+
 def our_args(spec: str) -> tuple[str, ...]:
-    """``ours_oneshot.py``'s arguments for ``floor`` or ``RECIPE[@PRECISION]``."""
+    """``ours_oneshot.py``'s arguments for ``floor`` or ``RECIPE[@PRECISION][+OFFLOAD]``."""
+    spec, _, offload = spec.partition("+")
     name, _, precision = spec.partition("@")
     args = ("--floor",) if name == "floor" else ("--recipe", name)
-    return (*args, "--calibration-precision", precision) if precision else args
+    if precision:
+        args = (*args, "--calibration-precision", precision)
+    return (*args, "--offload", offload) if offload else args
 
 
 def main(argv: list[str]) -> int:
@@ -50,8 +59,9 @@ def main(argv: list[str]) -> int:
     if peer_recipe == "none":
         peer_recipe = None
     for spec in ours:
-        name, _, precision = spec.partition("@")
-        if (name != "floor" and name not in OURS_RECIPES) or precision not in PRECISIONS:
+        head, _, offload = spec.partition("+")
+        name, _, precision = head.partition("@")
+        if (name != "floor" and name not in OURS_RECIPES) or precision not in PRECISIONS or offload not in OFFLOADS:
             parser.error(
                 f"unknown recipe {spec!r} for ours; one of floor, {', '.join(OURS_RECIPES)}"
             )
@@ -77,7 +87,7 @@ def main(argv: list[str]) -> int:
         return out
 
     peer_part = [f"vs-peer-{peer_recipe}"] if peer_recipe else []
-    name = "-".join([args.model, *ours, *peer_part]).replace(":", "_").replace("@", "_")
+    name = "-".join([args.model, *ours, *peer_part]).replace(":", "_").replace("@", "_").replace("+", "_")
     return driver.compare(args, configs, default_name=name)
 
 

@@ -81,6 +81,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--true-sequential", action="store_true", default=None, help="GPTQ: re-run each group"
     )
+    parser.add_argument(
+        "--offload", default="auto", help="where the weights live: auto, none, cpu or disk (llmc.offload)"
+    )
     args = parse(parser, argv)
     if args.floor == (args.recipe is not None):
         parser.error("give exactly one of --recipe and --floor")
@@ -97,6 +100,7 @@ def main(argv: list[str]) -> int:
         batch_size=args.batch_size,
         actorder=args.actorder,
         true_sequential=args.true_sequential,
+        offload=args.offload,
     )
     if args.floor:
         from benchlib.pipeline import run_floor  # imports llmc: kept out of oneshot_s
@@ -138,6 +142,7 @@ def main(argv: list[str]) -> int:
         overwrite=True,
         precision=args.precision,
         calibration_precision=args.calibration_precision,
+        offload=args.offload,
         **({"batch_size": args.batch_size} if args.batch_size else {}),
     )
     oneshot_s = round(time.perf_counter() - imported, 2)

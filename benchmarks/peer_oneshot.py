@@ -24,6 +24,10 @@ from benchlib.recipes import PEER_RECIPES
 
 def make_modifier(recipe: str):
     """The llm-compressor 0.14 modifier for one of the benchmark's recipe names."""
+    if recipe == "rtn-w4a16":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        return QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
     if recipe == "gptq-w4a16":
         from llmcompressor.modifiers.gptq import GPTQModifier
 

@@ -461,11 +461,11 @@ def test_save_checkpoint_failure_leaves_no_partial_output(tmp_path: Path, monkey
         out.mkdir()
         (out / "keep.txt").write_text("previous checkpoint")
 
-    def failing_save_file(tensors, filename, metadata=None):
+    def failing_write(filename, entries, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    monkeypatch.setattr(checkpoint, "write_safetensors", failing_write)
     model = _tiny_llama()
     _quantize_all_but_lm_head_(model, PRESET_SCHEMES["W4A16"])
 
@@ -555,13 +555,13 @@ def test_save_checkpoint_safetensors_error_is_one_line_save_error(tmp_path: Path
     """safetensors reports a full disk as its own SafetensorError, not as an OSError."""
     from safetensors import SafetensorError
 
-    def failing_save_file(tensors, filename, metadata=None):
+    def failing_write(filename, entries, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise SafetensorError(
             "Error while serializing: I/O error: No space left on device (os error 28)"
         )
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
+    monkeypatch.setattr(checkpoint, "write_safetensors", failing_write)
     model = _tiny_llama()
     _quantize_all_but_lm_head_(model, PRESET_SCHEMES["W4A16"])
 

@@ -4,6 +4,9 @@
   128 × 512 tokens; its checkpoints are worth evaluating.
 * ``wide``: a random-initialised Llama of a realistic width (hidden 2048), calibrated on
   16 × 512 tokens. Its weights are random: only time and memory measured on it mean anything.
+* ``llama8b-8``: Llama-3-8B's layer shape (hidden 4096, intermediate 14336, 32/8 heads) with 8
+  decoder layers, bf16 (~3.5 GB in 9 shards), random, calibrated on 8 × 256 tokens: the model of
+  the streaming (peak memory) benchmark. Written a layer at a time, never whole in memory.
 
 Both tools calibrate on the very same tokens: one chunks file, read by both tools' scripts.
 Run in llmc's venv (the chunks come from llmc's embedded corpus).
@@ -29,6 +32,18 @@ CALIBRATION_PRESET = "llmc:stdlib-docs"
 MODELS: dict[str, dict[str, Any]] = {
     "embedded": {"samples": 128, "seq_len": 512, "perplexity": True},
     "wide": {"samples": 16, "seq_len": 512, "perplexity": False},
+    "llama8b-8": {"samples": 8, "seq_len": 256, "perplexity": False},
+}
+
+LLAMA8B_SPEC: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "seed": 0,
 }
 
 WIDE_LLAMA_SPEC: dict[str, Any] = {
@@ -51,6 +66,7 @@ __all__ = [
     "calibration_chunks",
     "chunks_file",
     "corpus_chunks",
+    "make_llama8b_layers",
     "make_wide_llama",
     "model_dir",
     "prepare",
@@ -89,6 +105,83 @@ def make_wide_llama(
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / _SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+    return path
+
+
+def make_llama8b_layers(
+    path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL
+) -> Path:
+    """``LLAMA8B_SPEC`` as a bf16 checkpoint: one shard per decoder layer plus one for the rest.
+
+    Each layer's tensors are drawn (normal, std 0.02; norms 1) and written before the next is
+    drawn, so building it needs one layer of memory. Reused when the spec matches.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    spec = {**LLAMA8B_SPEC, "vocab_size": len(tokenizer)}
+    spec_file = path / _SPEC_FILE
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        return path
+    config = LlamaConfig(
+        **{key: value for key, value in spec.items() if key != "seed"},
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    hidden, inter = spec["hidden_size"], spec["intermediate_size"]
+    kv = hidden // spec["num_attention_heads"] * spec["num_key_value_heads"]
+    generator = torch.Generator().manual_seed(spec["seed"])
+
+    def draw(*shape: int) -> Any:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    layers = spec["num_hidden_layers"]
+    total = layers + 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    weight_map: dict[str, str] = {}
+    size = 0
+
+    def write(index: int, tensors: dict[str, Any]) -> None:
+        nonlocal size
+        name = f"model-{index:05d}-of-{total:05d}.safetensors"
+        save_file(tensors, str(staging / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    write(1, {
+        "model.embed_tokens.weight": draw(spec["vocab_size"], hidden),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        "lm_head.weight": draw(spec["vocab_size"], hidden),
+    })
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}."
+        write(layer + 2, {
+            prefix + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            prefix + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            prefix + "self_attn.q_proj.weight": draw(hidden, hidden),
+            prefix + "self_attn.k_proj.weight": draw(kv, hidden),
+            prefix + "self_attn.v_proj.weight": draw(kv, hidden),
+            prefix + "self_attn.o_proj.weight": draw(hidden, hidden),
+            prefix + "mlp.gate_proj.weight": draw(inter, hidden),
+            prefix + "mlp.up_proj.weight": draw(inter, hidden),
+            prefix + "mlp.down_proj.weight": draw(hidden, inter),
+        })
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    spec_file_staging = staging / _SPEC_FILE
+    spec_file_staging.write_text(json.dumps(spec, indent=1))
     if path.exists():
         shutil.rmtree(path)
     staging.rename(path)
@@ -174,6 +267,8 @@ def model_dir(kind: str) -> Path:
         return EMBEDDED_MODEL
     if kind == "wide":
         return make_wide_llama(BENCH_ROOT / "wide-llama")
+    if kind == "llama8b-8":
+        return make_llama8b_layers(BENCH_ROOT / "llama8b-8")
     raise ValueError(f"unknown model {kind!r}; one of {', '.join(MODELS)}")
 
 

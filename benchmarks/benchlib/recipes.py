@@ -79,7 +79,7 @@ OURS_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
 }
 
-PEER_RECIPES = ("gptq-w4a16", "sparsegpt-50", "sparsegpt-2:4", "wanda-50")
+PEER_RECIPES = ("rtn-w4a16", "gptq-w4a16", "sparsegpt-50", "sparsegpt-2:4", "wanda-50")
 
 # the pruning baselines and combinations of docs/benchmarks.md's sparsity quality table
 SPARSITY_RECIPES = tuple(name for name in OURS_RECIPES if name not in ("rtn-w4a16", "gptq-w4a16"))

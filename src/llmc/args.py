@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
 SELF_TEACHER = "self"
 
 
@@ -116,6 +117,16 @@ class ModelArguments:
     device: str | None = attrs.field(
         default=None,
         metadata=_help("device for calibration (default: the model's, else cuda if present, else cpu)"),
+    )
+    offload: str = attrs.field(
+        default="auto",
+        validator=OneOf(OFFLOAD_MODES),
+        metadata=_help(
+            "where the weights live during the run: none (all on the device), cpu (in host "
+            "memory, each layer moved to the device for its passes), disk (each layer read from "
+            "the model's files when reached and written to the output when done; resumable), "
+            "auto (none when the model fits, else cpu or disk)"
+        ),
     )
     cache_dir: str | None = attrs.field(
         default=None, converter=_path_or_none, metadata=_help("where hub downloads are cached")
@@ -246,6 +257,13 @@ class OutputArguments:
     )
     overwrite: bool = attrs.field(
         default=False, metadata=_help("replace an existing non-empty output directory")
+    )
+    resume: bool = attrs.field(
+        default=True,
+        metadata=_help(
+            "continue an interrupted streamed run (offload=disk) for the same output at its first "
+            "unfinished layer when nothing it depends on changed; --no-resume starts over"
+        ),
     )
 
 

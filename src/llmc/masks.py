@@ -4,15 +4,73 @@ A pruning modifier marks which weights it kept; a quantizer that runs after it (
 "2:4 then W4A16" recipe) reads the mask and keeps pruned weights at exactly zero instead of
 refilling them through its error updates. The mask is a non-persistent buffer: it moves with
 the module between devices but is never written into a checkpoint.
+
+A streamed run releases each layer once it is written, masks included; what the checkpoint's
+sparsity record needs of a mask (how many weights it prunes, its N:M structure) is kept as a
+``MaskSummary`` on the module (``summarize_mask_``), and ``mask_summary`` reads either.
 """
 
 from __future__ import annotations
 
+import attrs
 import torch
 
-__all__ = ["MASK_BUFFER", "apply_mask_", "set_sparsity_mask_", "sparsity_mask"]
+__all__ = [
+    "MASK_BUFFER",
+    "MaskSummary",
+    "apply_mask_",
+    "mask_structure",
+    "mask_summary",
+    "restore_mask_summary_",
+    "set_sparsity_mask_",
+    "sparsity_mask",
+    "summarize_mask_",
+]
 
 MASK_BUFFER = "llmc_sparsity_mask"
+_SUMMARY = "llmc_sparsity_mask_summary"
+_GROUP_SIZES = (4, 8, 16, 32, 64, 128)
+
+
+@attrs.frozen
+class MaskSummary:
+    """What a mask prunes: the number of weights, and (N, M) when it is N:M structured."""
+
+    pruned: int
+    structure: tuple[int, int] | None
+
+
+def mask_structure(kept: torch.Tensor) -> tuple[int, int] | None:
+    """(N, M) when every group of M consecutive columns of every row keeps exactly N < M."""
+    rows, cols = kept.shape
+    for group_m in _GROUP_SIZES:
+        if cols % group_m:
+            continue
+        counts = kept.reshape(rows, cols // group_m, group_m).sum(dim=-1)  # [rows, groups]
+        keep_n = int(counts.max())
+        if keep_n < group_m and int(counts.min()) == keep_n:
+            return keep_n, group_m
+    return None
+
+
+def mask_summary(module: torch.nn.Module) -> MaskSummary | None:
+    """The summary of ``module``'s mask, live or kept from before its layer was released."""
+    kept = sparsity_mask(module)
+    if kept is not None and kept.device.type != "meta":
+        return MaskSummary(int((~kept).sum()), mask_structure(kept))
+    return getattr(module, _SUMMARY, None)
+
+
+def restore_mask_summary_(module: torch.nn.Module, summary: MaskSummary) -> None:
+    """Put back a summary kept by an interrupted streamed run (``llmc.resume``)."""
+    object.__setattr__(module, _SUMMARY, summary)
+
+
+def summarize_mask_(module: torch.nn.Module) -> None:
+    """Keep the summary of ``module``'s mask on it, before the mask's memory is released."""
+    summary = mask_summary(module)
+    if summary is not None:
+        object.__setattr__(module, _SUMMARY, summary)
 
 
 def set_sparsity_mask_(module: torch.nn.Module, kept: torch.Tensor) -> None:

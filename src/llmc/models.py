@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,6 +25,7 @@ from llmc.args import SELF_TEACHER, ModelArguments
 from llmc.data.presets import asset_path
 from llmc.errors import ArgumentError, ModelLoadError, did_you_mean
 from llmc.hub import hub_is_reachable
+from llmc.lazy_weights import LazyWeights, checkpoint_files
 from llmc.quantization.module import EXCLUSIVE
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "calibration_dtype",
     "default_device",
     "load_model",
+    "load_skeleton",
+    "local_model_folder",
     "load_tokenizer",
     "resolve_model_path",
 ]
@@ -228,8 +232,9 @@ def _asymmetric_packed_workaround(config: Any) -> dict[str, Any]:
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
-def load_model(model_args: ModelArguments) -> PreTrainedModel:
-    """The causal LM named by ``model_args.model``, in eval mode, on the chosen device.
+def load_model(model_args: ModelArguments, device: torch.device | None = None) -> PreTrainedModel:
+    """The causal LM named by ``model_args.model``, in eval mode, on the chosen device
+    (``device``, else ``model_args.device``, else the first GPU or the CPU).
 
     ``precision='auto'`` keeps the checkpoint's dtype (what it was trained or saved in). A model
     object passed in is returned as it is: moving or casting it would silently change the
@@ -253,7 +258,7 @@ def load_model(model_args: ModelArguments) -> PreTrainedModel:
             )
         return model
     path = resolve_model_path(model)
-    device = default_device(model_args.device)
+    device = device or default_device(model_args.device)
     kwargs = _hub_kwargs(path, model_args)
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
@@ -271,6 +276,56 @@ def load_model(model_args: ModelArguments) -> PreTrainedModel:
         loaded.to(device)
     _mark_exclusive_parameters(loaded)
     return loaded
+
+
+def local_model_folder(model_args: ModelArguments) -> Path | None:
+    """The local folder of a model given by path or preset (None for a hub name or object)."""
+    if not isinstance(model_args.model, str):
+        return None
+    path = resolve_model_path(model_args.model)
+    return Path(path) if os.path.isdir(path) else None
+
+
+def load_skeleton(model_args: ModelArguments) -> tuple[PreTrainedModel, LazyWeights] | str:
+    """The model with its parameters on the meta device and the map of where they are in its
+    files (``llmc.lazy_weights``), or why it cannot be read a layer at a time."""
+    from accelerate import init_empty_weights
+    from transformers import GenerationConfig
+
+    folder = local_model_folder(model_args)
+    if folder is None:
+        return "the model is not a local folder (download it and pass its path)"
+    files = checkpoint_files(folder)
+    if isinstance(files, str):
+        return files
+    kwargs = _hub_kwargs(str(folder), model_args)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        raise _load_error("model", model_args.model, kwargs, error) from error
+    if getattr(config, "quantization_config", None) is not None:
+        return "it is a quantized checkpoint"
+    dtype = _DTYPES.get(model_args.precision) or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=model_args.trust_remote_code
+            )
+    except (OSError, ValueError, KeyError, ImportError, TypeError) as error:
+        return f"transformers cannot build it without its weights ({_first_line(error)})"
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    from llmc.moe import find_fused_experts
+
+    if find_fused_experts(model):
+        return "its experts are fused 3-D weights, which are unfused from their values"
+    weights = LazyWeights.open(model, files)
+    if isinstance(weights, str):
+        return weights
+    return model, weights
 
 
 def _mark_exclusive_parameters(model: torch.nn.Module) -> None:

@@ -48,7 +48,9 @@ from tqdm.auto import tqdm
 from llmc import hookspecs
 from llmc.context import RunContext
 from llmc.errors import CalibrationError, PluginError
+from llmc.memory import MemoryPeak
 from llmc.moe import experts_calibration, record_routed_tokens
+from llmc.offload import LayerPlacement
 from llmc.plugins import check_hooks, trace_hook_calls, validation_text
 from llmc.targets import is_match
 from llmc.torch_hooks import hook_ids, remove_hooks_added_since
@@ -185,6 +187,13 @@ class BlockInputs:
         return attrs.evolve(self, kwargs={**self.kwargs, "hidden_states": hidden_states})
 
 
+def _progress_text(layer: dict[str, Any]) -> str:
+    text = f"{layer['layer']} {layer['seconds']:.1f}s {layer['peak_rss_mb'] / 1024:.2f}GB"
+    if "peak_device_mb" in layer:
+        text += f" gpu {layer['peak_device_mb'] / 1024:.2f}GB"
+    return text
+
+
 def _first_output(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -203,6 +212,9 @@ class LayerwisePipeline:
     for many samples never sit on the accelerator). ``calibrate_all_experts``: in calibration
     passes the unfused experts of an MoE block (``llmc.moe``) compute on every token, so each
     expert is calibrated on all of them; the block's output still uses only the routed experts.
+    ``placement`` moves each block onto the device and off it (``llmc.offload``); a streamed
+    run's placement may also resume at a later block. ``layer_stats`` gets one entry per block:
+    its seconds and its peak host (and device) memory.
     """
 
     model: torch.nn.Module
@@ -212,7 +224,9 @@ class LayerwisePipeline:
     storage_device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     show_progress: bool = True
     calibrate_all_experts: bool = True
+    placement: LayerPlacement = attrs.field(factory=LayerPlacement)
     timings: dict[str, float] = attrs.field(factory=dict)
+    layer_stats: list[dict[str, Any]] = attrs.field(factory=list)
 
     def run(self, batches: Sequence[dict[str, torch.Tensor]] | None) -> None:
         """Calibrate and compress every block; after a failure, see the module docstring."""
@@ -234,13 +248,25 @@ class LayerwisePipeline:
     ) -> None:
         self.context.layer_names = [name for name, _ in blocks]
         hook = self.lifecycle.hook
+        placement = self.placement
+        placement.prepare(self.model, blocks)
+        start, inputs, rows, stats = placement.resume_point()
         hook.llmc_initialize(context=self.context)
-        inputs = self._capture(blocks[0][1], batches) if batches else None
-        progress = tqdm(blocks, desc="calibrating", unit="layer", disable=not self.show_progress)
+        if start:
+            self.context.report.extend(rows)
+            self.layer_stats.extend(stats)
+        elif batches:
+            inputs = self._capture(blocks[0][1], batches)
+        memory = MemoryPeak(self._device())
+        progress = tqdm(
+            blocks[start:], desc="calibrating", unit="layer", disable=not self.show_progress,
+            initial=start, total=len(blocks),
+        )
         with progress:
-            for name, block in progress:
-                progress.set_postfix_str(name)
+            for index, (name, block) in enumerate(progress, start=start):
                 started = time.perf_counter()
+                memory.start()
+                placement.onload(name, block)
                 self.context.forward_layer = self._calibration_pass(name, block, inputs)
                 wants_data = any(hook.llmc_layer_start(context=self.context, layer_name=name, layer=block))
                 if wants_data:
@@ -255,9 +281,16 @@ class LayerwisePipeline:
                             batch.with_hidden_states(output.to(self.storage_device))
                             for batch, output in zip(inputs, self._forward(block, inputs))
                         ]
+                else:
+                    inputs = None
                 self.timings[name] = time.perf_counter() - started
+                layer = {"layer": name, "seconds": round(self.timings[name], 3), **memory.stop()}
+                placement.done(index, name, block, inputs, self.context.report[first_row:], layer)
+                self.layer_stats.append(layer)
+                progress.set_postfix_str(_progress_text(layer))
                 logger.debug("%s done in %.2f s", name, self.timings[name])
         hook.llmc_finalize(context=self.context)
+        placement.finish(self.model)
 
     def _calibration_pass(
         self, name: str, block: torch.nn.Module, inputs: list[BlockInputs] | None

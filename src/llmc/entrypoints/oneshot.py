@@ -1,9 +1,11 @@
 """``oneshot``: calibrate and compress a model in one pass, no training.
 
 The whole data flow, top to bottom: arguments → recipe (validated before anything heavy) →
-output directory check → model (fused MoE experts unfused into Linears, ``llmc.moe``) and
-tokenizer → calibration data (only if a modifier needs it) → layer-by-layer calibration with the
-recipe's modifiers → report → checkpoint.
+output directory check → where the weights live (``llmc.offload``: on the device, in host
+memory, or read from disk a layer at a time) → model (fused MoE experts unfused into Linears,
+``llmc.moe``) and tokenizer → calibration data (only if a modifier needs it) → for a streamed
+run, its journal (resuming an interrupted run, ``llmc.resume``) → layer-by-layer calibration
+with the recipe's modifiers → report → checkpoint (a streamed run's layers already written).
 """
 
 from __future__ import annotations
@@ -20,10 +22,28 @@ from llmc.args import parse_arguments
 from llmc.context import RunContext
 from llmc.data import load_calibration_data, make_batches, padding_token_id
 from llmc.entrypoints.stages import ONESHOT, check_stage_kinds, run_oneshot_stage, write_results
-from llmc.models import calibration_dtype, load_model, load_tokenizer
+from llmc.errors import ArgumentError
+from llmc.lazy_weights import checkpoint_files
+from llmc.models import (
+    calibration_dtype,
+    default_device,
+    load_model,
+    load_skeleton,
+    load_tokenizer,
+    local_model_folder,
+)
 from llmc.moe import unfuse_experts_
+from llmc.offload import (
+    DiskStreaming,
+    HostOffload,
+    LayerPlacement,
+    choose_offload,
+    disk_problem,
+    open_journal,
+    streaming_settings,
+)
 from llmc.plugins import load_registry
-from llmc.recipe import Recipe, load_recipe
+from llmc.recipe import Recipe, load_recipe, recipe_to_yaml
 from llmc.save import check_output_dir
 
 __all__ = ["OneshotResult", "oneshot"]
@@ -59,13 +79,35 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         recipe_args.recipe, registry, recipe_args=recipe_args.recipe_args, stage=recipe_args.stage
     )
     check_stage_kinds(recipe, ONESHOT)
+    output_dir = None
     if output_args.output_dir is not None:
-        check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
+        output_dir = check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
     logger.info("recipe: %s", ", ".join(f"{e.plugin}.{e.name}" for e in recipe.modifiers))
 
-    # 2. Model (fused MoE experts become per-expert Linears), tokenizer and, when a modifier
-    #    needs them, calibration batches.
-    model = load_model(model_args)
+    # 2. Where the weights live (llmc.offload), the model (fused MoE experts become
+    #    per-expert Linears), the tokenizer and, when a modifier needs them, calibration batches.
+    folder = local_model_folder(model_args)
+    files = checkpoint_files(folder) if folder is not None else None
+    model_files = sorted(set(files.values())) if isinstance(files, dict) else []
+    if model_files and (folder / "config.json").is_file():
+        model_files.append(folder / "config.json")
+    device = default_device(model_args.device) if isinstance(model_args.model, str) or model_args.device else None
+    mode = choose_offload(
+        model_args.offload,
+        model_bytes=sum(p.stat().st_size for p in model_files) if model_files else None,
+        device=device or next(model_args.model.parameters()).device,
+        disk_problem=disk_problem(folder, output_dir, len(recipe.stages)),
+    )
+    skeleton = load_skeleton(model_args) if mode == "disk" else None
+    if isinstance(skeleton, str):
+        if model_args.offload == "disk":
+            raise ArgumentError(f"offload='disk' cannot read this model a layer at a time: {skeleton}", name="offload")
+        logger.warning("cannot stream the model from disk (%s): loading it into host memory", skeleton)
+        mode, skeleton = "cpu", None
+    if skeleton is not None:
+        model, weights = skeleton
+    else:
+        model = load_model(model_args, device=torch.device("cpu") if mode == "cpu" else None)
     unfuse_experts_(model)
     tokenizer = load_tokenizer(model_args, model)
     batches = None
@@ -76,28 +118,48 @@ def oneshot(**kwargs: Any) -> OneshotResult:
     elif data_args.dataset is not None:
         logger.info("the recipe is data-free; the dataset is not used")
     size_before = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    # 3. Each stage runs its modifiers over the model, one block at a time.
     context = RunContext(
         model=model,
-        device=next(model.parameters()).device,
+        device=device if mode in ("cpu", "disk") else next(model.parameters()).device,
         tokenizer=tokenizer,
         compute_dtype=calibration_dtype(model_args, model),
     )
-    for stage in recipe.stages:
-        run_oneshot_stage(
-            stage, model, context, batches, data_args.sequential_targets,
-            calibrate_all_experts=model_args.moe_calibrate_all_experts,
+    placement: LayerPlacement = LayerPlacement()
+    if mode == "cpu":
+        placement = HostOffload(context.device)
+    elif mode == "disk":
+        journal = open_journal(
+            output_dir, model_files=model_files, recipe_text=recipe_to_yaml(recipe, registry),
+            batches=batches, settings=streaming_settings(model_args, data_args), resume=output_args.resume,
         )
+        placement = DiskStreaming(weights, journal, context.device, model_args.save_compressed, model)
+    logger.info("offload: %s (calibrating on %s)", mode, context.device)
 
-    # 4. The report and the checkpoint.
-    report, output_dir = write_results(
-        model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
-        model_args=model_args, output_args=output_args, started=started,
-        extra={
-            "calibration_samples": sum(len(b["input_ids"]) for b in batches) if batches else 0,
-            "parameter_bytes_before": size_before,
-        },
-    )
+    # 3. Each stage runs its modifiers over the model, one block at a time; 4. the report and
+    #    the checkpoint. A streamed run's journal stays for a rerun to resume if either fails.
+    try:
+        layer_stats = []
+        for stage in recipe.stages:
+            layer_stats += run_oneshot_stage(
+                stage, model, context, batches, data_args.sequential_targets,
+                calibrate_all_experts=model_args.moe_calibrate_all_experts, placement=placement,
+            )
+        report, output_dir = write_results(
+            model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
+            model_args=model_args, output_args=output_args, started=started,
+            extra={
+                "calibration_samples": sum(len(b["input_ids"]) for b in batches) if batches else 0,
+                "parameter_bytes_before": size_before,
+                "offload": mode,
+                **({"resumed_layers": placement.journal.resumed} if mode == "disk" else {}),
+                "layers": layer_stats,
+            },
+            placement=placement,
+        )
+    finally:
+        if isinstance(placement, DiskStreaming):
+            placement.journal.close()
+    if isinstance(placement, DiskStreaming):
+        placement.journal.remove()
     logger.info("oneshot finished in %.1f s", time.perf_counter() - started)
     return OneshotResult(model, tokenizer, recipe, report, output_dir)

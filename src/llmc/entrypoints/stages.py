@@ -20,6 +20,7 @@ import torch
 from llmc.args import ModelArguments, OutputArguments
 from llmc.context import RunContext
 from llmc.errors import RecipeError
+from llmc.offload import LayerPlacement
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import Registry
 from llmc.recipe import Recipe, RecipeStage, recipe_to_yaml
@@ -76,9 +77,10 @@ def run_oneshot_stage(
     sequential_targets: Sequence[str] | None,
     *,
     calibrate_all_experts: bool = True,
-) -> None:
-    """The stage's modifiers over the model, one block at a time (``calibrate_all_experts``: see
-    ``LayerwisePipeline``)."""
+    placement: LayerPlacement | None = None,
+) -> list[dict[str, Any]]:
+    """The stage's modifiers over the model, one block at a time (``calibrate_all_experts``,
+    ``placement``: see ``LayerwisePipeline``); returns each block's time and peak memory."""
     run_states = [entry.modifier.start(context) for entry in stage.modifiers]
     logger.info("stage %s (oneshot): %d modifiers", stage.name, len(run_states))
     pipeline = LayerwisePipeline(
@@ -87,8 +89,10 @@ def run_oneshot_stage(
         lifecycle=make_lifecycle(run_states),
         sequential_targets=sequential_targets,
         calibrate_all_experts=calibrate_all_experts,
+        placement=placement or LayerPlacement(),
     )
     pipeline.run(batches)
+    return [{"stage": stage.name, **layer} for layer in pipeline.layer_stats]
 
 
 def write_results(
@@ -102,6 +106,7 @@ def write_results(
     output_args: OutputArguments,
     started: float,
     extra: dict[str, Any],
+    placement: LayerPlacement | None = None,
 ) -> tuple[dict[str, Any], Path | None]:
     """The run report, and the checkpoint with its recipe and report when an output is asked."""
     model_name = model_args.model if isinstance(model_args.model, str) else type(model).__name__
@@ -132,5 +137,7 @@ def write_results(
         overwrite=output_args.overwrite,
         extra_files=extra_files,
         config_entries=config_entries,
+        written_layers=placement.written_layers if placement else (),
+        layer_entries=placement.written_entries() if placement else (),
     )
     return report, output_dir

@@ -23,7 +23,8 @@ cut cannot leave a renamed directory of empty files in place of a good checkpoin
 
 Fault injection, for tests only: ``LLMC_TEST_PAUSE_AT=<point>`` makes the process stop itself
 with SIGSTOP at that point of the save, so a test can SIGKILL it in exactly that state; the
-points are ``PAUSE_POINTS``. ``LLMC_TEST_NO_EXCHANGE=1`` forces the rename protocol. Unset,
+points are ``PAUSE_POINTS``, and ``after-layer-<k>`` once a streamed run has recorded layer
+``k`` in its journal (``llmc.offload``). ``LLMC_TEST_NO_EXCHANGE=1`` forces the rename protocol. Unset,
 each point costs one environment lookup.
 """
 

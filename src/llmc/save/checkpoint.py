@@ -15,14 +15,14 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 
 from llmc.errors import SaveError
@@ -38,6 +38,7 @@ from llmc.save.compressed_tensors import (
     quantization_config,
     with_config_entries,
 )
+from llmc.save.safetensors_stream import TensorEntry, entry_of_tensor, write_safetensors
 
 __all__ = ["MAX_SHARD_SIZE", "check_output_dir", "save_checkpoint"]
 
@@ -117,17 +118,30 @@ def _readable_as_umask_allows(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _write_weights(state: dict, directory: Path) -> list[str]:
-    split = split_torch_state_dict_into_shards(
-        state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=MAX_SHARD_SIZE
+def _natural_key(name: str) -> list[Any]:
+    """``model.layers.10`` after ``model.layers.9``: the order tensors are assigned to shards."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _write_weights(entries: list[TensorEntry], directory: Path) -> list[str]:
+    """The shards and index, one tensor at a time (``llmc.save.safetensors_stream``).
+
+    Tensors go to shards in name order, so an in-memory run and a streamed one, whose finished
+    layers come from part files, write the same files.
+    """
+    by_name = {entry.name: entry for entry in sorted(entries, key=lambda e: _natural_key(e.name))}
+    if len(by_name) != len(entries):
+        raise SaveError("two tensors of the checkpoint have the same name")
+    split = split_state_dict_into_shards_factory(
+        by_name, get_storage_size=lambda entry: entry.nbytes,
+        filename_pattern=WEIGHTS_PATTERN, max_shard_size=MAX_SHARD_SIZE,
     )
     written = []
     for filename, names in split.filename_to_tensors.items():
-        shard = {name: state[name].contiguous() for name in names}
-        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        write_safetensors(directory / filename, [by_name[name] for name in names], {"format": "pt"})
         _readable_as_umask_allows(directory / filename)
         size = (directory / filename).stat().st_size
-        logger.info("wrote %s (%d tensors, %.1f MB)", filename, len(shard), size / 1e6)
+        logger.info("wrote %s (%d tensors, %.1f MB)", filename, len(names), size / 1e6)
         written.append(filename)
         if len(written) == 1:
             pause_point("after-first-shard")
@@ -184,6 +198,8 @@ def save_checkpoint(
     ignore: Iterable[str] = (),
     extra_files: Mapping[str, str | bytes] | None = None,
     config_entries: Mapping[str, Any] | None = None,
+    written_layers: Sequence[str] = (),
+    layer_entries: Sequence[TensorEntry] = (),
 ) -> Path:
     """Write ``model`` (with its quantized Linears compressed), its tokenizer and extra files.
 
@@ -193,7 +209,9 @@ def save_checkpoint(
     ``tokenizer`` is given, and each of ``extra_files`` (name relative to the checkpoint →
     text or bytes). ``ignore`` adds entries to the config's ignore list (every unquantized
     Linear is listed anyway). ``config_entries`` are added to ``quantization_config`` (what
-    plugins contribute, ``plugin_config_entries``). Returns the absolute path of the checkpoint.
+    plugins contribute, ``plugin_config_entries``). A streamed run passes the layers it has
+    already written (``written_layers``, module names) and their tensors (``layer_entries``,
+    read from its part files). Returns the absolute path of the checkpoint.
     """
     output_dir = check_output_dir(output_dir, overwrite=overwrite)
     extra_files = dict(extra_files or {})
@@ -203,7 +221,8 @@ def save_checkpoint(
         quantization_config(model, list(ignore), save_compressed=save_compressed),
         dict(config_entries or {}),
     )
-    state = compressed_state_dict(model, save_compressed=save_compressed)
+    state = compressed_state_dict(model, save_compressed=save_compressed, skip=tuple(written_layers))
+    entries = [entry_of_tensor(name, tensor) for name, tensor in state.items()] + list(layer_entries)
 
     try:
         temp_dir = make_sibling_dir(output_dir, "tmp")
@@ -211,7 +230,7 @@ def save_checkpoint(
         raise _write_failed(output_dir, error) from error
     logger.info("writing checkpoint for %s into %s", output_dir, temp_dir)
     try:
-        written = _write_weights(state, temp_dir)
+        written = _write_weights(entries, temp_dir)
         _write_config(model, quant_config, temp_dir)
         written.append("config.json")
         generation_config = getattr(model, "generation_config", None)

@@ -276,15 +276,30 @@ def _revert_weight_renaming(
     return reverted
 
 
+def _in_part(key: str, within: str | None, skip: tuple[str, ...]) -> bool:
+    if within is not None and not key.startswith(f"{within}."):
+        return False
+    return not any(key.startswith(f"{prefix}.") for prefix in skip)
+
+
 @torch.no_grad()
-def compressed_state_dict(model: nn.Module, *, save_compressed: bool) -> dict[str, torch.Tensor]:
+def compressed_state_dict(
+    model: nn.Module, *, save_compressed: bool, within: str | None = None, skip: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each quantized Linear in its compressed-tensors form.
 
     Unquantized tensors are returned as they are (aliases removed as transformers does), so
-    nothing is copied except the compressed weights.
+    nothing is copied except the compressed weights. ``within`` (a module name) keeps only
+    that module's tensors and ``skip`` leaves out those of the modules named: a streamed run
+    writes each layer on its own as it finishes, and the rest of the model at the end.
     """
-    state = model.state_dict()
-    quantized = dict(quantized_linears(model))
+    state = {
+        key: tensor for key, tensor in model.state_dict().items() if _in_part(key, within, skip)
+    }
+    quantized = {
+        name: module for name, module in quantized_linears(model)
+        if _in_part(f"{name}.weight", within, skip)
+    }
     weight_owner = {_storage_key(m.weight): n for n, m in quantized.items()}
     for key, tensor in state.items():
         owner = weight_owner.get(_storage_key(tensor)) if tensor.numel() else None

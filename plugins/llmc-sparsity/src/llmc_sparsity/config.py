@@ -26,24 +26,12 @@ from typing import Any
 
 import torch
 
-from llmc.masks import sparsity_mask
+from llmc.masks import mask_structure, mask_summary
 
 __all__ = ["checkpoint_sparsity_config", "mask_structure_of"]
 
-_GROUP_SIZES = (4, 8, 16, 32, 64, 128)
-
-
-def mask_structure_of(kept: torch.Tensor) -> tuple[int, int] | None:
-    """(N, M) when every group of M consecutive columns of every row keeps exactly N < M."""
-    rows, cols = kept.shape
-    for group_m in _GROUP_SIZES:
-        if cols % group_m:
-            continue
-        counts = kept.reshape(rows, cols // group_m, group_m).sum(dim=-1)  # [rows, groups]
-        keep_n = int(counts.max())
-        if keep_n < group_m and int(counts.min()) == keep_n:
-            return keep_n, group_m
-    return None
+# The structure test lives in core (a streamed run needs it before releasing a layer).
+mask_structure_of = mask_structure
 
 
 def _linear_like(module: torch.nn.Module) -> bool:
@@ -58,14 +46,14 @@ def checkpoint_sparsity_config(model: torch.nn.Module) -> dict[str, Any] | None:
     unpruned_linears: list[str] = []
     any_mask = False
     for name, module in model.named_modules():
-        kept = sparsity_mask(module) if isinstance(module, torch.nn.Module) else None
-        if kept is None:
+        summary = mask_summary(module)
+        if summary is None:
             if _linear_like(module):
                 unpruned_linears.append(name)
             continue
         any_mask = True
-        pruned += int((~kept).sum())
-        structures.add(mask_structure_of(kept))
+        pruned += summary.pruned
+        structures.add(summary.structure)
     if not any_mask:
         return None
     seen: set[int] = set()
