@@ -107,3 +107,14 @@ def test_whole_word_packing_equals_block_packing(num_bits, cols):
     generator = torch.Generator().manual_seed(num_bits * 100 + cols)
     values = torch.randint(0, 1 << num_bits, (5, cols), generator=generator, dtype=torch.int64)
     assert torch.equal(_pack_whole_words(values, num_bits), _pack_blocks(values, num_bits))
+
+
+@pytest.mark.parametrize("num_bits", [2, 3, 4, 8])
+def test_packing_a_few_rows_at_a_time_equals_packing_the_whole_weight(monkeypatch, num_bits):
+    from llmc.quantization import packing
+
+    low, high = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    codes = torch.randint(low, high + 1, (37, 200), dtype=torch.int8, generator=torch.Generator().manual_seed(num_bits))
+    whole = packing.pack_to_int32(codes, num_bits)
+    monkeypatch.setattr(packing, "_PIECE_ELEMENTS", 200 * 5)  # 5 rows a piece, a ragged last one
+    assert torch.equal(packing.pack_to_int32(codes, num_bits), whole)

@@ -549,3 +549,30 @@ def test_args_from_config_dict_wrong_fp8_zp_dtype_raises():
 def test_scheme_format_that_cannot_hold_the_weights_raises(weights, fmt):
     with pytest.raises(ArgumentError, match=rf"^format '{fmt}' cannot hold \w+ weights; use one of "):
         scheme_from_config_dict({"targets": ["Linear"], "weights": weights, "format": fmt})
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W8A8", "FP8_DYNAMIC"])
+def test_kernels_by_pieces_of_rows_equal_the_whole_weight(monkeypatch, scheme):
+    """Large weights are quantized a few rows at a time; the codes and values must not change."""
+    from llmc.quantization import math as qmath
+    from llmc.quantization.scheme import preset_scheme
+
+    args = preset_scheme(scheme).weights
+    W = (torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * 0.05).to(torch.bfloat16)
+    scale, zero_point = qmath.compute_qparams(W, args)
+    whole = {
+        "fake": qmath.fake_quantize(W, scale, zero_point, args),
+        "codes": qmath.quantize(W, scale, zero_point, args),
+    }
+    whole["recovered"] = qmath.recover_codes(whole["fake"], scale, zero_point, args)
+    whole["values"] = qmath.dequantize(whole["codes"], scale, zero_point, args, torch.bfloat16)
+    monkeypatch.setattr(qmath, "_PIECE_ELEMENTS", 256 * 7)  # 7 rows a piece, a ragged last one
+    pieces = {
+        "fake": qmath.fake_quantize(W, scale, zero_point, args),
+        "codes": qmath.quantize(W, scale, zero_point, args),
+    }
+    pieces["recovered"] = qmath.recover_codes(pieces["fake"], scale, zero_point, args)
+    pieces["values"] = qmath.dequantize(pieces["codes"], scale, zero_point, args, torch.bfloat16)
+    for key, value in whole.items():
+        assert value.dtype == pieces[key].dtype
+        assert torch.equal(value.view(torch.uint8) if value.element_size() == 1 else value, pieces[key].view(torch.uint8) if value.element_size() == 1 else pieces[key]), key

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -22,9 +23,17 @@ logger = logging.getLogger("llmc.report")
 def relative_error(original: torch.Tensor, changed: torch.Tensor) -> float:
     """‖W − Ŵ‖_F / ‖W‖_F: how much of the weight a compression step changed (the report's
     ``weight_error``, the same measure for every modifier)."""
-    original = original.float()
-    denominator = torch.linalg.vector_norm(original).item() or 1.0
-    return torch.linalg.vector_norm(original - changed.float()).item() / denominator
+    # by pieces of rows, summed in float64: whole-weight float copies of a 14336-wide weight
+    # would be the largest allocation of an RTN run
+    original = original.detach().reshape(original.shape[0], -1)
+    changed = changed.detach().reshape(original.shape[0], -1)
+    step = max(1, (1 << 22) // max(1, original.shape[1]))
+    total = difference = 0.0
+    for start in range(0, original.shape[0], step):
+        piece = original[start : start + step].float()
+        total += float(torch.linalg.vector_norm(piece, dtype=torch.float64)) ** 2
+        difference += float(torch.linalg.vector_norm(piece - changed[start : start + step].float(), dtype=torch.float64)) ** 2
+    return math.sqrt(difference) / (math.sqrt(total) or 1.0)
 
 
 def summarize_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,8 @@ Symbols, for a weight ``W: [rows, cols]`` (rows = out_features, cols = in_featur
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from llmc.errors import ArgumentError, CalibrationError
@@ -130,6 +132,41 @@ def compute_qparams(W: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tens
     return _qparams_from_range(lo, hi, args)
 
 
+# Rows per piece of the element-wise kernels below, so a 14336-wide weight never has more than
+# a few tens of MB of float64/float32 temporaries at once (whole-weight temporaries made RTN of
+# one Llama-3-8B layer peak at ~2 GB). Results are element-wise, hence identical either way.
+_PIECE_ELEMENTS = 1 << 22
+
+
+def _by_rows(kernel):
+    """Run an element-wise ``kernel(W, scale, zero_point, args, ...)`` on pieces of rows of a
+    2-D ``W``, slicing per-row ``scale``/``zero_point`` alike, into one output tensor."""
+
+    @functools.wraps(kernel)
+    def pieces(W, scale, zero_point, args, *rest, **kwargs):  # noqa: ANN001, ANN202
+        rows = W.shape[0] if W.ndim == 2 else 0
+        step = max(1, _PIECE_ELEMENTS // max(1, W.shape[-1])) if rows else 0
+        if not rows or rows <= step:
+            return kernel(W, scale, zero_point, args, *rest, **kwargs)
+
+        def part(tensor, piece):  # noqa: ANN001, ANN202
+            if tensor is None or tensor.ndim == 0 or tensor.shape[0] != rows:
+                return tensor
+            return tensor[piece]
+
+        out = None
+        for start in range(0, rows, step):
+            piece = slice(start, start + step)
+            value = kernel(W[piece], part(scale, piece), part(zero_point, piece), args, *rest, **kwargs)
+            if out is None:
+                out = torch.empty((rows, *value.shape[1:]), dtype=value.dtype, device=value.device)
+            out[piece] = value
+        return out
+
+    return pieces
+
+
+
 def _grouped(
     W: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantizationArgs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -166,6 +203,7 @@ def _from_codes(
 
 
 @torch.no_grad()
+@_by_rows
 def quantize(
     W: torch.Tensor,
     scale: torch.Tensor,
@@ -179,6 +217,7 @@ def quantize(
 
 
 @torch.no_grad()
+@_by_rows
 def dequantize(
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -192,6 +231,7 @@ def dequantize(
     return values.to(dtype if dtype is not None else scale.dtype)
 
 
+@_by_rows
 def fake_quantize(
     W: torch.Tensor,
     scale: torch.Tensor,
@@ -205,6 +245,7 @@ def fake_quantize(
 
 
 @torch.no_grad()
+@_by_rows
 def recover_codes(
     W_hat: torch.Tensor,
     scale: torch.Tensor,

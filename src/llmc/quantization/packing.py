@@ -41,6 +41,9 @@ def _check_dim(packed_dim: int) -> None:
         raise ArgumentError(f"'packed_dim' must be 0 or 1 (got {packed_dim})", name="packed_dim")
 
 
+_PIECE_ELEMENTS = 1 << 22
+
+
 def packed_size(n: int, num_bits: int) -> int:
     """Number of int32 words that hold ``n`` codes of ``num_bits`` bits."""
     return math.ceil(n * num_bits / _WORD)
@@ -120,12 +123,19 @@ def pack_to_int32(codes: torch.Tensor, num_bits: int, packed_dim: int = 1) -> to
                 f"(got values in [{lo}, {hi}])",
                 name="codes",
             )
-    values = codes.to(torch.int64) - q_min  # unsigned, in [0, 2^b)
-    if packed_dim == 0:
-        values = values.T
     pack = _pack_whole_words if _WORD % num_bits == 0 else _pack_blocks
-    packed = _to_int32(pack(values, num_bits))
-    return (packed.T if packed_dim == 0 else packed).contiguous()
+    if packed_dim == 0:
+        values = codes.to(torch.int64).T - q_min  # unsigned, in [0, 2^b)
+        return _to_int32(pack(values, num_bits)).T.contiguous()
+    # rows pack independently: a few rows at a time, so the int64 temporaries of a 14336-wide
+    # weight stay a few tens of MB instead of several times the weight
+    rows, cols = codes.shape
+    step = max(1, _PIECE_ELEMENTS // max(1, cols))
+    packed = torch.empty((rows, packed_size(cols, num_bits)), dtype=torch.int32, device=codes.device)
+    for start in range(0, rows, step):
+        values = codes[start : start + step].to(torch.int64) - q_min
+        packed[start : start + step] = _to_int32(pack(values, num_bits))
+    return packed
 
 
 def unpack_from_int32(
