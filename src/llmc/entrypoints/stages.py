@@ -19,7 +19,7 @@ import torch
 
 from llmc.args import ModelArguments, OutputArguments
 from llmc.context import RunContext
-from llmc.errors import RecipeError
+from llmc.errors import LlmcError, RecipeError
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import Registry
 from llmc.recipe import Recipe, RecipeStage, recipe_to_yaml
@@ -56,12 +56,17 @@ def check_stage_kinds(recipe: Recipe, entrypoint: str) -> list[str]:
             problems.append(f"{stage.name}: run_type must be 'oneshot' or 'train' (got {kind!r})")
         elif kind == TRAIN and entrypoint == ONESHOT:
             problems.append(f"{stage.name} is a training stage; run the recipe with llmc train")
+        siblings = tuple(entry.modifier for entry in stage.modifiers)
         for entry in stage.modifiers:
             modifier_class = type(entry.modifier)
             if kind == TRAIN and not modifier_class.supports_training:
                 problems.append(f"{stage.name}.{entry.name} cannot run in a training stage")
             if kind == ONESHOT and not modifier_class.supports_oneshot:
                 problems.append(f"{stage.name}.{entry.name} only runs in a training stage (llmc train)")
+            try:
+                entry.modifier.check_stage(siblings)
+            except LlmcError as error:
+                problems.append(f"{stage.name}.{entry.name}: {error}")
         kinds.append(kind)
     if problems:
         raise RecipeError("; ".join(problems), problems=problems)
@@ -79,16 +84,20 @@ def run_oneshot_stage(
 ) -> None:
     """The stage's modifiers over the model, one block at a time (``calibrate_all_experts``: see
     ``LayerwisePipeline``)."""
-    run_states = [entry.modifier.start(context) for entry in stage.modifiers]
-    logger.info("stage %s (oneshot): %d modifiers", stage.name, len(run_states))
-    pipeline = LayerwisePipeline(
-        model=model,
-        context=context,
-        lifecycle=make_lifecycle(run_states),
-        sequential_targets=sequential_targets,
-        calibrate_all_experts=calibrate_all_experts,
-    )
-    pipeline.run(batches)
+    context.stage_modifiers = tuple(entry.modifier for entry in stage.modifiers)
+    try:
+        run_states = [entry.modifier.start(context) for entry in stage.modifiers]
+        logger.info("stage %s (oneshot): %d modifiers", stage.name, len(run_states))
+        pipeline = LayerwisePipeline(
+            model=model,
+            context=context,
+            lifecycle=make_lifecycle(run_states),
+            sequential_targets=sequential_targets,
+            calibrate_all_experts=calibrate_all_experts,
+        )
+        pipeline.run(batches)
+    finally:
+        context.stage_modifiers = ()
 
 
 def write_results(
