@@ -148,3 +148,12 @@ def test_python_api_checks_like_recipes():
     modifier = AWQModifier(mappings=[[["re:.*q_proj"], "re:.*input_layernorm"]])  # SmoothQuant's form
     assert modifier.mappings[0].smooth_layer == "re:.*input_layernorm"
     assert modifier.mappings[0].balance_layers == ("re:.*q_proj",)
+
+
+@pytest.mark.parametrize("setting", [{"calibration_precision": "bfloat16"}, {"precision": "bfloat16"}], ids=["bf16-autocast", "bf16-model"])
+def test_awq_runs_in_bfloat16(model_dir, text_file, setting):
+    recipe = "quant_stage:\n  quant_modifiers:\n    AWQModifier: {n_grid: 4}\n    QuantizationModifier: {scheme: W4A16}\n"
+    result = oneshot(model=str(model_dir), recipe=recipe, dataset=str(text_file), num_calibration_samples=4, **setting)
+    smoothed = [r for r in result.report["modules"] if r["modifier"] == "AWQModifier"]
+    assert len(smoothed) == 3 * 2  # the mappings are found with bf16's tolerance too
+    assert all(r["output_error"] <= r["rtn_output_error"] for r in smoothed)

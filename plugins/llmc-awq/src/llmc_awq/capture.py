@@ -10,6 +10,7 @@ them, so memory is one sample per parent, never a copy of the layer per grid poi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,15 @@ import torch
 
 from llmc.statistics import real_tokens
 
-__all__ = ["AbsMax", "MeanAbs", "ParentSample", "detached_to"]
+__all__ = ["AbsMax", "MeanAbs", "ParentSample", "computing_in", "detached_to"]
+
+
+def computing_in(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """The pipeline's autocast (``context.compute_dtype``) for a forward the plugin runs itself,
+    so a module called on inputs the calibration pass gathered computes as it did there."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @attrs.define

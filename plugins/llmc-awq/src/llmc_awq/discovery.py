@@ -36,6 +36,7 @@ import torch
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
 from llmc.pipeline import StopLayerForward
+from llmc_awq.capture import computing_in
 from llmc_awq.folding import Producer, balance_, fold_into_producer_
 from llmc_awq.mappings import Mapping, parent_of
 
@@ -182,18 +183,20 @@ def _groups(trace: Trace, layer: torch.nn.Module, layer_name: str) -> list[list[
     """Weighted modules that read the same values, in the order the layer first runs them."""
     prefix = f"{layer_name}."
     groups: list[list[str]] = []
-    leaders: list[torch.Tensor] = []
+    # a cheap fingerprint first (an MoE block has hundreds of expert inputs), then exact equality
+    leaders: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for name in sorted(trace.inputs, key=trace.order.__getitem__):
         if not _weighted(layer.get_submodule(name.removeprefix(prefix))):
             continue
         x = _flat(trace.inputs[name])
-        for index, leader in enumerate(leaders):
-            if leader.shape == x.shape and (leader.data_ptr() == x.data_ptr() or torch.equal(leader, x)):
+        key = (tuple(x.shape), float(x[0].double().sum()), float(x[-1].double().sum()))
+        for index, leader in leaders.get(key, []):
+            if leader.data_ptr() == x.data_ptr() or torch.equal(leader, x):
                 groups[index].append(name)
                 break
         else:
+            leaders.setdefault(key, []).append((len(groups), x))
             groups.append([name])
-            leaders.append(x)
     return groups
 
 
@@ -342,7 +345,12 @@ def discover_mappings(
 
 
 def _with_norm_offsets(
-    layer: torch.nn.Module, layer_name: str, mappings: list[Mapping], trace: Trace, tolerance: float
+    layer: torch.nn.Module,
+    layer_name: str,
+    mappings: list[Mapping],
+    trace: Trace,
+    tolerance: float,
+    compute_dtype: torch.dtype | None,
 ) -> tuple[list[Mapping], list[str]]:
     prefix = f"{layer_name}."
     kept, skipped = [], []
@@ -352,7 +360,10 @@ def _with_norm_offsets(
             continue
         module = layer.get_submodule(mapping.smooth.removeprefix(prefix))
         x, y = trace.inputs.get(mapping.smooth), trace.outputs.get(mapping.smooth)
-        c = _norm_offset(module, x, y, tolerance) if x is not None and y is not None else None
+        c = None
+        if x is not None and y is not None:
+            with computing_in(compute_dtype, x.device):
+                c = _norm_offset(module, x, y, tolerance)
         if c is None:
             skipped.append(f"{mapping.smooth.removeprefix(prefix)}: its output is not n(x) ⊙ (weight + c), so scales cannot be folded into it")
             continue
@@ -388,7 +399,7 @@ def check_mappings(
 ) -> tuple[list[Mapping], list[str]]:
     """``mappings`` whose folding leaves the layer's output unchanged; a reason for each other."""
     tolerance = _tolerance(context, layer)
-    mappings, skipped = _with_norm_offsets(layer, layer_name, mappings, trace, tolerance)
+    mappings, skipped = _with_norm_offsets(layer, layer_name, mappings, trace, tolerance, context.compute_dtype)
     if not mappings or not _fold_changes_output(context, layer, layer_name, mappings, trace, tolerance):
         return mappings, skipped
     kept = []

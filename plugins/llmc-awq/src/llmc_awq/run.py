@@ -223,7 +223,8 @@ class AWQRun(SmoothingRun):
         quantized = {n: self.targets[n] for n in mapping.balance if n in self.targets}
         parent = _module(layer, f"{layer_name}.", mapping.parent)
         result = search_scales(
-            parent, sample, x_mean, quantized, n_grid=self.config.n_grid, duo_scaling=self.config.duo_scaling
+            parent, sample, x_mean, quantized, n_grid=self.config.n_grid, duo_scaling=self.config.duo_scaling,
+            compute_dtype=context.compute_dtype,
         )
         self.fold(layer, layer_name, mapping, result.scales)
         context.record(

@@ -23,7 +23,7 @@ import torch
 
 from llmc.quantization import QuantizationScheme, fake_quantized_weight
 from llmc.statistics import real_tokens
-from llmc_awq.capture import ParentSample
+from llmc_awq.capture import ParentSample, computing_in
 from llmc_awq.scales import awq_scales, search_grid, weight_means
 
 __all__ = ["SearchResult", "chunk_size", "search_scales"]
@@ -58,13 +58,19 @@ def _first(output: object) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _run(parent: torch.nn.Module, sample: ParentSample, device: torch.device) -> list[torch.Tensor]:
+def _run(
+    parent: torch.nn.Module, sample: ParentSample, device: torch.device, compute_dtype: torch.dtype | None
+) -> list[torch.Tensor]:
     outputs = []
-    for args, kwargs, mask in sample.calls:
-        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        y = _first(parent(*args, **kwargs))
-        outputs.append(real_tokens(y, mask).float())  # [tokens, features]
+    try:
+        with computing_in(compute_dtype, device):  # one context per run: the weights change between runs
+            for args, kwargs, mask in sample.calls:
+                args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+                kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                y = _first(parent(*args, **kwargs))
+                outputs.append(real_tokens(y, mask).float())  # [tokens, features]
+    finally:
+        torch.clear_autocast_cache()
     return outputs
 
 
@@ -77,14 +83,16 @@ def search_scales(
     *,
     n_grid: int,
     duo_scaling: bool | str,
+    compute_dtype: torch.dtype | None = None,
 ) -> SearchResult:
     """Search ``α`` for one mapping (see the module docstring); the model is left as it was.
 
     ``quantized``: the balance Linears the following quantizer will round, with their
-    schemes; ``x_mean``: mean ``|x|`` of the group's input per channel.
+    schemes; ``x_mean``: mean ``|x|`` of the group's input per channel; ``compute_dtype``: the
+    pipeline's autocast dtype, under which the parent runs as it did in the calibration pass.
     """
     device = next(iter(quantized.values()))[0].weight.device
-    reference = _run(parent, sample, device)
+    reference = _run(parent, sample, device, compute_dtype)
     energy = sum(float(y.double().square().sum()) for y in reference) or 1.0
     # the weights' own storage, never written to: each grid point installs new tensors
     originals = {name: module.weight.data for name, (module, _) in quantized.items()}
@@ -104,7 +112,7 @@ def search_scales(
                 scaled = (W.float() * s).to(W.dtype)
                 module.weight.data = (fake_quantized_weight(scaled, scheme).float() / s).to(W.dtype)
             error = sum(
-                float((y - ref).double().square().sum()) for y, ref in zip(_run(parent, sample, device), reference)
+                float((y - ref).double().square().sum()) for y, ref in zip(_run(parent, sample, device, compute_dtype), reference)
             ) / energy
             errors.append(error)
             if best is None or error < best[0]:
