@@ -157,3 +157,13 @@ def test_awq_runs_in_bfloat16(model_dir, text_file, setting):
     smoothed = [r for r in result.report["modules"] if r["modifier"] == "AWQModifier"]
     assert len(smoothed) == 3 * 2  # the mappings are found with bf16's tolerance too
     assert all(r["output_error"] <= r["rtn_output_error"] for r in smoothed)
+
+
+@pytest.mark.parametrize("name", ["llmc:awq_w4a16_asym", "llmc:smoothquant_w8a8"])
+def test_shipped_recipes_load_and_validate(name):
+    recipe = load_recipe(name, load_registry())
+    kinds = [type(entry.modifier).__name__ for entry in recipe.modifiers]
+    assert kinds[0] in ("AWQModifier", "SmoothQuantModifier") and kinds[1] == "QuantizationModifier"
+    from llmc.entrypoints.stages import ONESHOT, check_stage_kinds
+
+    assert check_stage_kinds(recipe, ONESHOT) == ["oneshot"]
