@@ -9,6 +9,7 @@ move.
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -117,7 +118,8 @@ def _smooth_names(context: RunContext) -> set[str]:
     return {row["module"].split(".", 3)[-1] for row in context.report}
 
 
-def test_llama_mappings_found_from_the_data_flow():
+def test_llama_mappings_found_from_the_data_flow(caplog):
+    caplog.set_level(logging.INFO, logger="llmc.awq")
     context = smooth_only(_embedded(), AWQModifier(n_grid=4), QuantizationModifier(scheme="W4A16"))
     by_smooth = {row["module"].split(".", 3)[-1]: row for row in context.report if row["module"].startswith("model.layers.1.")}
     assert set(by_smooth) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
@@ -126,7 +128,12 @@ def test_llama_mappings_found_from_the_data_flow():
     ]
     assert by_smooth["input_layernorm"]["parent"] == "model.layers.1.self_attn"
     assert [b.split(".", 3)[-1] for b in by_smooth["mlp.up_proj"]["balance"]] == ["mlp.down_proj"]
-    # o_proj reads v through grouped-query attention (8 heads, 2 kv heads): no channel-wise producer
+    # o_proj reads v through grouped-query attention (8 heads, 2 kv heads): no channel-wise
+    # producer, so it is left out, with the reason in the log
+    assert any(
+        "self_attn.o_proj: its input is neither a normalisation's output nor a channel-wise image" in r.message
+        for r in caplog.records
+    )
 
 
 def test_fused_and_gemma_and_moe_mappings():

@@ -10,7 +10,7 @@ import torch
 from llmc.quantization import preset_scheme, quantize_linear_, scheme_from_config_dict
 from llmc.testing import correlated_inputs
 from llmc_awq import awq_scales, search_grid, search_scales, smoothquant_scales, weight_means
-from llmc_awq.capture import MeanAbs, ParentSample
+from llmc_awq.capture import AbsMax, MeanAbs, ParentSample
 
 
 @pytest.mark.parametrize(
@@ -95,3 +95,21 @@ def test_search_equals_an_exhaustive_search_of_the_folded_model(scheme_name):
     if scheme_name == "W4A16_ASYM":
         assert result.best_error < 0.9 * result.identity_error  # the salient channels make AWQ pay off
     assert torch.equal(linear(x).detach(), reference)  # the search put the weights back
+
+
+@pytest.mark.parametrize("kind", [MeanAbs, AbsMax], ids=["mean-abs", "abs-max"])
+def test_statistics_merge_like_one_pass_and_skip_padding(kind):
+    from llmc.statistics import Statistic
+
+    x = correlated_inputs(64, 16, seed=2).reshape(2, 32, 16)
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    x[1, 20:] = 1e6  # padded positions: must not count
+    whole, first, second = kind(), kind(), kind()
+    whole.update(x, mask)
+    first.update(x[:1], mask[:1])
+    second.update(x[1:], mask[1:])
+    first.merge(second)
+    assert isinstance(whole, Statistic) and whole.tokens == first.tokens == 52
+    assert torch.allclose(whole.finalize(), first.finalize())
+    assert float(whole.finalize().max()) < 1e5
