@@ -65,6 +65,12 @@ def _moe() -> torch.nn.Module:
     return model
 
 
+def _deepseek() -> torch.nn.Module:
+    model = build_moe_lm("deepseek_v3")
+    unfuse_experts_(model)
+    return model
+
+
 def _embedded() -> torch.nn.Module:
     from pathlib import Path
 
@@ -78,6 +84,8 @@ MODELS = {
     "phi3-fused": _phi3,
     "gemma-1+w": _gemma,
     "qwen3-moe": _moe,
+    "deepseek-v3-mla-moe": _deepseek,
+    "mistral": lambda: build_causal_lm("mistral"),
 }
 GROUP16 = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": False,
                                                           "strategy": "group", "group_size": 16}}}
@@ -147,6 +155,9 @@ def test_fused_and_gemma_and_moe_mappings():
     assert sum(".experts." in b for b in norm_row["balance"]) == 2 * 8  # every expert's gate and up
     experts_down = [r for r in moe.report if r["module"].endswith("up_proj") and ".experts." in r["module"]]
     assert len(experts_down) == 2 * 8  # up -> down inside each expert, both layers
+    deepseek = smooth_only(_deepseek(), AWQModifier(n_grid=4), QuantizationModifier(config_groups=GROUP16))
+    # multi-head latent attention: the latent norms feed the up-projections
+    assert {"self_attn.q_a_layernorm", "self_attn.kv_a_layernorm", "mlp.shared_experts.up_proj"} <= _smooth_names(deepseek)
 
 
 def test_smoothquant_folding_keeps_the_model_output():
