@@ -19,19 +19,47 @@ import time
 from benchlib import child
 from benchlib.child import calibration_arguments, load_chunks, print_report, run_facts
 from benchlib.env import parse, script_parser
-from benchlib.recipes import PEER_RECIPES
+from benchlib.recipes import AWQ_RECIPES, PEER_RECIPES, SMOOTHQUANT_STRENGTH
+
+
+def _quantization_recipe(recipe: str) -> list:
+    """AWQ / SmoothQuant / RTN / GPTQ names (``benchlib.recipes.AWQ_RECIPES``): 0.14's layout,
+    the smoothing transform first and the quantizer with the scheme after it."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier, SmoothQuantModifier
+
+    steps, _, scheme = recipe.rpartition("-w")
+    scheme = "W" + scheme.upper().replace("-ASYM", "_ASYM")
+    quantizer = GPTQModifier if "gptq" in steps else QuantizationModifier
+    modifiers = []
+    if "awq" in steps:
+        modifiers.append(AWQModifier(duo_scaling=True))
+    if "smoothquant" in steps:
+        modifiers.append(SmoothQuantModifier(smoothing_strength=SMOOTHQUANT_STRENGTH))
+    modifiers.append(quantizer(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+    return modifiers
+
+
+def _cpu_workarounds() -> None:
+    """llm-compressor 0.14's AWQ pins its cached activations (``IntermediatesCache.pin_memory``)
+    before each mapping, which raises "Cannot access accelerator device" on a machine without
+    one; pinning only speeds up host-to-GPU copies, so without a GPU it is skipped."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.cuda.is_available():
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 def make_modifier(recipe: str):
-    """The llm-compressor 0.14 modifier for one of the benchmark's recipe names."""
-    if recipe == "rtn-w4a16":
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-
-        return QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    """The llm-compressor 0.14 modifier (or list of them) for one of the benchmark's recipe names."""
     if recipe == "gptq-w4a16":
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    if recipe in AWQ_RECIPES:
+        return _quantization_recipe(recipe)
     if recipe in ("sparsegpt-50", "sparsegpt-2:4"):
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
@@ -64,6 +92,7 @@ def main(argv: list[str]) -> int:
     chunks = load_chunks(args.chunks)  # [n, seq_len]
     calibration = calibration_arguments(chunks)
     modifier = make_modifier(args.recipe)
+    _cpu_workarounds()
 
     started = time.perf_counter()
     run = Oneshot(

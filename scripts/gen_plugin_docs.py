@@ -115,7 +115,7 @@ SEAMS = """\
 Each of these is the one place a new algorithm, format or backend is added; nothing else in
 core changes.
 
-- **A data-driven algorithm** (AWQ, an observer, a new pruner): its run state holds one
+- **A data-driven algorithm** (an observer, a new pruner): its run state holds one
   `llmc.statistics.LayerCalibration(input_statistic=..., output_statistic=..., true_sequential=...)`,
   calls `start(context, layer_name, layer, modules)` from `llmc_layer_start` and
   `finish(context, layer_name, layer, solve)` from `llmc_layer_end`. Core groups the Linears
@@ -129,6 +129,10 @@ core changes.
   `config_groups`, `skip_incompatible`, `plan(context)`); validate fields with
   `llmc.validators` or `attrs.validators` (errors are `ArgumentError`).
 - **A modifier's run state**: subclass `llmc.modifier.RunState` and override the hooks it needs.
+- **A modifier that depends on its stage** (llmc-awq's `AWQModifier` takes its scheme from the
+  quantizer after it): override `Modifier.check_stage(stage)`, called with every modifier of the
+  stage before the model is loaded (raise `RecipeError` when the stage cannot work); while the
+  stage runs, `context.stage_modifiers` holds the same modifiers, for `start(context)`.
 - **A checkpoint format**: one `llmc.save.register_format(FormatWriter(name, tensors, infers))`
   in `llmc/save/formats.py`; schemes name it with `format:` or are inferred to it.
 - **A checkpoint config entry** (`sparsity_config`, a plugin's own record): implement

@@ -59,3 +59,52 @@ def test_misspelled_run_state_hook_is_an_error_naming_the_closest():
         class Typo(RunState):
             def llmc_layer_strat(self, context, layer_name, layer):
                 return True
+
+
+@attrs.frozen(kw_only=True)
+class NeedsQuantizerAfter(TargetedModifier):
+    """Takes something from a sibling: refuses a stage without a QuantizationModifier after it."""
+
+    def check_stage(self, stage):
+        from llmc.errors import RecipeError
+
+        index = next(i for i, m in enumerate(stage) if m is self)
+        if not any(isinstance(m, QuantizationModifier) for m in stage[index + 1:]):
+            raise RecipeError("needs a QuantizationModifier after it")
+
+    def start(self, context):
+        STAGES_SEEN.append(context.stage_modifiers)
+        return RunState()
+
+
+STAGES_SEEN: list[tuple] = []
+
+
+def _recipe(*modifiers):
+    from llmc.recipe import Recipe, RecipeModifier, RecipeStage
+
+    entries = tuple(RecipeModifier("quant_modifiers", "core", m) for m in modifiers)
+    return Recipe(stages=(RecipeStage("quant_stage", entries),))
+
+
+def test_check_stage_refuses_a_stage_before_the_model_is_loaded():
+    from llmc.entrypoints.stages import ONESHOT, check_stage_kinds
+    from llmc.errors import RecipeError
+
+    quantizer = QuantizationModifier(scheme="W4A16")
+    assert check_stage_kinds(_recipe(NeedsQuantizerAfter(), quantizer), ONESHOT) == ["oneshot"]
+    with pytest.raises(RecipeError, match=r"quant_stage\.NeedsQuantizerAfter: needs a QuantizationModifier after it"):
+        check_stage_kinds(_recipe(quantizer, NeedsQuantizerAfter()), ONESHOT)
+
+
+def test_stage_modifiers_are_visible_to_start_while_the_stage_runs():
+    from llmc.context import RunContext
+    from llmc.entrypoints.stages import run_oneshot_stage
+
+    model = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
+    needs, quantizer = NeedsQuantizerAfter(), QuantizationModifier(scheme="W8A16", ignore=[])
+    context = RunContext(model=model, device=torch.device("cpu"))
+    STAGES_SEEN.clear()
+    run_oneshot_stage(_recipe(needs, quantizer).stages[0], model, context, None, None)
+    assert STAGES_SEEN == [(needs, quantizer)] and STAGES_SEEN[0][0] is needs
+    assert context.stage_modifiers == ()  # cleared once the stage is done

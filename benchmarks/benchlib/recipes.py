@@ -14,11 +14,29 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OURS_RECIPES", "PEER_RECIPES", "SPARSITY_RECIPES", "modifiers_of", "recipe_text"]
+__all__ = [
+    "AWQ_RECIPES",
+    "OURS_RECIPES",
+    "PEER_RECIPES",
+    "SMOOTHQUANT_STRENGTH",
+    "SPARSITY_RECIPES",
+    "modifiers_of",
+    "recipe_text",
+]
 
 _LINEARS = "targets: [Linear], ignore: [lm_head]"
 _GPTQ_OPTIONS = "<gptq-options>"
 _GPTQ = f"GPTQModifier: {{scheme: W4A16, {_LINEARS}{_GPTQ_OPTIONS}}}"
+
+
+# llm-compressor's W8A8 examples smooth with this strength; both tools use it here
+SMOOTHQUANT_STRENGTH = 0.8
+_AWQ = "AWQModifier: {duo_scaling: true}"
+_SMOOTHQUANT = f"SmoothQuantModifier: {{smoothing_strength: {SMOOTHQUANT_STRENGTH}}}"
+
+
+def _quantizer(name: str, scheme: str) -> str:
+    return f"{name}: {{scheme: {scheme}, {_LINEARS}}}"
 
 
 def _stage(kind: str, *modifiers: str) -> str:
@@ -73,16 +91,47 @@ OURS_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("MagnitudePruningModifier",),
     ),
     "sparsegpt-2:4+rtn-w4a16": ("llmc:sparsegpt_2of4_w4a16", ("SparseGPTModifier",)),
+    "rtn-w4a16-asym": ("llmc:w4a16_asym", ()),
+    "awq-w4a16-asym": (
+        _stage("quant", _AWQ, _quantizer("QuantizationModifier", "W4A16_ASYM")), ("AWQModifier",)
+    ),
+    "gptq-w4a16-asym": (_stage("quant", _quantizer("GPTQModifier", "W4A16_ASYM")), ("GPTQModifier",)),
+    "awq+gptq-w4a16-asym": (
+        _stage("quant", _AWQ, _quantizer("GPTQModifier", "W4A16_ASYM")),
+        ("AWQModifier", "GPTQModifier"),
+    ),
+    "awq-w4a16": (_stage("quant", _AWQ, _quantizer("QuantizationModifier", "W4A16")), ("AWQModifier",)),
+    "awq+gptq-w4a16": (
+        _stage("quant", _AWQ, _quantizer("GPTQModifier", "W4A16")), ("AWQModifier", "GPTQModifier")
+    ),
+    "rtn-w8a8": ("llmc:w8a8", ()),
+    "smoothquant+rtn-w8a8": (
+        _stage("quant", _SMOOTHQUANT, _quantizer("QuantizationModifier", "W8A8")),
+        ("SmoothQuantModifier",),
+    ),
     "sparsegpt-2:4+gptq-w4a16": (
         _stage("sparsity", _sparsegpt("mask_structure: '2:4'"), _GPTQ),
         ("SparseGPTModifier", "GPTQModifier"),
     ),
 }
 
-PEER_RECIPES = ("rtn-w4a16", "gptq-w4a16", "sparsegpt-50", "sparsegpt-2:4", "wanda-50")
+# AWQ and SmoothQuant (llmc-awq) in llm-compressor 0.14's layout: the smoothing modifier first,
+# the quantizer after it in the same stage supplying the scheme; the same names for both tools
+AWQ_RECIPES = (
+    "rtn-w4a16-asym", "awq-w4a16-asym", "gptq-w4a16-asym", "awq+gptq-w4a16-asym",
+    "rtn-w4a16", "awq-w4a16", "gptq-w4a16", "awq+gptq-w4a16",
+    "rtn-w8a8", "smoothquant+rtn-w8a8",
+)
+
+PEER_RECIPES = (
+    "gptq-w4a16", "sparsegpt-50", "sparsegpt-2:4", "wanda-50",
+    *(name for name in AWQ_RECIPES if name != "gptq-w4a16"),
+)
 
 # the pruning baselines and combinations of docs/benchmarks.md's sparsity quality table
-SPARSITY_RECIPES = tuple(name for name in OURS_RECIPES if name not in ("rtn-w4a16", "gptq-w4a16"))
+SPARSITY_RECIPES = tuple(
+    name for name in OURS_RECIPES if name not in ("rtn-w4a16", "gptq-w4a16", *AWQ_RECIPES)
+)
 
 
 def recipe_text(name: str, **gptq_options: Any) -> str:

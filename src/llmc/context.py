@@ -28,6 +28,10 @@ class RunContext:
     ``compute_dtype``, when set, is the dtype the pipeline's forward passes compute in
     (``torch.autocast``); statistics a hook gathers should not assume their inputs' dtype.
 
+    ``stage_modifiers`` holds every modifier of the one-shot stage being run, in recipe order (the
+    modifier whose run state is called among them), so a modifier can take settings from a
+    sibling: ``AWQModifier`` searches with the scheme of the quantizer that follows it.
+
     ``teacher`` is set by ``train`` when a modifier ``requires_teacher``: calling it returns the
     ``distill_teacher`` model, in eval mode with gradients off, on ``distill_teacher_device``
     (a path or hub name is loaded on each call: call it once, in ``llmc_train_start``, and
@@ -42,6 +46,7 @@ class RunContext:
     forward_layer: Callable[[], None] | None = None
     compute_dtype: torch.dtype | None = None
     teacher: Callable[[], torch.nn.Module] | None = None
+    stage_modifiers: tuple[Any, ...] = ()
     # set by ``train``: where fine-tuning is, so scheduled modifiers can follow their schedule
     step: int = 0
     steps_per_epoch: int | None = None

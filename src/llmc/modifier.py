@@ -24,6 +24,8 @@ from llmc.hookspecs import LIFECYCLE_HOOKS, TRAINING_HOOKS, hookimpl
 from llmc.validators import as_list, is_target_list
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import torch
 
     from llmc.context import RunContext
@@ -132,6 +134,17 @@ class Modifier:
                         name=key,
                     )
         return super().__new__(cls)
+
+    def check_stage(self, stage: Sequence[Modifier]) -> None:
+        """Refuse a stage this modifier cannot work in; called before the model is loaded.
+
+        ``stage`` is every modifier of the stage, in recipe order, this one included (the
+        same tuple ``context.stage_modifiers`` holds while the stage runs). Raise
+        ``RecipeError`` saying what is missing; the default accepts any stage. A modifier that
+        takes settings from a sibling (``AWQModifier``: the scheme of the quantizer after it)
+        checks here that the sibling is there.
+        """
+        return None
 
     def start(self, context: RunContext) -> RunState:
         """Create this modifier's run state (a ``RunState``) for one run."""

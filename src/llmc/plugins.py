@@ -73,11 +73,14 @@ FIRST_PARTY_PACKAGES: dict[str, str] = {
     "MagnitudePruningModifier": "llmc-sparsity",
     "ConstantPruningModifier": "llmc-sparsity",
     "OutputDistillationModifier": "llmc-distill",
+    "AWQModifier": "llmc-awq",
+    "SmoothQuantModifier": "llmc-awq",
 }
 FIRST_PARTY_PLUGINS: dict[str, str] = {
     "gptq": "llmc-gptq",
     "sparsity": "llmc-sparsity",
     "distill": "llmc-distill",
+    "awq": "llmc-awq",
 }
 
 

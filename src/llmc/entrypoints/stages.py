@@ -19,7 +19,7 @@ import torch
 
 from llmc.args import ModelArguments, OutputArguments
 from llmc.context import RunContext
-from llmc.errors import RecipeError
+from llmc.errors import LlmcError, RecipeError
 from llmc.offload import LayerPlacement
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import Registry
@@ -57,12 +57,17 @@ def check_stage_kinds(recipe: Recipe, entrypoint: str) -> list[str]:
             problems.append(f"{stage.name}: run_type must be 'oneshot' or 'train' (got {kind!r})")
         elif kind == TRAIN and entrypoint == ONESHOT:
             problems.append(f"{stage.name} is a training stage; run the recipe with llmc train")
+        siblings = tuple(entry.modifier for entry in stage.modifiers)
         for entry in stage.modifiers:
             modifier_class = type(entry.modifier)
             if kind == TRAIN and not modifier_class.supports_training:
                 problems.append(f"{stage.name}.{entry.name} cannot run in a training stage")
             if kind == ONESHOT and not modifier_class.supports_oneshot:
                 problems.append(f"{stage.name}.{entry.name} only runs in a training stage (llmc train)")
+            try:
+                entry.modifier.check_stage(siblings)
+            except LlmcError as error:
+                problems.append(f"{stage.name}.{entry.name}: {error}")
         kinds.append(kind)
     if problems:
         raise RecipeError("; ".join(problems), problems=problems)
@@ -81,17 +86,21 @@ def run_oneshot_stage(
 ) -> list[dict[str, Any]]:
     """The stage's modifiers over the model, one block at a time (``calibrate_all_experts``,
     ``placement``: see ``LayerwisePipeline``); returns each block's time and peak memory."""
-    run_states = [entry.modifier.start(context) for entry in stage.modifiers]
-    logger.info("stage %s (oneshot): %d modifiers", stage.name, len(run_states))
-    pipeline = LayerwisePipeline(
-        model=model,
-        context=context,
-        lifecycle=make_lifecycle(run_states),
-        sequential_targets=sequential_targets,
-        calibrate_all_experts=calibrate_all_experts,
-        placement=placement or LayerPlacement(),
-    )
-    pipeline.run(batches)
+    context.stage_modifiers = tuple(entry.modifier for entry in stage.modifiers)
+    try:
+        run_states = [entry.modifier.start(context) for entry in stage.modifiers]
+        logger.info("stage %s (oneshot): %d modifiers", stage.name, len(run_states))
+        pipeline = LayerwisePipeline(
+            model=model,
+            context=context,
+            lifecycle=make_lifecycle(run_states),
+            sequential_targets=sequential_targets,
+            calibrate_all_experts=calibrate_all_experts,
+            placement=placement or LayerPlacement(),
+        )
+        pipeline.run(batches)
+    finally:
+        context.stage_modifiers = ()
     return [{"stage": stage.name, **layer} for layer in pipeline.layer_stats]
 
 
