@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from llmc.entrypoints.oneshot import oneshot
 from llmc.errors import SaveError
 from llmc.save import atomic, check_output_dir
+from llmc.testing import kill_when_paused
 
 ON_LINUX = sys.platform == "linux" and Path("/proc/self/stat").exists()
 OLD_MARKER = "old-run.txt"  # a file only the previous checkpoint has
@@ -315,19 +315,7 @@ def _kill_at(point: str, out: Path, *, overwrite: bool, rename: bool, log: Path)
     if rename:
         env[atomic.NO_EXCHANGE_ENV] = "1"
     command = [*CLI, "--output-dir", str(out), *(["--overwrite"] if overwrite else [])]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 300
-        while process.poll() is None and _state(process.pid) != "T":
-            if time.monotonic() > deadline:
-                process.kill()
-                break
-            time.sleep(0.05)
-        if process.poll() is not None:
-            pytest.fail(f"the run exited ({process.returncode}) before {point}: {log.read_text()}")
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    return process.pid
+    return kill_when_paused(command, env, log)
 
 
 @pytest.mark.skipif(not ON_LINUX, reason="waits on /proc/<pid>/stat")

@@ -14,6 +14,10 @@ Nothing here depends on pytest; wrap the builders in fixtures of your own::
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ __all__ = [
     "build_moe_lm",
     "build_tokenizer",
     "correlated_inputs",
+    "kill_when_paused",
     "never_route_to",
     "sample_logits",
     "save_tiny_model",
@@ -207,3 +212,31 @@ def correlated_inputs(tokens: int, cols: int, seed: int = 0) -> torch.Tensor:
     scales = torch.rand(cols, generator=generator) * 2 + 0.1
     mixed = torch.randn(tokens, cols, generator=generator) @ mixing
     return (mixed + 0.3 * torch.randn(tokens, cols, generator=generator)) * scales
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return ""
+
+
+def kill_when_paused(
+    command: Sequence[str], env: Mapping[str, str], log: Path, *, timeout_s: float = 300
+) -> int:
+    """Run ``command`` until it stops itself (a fault point, ``llmc.save.atomic.pause_point``),
+    SIGKILL it there and return its pid; raise ``AssertionError`` (with its log) if it exits
+    before. Linux only (reads ``/proc/<pid>/stat``)."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(list(command), stdout=output, stderr=subprocess.STDOUT, env=dict(env))
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and _process_state(process.pid) != "T":
+            if time.monotonic() > deadline:
+                process.kill()
+                break
+            time.sleep(0.05)
+        if process.poll() is not None:
+            raise AssertionError(f"the run exited ({process.returncode}) before pausing: {log.read_text()}")
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return process.pid
