@@ -153,6 +153,10 @@ def main(argv: list[str]) -> int:
         "--order-seeds", default="", help="comma-separated seeds: also run each variant with the batches in a seeded "
         "order (same tokens), to see how much perplexity moves from float rounding alone",
     )
+    parser.add_argument(
+        "--only-order-seeds", action="store_true",
+        help="run GPTQ variants only in the --order-seeds orders (not also in the file's order)",
+    )
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="calibrate in this dtype (auto: the checkpoint's)")
     parser.add_argument("--calibration-precision", default="auto", help="autocast the calibration forwards to this dtype")
     args = parse(parser, argv)
@@ -166,7 +170,8 @@ def main(argv: list[str]) -> int:
     heldout = heldout_token_ids(AutoTokenizer.from_pretrained(str(directory)))
     print(f"{machine_line()}; calibration {tuple(chunks.shape)} from {path}; held-out {heldout.numel()} tokens", flush=True)
     for name in names(parser, args.variants, VARIANTS, "variants"):
-        seeds = [None] + [int(seed) for seed in args.order_seeds.split(",") if seed]
+        seeds = [] if args.only_order_seeds else [None]
+        seeds += [int(seed) for seed in args.order_seeds.split(",") if seed]
         for seed in seeds if VARIANTS[name][0] == "gptq" else [None]:
             result = run_variant(directory, name, chunks, heldout, args.max_eval_chunks, seed, args.precision, args.calibration_precision)
             print_json_line(result, args.json)
