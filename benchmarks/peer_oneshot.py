@@ -88,7 +88,6 @@ def main(argv: list[str]) -> int:
         model=args.model,
         recipe=modifier,
         **calibration,
-        shuffle_calibration_samples=False,
         output_dir=args.output,
     )
     loaded = time.perf_counter()
