@@ -60,6 +60,8 @@ VARIANTS: dict[str, tuple[str, Any, dict[str, Any], dict[str, Any]]] = {
     "gptq-w3a16-actorder-upfront": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": False}, {"lazy_group_params": False}),
     "gptq-w3a16-trueseq": ("gptq", _groups(GROUP3), {"actorder": None, "true_sequential": True}, {}),
     "gptq-w3a16-actorder-trueseq": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": True}, {}),
+    "gptq-w4a16-static": ("gptq", "W4A16", {"actorder": "static", "true_sequential": False}, {}),
+    "gptq-w4a16-static-upfront": ("gptq", "W4A16", {"actorder": "static", "true_sequential": False}, {"lazy_group_params": False}),
     "rtn-w4a16-g64": ("rtn", _groups(GROUP64), {}, {}),
     "gptq-w4a16-g64": ("gptq", _groups(GROUP64), {"actorder": None, "true_sequential": False}, {}),
     "gptq-w4a16-g64-actorder": ("gptq", _groups(GROUP64), {"actorder": "static", "true_sequential": False}, {}),
