@@ -1,20 +1,23 @@
-"""Held-out perplexity of FP, RTN and GPTQ variants on the embedded model (quality, and time).
+"""Held-out perplexity of FP, RTN and GPTQ variants on one model (quality, and time).
 
 Run with llmc's venv (needs llmc-gptq installed)::
 
     python benchmarks/gptq_quality.py                        # every variant, 128 x 512 tokens
     python benchmarks/gptq_quality.py --variants fp,rtn-w4a16,gptq-w4a16 --json out.json
+    python benchmarks/gptq_quality.py --model smollm2 --variants fp,rtn-w4a16-g64,gptq-w4a16-g64-actorder
 
-Every variant starts from a fresh copy of the embedded tiny Llama (``llmc:tiny-llama``, fp32),
-calibrates on the same chunks of the embedded corpus (``common.calibration_chunks``, the file
-compare.py uses) through llmc's layer-by-layer pipeline with batch size 1, as ``oneshot`` does,
+Every variant starts from a fresh copy of the model (``--model``: the embedded tiny Llama,
+fp32, by default; or a real one, ``benchlib.real_models``, bf16), calibrates on the same chunks
+of the embedded corpus (``benchlib.data.chunks_file``, the file compare.py uses) through llmc's
+layer-by-layer pipeline with batch size 1, as ``oneshot`` does,
 and is evaluated in memory (the in-memory model computes what its checkpoint computes; the
 tests check that) on the held-out split ``llmc:stdlib-docs-heldout``, chunks of 512 tokens.
 
 GPTQ variants differ in one knob at a time from the defaults: ``actorder`` (null / weight),
 ``true_sequential``, and the moment group scales are computed (``lazy``: when the sweep reaches
 the group, from the error-updated weights; ``upfront``: from the original weights, as
-llm-compressor does). Also reported per variant: seconds spent in the pipeline, with the share
+llm-compressor does), and ``dampening_frac``. ``-g64`` variants use groups of 64 (for widths
+128 does not divide, SmolLM2's 576). Also reported per variant: seconds spent in the pipeline, with the share
 spent in GPTQ solves (from the run report).
 """
 
@@ -24,12 +27,13 @@ import sys
 from typing import Any
 
 from benchlib.child import load_chunks
-from benchlib.data import EMBEDDED_MODEL, chunks_file
+from benchlib.data import MODELS, chunks_file, model_dir
 from benchlib.env import load_average, machine_line, names, parse, print_json_line, script_parser
 
 GROUP = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
 CHANNEL4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}
 GROUP3 = {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
+GROUP64 = {**GROUP, "group_size": 64}
 
 
 def _groups(weights: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +60,15 @@ VARIANTS: dict[str, tuple[str, Any, dict[str, Any], dict[str, Any]]] = {
     "gptq-w3a16-actorder-upfront": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": False}, {"lazy_group_params": False}),
     "gptq-w3a16-trueseq": ("gptq", _groups(GROUP3), {"actorder": None, "true_sequential": True}, {}),
     "gptq-w3a16-actorder-trueseq": ("gptq", _groups(GROUP3), {"actorder": "weight", "true_sequential": True}, {}),
+    "gptq-w4a16-static": ("gptq", "W4A16", {"actorder": "static", "true_sequential": False}, {}),
+    "gptq-w4a16-static-upfront": ("gptq", "W4A16", {"actorder": "static", "true_sequential": False}, {"lazy_group_params": False}),
+    "rtn-w4a16-g64": ("rtn", _groups(GROUP64), {}, {}),
+    "gptq-w4a16-g64": ("gptq", _groups(GROUP64), {"actorder": None, "true_sequential": False}, {}),
+    "gptq-w4a16-g64-actorder": ("gptq", _groups(GROUP64), {"actorder": "static", "true_sequential": False}, {}),
+    "gptq-w4a16-g64-actorder-upfront": ("gptq", _groups(GROUP64), {"actorder": "static", "true_sequential": False}, {"lazy_group_params": False}),
+    "gptq-w4a16-g64-upfront": ("gptq", _groups(GROUP64), {"actorder": None, "true_sequential": False}, {"lazy_group_params": False}),
+    "gptq-w4a16-g64-actorder-damp0.001": ("gptq", _groups(GROUP64), {"actorder": "static", "true_sequential": False, "dampening_frac": 0.001}, {}),
+    "gptq-w4a16-g64-actorder-damp0.1": ("gptq", _groups(GROUP64), {"actorder": "static", "true_sequential": False, "dampening_frac": 0.1}, {}),
 }
 
 
@@ -71,6 +84,7 @@ def _make_modifier(method: str, scheme: Any, options: dict[str, Any]) -> Any:
 
 
 def run_variant(
+    model_path: Any,
     name: str,
     chunks: Any,
     heldout: Any,
@@ -79,7 +93,7 @@ def run_variant(
     precision: str = "float32",
     calibration_precision: str = "auto",
 ) -> dict[str, Any]:
-    """Calibrate a fresh copy of the embedded model with variant ``name``; its perplexity and times."""
+    """Calibrate a fresh copy of the model in ``model_path`` with variant ``name``; its perplexity and times."""
     import torch
     from benchlib.pipeline import calibrate, load
 
@@ -90,7 +104,7 @@ def run_variant(
     report: list[dict[str, Any]] = []
     seconds = 0.0
     if method == "fp":
-        model = load(EMBEDDED_MODEL, precision=precision).model
+        model = load(model_path, precision=precision).model
     else:
         modifier = _make_modifier(method, scheme, options)
 
@@ -103,7 +117,7 @@ def run_variant(
         if order_seed is not None:  # same tokens, other order: H differs only by float rounding
             chunks = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(order_seed))]
         done = calibrate(
-            EMBEDDED_MODEL,
+            model_path,
             chunks if method == "gptq" else None,
             start,
             precision=precision,
@@ -132,7 +146,8 @@ def run_variant(
 def main(argv: list[str]) -> int:
     parser = script_parser(__doc__)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--model", choices=sorted(MODELS), default="embedded")
+    parser.add_argument("--samples", type=int, help="calibration samples (default: per model)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-eval-chunks", type=int, default=None, help="held-out chunks of 512 (default: all)")
     parser.add_argument("--json", help="append results (JSON lines) here")
@@ -140,21 +155,27 @@ def main(argv: list[str]) -> int:
         "--order-seeds", default="", help="comma-separated seeds: also run each variant with the batches in a seeded "
         "order (same tokens), to see how much perplexity moves from float rounding alone",
     )
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="calibrate in this dtype")
+    parser.add_argument(
+        "--only-order-seeds", action="store_true",
+        help="run GPTQ variants only in the --order-seeds orders (not also in the file's order)",
+    )
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="calibrate in this dtype (auto: the checkpoint's)")
     parser.add_argument("--calibration-precision", default="auto", help="autocast the calibration forwards to this dtype")
     args = parse(parser, argv)
     from transformers import AutoTokenizer
 
     from llmc.evaluate import heldout_token_ids
 
-    path = chunks_file(args.samples, args.seq_len)  # the file compare.py uses
+    directory = model_dir(args.model)
+    path = chunks_file(args.samples or MODELS[args.model]["samples"], args.seq_len, args.model)  # compare.py's file
     chunks = load_chunks(path)
-    heldout = heldout_token_ids(AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL)))
+    heldout = heldout_token_ids(AutoTokenizer.from_pretrained(str(directory)))
     print(f"{machine_line()}; calibration {tuple(chunks.shape)} from {path}; held-out {heldout.numel()} tokens", flush=True)
     for name in names(parser, args.variants, VARIANTS, "variants"):
-        seeds = [None] + [int(seed) for seed in args.order_seeds.split(",") if seed]
+        seeds = [] if args.only_order_seeds else [None]
+        seeds += [int(seed) for seed in args.order_seeds.split(",") if seed]
         for seed in seeds if VARIANTS[name][0] == "gptq" else [None]:
-            result = run_variant(name, chunks, heldout, args.max_eval_chunks, seed, args.precision, args.calibration_precision)
+            result = run_variant(directory, name, chunks, heldout, args.max_eval_chunks, seed, args.precision, args.calibration_precision)
             print_json_line(result, args.json)
     return 0
 

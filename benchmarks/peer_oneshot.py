@@ -51,13 +51,32 @@ def _cpu_workarounds() -> None:
     if not torch.cuda.is_available():
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
+# int4 symmetric in groups of 64 (ours: benchlib.recipes' gptq-w4a16-g64)
+W4_G64 = {
+    "group_0": {
+        "targets": ["Linear"],
+        "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64,
+        },
+    }
+}  # fmt: skip
+
 
 def make_modifier(recipe: str):
-    """The llm-compressor 0.14 modifier (or list of them) for one of the benchmark's recipe names."""
-    if recipe == "gptq-w4a16":
+    """The llm-compressor 0.14 modifier (or list of them) for one of the benchmark's recipe names.
+
+    ``sparsegpt-2:4+gptq-*`` is one stage of both, as ours; llm-compressor's GPTQ does not keep
+    the zeros SparseGPT left (its updates fill them), so that checkpoint is not 2:4 sparse.
+    """
+    if recipe.startswith("sparsegpt-2:4+"):
+        return [make_modifier("sparsegpt-2:4"), make_modifier(recipe.split("+", 1)[1])]
+    if recipe in ("gptq-w4a16", "gptq-w4a16-g64", "gptq-w8a8"):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
-        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+        if recipe == "gptq-w4a16-g64":
+            return GPTQModifier(config_groups=W4_G64, ignore=["lm_head"])
+        scheme = "W8A8" if recipe == "gptq-w8a8" else "W4A16"
+        return GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
     if recipe in AWQ_RECIPES:
         return _quantization_recipe(recipe)
     if recipe in ("sparsegpt-50", "sparsegpt-2:4"):
@@ -69,11 +88,14 @@ def make_modifier(recipe: str):
             targets=["Linear"],
             ignore=["re:.*lm_head"],
         )
-    if recipe == "wanda-50":
+    if recipe in ("wanda-50", "wanda-2:4"):
         from llmcompressor.modifiers.pruning import WandaPruningModifier
 
         return WandaPruningModifier(
-            sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"]
+            sparsity=0.5,
+            mask_structure="2:4" if recipe.endswith("2:4") else "0:0",
+            targets=["Linear"],
+            ignore=["re:.*lm_head"],
         )
     raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(PEER_RECIPES)}")
 
@@ -99,7 +121,6 @@ def main(argv: list[str]) -> int:
         model=args.model,
         recipe=modifier,
         **calibration,
-        shuffle_calibration_samples=False,
         output_dir=args.output,
     )
     loaded = time.perf_counter()

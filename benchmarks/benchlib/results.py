@@ -38,6 +38,7 @@ __all__ = [
     "QUIET_SHARE",
     "is_quiet",
     "our_versions",
+    "pair_table",
     "peer_versions",
     "print_table",
     "ratios",
@@ -156,6 +157,45 @@ def print_table(
         f"(medians; 'quiet' runs are those during which other processes used at most "
         f"{QUIET_SHARE:.0%} of the machine's CPU)"
     )
+
+
+def _ratio(ours: Any, theirs: Any) -> float | None:
+    return round(ours / theirs, 4) if ours and theirs else None
+
+
+def pair_table(
+    summary: dict[str, dict[str, Any]], methods: list[str], *, baseline_ppl: float | None
+) -> list[dict[str, Any]]:
+    """Print and return, per method, ``ours:M`` against ``peer:M``: perplexity, wall, RSS, ratios.
+
+    The target is a perplexity ratio at most 1.002 for every method.
+    """
+    rows = []
+    for method in methods:
+        ours, peer = summary.get(f"ours:{method}", {}), summary.get(f"peer:{method}", {})
+        rows.append(
+            {
+                "method": method,
+                "ours_ppl": ours.get("perplexity"),
+                "peer_ppl": peer.get("perplexity"),
+                "ppl_ratio": _ratio(ours.get("perplexity"), peer.get("perplexity")),
+                "ours_wall_s": ours.get("wall_s"),
+                "peer_wall_s": peer.get("wall_s"),
+                "wall_ratio": _ratio(ours.get("wall_s"), peer.get("wall_s")),
+                "ours_rss_mb": ours.get("peak_rss_mb"),
+                "peer_rss_mb": peer.get("peak_rss_mb"),
+            }
+        )
+    header = ("method", "ours ppl", "peer ppl", "ppl ratio", "ours wall", "peer wall", "wall ratio",
+              "ours RSS", "peer RSS")  # fmt: skip
+    print(f"{header[0]:<30}" + "".join(f"{h:>11}" for h in header[1:]))
+    for row in rows:
+        values = list(row.values())[1:]
+        digits = (3, 3, 4, 1, 1, 3, 0, 0)
+        print(f"{row['method']:<30}" + "".join(_fmt(v, 11, d) for v, d in zip(values, digits)))
+    if baseline_ppl is not None:
+        print(f"{'uncompressed model':<30}{baseline_ppl:>11.3f}")
+    return rows
 
 
 def our_versions() -> dict[str, str]:
