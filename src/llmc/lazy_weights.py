@@ -20,16 +20,14 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import attrs
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-__all__ = ["LazyWeights", "checkpoint_files", "files_size"]
+__all__ = ["LazyWeights", "checkpoint_files"]
 
 logger = logging.getLogger("llmc.lazy_weights")
 
@@ -67,10 +65,6 @@ def checkpoint_files(folder: str | os.PathLike[str]) -> dict[str, Path] | str:
     return f"{folder} holds no model.safetensors or {_INDEX}"
 
 
-def files_size(files: Iterable[Path]) -> int:
-    return sum(path.stat().st_size for path in set(files))
-
-
 @attrs.define
 class LazyWeights:
     """Where each parameter of a meta-device skeleton is in the checkpoint files.
@@ -106,7 +100,7 @@ class LazyWeights:
                     owners[id(buffer)].append((module, local, False))
                     prefixes[id(buffer)].append(f"{module_name}.{local}" if module_name else local)
                     tensors[id(buffer)] = buffer
-        state = {key: tensors[id(tensor)] for key, tensor in _state_keys(prefixes, tensors)}
+        state = {key: tensors[tensor_id] for tensor_id, keys in prefixes.items() for key in keys}
         reverted = state
         if isinstance(model, PreTrainedModel):
             try:
@@ -197,7 +191,3 @@ def _like(template: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def _assign(owners: list[tuple[nn.Module, str, bool]], value: torch.Tensor) -> None:
     for owner, local, is_parameter in owners:
         (owner._parameters if is_parameter else owner._buffers)[local] = value
-
-
-def _state_keys(prefixes: dict[int, list[str]], tensors: dict[int, torch.Tensor]) -> list[tuple[str, Any]]:
-    return [(key, tensors[tensor_id]) for tensor_id, keys in prefixes.items() for key in keys]

@@ -34,6 +34,7 @@ __all__ = [
     "describe_scheme",
     "plan_quantization",
     "resolve_schemes",
+    "round_to_nearest_and_record",
     "target_linears",
 ]
 
@@ -224,15 +225,22 @@ class QuantizationRun(RunState):
     def _quantize(self, context: RunContext, name: str) -> None:
         module, scheme = self.pending.pop(name)
         stop_qat_(module)
-        original = module.weight.detach().clone()
-        quantize_linear_(module, scheme)
-        error = relative_error(original, module.weight.detach())
-        context.record(
-            modifier="QuantizationModifier",
-            module=name,
-            scheme=describe_scheme(scheme),
-            weight_error=error,
-        )
+        round_to_nearest_and_record(context, "QuantizationModifier", name, module, scheme)
+
+
+def round_to_nearest_and_record(
+    context: RunContext, modifier: str, name: str, module: torch.nn.Linear, scheme: QuantizationScheme
+) -> None:
+    """Quantize ``module`` by round-to-nearest and add its report row (scheme, weight error):
+    the last step of every modifier whose quantization is plain rounding."""
+    original = module.weight.detach().clone()
+    quantize_linear_(module, scheme)
+    context.record(
+        modifier=modifier,
+        module=name,
+        scheme=describe_scheme(scheme),
+        weight_error=relative_error(original, module.weight.detach()),
+    )
 
 
 def describe_scheme(scheme: QuantizationScheme) -> str:

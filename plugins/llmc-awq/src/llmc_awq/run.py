@@ -27,10 +27,12 @@ import torch
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
 from llmc.modifier import RunState
-from llmc.modifiers.quantization import QuantizingModifier, describe_scheme
+from llmc.modifiers.quantization import (
+    QuantizingModifier,
+    round_to_nearest_and_record,
+)
 from llmc.pipeline import StopLayerForward
-from llmc.quantization import QuantizationScheme, quantize_linear_
-from llmc.report import relative_error
+from llmc.quantization import QuantizationScheme
 from llmc.statistics import Statistic
 from llmc.targets import is_match
 from llmc_awq.capture import AbsMax, MeanAbs, ParentSample
@@ -243,14 +245,7 @@ class AWQRun(SmoothingRun):
 
     def _quantize(self, context: RunContext, name: str) -> None:
         module, scheme = self.pending.pop(name)
-        original = module.weight.detach().clone()
-        quantize_linear_(module, scheme)
-        context.record(
-            modifier="AWQModifier",
-            module=name,
-            scheme=describe_scheme(scheme),
-            weight_error=relative_error(original, module.weight.detach()),
-        )
+        round_to_nearest_and_record(context, "AWQModifier", name, module, scheme)
 
 
 @attrs.define
