@@ -4,16 +4,22 @@ Refactors of the pipeline, the statistics hooks, the modifiers or the writer mus
 single byte of what users load. Each case compresses the embedded tiny Llama and compares the
 SHA-256 of its safetensors shards with the digest recorded when the case was added.
 
-The digests hold for the CPU build of the torch version named below on x86-64 (floating-point
-sums of the data-driven methods depend on the BLAS kernels); elsewhere the test is skipped rather
-than giving a false alarm. A digest is changed only by a commit that means to change the
-checkpoint and says why.
+The digests hold for the CPU build of the torch version named below on x86-64. Floating-point
+sums of the data-driven methods depend on the kernels the libraries pick for the CPU at hand
+(torch's AVX2 or AVX-512 loops, MKL's code path for Intel or AMD, numba's FMA), so the cases run
+in one child process with every choice pinned to its portable form (``KERNEL_ENV``) and one
+thread; elsewhere the test is skipped rather than giving a false alarm. A digest is changed only
+by a commit that means to change the checkpoint and says why.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,17 @@ from llmc import oneshot
 from llmc.plugins import load_registry
 
 PINNED_TORCH = "2.13.0+cpu"
+
+# torch's scalar loops, oneDNN's baseline kernels, MKL's conditional numerical reproducibility mode (the same results on
+# Intel and AMD), numba's code for a generic x86-64 (no FMA contraction), one thread.
+KERNEL_ENV = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+    "NUMBA_CPU_NAME": "generic",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
 pytestmark = pytest.mark.skipif(
     torch.__version__ != PINNED_TORCH or platform.machine() != "x86_64",
@@ -58,14 +75,14 @@ CASES: dict[str, tuple[str, str | None, str]] = {
     "rtn-w8a16": ("llmc:w8a16", None, "514acee731cfa75d6775eb0a8d6b0c901f6be641ed22864cbed26242dd97b51e"),
     "rtn-w8a8": ("llmc:w8a8", None, "e1ac2c6c65d960c08881149d0055eaf7647c250645c5181bd5dd3340e18dbe6e"),
     "rtn-fp8-dynamic": ("llmc:fp8_dynamic", None, "6f936097f6516480b7edc581dcb7aa821a2f4b37ea0938ba9e6fddaf36d5dc75"),
-    "gptq-w4a16": ("llmc:gptq_w4a16", "gptq", "58ff53e1a02a2ab2a67740707fa8c641e4b0534871b1f113639f2e8cc3b432c8"),
-    "gptq-w4a16-true-sequential": (GPTQ_TRUE_SEQUENTIAL, "gptq", "669fcb94b90ba84498a36af0cd751b7ff64433b09898a6788695a368229a376d"),
-    "sparsegpt-2of4": ("llmc:sparsegpt_2of4", "sparsity", "51f99ecf6d0ac9b28d066cb6c85f2501799c3095991f6d1dd7398b2e948c793a"),
-    "sparsegpt-50": ("llmc:sparsegpt_50", "sparsity", "5911ae377f2172dc6385e4e50c1283a54a38a46ea93c94b928118d1a0b12670c"),
-    "sparsegpt-2of4-true-sequential": (SPARSEGPT_TRUE_SEQUENTIAL, "sparsity", "f56a622b02fcdb1d410c4db9a82bd68dd704ef252b1599c0307e62144e980ba4"),
-    "sparsegpt-2of4-rtn-w4a16": ("llmc:sparsegpt_2of4_w4a16", "sparsity", "ea1d8ccae34c63d25d5df2bb3b8f9264c0fc7e3e5bebf8ec319deda50a26fa7d"),
-    "sparsegpt-2of4-gptq-w4a16": (SPARSEGPT_GPTQ, "gptq+sparsity", "993f60a0d73bb071c22782715657d7dff5eff1789b3ad6aa4413b89d4240c1c1"),
-    "wanda-50": (WANDA_50, "sparsity", "72b2c4edd4cf682ba91842a925bdba7b0a38b3ff4847e18b3532525f44f6a299"),
+    "gptq-w4a16": ("llmc:gptq_w4a16", "gptq", "5da0771a70086029e9decec5e9175761fa95d30abfab058a514db8c7408dafe9"),
+    "gptq-w4a16-true-sequential": (GPTQ_TRUE_SEQUENTIAL, "gptq", "80d59e933d9c5a59164043828103e6b1067975ffd93e7046f82015cec711c9b1"),
+    "sparsegpt-2of4": ("llmc:sparsegpt_2of4", "sparsity", "833db2a5f4ad6cf362bdc6bd5527d340fbf758835862b19192ed7c8e336b81f7"),
+    "sparsegpt-50": ("llmc:sparsegpt_50", "sparsity", "ec7e4da904bdd0d8048311a68f274aaeeb3b173d0242365582517b4547b04a69"),
+    "sparsegpt-2of4-true-sequential": (SPARSEGPT_TRUE_SEQUENTIAL, "sparsity", "427fb94e6e04f4b8f81d3b338348d6212e1dce6ca642e65fe7a2be03a2b4d430"),
+    "sparsegpt-2of4-rtn-w4a16": ("llmc:sparsegpt_2of4_w4a16", "sparsity", "da4ca8ba25161317f25b65be785636535683e024f48f6a80e39a1693017e48be"),
+    "sparsegpt-2of4-gptq-w4a16": (SPARSEGPT_GPTQ, "gptq+sparsity", "c2ddd9e65a2146012309ddb5d2b030f064ce4ccfb7e4134b4dfdd6e2fefab103"),
+    "wanda-50": (WANDA_50, "sparsity", "b16b84315e6b00671bef9dba6718c37309ad1ba0d2b8bea564d41b0382394bea"),
 }
 
 
@@ -75,6 +92,28 @@ def _digest(directory: Path) -> str:
         sha.update(shard.name.encode())
         sha.update(shard.read_bytes())
     return sha.hexdigest()
+
+
+# Run in a child process: the kernel choice is fixed when torch is imported.
+_CHILD = """
+import hashlib, json, sys
+from pathlib import Path
+import torch
+from llmc import oneshot
+torch.set_num_threads(1)
+cases, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+digests = {}
+for case, recipe in cases.items():
+    result = oneshot(model="llmc:tiny-llama", recipe=recipe, dataset="llmc:stdlib-docs",
+                     num_calibration_samples=8, max_seq_length=128,
+                     output_dir=str(out / case))
+    sha = hashlib.sha256()
+    for shard in sorted(Path(result.output_dir).glob("*.safetensors")):
+        sha.update(shard.name.encode())
+        sha.update(shard.read_bytes())
+    digests[case] = sha.hexdigest()
+(out / "digests.json").write_text(json.dumps(digests))
+"""
 
 
 @pytest.fixture
@@ -91,21 +130,31 @@ def installed_plugins() -> set[str]:
     return set(load_registry().plugin_names)
 
 
+@pytest.fixture(scope="module")
+def pinned_digests(installed_plugins, tmp_path_factory) -> dict[str, str]:
+    """Every runnable case's digest, computed once in a child with the kernels pinned."""
+    runnable = {
+        case: recipe
+        for case, (recipe, needs, _) in CASES.items()
+        if all(p in installed_plugins for p in (needs or "").split("+") if p)
+    }
+    out = tmp_path_factory.mktemp("pinned")
+    env = {**os.environ, **KERNEL_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(runnable), str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "digests.json").read_text())
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_checkpoint_bytes_pinned_per_recipe(case, installed_plugins, one_thread, tmp_path):
+def test_checkpoint_bytes_pinned_per_recipe(case, installed_plugins, pinned_digests):
     recipe, needs, expected = CASES[case]
     missing = [p for p in (needs or "").split("+") if p and p not in installed_plugins]
     if missing:
         pytest.skip(f"plugin {missing[0]!r} is not installed")
-    result = oneshot(
-        model="llmc:tiny-llama",
-        recipe=recipe,
-        dataset="llmc:stdlib-docs",
-        num_calibration_samples=8,
-        max_seq_length=128,
-        output_dir=str(tmp_path / "out"),
-    )
-    assert _digest(result.output_dir) == expected, f"{case}: checkpoint bytes changed"
+    assert pinned_digests[case] == expected, f"{case}: checkpoint bytes changed ({pinned_digests[case]})"
 
 
 def test_a_rerun_with_overwrite_writes_the_same_bytes(installed_plugins, one_thread, tmp_path):
