@@ -19,6 +19,10 @@ form (§3 "Step 3") and lazy batch updates in blocks of ``block_size`` columns (
         W[:, i2:] -= Err @ U[i1:i2, i2:]          (one BLAS product per block)
     undo perm
 
+The grid is whatever the weights' arguments define (``llmc.quantization.grid_of``): integers
+of 2-8 bits, or a float format (FP8 E4M3, ...) whose rounding the sweeps share with core's
+round-to-nearest, so a GPTQ weight is on exactly the grid the checkpoint stores.
+
 Group parameters (``scale``, ``zero_point``) are computed when the sweep reaches the block
 holding a group's first column, from the error-updated values of the group's columns
 (``lazy_group_params=True``, what the paper's reference code does), or up front from the
@@ -40,7 +44,7 @@ import attrs
 import torch
 
 from llmc.hessian import inverse_cholesky_upper
-from llmc.quantization import QuantizationArgs, compute_qparams
+from llmc.quantization import QuantizationArgs, compute_qparams, grid_of
 from llmc_gptq.sweep_numba import open_groups_numba_, sweep_block_numba_
 from llmc_gptq.sweep_torch import open_groups_torch_, sweep_block_torch_
 
@@ -159,10 +163,11 @@ def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
     *,
-    num_bits: int,
+    num_bits: int | None = None,
     symmetric: bool = True,
     strategy: str = "group",
     group_size: int | None = 128,
+    args: QuantizationArgs | None = None,
     block_size: int = 128,
     dampening_frac: float = 0.01,
     actorder: bool = False,
@@ -176,7 +181,8 @@ def gptq_quantize(
     """Quantize ``W: [rows, cols]`` with GPTQ given ``H: [cols, cols]`` (see the module docstring).
 
     - ``num_bits``, ``symmetric``, ``strategy`` ("tensor", "channel", "group"), ``group_size``:
-      the integer grid, with min-max parameters computed as ``llmc.quantization`` does.
+      the integer grid, with min-max parameters computed as ``llmc.quantization`` does; or
+      ``args``, the weights' ``QuantizationArgs`` of any grid llmc knows (FP8, ...), instead.
     - ``kept``: bool ``[rows, cols]``, False for weights a pruning step removed; they come out
       exactly 0 and the other weights of their row compensate for them.
     - ``scale_dtype``: the dtype the scale is stored in (the weight's dtype); the sweep uses the
@@ -199,7 +205,7 @@ def gptq_quantize(
         output_energy = reference_energy(W, H, kept=kept)
     result = gptq_quantize_prepared(
         W, prepared, num_bits=num_bits, symmetric=symmetric, strategy=strategy,
-        group_size=group_size, block_size=block_size, kept=kept,
+        group_size=group_size, args=args, block_size=block_size, kept=kept,
         lazy_group_params=lazy_group_params, scale_dtype=scale_dtype,
         output_energy=output_energy, backend=backend, module_name=module_name,
     )
@@ -211,10 +217,11 @@ def gptq_quantize_prepared(
     W: torch.Tensor,
     prepared: PreparedHessian,
     *,
-    num_bits: int,
+    num_bits: int | None = None,
     symmetric: bool = True,
     strategy: str = "group",
     group_size: int | None = 128,
+    args: QuantizationArgs | None = None,
     block_size: int = 128,
     kept: torch.Tensor | None = None,
     lazy_group_params: bool = True,
@@ -229,6 +236,10 @@ def gptq_quantize_prepared(
     """
     started = time.perf_counter()
     rows, cols = W.shape
+    if args is not None:
+        strategy, group_size, symmetric = args.strategy, args.group_size, args.symmetric
+    elif num_bits is None:
+        raise ValueError("give either num_bits (an integer grid) or args")
     if prepared.U.shape != (cols, cols):
         raise ValueError(f"the prepared Hessian is for {prepared.U.shape[0]} columns, W has {cols}")
     if strategy not in ("tensor", "channel", "group"):
@@ -239,12 +250,14 @@ def gptq_quantize_prepared(
         raise ValueError(f"block_size must be positive (got {block_size})")
     device = W.device
     chosen = _resolve_backend(backend, device)
-    args = QuantizationArgs(
-        num_bits=num_bits,
-        symmetric=symmetric,
-        strategy=strategy,
-        group_size=group_size if strategy == "group" else None,
-    )
+    if args is None:
+        args = QuantizationArgs(
+            num_bits=num_bits,
+            symmetric=symmetric,
+            strategy=strategy,
+            group_size=group_size if strategy == "group" else None,
+        )
+    grid = grid_of(args)
     U, perm = prepared.U.to(device), prepared.perm
 
     weight = W.detach().to(device=device, dtype=torch.float32).clone()  # [rows, cols], working copy
@@ -275,7 +288,9 @@ def gptq_quantize_prepared(
     before_sweep = weight.clone()  # sweep order, for ‖ΔW‖²
 
     sweep = sweep_block_numba_ if chosen == "numba" else sweep_block_torch_
-    open_groups = open_groups_numba_ if chosen == "numba" else open_groups_torch_
+    # numba's group opening knows the integer min-max rule; float grids (their scale formats)
+    # open through core's compute_qparams in torch
+    open_groups = open_groups_numba_ if chosen == "numba" and not grid.is_float else open_groups_torch_
     first_position = group_columns[group_ptr[:-1]]  # [groups]: where each group opens
     Err = torch.zeros(rows, block_size, dtype=torch.float32, device=device)
     squared_error = torch.zeros(rows, dtype=torch.float64, device=device)
@@ -283,14 +298,19 @@ def gptq_quantize_prepared(
         i2 = min(i1 + block_size, cols)
         if lazy:  # groups whose first column lies in this block, from the current weights
             opening = torch.nonzero((first_position >= i1) & (first_position < i2)).flatten()
-        if lazy and opening.numel():
+        if lazy and opening.numel() and open_groups is open_groups_numba_:
             open_groups(
                 weight, opening, group_ptr, group_columns, scale, zero, kept=kept,
                 q_min=args.q_min, q_max=args.q_max, symmetric=symmetric, scale_dtype=scale_dtype,
             )
+        elif lazy and opening.numel():
+            open_groups(
+                weight, opening, group_ptr, group_columns, scale, zero, kept=kept, args=args,
+                scale_dtype=scale_dtype,
+            )
         sweep(
             weight, U, i1, i2, Err, scale, zero, group_of_column,
-            kept=kept, q_min=args.q_min, q_max=args.q_max, squared_error=squared_error,
+            kept=kept, grid=grid, squared_error=squared_error,
         )
         if i2 < cols:
             weight[:, i2:].addmm_(Err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
@@ -308,7 +328,7 @@ def gptq_quantize_prepared(
     return GPTQResult(
         weight=weight,
         scale=scale.to(scale_dtype),
-        zero_point=zero.to(torch.int8),
+        zero_point=zero.to(grid.zero_point_dtype),
         damping=prepared.damping,
         hessian_error=hessian_error,
         output_error=output_error,

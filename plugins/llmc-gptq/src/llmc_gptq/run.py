@@ -137,10 +137,7 @@ class GPTQRun(RunState):
         result = gptq_quantize_prepared(
             module.weight.detach(),
             prepared,
-            num_bits=weights.num_bits,
-            symmetric=weights.symmetric,
-            strategy=weights.strategy,
-            group_size=weights.group_size,
+            args=weights,
             block_size=self.config.block_size,
             kept=sparsity_mask(module),
             lazy_group_params=self.lazy_group_params,
