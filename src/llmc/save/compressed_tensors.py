@@ -310,7 +310,7 @@ def compressed_state_dict(
             )
     compressed_keys = set()
     for name, module in quantized.items():
-        for local in ("weight", "weight_scale", "weight_zero_point"):
+        for local in ("weight", "weight_scale", "weight_zero_point", "weight_global_scale"):
             state.pop(f"{name}.{local}", None)
         for local, tensor in _module_tensors(module, save_compressed=save_compressed).items():
             state[f"{name}.{local}"] = tensor
