@@ -434,7 +434,10 @@ def test_preset_names_cover_compressed_tensors_presets():
 
 # compressed-tensors' presets leave the weight observer unset (None means min-max for static
 # weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
-SAME_AS_COMPRESSED_TENSORS = ["FP8_DYNAMIC", "W4A16", "W4A16_ASYM", "W8A8", "INT8"]
+SAME_AS_COMPRESSED_TENSORS = [
+    "FP8_DYNAMIC", "W4A16", "W4A16_ASYM", "W8A8", "INT8", "FP8_BLOCK", "NVFP4A16", "MXFP4A16",
+    "MXFP4", "MXFP4XFP8", "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8",
+]
 
 
 @pytest.mark.parametrize("name", SAME_AS_COMPRESSED_TENSORS, ids=str)

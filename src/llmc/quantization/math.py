@@ -36,6 +36,7 @@ Symbols, for a weight ``W: [rows, cols]`` (rows = out_features, cols = in_featur
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -105,13 +106,19 @@ def mx_exponents(max_abs: torch.Tensor, num_bits: int) -> torch.Tensor:
     The magnitude is first rounded to a power of two, upwards only when its mantissa is within
     half a step of the element format's mantissa (1 bit for FP4/FP8, 3 bits for FP6) of the
     next power: ``f >= 1 - 2^-(m+2)`` for ``max_abs = f * 2^e``, ``f`` in [0.5, 1). A zero
-    group gets exponent 0 (scale 2^-127).
+    group gets exponent 0 (scale 2^-127). The reference rounds on the bits of ``max_abs``'s own
+    dtype, where a subnormal has no exponent: it becomes that dtype's smallest normal number
+    when it is within the same half step of it, else zero (exponent 0); that matters for
+    float16 groups below 2^-14.
     """
     mantissa = 3 if num_bits == 6 else 1
     fraction, exponent = torch.frexp(max_abs.to(torch.float32))
     exponent = exponent - 1 + (fraction >= 1 - 2.0 ** -(mantissa + 2)).to(exponent.dtype)
+    tiny = torch.finfo(max_abs.dtype).tiny
+    exponent = torch.where(max_abs < tiny, int(math.log2(tiny)), exponent)
+    nonzero = max_abs >= tiny * (1 - 2.0 ** -(mantissa + 1))
     biased = exponent + (_E8M0_BIAS - _MX_EXPONENT_OFFSET[num_bits])
-    return torch.where(max_abs > 0, biased, 0).clamp_(0, 255)
+    return torch.where(nonzero, biased, 0).clamp_(0, 255)
 
 
 def _e8m0_to_float(biased: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
