@@ -473,3 +473,28 @@ def test_config_zp_dtype_and_scale_dtype_read_as_compressed_tensors_writes_them(
     assert scheme.weights == PRESET_SCHEMES["MXFP4A16"].weights
     with pytest.raises(ArgumentError, match=r"^'weights.zp_dtype' must be float8_e4m3fn or uint8"):
         scheme_from_config_dict({"targets": ["Linear"], "weights": {**entry, "zp_dtype": "torch.int8"}})
+
+
+def test_float_scheme_refuses_a_format_that_cannot_hold_it():
+    with pytest.raises(
+        ArgumentError,
+        match=r"^format 'float-quantized' cannot hold NVFP4 weights; use one of "
+        r"'nvfp4-pack-quantized' or leave format unset$",
+    ):
+        attrs.evolve(PRESET_SCHEMES["NVFP4A16"], format="float-quantized")
+    with pytest.raises(ArgumentError, match=r"^format 'naive-quantized' cannot hold MXFP8 weights"):
+        attrs.evolve(PRESET_SCHEMES["MXFP8A16"], format="naive-quantized")
+
+
+def test_block_kernels_in_row_pieces_equal_one_piece(monkeypatch):
+    """Large weights are processed a few rows at a time; block scales are sliced by whole row
+    blocks, so the result is the same as in one piece."""
+    import llmc.quantization.math as qmath
+
+    args = PRESET_SCHEMES["FP8_BLOCK"].weights
+    W = _weights(5, torch.bfloat16, rows=300, cols=384)
+    scale, zero_point = compute_qparams(W, args)
+    whole = fake_quantize(W, scale, zero_point, args)
+    monkeypatch.setattr(qmath, "_PIECE_ELEMENTS", 384 * 7)  # 7 rows a piece: rounded up to 128
+    assert torch.equal(fake_quantize(W, scale, zero_point, args), whole)
+    assert torch.equal(_bits(quantize(W, scale, zero_point, args)), _bits(ct_quantize(W, scale, zero_point, _ct_args(args), dtype=torch.float8_e4m3fn)))

@@ -64,14 +64,22 @@ FORMATS = (
     "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "dense",
     "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized", "nvfp4-pack-quantized",
 )
-# The formats that can hold each weight type (compressed-tensors' compressors' can_compress).
-_FORMATS_BY_TYPE = {
-    "int": ("pack-quantized", "int-quantized", "naive-quantized", "dense"),
-    "float": (
-        "float-quantized", "naive-quantized", "dense", "mxfp4-pack-quantized",
-        "mxfp6-pack-quantized", "mxfp8-quantized", "nvfp4-pack-quantized",
-    ),
+# The formats that can hold each kind of weight (compressed-tensors' compressors'
+# can_compress), by (type, num_bits, scale_dtype).
+_FORMATS_BY_KIND = {
+    ("int", None): ("pack-quantized", "int-quantized", "naive-quantized", "dense"),
+    ("float", 8, None): ("float-quantized", "naive-quantized", "dense"),
+    ("float", 8, "uint8"): ("mxfp8-quantized",),
+    ("float", 6, "uint8"): ("mxfp6-pack-quantized",),
+    ("float", 4, "uint8"): ("mxfp4-pack-quantized",),
+    ("float", 4, "float8_e4m3fn"): ("nvfp4-pack-quantized",),
 }
+
+
+def _formats_for(weights: QuantizationArgs) -> tuple[str, ...]:
+    if weights.type == "int":
+        return _FORMATS_BY_KIND[("int", None)]
+    return _FORMATS_BY_KIND[("float", weights.num_bits, weights.scale_dtype)]
 # Strategies of FP8 arguments: static tensor/channel/block weight scales, dynamic
 # token/tensor/group input scales, MX groups of 32.
 FLOAT_STRATEGIES = ("tensor", "channel", "token", "group", "block")
@@ -364,6 +372,13 @@ class QuantizationArgs:
         return entry
 
 
+def describe_float(args: QuantizationArgs) -> str:
+    """'float', 'MXFP4', 'NVFP4', ...: the float format's usual name in messages."""
+    if args.is_mx:
+        return f"MXFP{args.num_bits}"
+    return "NVFP4" if args.has_global_scale else "float"
+
+
 def _weights_are_static(
     instance: Any, attribute: attrs.Attribute, value: QuantizationArgs | None
 ) -> None:
@@ -464,11 +479,12 @@ class QuantizationScheme:
                 f"W4AFP8) are not supported yet; give both the same type",
                 name="input_activations",
             )
-        allowed = _FORMATS_BY_TYPE[self.weights.type]
+        allowed = _formats_for(self.weights)
         if self.format is not None and self.format not in allowed:
             listed = ", ".join(repr(f) for f in allowed)
+            kind = self.weights.type if self.weights.type == "int" else describe_float(self.weights)
             raise ArgumentError(
-                f"format {self.format!r} cannot hold {self.weights.type} weights; use one of "
+                f"format {self.format!r} cannot hold {kind} weights; use one of "
                 f"{listed} or leave format unset",
                 name="format",
             )
