@@ -320,7 +320,7 @@ def test_nvfp4_fused_siblings_share_one_global_scale(tmp_path: Path):
             assert torch.equal(layer.get_submodule(name).weight_global_scale, expected), name
 
 
-def _recipe(scheme: str) -> dict:
+def _recipe(scheme: str | dict) -> dict:
     return {
         "quant_stage": {
             "quant_modifiers": {
@@ -498,3 +498,15 @@ def test_block_kernels_in_row_pieces_equal_one_piece(monkeypatch):
     monkeypatch.setattr(qmath, "_PIECE_ELEMENTS", 384 * 7)  # 7 rows a piece: rounded up to 128
     assert torch.equal(fake_quantize(W, scale, zero_point, args), whole)
     assert torch.equal(_bits(quantize(W, scale, zero_point, args)), _bits(ct_quantize(W, scale, zero_point, _ct_args(args), dtype=torch.float8_e4m3fn)))
+
+
+def test_mixed_float_formats_round_trip(tmp_path: Path):
+    """NVFP4 attention and MXFP8 MLP in one checkpoint: top-level format mixed-precision, one
+    format per config group, and the loaded model computes the in-memory logits."""
+    recipe = _recipe({"NVFP4A16": ["re:.*self_attn.*"], "MXFP8A16": ["re:.*mlp.*"]})
+    result = oneshot(model="llmc:tiny-llama", precision="bfloat16", recipe=recipe, output_dir=str(tmp_path / "out"))
+    config = json.loads((result.output_dir / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in config["config_groups"].values()) == ["mxfp8-quantized", "nvfp4-pack-quantized"]
+    loaded = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.bfloat16)
+    assert torch.equal(sample_logits(loaded, result.tokenizer), sample_logits(result.model, result.tokenizer))
