@@ -510,3 +510,55 @@ def test_mixed_float_formats_round_trip(tmp_path: Path):
     assert sorted(g["format"] for g in config["config_groups"].values()) == ["mxfp8-quantized", "nvfp4-pack-quantized"]
     loaded = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.bfloat16)
     assert torch.equal(sample_logits(loaded, result.tokenizer), sample_logits(result.model, result.tokenizer))
+
+
+NVFP4_ENTRY = {  # the config group compressed-tensors writes for its NVFP4 preset
+    "targets": ["Linear"],
+    "weights": {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group", "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"},
+    "input_activations": {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group", "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn", "observer": "static_minmax"},
+}
+
+
+@torch.no_grad()
+def test_nvfp4_with_observed_input_global_scales_round_trip(tmp_path: Path):
+    """The pieces NVFP4 needs besides calibration: with ``input_global_scale`` buffers made
+    from observed input ranges (here a plain min/max over a few token sequences, standing in
+    for the static observers), the checkpoint holds them and transformers computes the
+    in-memory logits (NVFP4 activations run on CPU in compressed-tensors)."""
+    from transformers import AutoTokenizer
+
+    from llmc.quantization import shared_global_scales
+    from llmc.save import save_checkpoint
+
+    path = resolve_model_path("llmc:tiny-llama")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    scheme = scheme_from_config_dict(NVFP4_ENTRY)
+    plan = {n: (m, scheme) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    ranges: dict[str, list[torch.Tensor]] = {}
+
+    def observe(name):
+        def hook(module, args):
+            lo, hi = torch.aminmax(args[0])
+            old = ranges.get(name, [lo, hi])
+            ranges[name] = [torch.minimum(old[0], lo), torch.maximum(old[1], hi)]
+        return hook
+
+    handles = [m.register_forward_pre_hook(observe(n)) for n, (m, _) in plan.items()]
+    model(torch.randint(4, 4096, (3, 24), generator=torch.Generator().manual_seed(0)))
+    for handle in handles:
+        handle.remove()
+    global_scales = shared_global_scales(plan, list(plan))
+    for name, (module, _) in plan.items():
+        quantize_linear_(module, scheme, global_scale=global_scales[name])
+        module.register_buffer("input_global_scale", input_global_scale_from_range(*ranges[name]))
+    out = save_checkpoint(model, tokenizer, tmp_path / "out")
+
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "nvfp4-pack-quantized"
+    assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] == "local"
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    q_proj = loaded.model.layers[0].self_attn.q_proj
+    assert torch.equal(q_proj.input_global_scale, model.model.layers[0].self_attn.q_proj.input_global_scale)
+    ours, theirs = sample_logits(model, tokenizer), sample_logits(loaded, tokenizer)
+    assert torch.equal(theirs, ours)
