@@ -431,8 +431,15 @@ def test_float_checkpoint_tensor_layout():
             {"num_bits": 6, "strategy": "channel"},
             r"^'num_bits' 6 with type 'int' is not supported; type 'int' takes num_bits 2, 3, 4, 8$",
         ),
+        (
+            {"num_bits": 4, "strategy": "group", "group_size": 32, "zp_dtype": "torch.uint8"},
+            r"^'zp_dtype' must be int8 for these arguments \(got 'uint8'\)$",
+        ),
     ],
-    ids=["fp4-asymmetric", "local-not-tensor-group", "dynamic-value", "block-one-int", "block-zero", "scale-dtype", "mx-group-size", "nvfp4-bits", "int6"],
+    ids=[
+        "fp4-asymmetric", "local-not-tensor-group", "dynamic-value", "block-one-int", "block-zero",
+        "scale-dtype", "mx-group-size", "nvfp4-bits", "int6", "zp-dtype",
+    ],
 )
 def test_float_args_invalid_raise(kwargs, message):
     with pytest.raises(ArgumentError, match=message):

@@ -46,13 +46,13 @@ from llmc.quantization.scheme import QuantizationArgs
 
 __all__ = [
     "compute_qparams",
-    "effective_scale",
-    "global_scale_from_range",
-    "mx_exponents",
     "dequantize",
     "dynamic_activation_fake_quantize",
+    "effective_scale",
     "fake_quantize",
+    "global_scale_from_range",
     "loader_stable_weight",
+    "mx_exponents",
     "qparam_shape",
     "quantize",
     "recover_codes",

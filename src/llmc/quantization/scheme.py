@@ -258,6 +258,21 @@ class QuantizationArgs:
             )
         if self.type == "float":
             self._check_float()
+        allowed = self.allowed_zp_dtypes
+        if self.zp_dtype is not None and self.zp_dtype not in allowed:
+            raise ArgumentError(
+                f"'zp_dtype' must be {' or '.join(allowed)} for these arguments (got "
+                f"{self.zp_dtype!r})",
+                name="zp_dtype",
+            )
+
+    @property
+    def allowed_zp_dtypes(self) -> tuple[str, ...]:
+        """The zero-point dtypes compressed-tensors gives these arguments: int8 for integers,
+        float8_e4m3fn for floats, or uint8 as its MX presets say."""
+        if self.type == "int":
+            return ("int8",)
+        return ("float8_e4m3fn", "uint8") if self.is_mx else ("float8_e4m3fn",)
 
     def _check_float(self) -> None:
         if not self.symmetric:
