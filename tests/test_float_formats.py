@@ -569,3 +569,27 @@ def test_nvfp4_with_observed_input_global_scales_round_trip(tmp_path: Path):
     assert torch.equal(q_proj.input_global_scale, model.model.layers[0].self_attn.q_proj.input_global_scale)
     ours, theirs = sample_logits(model, tokenizer), sample_logits(loaded, tokenizer)
     assert torch.equal(theirs, ours)
+
+
+# The config group llm-compressor 0.14 writes for NVFP4A16 (measured on llmc:tiny-llama).
+LLM_COMPRESSOR_NVFP4A16_GROUP = {
+    "format": "nvfp4-pack-quantized", "input_activations": None, "output_activations": None,
+    "targets": ["Linear"],
+    "weights": {
+        "actorder": None, "block_structure": None, "dynamic": False, "group_size": 16,
+        "num_bits": 4, "observer": "memoryless_minmax", "observer_kwargs": {},
+        "scale_dtype": "torch.float8_e4m3fn", "strategy": "tensor_group", "symmetric": True,
+        "type": "float", "zp_dtype": None,
+    },
+}
+
+
+def test_nvfp4a16_config_group_has_llm_compressors_keys():
+    """Same keys and values as llm-compressor writes, except the observer's name (llmc writes
+    "minmax"; both mean min-max for static weights)."""
+    model = nn.Sequential(nn.Linear(64, 8))
+    quantize_linear_(model[0], PRESET_SCHEMES["NVFP4A16"])
+    group = quantization_config(model)["config_groups"]["group_0"]
+    expected = copy.deepcopy(LLM_COMPRESSOR_NVFP4A16_GROUP)
+    expected["weights"]["observer"] = "minmax"
+    assert group == expected

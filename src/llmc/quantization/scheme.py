@@ -364,12 +364,9 @@ class QuantizationArgs:
         return grid_of(self).q_max
 
     def to_config_dict(self) -> dict[str, Any]:
-        """The JSON object compressed-tensors reads for these arguments.
-
-        ``scale_dtype`` is written only when set, so configs of the schemes that predate it
-        are unchanged byte for byte; ``zp_dtype`` never is (compressed-tensors writes null for
-        symmetric schemes and infers it otherwise).
-        """
+        """The JSON object compressed-tensors reads for these arguments, with the keys
+        llm-compressor writes. ``zp_dtype`` is null for symmetric schemes, as compressed-tensors
+        serializes it; for asymmetric ones it is left out, so the reader infers it (int8)."""
         entry = {
             "num_bits": self.num_bits,
             "type": self.type,
@@ -381,9 +378,10 @@ class QuantizationArgs:
             "actorder": self.actorder,
             "observer": self.observer,
             "observer_kwargs": {},
+            "scale_dtype": f"torch.{self.scale_dtype}" if self.scale_dtype else None,
         }
-        if self.scale_dtype is not None:
-            entry["scale_dtype"] = f"torch.{self.scale_dtype}"
+        if self.symmetric:
+            entry["zp_dtype"] = None
         return entry
 
 
