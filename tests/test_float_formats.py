@@ -285,7 +285,7 @@ def _compressor_state(model: nn.Module, preset: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("preset", ["NVFP4A16", "MXFP4A16", "MXFP6A16", "MXFP8A16", "FP8_BLOCK"])
 def test_float_checkpoint_equals_compressed_tensors_compressor(preset, dtype):
     """Names, dtypes, shapes and bytes of every tensor equal ModelCompressor's for the same
