@@ -593,3 +593,15 @@ def test_nvfp4a16_config_group_has_llm_compressors_keys():
     expected = copy.deepcopy(LLM_COMPRESSOR_NVFP4A16_GROUP)
     expected["weights"]["observer"] = "minmax"
     assert group == expected
+
+
+def test_nvfp4_inputs_without_input_global_scale_are_not_saved():
+    scheme = scheme_from_config_dict(NVFP4_ENTRY)
+    model = nn.Sequential(nn.Linear(64, 8))
+    quantize_linear_(model[0], scheme)
+    with pytest.raises(
+        SaveError,
+        match=r"^0 has NVFP4 input activations \(strategy 'tensor_group'\) but no input_global_scale; "
+        r"it comes from calibration data",
+    ):
+        compressed_state_dict(model, save_compressed=True)
