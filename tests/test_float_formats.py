@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import attrs
+import numpy as np
 import pytest
 import torch
 from compressed_tensors.compressors import ModelCompressor
@@ -37,6 +38,9 @@ from compressed_tensors.quantization.utils import (
 from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
 from compressed_tensors.quantization.utils.fp6_utils import cast_to_fp6
 from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -605,3 +609,30 @@ def test_nvfp4_inputs_without_input_global_scale_are_not_saved():
         r"it comes from calibration data",
     ):
         compressed_state_dict(model, save_compressed=True)
+
+
+@st.composite
+def _float_case(draw):
+    name = draw(st.sampled_from(["NVFP4A16", "MXFP4A16", "MXFP6A16", "MXFP8A16", "FP8_BLOCK"]))
+    rows = draw(st.integers(1, 5))
+    cols = 32 * draw(st.integers(1, 3))
+    values = draw(arrays(np.float32, (rows, cols), elements=st.floats(-8, 8, width=32)))
+    dtype = draw(st.sampled_from(list(DTYPES.values())))
+    return torch.from_numpy(values).to(dtype), PRESET_SCHEMES[name]
+
+
+@settings(max_examples=120, deadline=None)
+@given(_float_case())
+def test_float_quantization_is_idempotent_and_codes_are_recovered(case):
+    """Re-quantizing the in-memory weight gives it back, and its codes are exactly the ones
+    rounding produced (the saver recovers codes from the weight)."""
+    W, scheme = case
+    linear = nn.Linear(W.shape[1], W.shape[0], bias=False).to(W.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+    quantize_linear_(linear, scheme)
+    grid_scale = effective_scale(linear.weight_scale, getattr(linear, "weight_global_scale", None))
+    codes = quantize(W, grid_scale, linear.weight_zero_point, scheme.weights)
+    assert torch.equal(weight_codes(linear).to(torch.float32), codes.to(torch.float32))  # -0 == +0 here
+    again = fake_quantize(linear.weight, grid_scale, linear.weight_zero_point, scheme.weights)
+    assert torch.equal(again, linear.weight)
