@@ -471,11 +471,18 @@ def test_nvfp4_with_activations_needs_calibration():
         preset_scheme("NVFP4")
 
 
-def test_float_formats_refuse_dense_save():
-    model = nn.Sequential(nn.Linear(64, 8))
-    quantize_linear_(model[0], PRESET_SCHEMES["MXFP4A16"])
-    with pytest.raises(SaveError, match=r"save_compressed=False \(format dense\) is not supported"):
-        compressed_state_dict(model, save_compressed=False)
+@pytest.mark.parametrize("preset", ["NVFP4A16", "MXFP4", "MXFP6A16", "MXFP8A16", "FP8_BLOCK"])
+def test_float_preset_dense_round_trip(preset, tmp_path: Path):
+    """``save_compressed=False``: the float weight (and scales, NVFP4's global scale) that the
+    loader fake-quantizes again on every forward, to the same logits."""
+    result = oneshot(
+        model="llmc:tiny-llama", precision="bfloat16", recipe=_recipe(preset),
+        output_dir=str(tmp_path / "out"), save_compressed=False,
+    )
+    config = json.loads((result.output_dir / "config.json").read_text())["quantization_config"]
+    assert (config["format"], config["quantization_status"]) == ("dense", "frozen")
+    loaded = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.bfloat16)
+    assert torch.equal(sample_logits(loaded, result.tokenizer), sample_logits(result.model, result.tokenizer))
 
 
 def test_config_zp_dtype_and_scale_dtype_read_as_compressed_tensors_writes_them():

@@ -31,7 +31,8 @@ What transformers (through compressed-tensors 0.20) and vLLM expect, per format:
 - ``dense`` (``save_compressed=False``, status ``frozen``): a float ``weight``,
   ``weight_scale`` and always ``weight_zero_point`` (int8, or float8_e4m3fn zeros for FP8),
   because the loader creates a zero point for every non-compressed module and re-applies fake
-  quantization on each forward. The weight is ``loader_stable_weight``: the fake-quantized
+  quantization on each forward (float formats: FP8 zeros, the scale's float value, and
+  NVFP4's ``weight_global_scale``). The weight is ``loader_stable_weight``: the fake-quantized
   weight, nudged by one ulp where bfloat16 rounding would otherwise move a code when the
   loader re-quantizes it.
 """
@@ -47,7 +48,7 @@ from torch import nn
 from llmc.errors import SaveError, did_you_mean
 from llmc.quantization.float_packing import pack_float_codes
 from llmc.quantization.grids import FP8_E4M3, grid_of
-from llmc.quantization.math import ZERO_POINT_DTYPE, loader_stable_weight
+from llmc.quantization.math import ZERO_POINT_DTYPE, effective_scale, loader_stable_weight
 from llmc.quantization.module import weight_codes
 from llmc.quantization.packing import pack_to_int32
 from llmc.quantization.scheme import QuantizationScheme
@@ -202,19 +203,17 @@ def _unpacked_codes(module: nn.Linear, save_compressed: bool) -> dict[str, torch
 
 def _dense(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     args = module.quantization_scheme.weights
-    if args.scale_dtype is not None or args.strategy == "block":
-        raise SaveError(
-            f"save_compressed=False (format dense) is not supported for {args.type} weights "
-            f"with {args.num_bits} bits, strategy {args.strategy!r} and scale_dtype "
-            f"{args.scale_dtype!r}; save with save_compressed=True"
-        )
     scale = module.weight_scale.detach()
     zero_point = module.weight_zero_point.detach().to(grid_of(args).zero_point_dtype)
     tensors = {"weight_scale": scale}
+    global_scale = getattr(module, "weight_global_scale", None)
+    if global_scale is not None:  # NVFP4: the loader divides the scale by it
+        tensors["weight_global_scale"] = global_scale.detach()
     if save_compressed:  # compressed status: the loader uses the weight as it is
         tensors["weight"] = module.weight.detach()
     else:  # frozen status: the loader fake-quantizes the weight on every forward
-        tensors["weight"] = loader_stable_weight(weight_codes(module), scale, zero_point, args, module.weight.dtype)
+        grid_scale = effective_scale(scale, global_scale)
+        tensors["weight"] = loader_stable_weight(weight_codes(module), grid_scale, zero_point, args, module.weight.dtype)
     if not save_compressed or not args.symmetric:
         tensors["weight_zero_point"] = zero_point
     return tensors
