@@ -298,6 +298,7 @@ def test_float_checkpoint_equals_compressed_tensors_compressor(preset, dtype):
     base = build_causal_lm("llama", hidden=64).to(dtype)
     with torch.no_grad():
         base.model.layers[0].self_attn.q_proj.weight[0, :8] = -1e-7  # -0 codes
+        base.model.layers[0].self_attn.q_proj.weight[1, :8] = -0.0  # -0 on FP6, +0 on FP4
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     for name, module in ours.named_modules():
         if isinstance(module, nn.Linear) and name != "lm_head":

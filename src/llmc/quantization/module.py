@@ -270,8 +270,11 @@ def quantize_linear_(
         scale, zero_point = compute_qparams(weight, scheme.weights, global_scale)
     scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
     # Round with the reference's arithmetic, in the weight's dtype, as compressed-tensors
-    # would when compressing this weight.
-    rounded = fake_quantize(weight, effective_scale(scale, global_scale), zero_point, scheme.weights)
+    # would when compressing this weight. Its FP4/FP6 compressors add no zero point, which
+    # keeps an exact -0.0 weight's code -0 on FP6 (the FP4 rounding makes it +0 either way).
+    grid = grid_of(scheme.weights)
+    rounding_zero_point = None if grid.is_float and grid.cast_dtype is None else zero_point
+    rounded = fake_quantize(weight, effective_scale(scale, global_scale), rounding_zero_point, scheme.weights)
     set_quantized_weight_(
         module,
         scheme,
