@@ -66,6 +66,11 @@ def _ct_minmax(W: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, t
         return W.amin(), W.amax()
     if args.strategy == "channel":
         return W.amin(dim=1, keepdim=True), W.amax(dim=1, keepdim=True)
+    if args.strategy == "block":  # zero-padded to whole tiles, as the reference pads
+        (bh, bw), (rows, cols) = args.block_structure, W.shape
+        padded = torch.nn.functional.pad(W, (0, -cols % bw, 0, -rows % bh))
+        tiles = padded.unflatten(0, (-1, bh)).unflatten(-1, (-1, bw))  # [nr, bh, nc, bw]
+        return tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
     groups = W.unflatten(-1, (W.shape[1] // args.group_size, args.group_size))
     return groups.amin(dim=-1), groups.amax(dim=-1)
 
@@ -80,8 +85,14 @@ def _weights(seed: int, dtype: torch.dtype, rows: int = 48, cols: int = 256) -> 
     return W.to(dtype)
 
 
+# The presets with scales in the weight's dtype; those with FP8 or E8M0 scales (NVFP4, MX)
+# are checked in test_float_formats.py.
 ARGS_CASES = {
-    **{f"preset-{name}": scheme.weights for name, scheme in PRESET_SCHEMES.items()},
+    **{
+        f"preset-{name}": scheme.weights
+        for name, scheme in PRESET_SCHEMES.items()
+        if scheme.weights.scale_dtype is None
+    },
     "int4-channel-sym": QuantizationArgs(num_bits=4, strategy="channel"),
     "int4-channel-asym": QuantizationArgs(num_bits=4, strategy="channel", symmetric=False),
     "int4-tensor-sym": QuantizationArgs(num_bits=4, strategy="tensor"),
@@ -293,26 +304,29 @@ def test_fake_quantize_keeps_zero_exact(case):
         ),
         (
             {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 16},
-            r"^'num_bits' 4 with type 'float' \(FP4/FP6: NVFP4, MXFP4\) is not supported yet; "
-            r"type 'float' takes num_bits 8 \(FP8 E4M3\)$",
+            r"^type 'float' with 4 bits needs MX scales \(strategy 'group', group_size 32, "
+            r"scale_dtype uint8: MXFP4/MXFP6\) or NVFP4's \(strategy 'tensor_group', group_size "
+            r"16, scale_dtype float8_e4m3fn\) \(got strategy 'group', scale_dtype None\)$",
         ),
         (
             {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": False},
-            r"^type 'float' \(FP8\) must be symmetric: vLLM has no FP8 zero points; set "
-            r"symmetric true$",
+            r"^type 'float' with 8 bits must be symmetric \(got symmetric false\): "
+            r"compressed-tensors and vLLM have no float zero points; set symmetric true$",
         ),
         (
             {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128},
-            r"^type 'float' \(FP8\) supports strategies 'tensor', 'channel', 'token' \(got "
-            r"'group'\); FP8 groups and blocks \(MXFP8, FP8_BLOCK\) are not supported yet$",
+            r"^FP8 weight groups need E8M0 scales \(MXFP8: group_size 32, scale_dtype uint8\) "
+            r"\(got group_size 128, scale_dtype None\); groups with float scales are for dynamic "
+            r"input activations$",
         ),
         (
             {"num_bits": 8, "type": "fp8", "strategy": "channel"},
             r"^'type' must be one of 'int', 'float' \(got 'fp8'\)$",
         ),
         (
-            {"num_bits": 4, "strategy": "block"},
-            r"^'strategy' must be one of 'tensor', 'channel', 'group', 'token' \(got 'block'\)$",
+            {"num_bits": 4, "strategy": "blocks"},
+            r"^'strategy' must be one of 'tensor', 'channel', 'group', 'block', 'token', "
+            r"'tensor_group' \(got 'blocks'\)$",
         ),
         (
             {"num_bits": 4, "strategy": "group"},
@@ -378,24 +392,25 @@ def test_preset_scheme_unknown_raises_with_closest():
     ):
         preset_scheme("W4A61", ["Linear"])
     with pytest.raises(
-        ArgumentError, match=r"^unknown quantization scheme 'fp8_dynamc'; did you mean 'FP8_DYNAMIC'\?$"
+        ArgumentError, match=r"^unknown quantization scheme 'fp8_dynamc'; did you mean 'FP8_DYNAMIC' or 'FP8_BLOCK'\?$"
     ):
         preset_scheme("fp8_dynamc", ["Linear"])
     with pytest.raises(
         ArgumentError,
-        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8_DYNAMIC, INT8, W2A16, "
-        r"W2A4, W2A8, .*, W8A16, W8A8$",
+        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8_BLOCK, FP8_DYNAMIC, "
+        r"INT8, MXFP4, MXFP4A16, MXFP4XFP8, MXFP6A16, MXFP6A8, MXFP8, MXFP8A16, NVFP4A16, W2A16, "
+        r".*, W8A16, W8A8$",
     ):
         preset_scheme("XYZ", ["Linear"])
 
 
-@pytest.mark.parametrize("name", ["NVFP4", "mxfp4", "FP8_BLOCK"], ids=str)
+@pytest.mark.parametrize("name", ["nvfp4"], ids=str)
 def test_preset_scheme_compressed_tensors_name_not_supported_yet(name):
     """A real compressed-tensors preset is refused as not supported, never as a typo."""
     with pytest.raises(
         ArgumentError,
-        match=rf"^quantization scheme '{name.upper()}' is not supported yet; supported presets: "
-        r"FP8_DYNAMIC, INT8, W2A16, .*, W4AFP8, .*, W8A8$",
+        match=rf"^quantization scheme '{name.upper()}' is not supported yet: .*activation "
+        r"observers run on calibration data",
     ):
         preset_scheme(name, ["Linear"])
 
@@ -419,7 +434,8 @@ def test_preset_names_cover_compressed_tensors_presets():
 # compressed-tensors' presets leave the weight observer unset (None means min-max for static
 # weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
 SAME_AS_COMPRESSED_TENSORS = [
-    "FP8_DYNAMIC", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8",
+    "FP8_DYNAMIC", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8", "FP8_BLOCK", "NVFP4A16", "MXFP4A16",
+    "MXFP4", "MXFP4XFP8", "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8",
     *(f"W{bits}A16" for bits in range(2, 9)),
     *(f"W{bits}A8" for bits in range(2, 8)),
     *(f"W{bits}A4" for bits in range(2, 5)),

@@ -20,6 +20,7 @@ from llmc.quantization import (
     preset_scheme,
     quantize_linear_,
     schemes_from_config_groups,
+    shared_global_scales,
     start_qat_,
     stop_qat_,
 )
@@ -88,11 +89,14 @@ def target_linears(
 
 
 def incompatible_group_size(module: torch.nn.Linear, scheme: QuantizationScheme) -> int | None:
-    """The group size that does not divide this module's input width, if any."""
-    weights = scheme.weights
-    if weights is None or weights.strategy != "group" or not weights.group_size:
-        return None
-    return weights.group_size if module.in_features % weights.group_size else None
+    """The group size (of the weights or of the input activations, both grouped along the
+    input width) that does not divide this module's input width, if any."""
+    for args in (scheme.weights, scheme.input_activations):
+        if args is None or args.strategy not in ("group", "tensor_group") or not args.group_size:
+            continue
+        if module.in_features % args.group_size:
+            return args.group_size
+    return None
 
 
 def plan_quantization(
@@ -197,6 +201,8 @@ class QuantizationRun(RunState):
     config: QuantizationModifier
     schemes: list[QuantizationScheme]
     pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
+    # NVFP4 global scales of modules whose fused sibling (q/k/v, gate/up) was quantized first.
+    global_scales: dict[str, torch.Tensor] = attrs.field(factory=dict)
 
     def llmc_initialize(self, context: RunContext) -> None:
         self.pending = self.config.plan(context)
@@ -223,18 +229,35 @@ class QuantizationRun(RunState):
             stop_qat_(module)
 
     def _quantize(self, context: RunContext, name: str) -> None:
+        if scheme_has_global_scale(self.pending[name][1]) and name not in self.global_scales:
+            self.global_scales.update(shared_global_scales(self.pending, [name]))
         module, scheme = self.pending.pop(name)
         stop_qat_(module)
-        round_to_nearest_and_record(context, "QuantizationModifier", name, module, scheme)
+        round_to_nearest_and_record(
+            context, "QuantizationModifier", name, module, scheme,
+            global_scale=self.global_scales.pop(name, None),
+        )
+
+
+def scheme_has_global_scale(scheme: QuantizationScheme) -> bool:
+    """Whether the scheme's weights carry an NVFP4 global scale (shared by fused siblings)."""
+    return scheme.weights is not None and scheme.weights.has_global_scale
 
 
 def round_to_nearest_and_record(
-    context: RunContext, modifier: str, name: str, module: torch.nn.Linear, scheme: QuantizationScheme
+    context: RunContext,
+    modifier: str,
+    name: str,
+    module: torch.nn.Linear,
+    scheme: QuantizationScheme,
+    *,
+    global_scale: torch.Tensor | None = None,
 ) -> None:
     """Quantize ``module`` by round-to-nearest and add its report row (scheme, weight error):
-    the last step of every modifier whose quantization is plain rounding."""
+    the last step of every modifier whose quantization is plain rounding. ``global_scale``
+    is NVFP4's, shared with the module's fused siblings (``shared_global_scales``)."""
     original = module.weight.detach().clone()
-    quantize_linear_(module, scheme)
+    quantize_linear_(module, scheme, global_scale=global_scale)
     context.record(
         modifier=modifier,
         module=name,
@@ -247,12 +270,20 @@ def describe_scheme(scheme: QuantizationScheme) -> str:
     """A short label such as 'w:int4 group128 sym' or 'w:fp8 channel sym, a:fp8 token' for reports."""
 
     def kind(args: Any) -> str:
-        return "fp8" if args.type == "float" else f"int{args.num_bits}"
+        if args.type == "int":
+            return f"int{args.num_bits}"
+        prefix = "mx" if args.is_mx else "nv" if args.has_global_scale else ""
+        return f"{prefix}fp{args.num_bits}"
 
     parts = []
     if scheme.weights is not None:
         w = scheme.weights
-        strategy = f"group{w.group_size}" if w.strategy == "group" else w.strategy
+        if w.strategy in ("group", "tensor_group"):
+            strategy = f"group{w.group_size}"
+        elif w.strategy == "block":
+            strategy = "block{}x{}".format(*w.block_structure)
+        else:
+            strategy = w.strategy
         parts.append(f"w:{kind(w)} {strategy} {'sym' if w.symmetric else 'asym'}")
     if scheme.input_activations is not None:
         parts.append(f"a:{kind(scheme.input_activations)} {scheme.input_activations.strategy}")

@@ -1,20 +1,25 @@
-"""Integer and FP8 quantization of Linear weights (and dynamic input activations) in the
-compressed-tensors format: schemes, the grids and the exact round-to-nearest math, int32
-packing, the in-memory representation of a quantized Linear that algorithms and the saver
+"""Integer, FP8, FP6 and FP4 (MX, NVFP4) quantization of Linear weights (and dynamic input
+activations) in the compressed-tensors format: schemes, the grids and the exact round-to-nearest
+math, int32 and FP4 packing, the in-memory representation of a quantized Linear that algorithms and the saver
 share, and the straight-through forward of quantization-aware training."""
 
-from llmc.quantization.grids import FP8_E4M3, Grid, grid_of
+from llmc.quantization.fused import FUSED_SIBLINGS, shared_global_scales
+from llmc.quantization.grids import FP4_E2M1, FP6_E2M3, FP8_E4M3, Grid, grid_of
 from llmc.quantization.math import (
     compute_qparams,
     dequantize,
     dynamic_activation_fake_quantize,
+    effective_scale,
     fake_quantize,
+    global_scale_from_range,
     loader_stable_weight,
+    mx_exponents,
     qparam_shape,
     quantize,
     recover_codes,
 )
 from llmc.quantization.module import (
+    input_global_scale_from_range,
     is_quantized,
     quantize_linear_,
     quantized_linears,
@@ -36,7 +41,10 @@ from llmc.quantization.scheme import (
 )
 
 __all__ = [
+    "FP4_E2M1",
+    "FP6_E2M3",
     "FP8_E4M3",
+    "FUSED_SIBLINGS",
     "PRESET_ALIASES",
     "PRESET_SCHEMES",
     "UNSUPPORTED_PRESETS",
@@ -47,12 +55,16 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "dynamic_activation_fake_quantize",
+    "effective_scale",
     "fake_quantize",
     "fake_quantized_weight",
+    "global_scale_from_range",
     "grid_of",
+    "input_global_scale_from_range",
     "in_qat",
     "is_quantized",
     "loader_stable_weight",
+    "mx_exponents",
     "pack_to_int32",
     "packed_size",
     "preset_scheme",
@@ -64,6 +76,7 @@ __all__ = [
     "scheme_from_config_dict",
     "schemes_from_config_groups",
     "set_quantized_weight_",
+    "shared_global_scales",
     "start_qat_",
     "stop_qat_",
     "unpack_from_int32",

@@ -11,6 +11,12 @@ compressed-tensors does in its quantized forward.
 
 Keeping the float weight rather than the codes means solvers (GPTQ, ...) write their result
 once and everything downstream, including ``weight_codes``, recovers the codes exactly.
+
+The float formats keep the same layout: ``weight_scale`` holds the scale's value in the weight's
+dtype (an FP8 value for NVFP4, a power of two for MX; the writers store it as FP8 or as an E8M0
+byte), and NVFP4 adds ``weight_global_scale`` (float32 ``[1]``), the weight being
+``codes * weight_scale / weight_global_scale``. NVFP4 input activations (``dynamic: local``)
+read a static ``input_global_scale`` buffer, which comes from calibration.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from llmc.quantization.math import (
     compute_qparams,
     dequantize,
     dynamic_activation_fake_quantize,
+    effective_scale,
     fake_quantize,
+    global_scale_from_range,
     qparam_shape,
     recover_codes,
 )
@@ -36,6 +44,7 @@ from llmc.quantization.scheme import QuantizationScheme
 from llmc.torch_hooks import has_forward_pre_hook, remove_forward_pre_hooks
 
 __all__ = [
+    "input_global_scale_from_range",
     "is_quantized",
     "quantize_linear_",
     "quantized_linears",
@@ -91,7 +100,7 @@ def _checked_qparams(
                 "an FP8 scheme is symmetric and needs an all-zero zero_point (got non-zero "
                 "values); pass zero_point=None"
             )
-        zeros = torch.zeros(expected, dtype=grid.zero_point_dtype, device=weight.device)
+        zeros = torch.zeros(expected, dtype=args.zero_point_dtype, device=weight.device)
         return scale.detach().to(device=weight.device, dtype=weight.dtype), zeros
     if zero_point is None:
         if not args.symmetric:
@@ -146,7 +155,39 @@ def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple | None:
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is None or scheme.input_activations is None or not args:
         return None
-    return (dynamic_activation_fake_quantize(args[0], scheme.input_activations), *args[1:])
+    inputs = scheme.input_activations
+    global_scale = getattr(module, "input_global_scale", None)
+    if inputs.has_global_scale and global_scale is None:
+        raise CalibrationError(
+            "input activations with strategy 'tensor_group' (NVFP4) need an input_global_scale "
+            "buffer from calibration (observed min/max through input_global_scale_from_range)"
+        )
+    return (dynamic_activation_fake_quantize(args[0], inputs, global_scale), *args[1:])
+
+
+def input_global_scale_from_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """NVFP4's ``input_global_scale`` from the observed minimum and maximum of a Linear's input
+    over the calibration tokens (llm-compressor's ``static_minmax``): float32 ``[1]``."""
+    return global_scale_from_range(lo, hi)
+
+
+def _global_scale(
+    module: nn.Linear, scheme: QuantizationScheme, global_scale: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The float32 ``[1]`` global scale of an NVFP4 weight: the one given (shared by fused
+    siblings such as q/k/v), else the weight's own; None for schemes without one."""
+    if not scheme.weights.has_global_scale:
+        if global_scale is not None:
+            raise ArgumentError(
+                f"global_scale is only for strategy 'tensor_group' (got strategy "
+                f"{scheme.weights.strategy!r})",
+                name="global_scale",
+            )
+        return None
+    if global_scale is None:
+        global_scale = global_scale_from_range(*torch.aminmax(module.weight.detach()))
+    # A copy: siblings share the value, never the storage (a checkpoint writes each once).
+    return global_scale.detach().to(device=module.weight.device, dtype=torch.float32).reshape(1).clone()
 
 
 def _set_input_hook(module: nn.Module, enabled: bool) -> None:
@@ -165,6 +206,7 @@ def set_quantized_weight_(
     weight_fake_quantized: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None = None,
 ) -> None:
     """Install a solver's result: a weight on the quantization grid and its ``scale``/``zero_point``.
 
@@ -180,15 +222,21 @@ def set_quantized_weight_(
             f"{_shape(module.weight)}"
         )
     scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
+    global_scale = _global_scale(module, scheme, global_scale)
     weight = weight_fake_quantized.detach().to(device=module.weight.device)
-    codes = recover_codes(weight, scale, zero_point, scheme.weights)
-    on_grid = dequantize(codes, scale, zero_point, scheme.weights, module.weight.dtype)
+    grid_scale = effective_scale(scale, global_scale)
+    codes = recover_codes(weight, grid_scale, zero_point, scheme.weights)
+    on_grid = dequantize(codes, grid_scale, zero_point, scheme.weights, module.weight.dtype)
     if getattr(module.weight, EXCLUSIVE, False) and on_grid.device == module.weight.device:
         module.weight.data.copy_(on_grid)  # into a loaded checkpoint's pages (llmc.models)
     else:
         module.weight.data = on_grid
     _set_buffer(module, "weight_scale", scale)
     _set_buffer(module, "weight_zero_point", zero_point)
+    if global_scale is not None:
+        _set_buffer(module, "weight_global_scale", global_scale)
+    elif "weight_global_scale" in module._buffers:
+        del module._buffers["weight_global_scale"]
     module.quantization_scheme = scheme
     _set_input_hook(module, scheme.input_activations is not None)
 
@@ -200,12 +248,15 @@ def quantize_linear_(
     *,
     scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> None:
     """Quantize ``module`` in place by round-to-nearest (RTN).
 
     Without ``scale`` the min-max parameters of the current weight are used; with it (and a
     ``zero_point`` for asymmetric schemes) the weight is rounded onto that grid instead.
-    Calling it again re-quantizes from the current weight and never stacks input hooks.
+    ``global_scale`` (NVFP4 only) replaces the weight's own, so that fused siblings (q/k/v,
+    gate/up) share one as vLLM needs. Calling it again re-quantizes from the current weight
+    and never stacks input hooks.
     """
     _check_linear(module, scheme)
     weight = module.weight.data
@@ -214,13 +265,23 @@ def quantize_linear_(
             raise ArgumentError(
                 "zero_point was given without scale; pass both or neither", name="zero_point"
             )
-        scale, zero_point = compute_qparams(weight, scheme.weights)
+    global_scale = _global_scale(module, scheme, global_scale)
+    if scale is None:
+        scale, zero_point = compute_qparams(weight, scheme.weights, global_scale)
     scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
     # Round with the reference's arithmetic, in the weight's dtype, as compressed-tensors
-    # would when compressing this weight.
-    rounded = fake_quantize(weight, scale, zero_point, scheme.weights)
+    # would when compressing this weight. Its FP4/FP6 compressors add no zero point, which
+    # keeps an exact -0.0 weight's code -0 on FP6 (the FP4 rounding makes it +0 either way).
+    grid = grid_of(scheme.weights)
+    rounding_zero_point = None if grid.is_float and grid.cast_dtype is None else zero_point
+    rounded = fake_quantize(weight, effective_scale(scale, global_scale), rounding_zero_point, scheme.weights)
     set_quantized_weight_(
-        module, scheme, weight_fake_quantized=rounded, scale=scale, zero_point=zero_point
+        module,
+        scheme,
+        weight_fake_quantized=rounded,
+        scale=scale,
+        zero_point=zero_point,
+        global_scale=global_scale,
     )
 
 
@@ -254,7 +315,7 @@ def weight_codes(module: nn.Linear) -> torch.Tensor:
         )
     return recover_codes(
         module.weight,
-        module.weight_scale,
+        effective_scale(module.weight_scale, getattr(module, "weight_global_scale", None)),
         module.weight_zero_point,
         module.quantization_scheme.weights,
     )

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.quantization.math import compute_qparams, dynamic_activation_fake_quantize, fake_quantize
+from llmc.quantization.math import (
+    compute_qparams,
+    dynamic_activation_fake_quantize,
+    effective_scale,
+    fake_quantize,
+    global_scale_from_range,
+)
 from llmc.quantization.scheme import QuantizationScheme
 
 __all__ = ["fake_quantized_weight", "in_qat", "start_qat_", "stop_qat_"]
@@ -35,11 +41,13 @@ _SCHEME = "_llmc_qat_scheme"
 
 @torch.no_grad()
 def fake_quantized_weight(weight: torch.Tensor, scheme: QuantizationScheme) -> torch.Tensor:
-    """``W`` rounded onto its own min-max grid, exactly as ``quantize_linear_`` would round it."""
+    """``W`` rounded onto its own min-max grid, exactly as ``quantize_linear_`` would round it
+    (NVFP4 under the weight's own global scale; fused siblings share one only at the end)."""
     args = scheme.weights
-    scale, zero_point = compute_qparams(weight, args)
+    global_scale = global_scale_from_range(*torch.aminmax(weight)) if args.has_global_scale else None
+    scale, zero_point = compute_qparams(weight, args, global_scale)
     # quantize_linear_ keeps the scale in the weight's dtype (as the checkpoint does)
-    return fake_quantize(weight, scale.to(weight.dtype), zero_point, args)
+    return fake_quantize(weight, effective_scale(scale.to(weight.dtype), global_scale), zero_point, args)
 
 
 def _straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:

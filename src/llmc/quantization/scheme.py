@@ -8,11 +8,13 @@ validation story: every invalid value is an ``ArgumentError`` naming the field, 
 and what was given.
 
 Only what llmc can compute and save exactly is accepted: integer weights of 2 to 8 bits with a
-tensor, channel or group scale, FP8 E4M3 weights (``type: float, num_bits: 8``) with a tensor or
-channel scale, and dynamic input activations (integer of 4 or 8 bits, or FP8, whatever the
-weights' type: W4A8, W4AFP8). Everything else compressed-tensors knows (FP4/MXFP, static
-activation scales, blocks) is refused up front with a message saying so, instead of producing a
-checkpoint that fails to load.
+tensor, channel or group scale; FP8 E4M3 weights (``type: float, num_bits: 8``) with a tensor,
+channel or 128x128 block scale; the microscaling formats (FP4/FP6/FP8 in groups of 32 with
+power-of-two E8M0 scales, ``scale_dtype: uint8``); NVFP4 (FP4 in groups of 16 with FP8 scales
+under a float32 global scale, ``strategy: tensor_group``); and dynamic input activations
+(integer of 4 or 8 bits or float, whatever the weights' type: W4A8, W4AFP8). Everything else
+compressed-tensors knows (static activation scales, other scale dtypes) is refused up front with
+a message saying so, instead of producing a checkpoint that fails to load.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+import torch
 
 from llmc.errors import ArgumentError, did_you_mean
 from llmc.quantization.grids import grid_of
@@ -44,19 +47,44 @@ __all__ = [
 ]
 
 NUM_BITS = (2, 3, 4, 5, 6, 7, 8)
+INT_NUM_BITS = (2, 3, 4, 5, 6, 7, 8)
+FLOAT_NUM_BITS = (4, 6, 8)  # FP4 E2M1, FP6 E2M3, FP8 E4M3
 TYPES = ("int", "float")
-STRATEGIES = ("tensor", "channel", "group", "token")
+STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group")
+# Scale storage dtypes besides the weight's own: FP8 (NVFP4's group scales) and E8M0 (MX
+# power-of-two scales, stored as a biased exponent in uint8).
+SCALE_DTYPES = ("float8_e4m3fn", "uint8")
+ZERO_POINT_DTYPES = ("int8", "float8_e4m3fn", "uint8")
+# The one DynamicType that is not a bool: per-group scales at run time under a static global
+# scale (NVFP4 activations).
+LOCAL = "local"
 ACTORDERS = (None, "weight", "group", "static")
 # Formats a group can be saved in; "dense" keeps the fake-quantized float weight.
-FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "dense")
-# The formats that can hold each weight type (compressed-tensors' compressors' can_compress).
-_FORMATS_BY_TYPE = {
-    "int": ("pack-quantized", "int-quantized", "naive-quantized", "dense"),
-    "float": ("float-quantized", "naive-quantized", "dense"),
+FORMATS = (
+    "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "dense",
+    "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized", "nvfp4-pack-quantized",
+)
+# The formats that can hold each kind of weight (compressed-tensors' compressors'
+# can_compress), by (type, num_bits, scale_dtype).
+_FORMATS_BY_KIND = {
+    ("int", None): ("pack-quantized", "int-quantized", "naive-quantized", "dense"),
+    ("float", 8, None): ("float-quantized", "naive-quantized", "dense"),
+    ("float", 8, "uint8"): ("mxfp8-quantized",),
+    ("float", 6, "uint8"): ("mxfp6-pack-quantized",),
+    ("float", 4, "uint8"): ("mxfp4-pack-quantized",),
+    ("float", 4, "float8_e4m3fn"): ("nvfp4-pack-quantized",),
 }
-# Strategies of float (FP8) arguments: static tensor/channel weight scales, dynamic
-# token/tensor input scales.
-FLOAT_STRATEGIES = ("tensor", "channel", "token")
+
+
+def _formats_for(weights: QuantizationArgs) -> tuple[str, ...]:
+    if weights.type == "int":
+        return _FORMATS_BY_KIND[("int", None)]
+    return _FORMATS_BY_KIND[("float", weights.num_bits, weights.scale_dtype)]
+# Strategies of FP8 arguments: static tensor/channel/block weight scales, dynamic
+# token/tensor/group input scales, MX groups of 32.
+FLOAT_STRATEGIES = ("tensor", "channel", "token", "group", "block")
+MX_GROUP_SIZE = 32
+NVFP4_GROUP_SIZE = 16
 
 
 def _quote(value: Any) -> str:
@@ -86,6 +114,64 @@ def _canonical_actorder(value: Any) -> Any:
     return "weight" if value == "static" else value
 
 
+def _dtype_name(value: Any) -> Any:
+    """``torch.uint8``, ``"torch.uint8"`` and ``"uint8"`` are one dtype (compressed-tensors
+    writes the ``torch.`` spelling); anything else is left for the validator to refuse."""
+    if value is None:
+        return None
+    text = str(value)
+    return text[len("torch."):] if text.startswith("torch.") else text
+
+
+def _dtype_in(choices: tuple[str, ...]):
+    listed = ", ".join(choices)
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and value not in choices:
+            raise ArgumentError(
+                f"'{attribute.name}' must be one of {listed} or None (got {value!r})",
+                name=attribute.name,
+            )
+
+    return check
+
+
+def _block_structure(value: Any) -> Any:
+    # compressed-tensors also reads the old "128x128" spelling.
+    if isinstance(value, str) and "x" in value:
+        parts = value.split("x")
+        if all(p.strip().isdigit() for p in parts):
+            return tuple(int(p) for p in parts)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_block_structure(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is None:
+        return
+    ok = (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise ArgumentError(
+            f"'block_structure' must be a pair of positive integers [rows, cols], e.g. "
+            f"[128, 128] (got {_quote(list(value) if isinstance(value, tuple) else value)})",
+            name="block_structure",
+        )
+
+
+def _dynamic(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _check_dynamic(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool) and value != LOCAL:
+        raise ArgumentError(
+            f"'dynamic' must be true, false or 'local' (got {_quote(value)})", name="dynamic"
+        )
+
+
 @attrs.frozen(kw_only=True)
 class QuantizationArgs:
     """How one tensor (a weight, or a Linear's input) is mapped to integers or FP8 values.
@@ -100,24 +186,64 @@ class QuantizationArgs:
     symmetric: bool = attrs.field(default=True, validator=is_bool)
     strategy: str = attrs.field(validator=is_one_of(STRATEGIES))
     group_size: int | None = attrs.field(default=None, validator=_check_group_size)
-    dynamic: bool = attrs.field(default=False, validator=is_bool)
+    block_structure: tuple[int, int] | None = attrs.field(
+        default=None, converter=_block_structure, validator=_check_block_structure
+    )
+    dynamic: bool | str = attrs.field(default=False, converter=_dynamic, validator=_check_dynamic)
     actorder: str | None = attrs.field(
         default=None, converter=_canonical_actorder, validator=_check_actorder
     )
     observer: str | None = attrs.field(default="minmax")
+    scale_dtype: str | None = attrs.field(
+        default=None, converter=_dtype_name, validator=_dtype_in(SCALE_DTYPES)
+    )
+    # Implied by the other fields for every scheme llmc accepts (see ``zero_point_dtype``); kept
+    # out of equality so a scheme read back from a config (where compressed-tensors writes
+    # null for symmetric schemes) equals the preset it came from.
+    zp_dtype: str | None = attrs.field(
+        default=None, converter=_dtype_name, validator=_dtype_in(ZERO_POINT_DTYPES), eq=False
+    )
 
     def __attrs_post_init__(self) -> None:
-        if self.strategy == "group" and self.group_size is None:
+        grouped = self.strategy in ("group", "tensor_group")
+        if grouped and self.group_size is None:
             raise ArgumentError(
-                "'group_size' is required when strategy is 'group' (got None); "
+                f"'group_size' is required when strategy is {self.strategy!r} (got None); "
                 "set group_size, e.g. 128",
                 name="group_size",
             )
-        if self.strategy != "group" and self.group_size is not None:
+        if not grouped and self.group_size is not None:
             raise ArgumentError(
                 f"'group_size' must be None unless strategy is 'group' "
                 f"(got group_size {self.group_size} with strategy {self.strategy!r})",
                 name="group_size",
+            )
+        if (self.strategy == "block") != (self.block_structure is not None):
+            raise ArgumentError(
+                f"strategy 'block' and 'block_structure' go together (got strategy "
+                f"{self.strategy!r} with block_structure "
+                f"{list(self.block_structure) if self.block_structure else None})",
+                name="block_structure",
+            )
+        if self.dynamic == LOCAL and self.strategy != "tensor_group":
+            raise ArgumentError(
+                f"'dynamic' 'local' (per-group scales at run time under a static global scale) "
+                f"needs strategy 'tensor_group' (got {self.strategy!r})",
+                name="dynamic",
+            )
+        if self.type == "int" and self.num_bits not in INT_NUM_BITS:
+            listed = ", ".join(str(b) for b in INT_NUM_BITS)
+            raise ArgumentError(
+                f"'num_bits' {self.num_bits} with type 'int' is not supported; type 'int' takes "
+                f"num_bits {listed}",
+                name="num_bits",
+            )
+        if self.type == "int" and (self.scale_dtype or self.strategy in ("block", "tensor_group")):
+            raise ArgumentError(
+                f"type 'int' supports strategies 'tensor', 'channel', 'group', 'token' with "
+                f"scales in the weight's dtype (got strategy {self.strategy!r}, scale_dtype "
+                f"{self.scale_dtype!r})",
+                name="strategy",
             )
         if self.strategy == "token" and not self.dynamic:
             raise ArgumentError(
@@ -132,27 +258,106 @@ class QuantizationArgs:
             )
         if self.type == "float":
             self._check_float()
+        allowed = self.allowed_zp_dtypes
+        if self.zp_dtype is not None and self.zp_dtype not in allowed:
+            raise ArgumentError(
+                f"'zp_dtype' must be {' or '.join(allowed)} for these arguments (got "
+                f"{self.zp_dtype!r})",
+                name="zp_dtype",
+            )
+
+    @property
+    def allowed_zp_dtypes(self) -> tuple[str, ...]:
+        """The zero-point dtypes compressed-tensors gives these arguments: int8 for integers,
+        float8_e4m3fn for floats, or uint8 as its MX presets say."""
+        if self.type == "int":
+            return ("int8",)
+        return ("float8_e4m3fn", "uint8") if self.is_mx else ("float8_e4m3fn",)
 
     def _check_float(self) -> None:
-        if self.num_bits != 8:
+        if self.num_bits not in FLOAT_NUM_BITS:
             raise ArgumentError(
-                f"'num_bits' {self.num_bits} with type 'float' (FP4/FP6: NVFP4, MXFP4) is not "
-                f"supported yet; type 'float' takes num_bits 8 (FP8 E4M3)",
+                f"'num_bits' {self.num_bits} with type 'float' is not supported; type 'float' "
+                f"takes num_bits 4 (FP4 E2M1), 6 (FP6 E2M3) or 8 (FP8 E4M3)",
                 name="num_bits",
             )
         if not self.symmetric:
             raise ArgumentError(
-                "type 'float' (FP8) must be symmetric: vLLM has no FP8 zero points; set "
-                "symmetric true",
+                f"type 'float' with {self.num_bits} bits must be symmetric (got symmetric "
+                f"false): compressed-tensors and vLLM have no float zero points; set symmetric "
+                f"true",
                 name="symmetric",
             )
-        if self.strategy not in FLOAT_STRATEGIES:
+        if self.scale_dtype == "uint8":
+            self._check_mx()
+        elif self.scale_dtype == "float8_e4m3fn" or self.strategy == "tensor_group":
+            self._check_nvfp4()
+        elif self.num_bits != 8:
+            raise ArgumentError(
+                f"type 'float' with {self.num_bits} bits needs MX scales (strategy 'group', "
+                f"group_size 32, scale_dtype uint8: MXFP4/MXFP6) or NVFP4's (strategy "
+                f"'tensor_group', group_size 16, scale_dtype float8_e4m3fn) (got strategy "
+                f"{self.strategy!r}, scale_dtype {self.scale_dtype!r})",
+                name="scale_dtype",
+            )
+        elif self.strategy not in FLOAT_STRATEGIES:
             listed = ", ".join(repr(s) for s in FLOAT_STRATEGIES)
             raise ArgumentError(
-                f"type 'float' (FP8) supports strategies {listed} (got {self.strategy!r}); "
-                f"FP8 groups and blocks (MXFP8, FP8_BLOCK) are not supported yet",
+                f"type 'float' with 8 bits (FP8) supports strategies {listed} (got "
+                f"{self.strategy!r})",
                 name="strategy",
             )
+        elif self.strategy == "group" and not self.dynamic:
+            raise ArgumentError(
+                f"FP8 weight groups need E8M0 scales (MXFP8: group_size 32, scale_dtype uint8) "
+                f"(got group_size {self.group_size}, scale_dtype None); groups with float "
+                f"scales are for dynamic input activations",
+                name="scale_dtype",
+            )
+
+    def _check_mx(self) -> None:
+        if self.strategy != "group" or self.group_size != MX_GROUP_SIZE:
+            raise ArgumentError(
+                f"scale_dtype uint8 (MX power-of-two E8M0 scales) needs strategy 'group' with "
+                f"group_size 32 (got strategy {self.strategy!r}, group_size {self.group_size})",
+                name="scale_dtype",
+            )
+
+    def _check_nvfp4(self) -> None:
+        is_nvfp4 = (
+            self.num_bits == 4
+            and self.strategy == "tensor_group"
+            and self.group_size == NVFP4_GROUP_SIZE
+            and self.scale_dtype == "float8_e4m3fn"
+        )
+        if not is_nvfp4:
+            raise ArgumentError(
+                f"FP8 scales under a global scale (NVFP4) need num_bits 4, strategy "
+                f"'tensor_group', group_size 16 and scale_dtype float8_e4m3fn (got num_bits "
+                f"{self.num_bits}, strategy {self.strategy!r}, group_size {self.group_size}, "
+                f"scale_dtype {self.scale_dtype!r})",
+                name="strategy",
+            )
+
+    @property
+    def is_mx(self) -> bool:
+        """Power-of-two scales stored as E8M0 exponents (compressed-tensors'
+        ``should_generate_mx_scales``)."""
+        return self.type == "float" and self.scale_dtype == "uint8"
+
+    @property
+    def has_global_scale(self) -> bool:
+        """Local scales divided by a float32 ``*_global_scale`` (NVFP4's tensor_group)."""
+        return self.strategy == "tensor_group"
+
+    @property
+    def zero_point_dtype(self) -> torch.dtype:
+        """The dtype of (all-zero, for float) zero points, as compressed-tensors creates them."""
+        if self.zp_dtype is not None:
+            return getattr(torch, self.zp_dtype)
+        if self.is_mx:
+            return torch.uint8
+        return grid_of(self).zero_point_dtype
 
     @property
     def q_min(self) -> int | float:
@@ -165,19 +370,32 @@ class QuantizationArgs:
         return grid_of(self).q_max
 
     def to_config_dict(self) -> dict[str, Any]:
-        """The JSON object compressed-tensors reads for these arguments."""
-        return {
+        """The JSON object compressed-tensors reads for these arguments, with the keys
+        llm-compressor writes. ``zp_dtype`` is null for symmetric schemes, as compressed-tensors
+        serializes it; for asymmetric ones it is left out, so the reader infers it (int8)."""
+        entry = {
             "num_bits": self.num_bits,
             "type": self.type,
             "symmetric": self.symmetric,
             "group_size": self.group_size,
             "strategy": self.strategy,
-            "block_structure": None,
+            "block_structure": list(self.block_structure) if self.block_structure else None,
             "dynamic": self.dynamic,
             "actorder": self.actorder,
             "observer": self.observer,
             "observer_kwargs": {},
+            "scale_dtype": f"torch.{self.scale_dtype}" if self.scale_dtype else None,
         }
+        if self.symmetric:
+            entry["zp_dtype"] = None
+        return entry
+
+
+def describe_float(args: QuantizationArgs) -> str:
+    """'float', 'MXFP4', 'NVFP4', ...: the float format's usual name in messages."""
+    if args.is_mx:
+        return f"MXFP{args.num_bits}"
+    return "NVFP4" if args.has_global_scale else "float"
 
 
 def _weights_are_static(
@@ -218,6 +436,12 @@ def _inputs_are_dynamic(
     if value.actorder is not None:
         raise ArgumentError(
             f"'input_activations' cannot have an actorder (got {value.actorder!r})",
+            name="input_activations",
+        )
+    if value.strategy in ("channel", "block"):
+        raise ArgumentError(
+            f"'input_activations' support strategies 'token', 'tensor', 'group', "
+            f"'tensor_group' (got {value.strategy!r})",
             name="input_activations",
         )
 
@@ -280,11 +504,12 @@ class QuantizationScheme:
                 "use float input activations (e.g. FP8_DYNAMIC) or none",
                 name="input_activations",
             )
-        allowed = _FORMATS_BY_TYPE[self.weights.type]
+        allowed = _formats_for(self.weights)
         if self.format is not None and self.format not in allowed:
             listed = ", ".join(repr(f) for f in allowed)
+            kind = self.weights.type if self.weights.type == "int" else describe_float(self.weights)
             raise ArgumentError(
-                f"format {self.format!r} cannot hold {self.weights.type} weights; use one of "
+                f"format {self.format!r} cannot hold {kind} weights; use one of "
                 f"{listed} or leave format unset",
                 name="format",
             )
@@ -305,7 +530,7 @@ class QuantizationScheme:
 _ARGS_KEYS = {a.name for a in attrs.fields(QuantizationArgs)}
 # Keys compressed-tensors writes that carry no information for the schemes we support, when
 # they hold their neutral value.
-_ARGS_NEUTRAL = {"block_structure": None, "observer_kwargs": {}, "scale_dtype": None}
+_ARGS_NEUTRAL = {"observer_kwargs": {}}
 _SCHEME_KEYS = {a.name for a in attrs.fields(QuantizationScheme)}
 
 
@@ -328,15 +553,17 @@ def args_from_config_dict(entry: Mapping[str, Any], *, where: str = "weights") -
                 raise ArgumentError(
                     f"'{where}.{key}' is not supported (got {given!r}); remove it", name=key
                 )
-    # zp_dtype is implied by type and num_bits (int8, or float8_e4m3fn for FP8);
-    # compressed-tensors writes it for asymmetric schemes.
-    zp_dtype = values.pop("zp_dtype", None)
+    # zp_dtype is implied by type and num_bits (int8, or float8_e4m3fn for float; MX presets
+    # say uint8); compressed-tensors writes it for asymmetric schemes.
+    zp_dtype = values.get("zp_dtype")
     is_float = str(values.get("type", "int")).lower() == "float"
     implied = "float8_e4m3fn" if is_float else "int8"
-    if zp_dtype not in (None, f"torch.{implied}", implied):
+    allowed = (implied, "uint8") if is_float and _dtype_name(values.get("scale_dtype")) == "uint8" else (implied,)
+    if zp_dtype is not None and _dtype_name(zp_dtype) not in allowed:
         kind = "FP8" if is_float else "integer"
         raise ArgumentError(
-            f"'{where}.zp_dtype' must be {implied} for {kind} quantization (got {zp_dtype!r})",
+            f"'{where}.zp_dtype' must be {' or '.join(allowed)} for {kind} quantization (got "
+            f"{zp_dtype!r})",
             name="zp_dtype",
         )
     unknown = sorted(set(values) - _ARGS_KEYS)
@@ -437,6 +664,25 @@ def _int_weights_int_inputs(weight_bits: int, input_bits: int | None) -> Quantiz
     )
 
 
+def _mx_args(num_bits: int, **kwargs: Any) -> QuantizationArgs:
+    """FP4/FP6/FP8 in groups of 32 with E8M0 (power-of-two) scales (OCP microscaling)."""
+    return QuantizationArgs(
+        num_bits=num_bits, type="float", strategy="group", group_size=MX_GROUP_SIZE,
+        scale_dtype="uint8", zp_dtype="uint8", **kwargs,
+    )
+
+
+def _nvfp4_args(**kwargs: Any) -> QuantizationArgs:
+    """FP4 in groups of 16 with FP8 scales, divided by one float32 global scale."""
+    return QuantizationArgs(
+        num_bits=4, type="float", strategy="tensor_group", group_size=NVFP4_GROUP_SIZE,
+        scale_dtype="float8_e4m3fn", zp_dtype="float8_e4m3fn", **kwargs,
+    )
+
+
+_MX_INPUTS = {"dynamic": True, "observer": None}
+
+
 # The presets of compressed-tensors llmc supports, with its names and definitions: W{2..8}A16,
 # W{2..7}A8, W{2..4}A4 (int weights, group 128; dynamic per-token int inputs), W4A16_ASYM,
 # W8A8/INT8 (per-channel int8 weights), W4AFP8 (int4 weights, dynamic FP8 inputs), FP8_DYNAMIC.
@@ -459,6 +705,21 @@ PRESET_SCHEMES: dict[str, QuantizationScheme] = {
         weights=_fp8_args("channel"),
         input_activations=_fp8_args("token", dynamic=True, observer=None),
     ),
+    "FP8_BLOCK": QuantizationScheme(
+        weights=_fp8_args("block", block_structure=(128, 128)),
+        input_activations=_fp8_args("group", group_size=128, dynamic=True, observer=None),
+    ),
+    "NVFP4A16": QuantizationScheme(weights=_nvfp4_args()),
+    "MXFP4A16": QuantizationScheme(weights=_mx_args(4)),
+    "MXFP4": QuantizationScheme(weights=_mx_args(4), input_activations=_mx_args(4, **_MX_INPUTS)),
+    "MXFP4XFP8": QuantizationScheme(
+        weights=_mx_args(4),
+        input_activations=_fp8_args("group", group_size=128, dynamic=True, observer=None),
+    ),
+    "MXFP6A16": QuantizationScheme(weights=_mx_args(6)),
+    "MXFP6A8": QuantizationScheme(weights=_mx_args(6), input_activations=_mx_args(8, **_MX_INPUTS)),
+    "MXFP8A16": QuantizationScheme(weights=_mx_args(8)),
+    "MXFP8": QuantizationScheme(weights=_mx_args(8), input_activations=_mx_args(8, **_MX_INPUTS)),
 }
 # compressed-tensors' other names for the same schemes.
 PRESET_ALIASES = {"INT8": "W8A8"}
@@ -476,11 +737,10 @@ UNSUPPORTED_PRESETS: dict[str, str | None] = {
         "quantization scheme 'UNQUANTIZED' quantizes nothing; leave the modules out of "
         "targets or list them in ignore"
     ),
-    **dict.fromkeys(
-        (
-            "FP8_BLOCK", "NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP4XFP8", "MXFP6A16",
-            "MXFP6A8", "MXFP8A16", "MXFP8",
-        )
+    "NVFP4": (
+        "quantization scheme 'NVFP4' is not supported yet: its static input_global_scale needs "
+        "activation observers run on calibration data, which are coming; use NVFP4A16 "
+        "(FP4 weights, inputs unquantized)"
     ),
 }
 

@@ -131,6 +131,18 @@ def _module_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, to
     return format_writer(fmt).tensors(module, save_compressed)
 
 
+def _check_input_global_scale(name: str, module: nn.Linear) -> None:
+    """NVFP4 inputs are scaled at run time under a static ``input_global_scale``; without it
+    the loader would run with an uninitialized one, so such a module is refused."""
+    inputs = module.quantization_scheme.input_activations
+    if inputs is not None and inputs.has_global_scale and not hasattr(module, "input_global_scale"):
+        raise SaveError(
+            f"{name} has NVFP4 input activations (strategy 'tensor_group') but no "
+            f"input_global_scale; it comes from calibration data (activation observers), or use "
+            f"NVFP4A16"
+        )
+
+
 # Keys of quantization_config that describe core's quantized modules; plugins add beside them.
 CORE_CONFIG_KEYS = frozenset(
     {"config_groups", "format", "global_compression_ratio", "ignore", "quant_method", "quantization_status", "version"}
@@ -310,7 +322,8 @@ def compressed_state_dict(
             )
     compressed_keys = set()
     for name, module in quantized.items():
-        for local in ("weight", "weight_scale", "weight_zero_point"):
+        _check_input_global_scale(name, module)
+        for local in ("weight", "weight_scale", "weight_zero_point", "weight_global_scale"):
             state.pop(f"{name}.{local}", None)
         for local, tensor in _module_tensors(module, save_compressed=save_compressed).items():
             state[f"{name}.{local}"] = tensor

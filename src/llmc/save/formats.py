@@ -21,10 +21,19 @@ What transformers (through compressed-tensors 0.20) and vLLM expect, per format:
 - ``naive-quantized``: the same one-code-per-weight layout in the codes' own dtype (int8 or
   float8_e4m3fn). compressed-tensors falls back to it for every scheme no other format takes,
   which among llmc's schemes means FP8 weights without input quantization.
+- ``float-quantized`` also holds FP8_BLOCK: ``weight_scale`` ``[ceil(out/128), ceil(in/128)]``.
+- ``mxfp4-pack-quantized`` / ``mxfp6-pack-quantized`` (FP4/FP6 in groups of 32):
+  ``weight_packed`` uint8 ``[out, in/2]`` / ``[out, 3*in/4]`` (``float_packing``) and
+  ``weight_scale`` uint8 ``[out, in/32]``, the E8M0 exponent ``127 + log2(scale)``.
+- ``mxfp8-quantized``: ``weight`` float8_e4m3fn ``[out, in]`` and the same uint8 scales.
+- ``nvfp4-pack-quantized`` (FP4 in groups of 16): ``weight_packed`` uint8 ``[out, in/2]``,
+  ``weight_scale`` float8_e4m3fn ``[out, in/16]``, ``weight_global_scale`` float32 ``[1]``
+  (and ``input_global_scale`` from calibration for NVFP4, kept from the module's buffers).
 - ``dense`` (``save_compressed=False``, status ``frozen``): a float ``weight``,
   ``weight_scale`` and always ``weight_zero_point`` (int8, or float8_e4m3fn zeros for FP8),
   because the loader creates a zero point for every non-compressed module and re-applies fake
-  quantization on each forward. The weight is ``loader_stable_weight``: the fake-quantized
+  quantization on each forward (float formats: FP8 zeros, the scale's float value, and
+  NVFP4's ``weight_global_scale``). The weight is ``loader_stable_weight``: the fake-quantized
   weight, nudged by one ulp where bfloat16 rounding would otherwise move a code when the
   loader re-quantizes it.
 """
@@ -38,8 +47,9 @@ import torch
 from torch import nn
 
 from llmc.errors import SaveError, did_you_mean
-from llmc.quantization.grids import grid_of
-from llmc.quantization.math import ZERO_POINT_DTYPE, loader_stable_weight
+from llmc.quantization.float_packing import pack_float_codes
+from llmc.quantization.grids import FP8_E4M3, grid_of
+from llmc.quantization.math import ZERO_POINT_DTYPE, effective_scale, loader_stable_weight
 from llmc.quantization.module import weight_codes
 from llmc.quantization.packing import pack_to_int32
 from llmc.quantization.scheme import QuantizationScheme
@@ -129,6 +139,46 @@ def _has_weights(scheme: QuantizationScheme) -> bool:
     return scheme.weights is not None
 
 
+def _float_weights(num_bits: int, group_size: int, *, mx_scales: bool = False):
+    """compressed-tensors' ``can_compress`` of the MX and NVFP4 compressors: float weights of
+    ``num_bits`` in groups of ``group_size`` (MXFP8 also needs E8M0 scales, since FP8 groups
+    of 32 with float scales are plain ``float-quantized``)."""
+
+    def infers(scheme: QuantizationScheme) -> bool:
+        weights = scheme.weights
+        return (
+            weights is not None
+            and weights.type == "float"
+            and weights.num_bits == num_bits
+            and weights.group_size == group_size
+            and (weights.is_mx or not mx_scales)
+        )
+
+    return infers
+
+
+def _e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """The uint8 E8M0 byte of power-of-two scales: ``127 + log2(scale)``."""
+    return (127 + torch.floor(torch.log2(scale.to(torch.float32))).to(torch.int32)).to(torch.uint8)
+
+
+def _packed_float(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
+    """FP4/FP6 codes packed into bytes, with FP8 (NVFP4) or E8M0 (MX) scales."""
+    args = module.quantization_scheme.weights
+    tensors = {"weight_packed": pack_float_codes(weight_codes(module), grid_of(args))}
+    if args.is_mx:
+        tensors["weight_scale"] = _e8m0(module.weight_scale.detach())
+    else:
+        tensors["weight_scale"] = module.weight_scale.detach().to(FP8_E4M3)
+        tensors["weight_global_scale"] = module.weight_global_scale.detach()
+    return tensors
+
+
+def _mx_codes(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
+    """One FP8 code per weight with E8M0 group scales (``mxfp8-quantized``)."""
+    return {"weight": weight_codes(module), "weight_scale": _e8m0(module.weight_scale.detach())}
+
+
 def _pack_quantized(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     args = module.quantization_scheme.weights
     tensors = {
@@ -158,17 +208,28 @@ def _dense(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     scale = module.weight_scale.detach()
     zero_point = module.weight_zero_point.detach().to(grid_of(args).zero_point_dtype)
     tensors = {"weight_scale": scale}
+    global_scale = getattr(module, "weight_global_scale", None)
+    if global_scale is not None:  # NVFP4: the loader divides the scale by it
+        tensors["weight_global_scale"] = global_scale.detach()
     if save_compressed:  # compressed status: the loader uses the weight as it is
         tensors["weight"] = module.weight.detach()
     else:  # frozen status: the loader fake-quantizes the weight on every forward
-        tensors["weight"] = loader_stable_weight(weight_codes(module), scale, zero_point, args, module.weight.dtype)
+        grid_scale = effective_scale(scale, global_scale)
+        tensors["weight"] = loader_stable_weight(weight_codes(module), grid_scale, zero_point, args, module.weight.dtype)
     if not save_compressed or not args.symmetric:
         tensors["weight_zero_point"] = zero_point
     return tensors
 
 
 # Registration order is inference order (compressed-tensors' COMPRESSION_FORMAT_PRIORITY:
-# int with any inputs, int weight-only, FP8 with inputs, then naive for whatever is left).
+# the MX formats, NVFP4, int with any inputs, int weight-only, float with inputs, then naive
+# for whatever is left).
+register_format(FormatWriter("mxfp4-pack-quantized", _packed_float, infers=_float_weights(4, 32)))
+register_format(FormatWriter("mxfp6-pack-quantized", _packed_float, infers=_float_weights(6, 32)))
+register_format(
+    FormatWriter("mxfp8-quantized", _mx_codes, infers=_float_weights(8, 32, mx_scales=True))
+)
+register_format(FormatWriter("nvfp4-pack-quantized", _packed_float, infers=_float_weights(4, 16)))
 register_format(FormatWriter("int-quantized", _unpacked_codes, infers=_is_int_with_inputs))
 register_format(FormatWriter("pack-quantized", _pack_quantized, infers=_is_int_weight_only))
 register_format(FormatWriter("float-quantized", _unpacked_codes, infers=_is_float_with_inputs))
