@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 
 from llmc.errors import CalibrationError
 from llmc.quantization import (
+    PRESET_SCHEMES,
     QuantizationArgs,
     compute_qparams,
+    effective_scale,
     fake_quantize,
+    global_scale_from_range,
     recover_codes,
     set_quantized_weight_,
     weight_codes,
@@ -32,6 +35,12 @@ SCHEMES = {
     # float grids go in as the weights' arguments
     "fp8-channel": dict(args=QuantizationArgs(num_bits=8, type="float", strategy="channel")),
     "fp8-tensor": dict(args=QuantizationArgs(num_bits=8, type="float", strategy="tensor")),
+    "fp8-block": dict(
+        args=QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=(16, 32))
+    ),
+    "mxfp4": dict(args=PRESET_SCHEMES["MXFP4A16"].weights),
+    "mxfp8": dict(args=PRESET_SCHEMES["MXFP8A16"].weights),
+    "nvfp4": dict(args=PRESET_SCHEMES["NVFP4A16"].weights),
 }
 
 
@@ -40,10 +49,12 @@ def _args(scheme: dict) -> QuantizationArgs:
 
 
 def _rtn(W: torch.Tensor, scheme: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Core's round-to-nearest: min-max parameters of W, then rounding."""
+    """Core's round-to-nearest: min-max parameters of W (under NVFP4 the weight's own global
+    scale), then rounding."""
     args = _args(scheme)
-    scale, zero_point = compute_qparams(W, args)
-    return fake_quantize(W, scale, zero_point, args), scale, zero_point
+    global_scale = global_scale_from_range(*torch.aminmax(W)) if args.has_global_scale else None
+    scale, zero_point = compute_qparams(W, args, global_scale)
+    return fake_quantize(W, effective_scale(scale, global_scale), zero_point, args), scale, zero_point
 
 
 def _output_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor) -> float:
@@ -139,6 +150,11 @@ AGREEMENT_CASES = {
     "bf16-scales": (dict(SCHEMES["int4-g32-sym"]), dict(scale_dtype=torch.bfloat16)),
     "fp8-channel-actorder": (dict(SCHEMES["fp8-channel"]), dict(actorder=True, block_size=48)),
     "fp8-tensor-bf16-scales": (dict(SCHEMES["fp8-tensor"]), dict(scale_dtype=torch.bfloat16)),
+    "fp8-block-actorder": (dict(SCHEMES["fp8-block"]), dict(actorder=True, block_size=40)),
+    "mxfp4-actorder": (dict(SCHEMES["mxfp4"]), dict(actorder=True, block_size=48)),
+    "mxfp8-bf16-scales": (dict(SCHEMES["mxfp8"]), dict(scale_dtype=torch.bfloat16)),
+    "nvfp4-actorder": (dict(SCHEMES["nvfp4"]), dict(actorder=True, block_size=20)),
+    "nvfp4-upfront-groups": (dict(SCHEMES["nvfp4"]), dict(lazy_group_params=False)),
     "fp16-scales-actorder": (dict(SCHEMES["int4-g32-asym"]), dict(scale_dtype=torch.float16, actorder=True)),
 }
 
@@ -177,10 +193,11 @@ def test_gptq_result_is_on_its_grid_with_codes_in_range():
     for name, scheme in SCHEMES.items():
         args = _args(scheme)
         result = gptq_quantize(W, H, **scheme, actorder=True)
-        codes = recover_codes(result.weight, result.scale, result.zero_point, args).float()
+        grid_scale = effective_scale(result.scale, result.global_scale)
+        codes = recover_codes(result.weight, grid_scale, result.zero_point, args).float()
         assert args.q_min <= float(codes.min()) and float(codes.max()) <= args.q_max, name
         # each weight sits on the grid of its *original* group: no g_idx needed
-        assert torch.equal(fake_quantize(result.weight, result.scale, result.zero_point, args), result.weight), name
+        assert torch.equal(fake_quantize(result.weight, grid_scale, result.zero_point, args), result.weight), name
 
 
 def test_gptq_dead_inputs_give_zero_weights():

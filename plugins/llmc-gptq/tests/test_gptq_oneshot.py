@@ -216,3 +216,26 @@ def test_gptq_cuts_calibration_batches_short_only_when_alone(tokenizer):
     assert counts[True] == [1 + batches, 0]
     assert counts[False] == [2 * batches, batches]
     assert torch.equal(weights[True], weights[False])
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "MXFP4A16", "FP8_BLOCK"])
+def test_gptq_float_group_and_block_schemes_load_with_the_same_logits(text_file, tmp_path, scheme):
+    """GPTQ onto FP4 groups under a global scale (NVFP4), E8M0 groups (MX) and FP8 blocks: the
+    checkpoint loads in transformers with our logits. In bfloat16, because compressed-tensors
+    decompresses FP4/MX weights to bfloat16 whatever the model's dtype."""
+    import transformers
+
+    result = oneshot(
+        model="llmc:tiny-llama", precision="bfloat16",
+        recipe=_recipe(f"scheme: {scheme}, ignore: [lm_head]"), dataset=str(text_file),
+        num_calibration_samples=8, output_dir=str(tmp_path / "out"),
+    )
+    rows = result.report["modules"]
+    assert rows and all(row["modifier"] == "GPTQModifier" and row["tokens"] > 0 for row in rows)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    ours = sample_logits(result.model, result.tokenizer)
+    torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=0, atol=0)
+    if scheme == "NVFP4A16":  # q/k/v share one global scale, as vLLM's fused qkv_proj needs
+        with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
+            scales = [checkpoint.get_tensor(f"model.layers.0.self_attn.{p}_proj.weight_global_scale") for p in "qkv"]
+        assert torch.equal(scales[0], scales[1]) and torch.equal(scales[0], scales[2])

@@ -44,7 +44,13 @@ import attrs
 import torch
 
 from llmc.hessian import inverse_cholesky_upper
-from llmc.quantization import QuantizationArgs, compute_qparams, grid_of
+from llmc.quantization import (
+    QuantizationArgs,
+    compute_qparams,
+    effective_scale,
+    global_scale_from_range,
+    grid_of,
+)
 from llmc_gptq.sweep_numba import open_groups_numba_, sweep_block_numba_
 from llmc_gptq.sweep_torch import open_groups_torch_, sweep_block_torch_
 
@@ -70,7 +76,8 @@ class GPTQResult:
 
     ``weight`` is on the grid of ``scale``/``zero_point`` (``(q − zero_point) · scale``, float32,
     original column order); ``scale`` has the shape of ``llmc.quantization.qparam_shape`` and
-    the dtype asked for, ``zero_point`` is int8 of the same shape. ``damping`` is the dampening
+    the dtype asked for, ``zero_point`` is int8 of the same shape (float zeros for float grids);
+    ``global_scale`` is NVFP4's float32 ``[1]`` (None for other schemes). ``damping`` is the dampening
     fraction finally used. ``hessian_error`` is ``trace(ΔW H ΔWᵀ)`` for the undamped ``H``,
     ``output_error`` the same relative to ``trace(W H Wᵀ)`` (the relative squared error of the
     layer's output on the calibration inputs), None when that reference was not available.
@@ -79,6 +86,7 @@ class GPTQResult:
     weight: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor
+    global_scale: torch.Tensor | None
     damping: float
     hessian_error: float
     output_error: float | None
@@ -102,9 +110,9 @@ def _group_layout(
     """
     device = torch.device("cpu")
     original = torch.arange(cols, device=device) if perm is None else perm.to(device)
-    if strategy == "group":
+    if group_size is not None:  # groups (or blocks) of columns, by original index
         group_of_column = original // group_size  # [cols]: group of each sweep position
-        n_groups = cols // group_size
+        n_groups = -(-cols // group_size)
     else:
         group_of_column = torch.zeros(cols, dtype=torch.long, device=device)
         n_groups = 1
@@ -113,6 +121,15 @@ def _group_layout(
     group_ptr = torch.zeros(n_groups + 1, dtype=torch.long, device=device)
     group_ptr[1:] = torch.cumsum(counts, 0)
     return group_of_column.contiguous(), group_ptr, group_columns.contiguous(), n_groups
+
+
+def _column_group_size(args: QuantizationArgs) -> int | None:
+    """Columns per scale along a row: the group size, a block's width, or None (one scale)."""
+    if args.strategy in ("group", "tensor_group"):
+        return args.group_size
+    if args.strategy == "block":
+        return args.block_structure[1]
+    return None
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -168,6 +185,7 @@ def gptq_quantize(
     strategy: str = "group",
     group_size: int | None = 128,
     args: QuantizationArgs | None = None,
+    global_scale: torch.Tensor | None = None,
     block_size: int = 128,
     dampening_frac: float = 0.01,
     actorder: bool = False,
@@ -205,7 +223,7 @@ def gptq_quantize(
         output_energy = reference_energy(W, H, kept=kept)
     result = gptq_quantize_prepared(
         W, prepared, num_bits=num_bits, symmetric=symmetric, strategy=strategy,
-        group_size=group_size, args=args, block_size=block_size, kept=kept,
+        group_size=group_size, args=args, global_scale=global_scale, block_size=block_size, kept=kept,
         lazy_group_params=lazy_group_params, scale_dtype=scale_dtype,
         output_energy=output_energy, backend=backend, module_name=module_name,
     )
@@ -222,6 +240,7 @@ def gptq_quantize_prepared(
     strategy: str = "group",
     group_size: int | None = 128,
     args: QuantizationArgs | None = None,
+    global_scale: torch.Tensor | None = None,
     block_size: int = 128,
     kept: torch.Tensor | None = None,
     lazy_group_params: bool = True,
@@ -242,9 +261,11 @@ def gptq_quantize_prepared(
         raise ValueError("give either num_bits (an integer grid) or args")
     if prepared.U.shape != (cols, cols):
         raise ValueError(f"the prepared Hessian is for {prepared.U.shape[0]} columns, W has {cols}")
-    if strategy not in ("tensor", "channel", "group"):
-        raise ValueError(f"strategy must be 'tensor', 'channel' or 'group' (got {strategy!r})")
-    if strategy == "group" and (not group_size or cols % group_size):
+    if strategy not in ("tensor", "channel", "group", "tensor_group", "block"):
+        raise ValueError(
+            f"strategy must be 'tensor', 'channel', 'group', 'tensor_group' or 'block' (got {strategy!r})"
+        )
+    if strategy in ("group", "tensor_group") and (not group_size or cols % group_size):
         raise ValueError(f"group_size {group_size} does not divide the {cols} columns of {module_name}")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive (got {block_size})")
@@ -266,17 +287,33 @@ def gptq_quantize_prepared(
         kept = kept.to(device=device, dtype=torch.bool)
         weight.mul_(kept)
 
-    lazy = lazy_group_params and strategy == "group"
-    group_of_column, group_ptr, group_columns, n_groups = _group_layout(cols, strategy, group_size, perm)
+    if args.has_global_scale and global_scale is None:  # NVFP4: the weight's own
+        global_scale = global_scale_from_range(*torch.aminmax(weight))
+    if global_scale is not None:
+        global_scale = global_scale.to(device=device, dtype=torch.float32).reshape(1)
+    # Groups open as the sweep reaches them; a block spans rows, so its scale is fixed up front.
+    lazy = lazy_group_params and strategy in ("group", "tensor_group")
+    column_group = _column_group_size(args)
+    group_of_column, group_ptr, group_columns, n_groups = _group_layout(cols, strategy, column_group, perm)
+    # ``scale``: what codes are computed against, per (row, group); ``stored``: what the
+    # checkpoint keeps (the same but for NVFP4, whose stored scales sit under the global one).
     if lazy:
         scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
         zero = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
+        stored = torch.zeros_like(scale) if global_scale is not None else scale
     else:
         # Up front, from the weights as they are before the sweep (min-max, as RTN does).
-        fixed_scale, fixed_zero = compute_qparams(weight, args)  # [1], [rows, 1] or [rows, groups]
-        fixed_scale = fixed_scale.to(scale_dtype).to(torch.float32)
-        scale = fixed_scale.expand(rows, -1).contiguous() if strategy == "tensor" else fixed_scale.contiguous()
-        zero = fixed_zero.to(torch.float32).expand(rows, -1).contiguous()
+        fixed_scale, fixed_zero = compute_qparams(weight, args, global_scale)
+        fixed_scale = fixed_scale.to(scale_dtype)  # [1], [rows, 1], [rows, groups] or blocks
+        stored = fixed_scale.to(torch.float32)
+        scale = effective_scale(stored, global_scale)
+        zero = fixed_zero.to(torch.float32)
+        if strategy == "block":  # one row of blocks per block_rows rows of the weight
+            block_rows = args.block_structure[0]
+            scale = scale.repeat_interleave(block_rows, dim=0)[:rows]
+            zero = zero.repeat_interleave(block_rows, dim=0)[:rows]
+        scale = scale.expand(rows, -1).contiguous()
+        zero = zero.expand(rows, -1).contiguous()
 
     if perm is not None:
         perm = perm.to(device)
@@ -306,7 +343,8 @@ def gptq_quantize_prepared(
         elif lazy and opening.numel():
             open_groups(
                 weight, opening, group_ptr, group_columns, scale, zero, kept=kept, args=args,
-                scale_dtype=scale_dtype,
+                scale_dtype=scale_dtype, global_scale=global_scale,
+                stored=stored if stored is not scale else None,
             )
         sweep(
             weight, U, i1, i2, Err, scale, zero, group_of_column,
@@ -324,11 +362,14 @@ def gptq_quantize_prepared(
         weight = weight.index_select(1, torch.argsort(perm))  # back to column order
     output_error = hessian_error / output_energy if output_energy else None
     if strategy == "tensor":
-        scale, zero = scale[:1, 0], zero[:1, 0]  # [1]
+        zero = zero[:1, 0]  # [1], as the scale
+    elif strategy == "block":
+        zero = zero[:: args.block_structure[0]]  # back to one row per row of blocks
     return GPTQResult(
         weight=weight,
-        scale=scale.to(scale_dtype),
-        zero_point=zero.to(grid.zero_point_dtype),
+        scale=stored.to(scale_dtype),
+        global_scale=global_scale,
+        zero_point=zero.to(args.zero_point_dtype),
         damping=prepared.damping,
         hessian_error=hessian_error,
         output_error=output_error,

@@ -26,7 +26,12 @@ from llmc.hessian import HessianAccumulator
 from llmc.masks import sparsity_mask
 from llmc.modifier import RunState
 from llmc.modifiers.quantization import describe_scheme
-from llmc.quantization import QuantizationScheme, quantize_linear_, set_quantized_weight_
+from llmc.quantization import (
+    QuantizationScheme,
+    quantize_linear_,
+    set_quantized_weight_,
+    shared_global_scales,
+)
 from llmc.report import relative_error
 from llmc.statistics import InputGroup, LayerCalibration
 from llmc_gptq.config import GPTQModifier
@@ -56,6 +61,9 @@ class GPTQRun(RunState):
     config: GPTQModifier
     schemes: list[QuantizationScheme]
     pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
+    # NVFP4 global scales, computed for fused siblings (q/k/v, gate/up) together while all of
+    # them are still pending, so that vLLM's fused matrix has one
+    global_scales: dict[str, torch.Tensor] = attrs.field(factory=dict)
     lazy_group_params: bool = True
     backend: str = "auto"
     calibration: LayerCalibration = attrs.field(init=False)
@@ -87,6 +95,7 @@ class GPTQRun(RunState):
     def llmc_finalize(self, context: RunContext) -> None:
         # Targets outside the calibrated blocks (a targeted lm_head) see no calibration data.
         for name in list(self.pending):
+            self._share_global_scale(name)
             module, scheme = self.pending.pop(name)
             logger.warning("%s lies outside the calibrated layers: quantized by round-to-nearest", name)
             self._round_to_nearest(context, name, module, scheme)
@@ -101,6 +110,7 @@ class GPTQRun(RunState):
             for name in group.names:
                 if name not in self.pending:
                     continue
+                self._share_global_scale(name)
                 module, scheme = self.pending.pop(name)
                 energy = group.outputs.get(name)
                 if H is None:
@@ -138,6 +148,7 @@ class GPTQRun(RunState):
             module.weight.detach(),
             prepared,
             args=weights,
+            global_scale=self.global_scales.pop(name, None),
             block_size=self.config.block_size,
             kept=sparsity_mask(module),
             lazy_group_params=self.lazy_group_params,
@@ -147,7 +158,8 @@ class GPTQRun(RunState):
             module_name=name,
         )
         set_quantized_weight_(
-            module, scheme, weight_fake_quantized=result.weight, scale=result.scale, zero_point=result.zero_point
+            module, scheme, weight_fake_quantized=result.weight, scale=result.scale,
+            zero_point=result.zero_point, global_scale=result.global_scale,
         )
         context.record(
             modifier="GPTQModifier",
@@ -161,12 +173,17 @@ class GPTQRun(RunState):
             backend=result.backend,
         )
 
+    def _share_global_scale(self, name: str) -> None:
+        scheme = self.pending[name][1]
+        if scheme.weights.has_global_scale and name not in self.global_scales:
+            self.global_scales.update(shared_global_scales(self.pending, [name]))
+
     def _round_to_nearest(
         self, context: RunContext, name: str, module: torch.nn.Linear, scheme: QuantizationScheme
     ) -> None:
         started = time.perf_counter()
         original = module.weight.detach().clone()
-        quantize_linear_(module, scheme)
+        quantize_linear_(module, scheme, global_scale=self.global_scales.pop(name, None))
         context.record(
             modifier="GPTQModifier",
             module=name,

@@ -245,13 +245,7 @@ def _float_format(grid: Grid) -> tuple[bool, int, int]:
     """``(is_float, mantissa bits, smallest normal exponent)`` of a grid's codes."""
     if not grid.is_float:
         return False, 0, 0
-    mantissa_bits = getattr(grid, "mantissa_bits", None)
-    min_exponent = getattr(grid, "min_exponent", None)
-    if mantissa_bits is None or min_exponent is None:
-        info = torch.finfo(grid.code_dtype)
-        mantissa_bits = int(round(-math.log2(info.eps)))
-        min_exponent = int(round(math.log2(info.tiny)))
-    return True, int(mantissa_bits), int(min_exponent)
+    return True, int(grid.mantissa_bits), int(grid.min_normal_exponent)
 
 
 def _scale_format(scale_dtype: torch.dtype) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from llmc.quantization import Grid, QuantizationArgs, compute_qparams
+from llmc.quantization import Grid, QuantizationArgs, compute_qparams, effective_scale
 
 __all__ = ["open_groups_torch_", "sweep_block_torch_"]
 
@@ -50,6 +50,8 @@ def open_groups_torch_(
     kept: torch.Tensor | None,
     args: QuantizationArgs,
     scale_dtype: torch.dtype,
+    global_scale: torch.Tensor | None = None,
+    stored: torch.Tensor | None = None,
 ) -> None:
     """Min-max parameters of ``groups`` from the current values of their columns.
 
@@ -59,7 +61,10 @@ def open_groups_torch_(
     - ``scale``, ``zero_point: [rows, groups]`` float32: columns ``groups`` are filled, the
       scale rounded to ``scale_dtype`` (the dtype it is stored in);
     - ``kept``: pruned weights (False) count as 0, the value they will get;
-    - ``args``: the weights' group arguments, integer or float (``compute_qparams`` of core).
+    - ``args``: the weights' group arguments, integer or float (``compute_qparams`` of core);
+    - ``global_scale`` (NVFP4): the group scales are FP8 values under it; ``scale`` then gets
+      the scale codes are computed against (``effective_scale``) and ``stored`` the scale the
+      checkpoint keeps (``[rows, groups]``, float32).
     """
     if groups.numel() == 0:
         return
@@ -69,9 +74,12 @@ def open_groups_torch_(
     values = W[:, columns]  # [rows, n * group_size], a copy
     if kept is not None:
         values = torch.where(kept[:, columns], values, torch.zeros_like(values))
-    group_scale, group_zero = compute_qparams(values, args)  # [rows, n] each
+    group_scale, group_zero = compute_qparams(values, args, global_scale)  # [rows, n] each
+    group_scale = group_scale.to(scale_dtype)
     on_device = groups.to(scale.device)
-    scale[:, on_device] = group_scale.to(scale_dtype).to(scale.dtype)
+    if stored is not None:
+        stored[:, on_device] = group_scale.to(stored.dtype)
+    scale[:, on_device] = effective_scale(group_scale.to(scale.dtype), global_scale).to(scale.dtype)
     zero_point[:, on_device] = group_zero.to(zero_point.dtype)
 
 
