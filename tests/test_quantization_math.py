@@ -312,7 +312,7 @@ def test_fake_quantize_keeps_zero_exact(case):
         ),
         (
             {"num_bits": 4, "strategy": "block"},
-            r"^'strategy' must be one of 'tensor', 'channel', 'group', 'token' \(got 'block'\)$",
+            r"^'strategy' must be one of 'tensor', 'channel', 'group', 'token', 'attn_head' \(got 'block'\)$",
         ),
         (
             {"num_bits": 4, "strategy": "group"},
@@ -362,11 +362,14 @@ def test_quantization_args_static_actorder_is_weight():
     assert args.actorder == "weight"
 
 
-def test_quantization_scheme_static_inputs_raise():
-    with pytest.raises(ArgumentError, match=r"static activation scales\) is not supported yet"):
+def test_quantization_scheme_static_inputs_other_than_tensor_raise():
+    with pytest.raises(
+        ArgumentError,
+        match=r"^static 'input_activations' \(dynamic false\) support strategy 'tensor' \(got 'group'\)",
+    ):
         QuantizationScheme(
             weights=QuantizationArgs(num_bits=8, strategy="channel"),
-            input_activations=QuantizationArgs(num_bits=8, strategy="tensor"),
+            input_activations=QuantizationArgs(num_bits=8, strategy="group", group_size=32),
         )
 
 
@@ -383,7 +386,7 @@ def test_preset_scheme_unknown_raises_with_closest():
         preset_scheme("fp8_dynamc", ["Linear"])
     with pytest.raises(
         ArgumentError,
-        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8_DYNAMIC, INT8, W4A16, "
+        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8, FP8_DYNAMIC, INT8, W4A16, "
         r"W4A16_ASYM, W8A16, W8A8$",
     ):
         preset_scheme("XYZ", ["Linear"])
@@ -395,18 +398,9 @@ def test_preset_scheme_compressed_tensors_name_not_supported_yet(name):
     with pytest.raises(
         ArgumentError,
         match=rf"^quantization scheme '{name.upper()}' is not supported yet; supported presets: "
-        r"FP8_DYNAMIC, INT8, W4A16, W4A16_ASYM, W8A16, W8A8$",
+        r"FP8, FP8_DYNAMIC, INT8, W4A16, W4A16_ASYM, W8A16, W8A8$",
     ):
         preset_scheme(name, ["Linear"])
-
-
-def test_preset_scheme_fp8_static_needs_observers():
-    with pytest.raises(
-        ArgumentError,
-        match=r"^quantization scheme 'FP8' is not supported yet: its static input_scale needs "
-        r"activation observers run on calibration data, which are coming; use FP8_DYNAMIC",
-    ):
-        preset_scheme("FP8", ["Linear"])
 
 
 def test_preset_names_cover_compressed_tensors_presets():
@@ -418,7 +412,7 @@ def test_preset_names_cover_compressed_tensors_presets():
 
 # compressed-tensors' presets leave the weight observer unset (None means min-max for static
 # weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
-SAME_AS_COMPRESSED_TENSORS = ["FP8_DYNAMIC", "W4A16", "W4A16_ASYM", "W8A8", "INT8"]
+SAME_AS_COMPRESSED_TENSORS = ["FP8", "FP8_DYNAMIC", "W4A16", "W4A16_ASYM", "W8A8", "INT8"]
 
 
 @pytest.mark.parametrize("name", SAME_AS_COMPRESSED_TENSORS, ids=str)

@@ -7,7 +7,11 @@ for FP8) and an attribute ``quantization_scheme``. Its forward is therefore exac
 transformers runs after loading the saved checkpoint (which dequantizes to the same values), so
 evaluation, the next layer's calibration inputs and the checkpoint all agree. Dynamic input
 quantization (W8A8's int8, FP8_DYNAMIC's FP8, per token) is a forward pre-hook doing what
-compressed-tensors does in its quantized forward.
+compressed-tensors does in its quantized forward. Static input quantization (the ``FP8``
+preset) is the same pre-hook with the scale an observer fixed at calibration, held in the
+buffers ``input_scale`` (and ``input_zero_point``) under the checkpoint's names; until that
+scale is set (during calibration) the input passes unchanged, as in llm-compressor, whose
+observers see the unquantized inputs.
 
 Keeping the float weight rather than the codes means solvers (GPTQ, ...) write their result
 once and everything downstream, including ``weight_codes``, recovers the codes exactly.
@@ -31,14 +35,18 @@ from llmc.quantization.math import (
     fake_quantize,
     qparam_shape,
     recover_codes,
+    static_activation_fake_quantize,
 )
+from llmc.quantization.observers import observe_weight
 from llmc.quantization.scheme import QuantizationScheme
 from llmc.torch_hooks import has_forward_pre_hook, remove_forward_pre_hooks
 
 __all__ = [
     "is_quantized",
     "quantize_linear_",
+    "has_static_inputs",
     "quantized_linears",
+    "set_input_qparams_",
     "set_quantized_weight_",
     "weight_codes",
 ]
@@ -142,11 +150,48 @@ def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook: dynamic fake quantization of the Linear's input."""
+    """Forward pre-hook: fake quantization of the Linear's input, dynamic or static."""
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is None or scheme.input_activations is None or not args:
         return None
-    return (dynamic_activation_fake_quantize(args[0], scheme.input_activations), *args[1:])
+    inputs = scheme.input_activations
+    if inputs.dynamic:
+        return (dynamic_activation_fake_quantize(args[0], inputs), *args[1:])
+    scale = getattr(module, "input_scale", None)
+    if scale is None:  # not calibrated yet
+        return None
+    # the loaded checkpoint has no zero point for a symmetric scheme; adding zeros would turn
+    # -0 into +0, so none is added here either
+    zero_point = None if inputs.symmetric else module.input_zero_point
+    return (static_activation_fake_quantize(args[0], scale, zero_point, inputs), *args[1:])
+
+
+def has_static_inputs(scheme: QuantizationScheme) -> bool:
+    """Whether ``scheme``'s input scale is fixed at calibration (and so needs data)."""
+    return scheme.input_activations is not None and not scheme.input_activations.dynamic
+
+
+@torch.no_grad()
+def set_input_qparams_(module: nn.Linear, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """Install a Linear's static input ``scale``/``zero_point`` (from its input observer).
+
+    Stored as compressed-tensors creates them: the scale in the weight's dtype with shape
+    ``[1]``, the zero point int8 (float8_e4m3fn for FP8). The module must already carry a
+    scheme with static input activations.
+    """
+    scheme = getattr(module, "quantization_scheme", None)
+    if not isinstance(scheme, QuantizationScheme) or not has_static_inputs(scheme):
+        raise ArgumentError(
+            "set_input_qparams_ needs a module quantized with static input_activations "
+            "(dynamic false); quantize it with such a scheme first",
+            name="module",
+        )
+    if tuple(scale.shape) != (1,):
+        raise CalibrationError(f"input scale has shape {_shape(scale)}, expected [1] (strategy 'tensor')")
+    grid = grid_of(scheme.input_activations)
+    device = module.weight.device
+    _set_buffer(module, "input_scale", scale.detach().to(device=device, dtype=module.weight.dtype))
+    _set_buffer(module, "input_zero_point", zero_point.detach().to(device=device, dtype=grid.zero_point_dtype))
 
 
 def _set_input_hook(module: nn.Module, enabled: bool) -> None:
@@ -203,7 +248,8 @@ def quantize_linear_(
 ) -> None:
     """Quantize ``module`` in place by round-to-nearest (RTN).
 
-    Without ``scale`` the min-max parameters of the current weight are used; with it (and a
+    Without ``scale`` the weight observer's parameters are used (min-max, or the MSE search
+    with ``observer: mse``); with it (and a
     ``zero_point`` for asymmetric schemes) the weight is rounded onto that grid instead.
     Calling it again re-quantizes from the current weight and never stacks input hooks.
     """
@@ -214,7 +260,10 @@ def quantize_linear_(
             raise ArgumentError(
                 "zero_point was given without scale; pass both or neither", name="zero_point"
             )
-        scale, zero_point = compute_qparams(weight, scheme.weights)
+        if scheme.weights.observer in ("mse", "memoryless_mse"):
+            scale, zero_point = observe_weight(weight, scheme.weights)
+        else:  # the min-max observers all give the weight's own range
+            scale, zero_point = compute_qparams(weight, scheme.weights)
     scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
     # Round with the reference's arithmetic, in the weight's dtype, as compressed-tensors
     # would when compressing this weight.

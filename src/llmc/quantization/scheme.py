@@ -9,10 +9,10 @@ and what was given.
 
 Only what llmc can compute and save exactly is accepted: integer weights of 2, 3, 4 or 8 bits
 with a tensor, channel or group scale, FP8 E4M3 weights (``type: float, num_bits: 8``) with a
-tensor or channel scale, and dynamic input activations of the weights' type. Everything else
-compressed-tensors knows (FP4/MXFP, static activation scales, blocks, int weights with float
-activations) is refused up front with a message saying so, instead of producing a checkpoint
-that fails to load.
+tensor or channel scale, input activations of the weights' type (dynamic, or static per tensor
+from an observer run on calibration data), and a static KV-cache scheme. Everything else
+compressed-tensors knows (FP4/MXFP, blocks, int weights with float activations) is refused up
+front with a message saying so, instead of producing a checkpoint that fails to load.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from llmc.validators import is_bool, is_one_of
 __all__ = [
     "ACTORDERS",
     "FORMATS",
+    "OBSERVER_KWARGS",
     "NUM_BITS",
     "PRESET_ALIASES",
     "PRESET_SCHEMES",
@@ -38,6 +39,7 @@ __all__ = [
     "QuantizationArgs",
     "QuantizationScheme",
     "args_from_config_dict",
+    "kv_cache_args_from_config_dict",
     "preset_scheme",
     "scheme_from_config_dict",
     "schemes_from_config_groups",
@@ -45,7 +47,16 @@ __all__ = [
 
 NUM_BITS = (2, 3, 4, 8)
 TYPES = ("int", "float")
-STRATEGIES = ("tensor", "channel", "group", "token")
+STRATEGIES = ("tensor", "channel", "group", "token", "attn_head")
+# The observers (llm-compressor 0.14's names, ``observers.py``) and the observer_kwargs each takes.
+_MSE_SEARCH = ("maxshrink", "patience", "grid", "norm")
+OBSERVER_KWARGS: dict[str, tuple[str, ...]] = {
+    "minmax": ("averaging_constant",),
+    "static_minmax": (),
+    "memoryless_minmax": (),
+    "mse": (*_MSE_SEARCH, "averaging_constant"),
+    "memoryless_mse": _MSE_SEARCH,
+}
 ACTORDERS = (None, "weight", "group", "static")
 # Formats a group can be saved in; "dense" keeps the fake-quantized float weight.
 FORMATS = ("pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "dense")
@@ -81,6 +92,23 @@ def _check_actorder(instance: Any, attribute: attrs.Attribute, value: Any) -> No
     is_one_of(ACTORDERS)(instance, attribute, value)
 
 
+def _check_observer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value not in OBSERVER_KWARGS:
+        raise ArgumentError(
+            f"unknown observer {_quote(value)}{did_you_mean(str(value), OBSERVER_KWARGS)}",
+            name="observer",
+        )
+
+
+def _observer_kwargs(value: Any) -> tuple[tuple[str, Any], ...]:
+    # stored as sorted items so the arguments stay hashable (schemes are dict keys when saving)
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    return tuple(value)
+
+
 def _canonical_actorder(value: Any) -> Any:
     # compressed-tensors treats "static" as an alias of "weight"; store one spelling.
     return "weight" if value == "static" else value
@@ -91,8 +119,10 @@ class QuantizationArgs:
     """How one tensor (a weight, or a Linear's input) is mapped to integers or FP8 values.
 
     The fields and their JSON spelling are those of compressed-tensors' ``QuantizationArgs``.
-    ``observer`` only names how static parameters are estimated ("minmax" is what llmc's
-    round-to-nearest uses); it is written to the config for the record.
+    ``observer`` names how static parameters are estimated from what calibration saw
+    (``llmc.quantization.observers``: ``minmax``, ``static_minmax``, ``mse``, ...), with
+    ``observer_kwargs`` its settings (``averaging_constant``, ``grid``, ``norm``, ...); both
+    are written to the config.
     """
 
     num_bits: int = attrs.field(validator=is_one_of(NUM_BITS))
@@ -104,9 +134,18 @@ class QuantizationArgs:
     actorder: str | None = attrs.field(
         default=None, converter=_canonical_actorder, validator=_check_actorder
     )
-    observer: str | None = attrs.field(default="minmax")
+    observer: str | None = attrs.field(default="minmax", validator=_check_observer)
+    observer_kwargs: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_observer_kwargs)
 
     def __attrs_post_init__(self) -> None:
+        for key, _ in self.observer_kwargs:
+            allowed = OBSERVER_KWARGS.get(self.observer or "minmax", ())
+            if key not in allowed:
+                takes = f"; it takes {', '.join(allowed)}" if allowed else "; it takes none"
+                raise ArgumentError(
+                    f"observer {self.observer!r} has no observer_kwargs {key!r}{takes}",
+                    name="observer_kwargs",
+                )
         if self.strategy == "group" and self.group_size is None:
             raise ArgumentError(
                 "'group_size' is required when strategy is 'group' (got None); "
@@ -124,10 +163,10 @@ class QuantizationArgs:
                 "strategy 'token' needs dynamic true: per-token scales are computed at run time",
                 name="dynamic",
             )
-        if self.dynamic and self.strategy == "channel":
+        if self.dynamic and self.strategy in ("channel", "attn_head"):
             raise ArgumentError(
                 "'dynamic' quantization supports strategies 'token', 'tensor', 'group' "
-                "(got 'channel')",
+                f"(got {self.strategy!r})",
                 name="strategy",
             )
         if self.type == "float":
@@ -146,7 +185,7 @@ class QuantizationArgs:
                 "symmetric true",
                 name="symmetric",
             )
-        if self.strategy not in FLOAT_STRATEGIES:
+        if self.strategy not in FLOAT_STRATEGIES and self.strategy != "attn_head":  # KV cache
             listed = ", ".join(repr(s) for s in FLOAT_STRATEGIES)
             raise ArgumentError(
                 f"type 'float' (FP8) supports strategies {listed} (got {self.strategy!r}); "
@@ -176,7 +215,7 @@ class QuantizationArgs:
             "dynamic": self.dynamic,
             "actorder": self.actorder,
             "observer": self.observer,
-            "observer_kwargs": {},
+            "observer_kwargs": dict(self.observer_kwargs),
         }
 
 
@@ -197,9 +236,15 @@ def _weights_are_static(
             "'weights' must have dynamic false: weight scales are computed once, at compression",
             name="weights",
         )
+    if value.strategy == "attn_head":
+        raise ArgumentError(
+            "'weights' cannot have strategy 'attn_head' (a KV-cache strategy); use tensor, "
+            "channel or group",
+            name="weights",
+        )
 
 
-def _inputs_are_dynamic(
+def _check_inputs(
     instance: Any, attribute: attrs.Attribute, value: QuantizationArgs | None
 ) -> None:
     if value is None:
@@ -209,10 +254,13 @@ def _inputs_are_dynamic(
             f"'input_activations' must be QuantizationArgs or None (got {type(value).__name__})",
             name="input_activations",
         )
-    if not value.dynamic:
+    # compressed-tensors 0.20 creates no per-channel input scale and broadcasts a static group
+    # scale against the sequence dimension, so only a per-tensor static scale loads correctly.
+    if not value.dynamic and value.strategy != "tensor":
         raise ArgumentError(
-            "'input_activations' with dynamic false (static activation scales) is not supported "
-            "yet; set dynamic true",
+            f"static 'input_activations' (dynamic false) support strategy 'tensor' (got "
+            f"{value.strategy!r}); use strategy tensor, or dynamic true for per-token or group "
+            f"scales",
             name="input_activations",
         )
     if value.actorder is not None:
@@ -259,7 +307,7 @@ class QuantizationScheme:
     )
     weights: QuantizationArgs | None = attrs.field(validator=_weights_are_static)
     input_activations: QuantizationArgs | None = attrs.field(
-        default=None, validator=_inputs_are_dynamic
+        default=None, validator=_check_inputs
     )
     output_activations: None = attrs.field(default=None, validator=_no_outputs)
     format: str | None = attrs.field(
@@ -299,7 +347,7 @@ class QuantizationScheme:
 _ARGS_KEYS = {a.name for a in attrs.fields(QuantizationArgs)}
 # Keys compressed-tensors writes that carry no information for the schemes we support, when
 # they hold their neutral value.
-_ARGS_NEUTRAL = {"block_structure": None, "observer_kwargs": {}, "scale_dtype": None}
+_ARGS_NEUTRAL = {"block_structure": None, "scale_dtype": None}
 _SCHEME_KEYS = {a.name for a in attrs.fields(QuantizationScheme)}
 
 
@@ -357,6 +405,30 @@ def args_from_config_dict(entry: Mapping[str, Any], *, where: str = "weights") -
     if group_size == -1 and values["strategy"] == "channel":
         values["group_size"] = None
     return QuantizationArgs(**values)
+
+
+def kv_cache_args_from_config_dict(entry: Any) -> QuantizationArgs | None:
+    """The ``kv_cache_scheme`` of a recipe or config: static, symmetric, per tensor or head.
+
+    vLLM reads one ``k_scale``/``v_scale`` per attention (or per KV head) and no zero point, and
+    compressed-tensors calibrates them on the keys and values after RoPE; llm-compressor's
+    default observer (``minmax``) applies when none is given.
+    """
+    if entry is None:
+        return None
+    args = entry if isinstance(entry, QuantizationArgs) else args_from_config_dict(entry, where="kv_cache_scheme")
+    if args.dynamic or args.strategy not in ("tensor", "attn_head") or not args.symmetric:
+        raise ArgumentError(
+            f"'kv_cache_scheme' must be static (dynamic false), symmetric, with strategy "
+            f"'tensor' or 'attn_head' (got dynamic {args.dynamic}, symmetric {args.symmetric}, "
+            f"strategy {args.strategy!r})",
+            name="kv_cache_scheme",
+        )
+    if args.actorder is not None:
+        raise ArgumentError(
+            f"'kv_cache_scheme' cannot have an actorder (got {args.actorder!r})", name="kv_cache_scheme"
+        )
+    return args
 
 
 def scheme_from_config_dict(entry: Mapping[str, Any]) -> QuantizationScheme:
@@ -432,6 +504,10 @@ PRESET_SCHEMES: dict[str, QuantizationScheme] = {
         weights=_int_args(8, "channel"),
         input_activations=_int_args(8, "token", dynamic=True, observer=None),
     ),
+    "FP8": QuantizationScheme(
+        weights=_fp8_args("tensor"),
+        input_activations=_fp8_args("tensor", observer="static_minmax"),
+    ),
     "FP8_DYNAMIC": QuantizationScheme(
         weights=_fp8_args("channel"),
         input_activations=_fp8_args("token", dynamic=True, observer=None),
@@ -444,11 +520,6 @@ PRESET_ALIASES = {"INT8": "W8A8"}
 # message it is refused with when there is more to say than "not supported yet; supported
 # presets: ..." (a test keeps the names equal to the installed library's).
 UNSUPPORTED_PRESETS: dict[str, str | None] = {
-    "FP8": (
-        "quantization scheme 'FP8' is not supported yet: its static input_scale needs "
-        "activation observers run on calibration data, which are coming; use FP8_DYNAMIC "
-        "(per-token input scales computed at run time)"
-    ),
     "UNQUANTIZED": (
         "quantization scheme 'UNQUANTIZED' quantizes nothing; leave the modules out of "
         "targets or list them in ignore"
@@ -477,7 +548,7 @@ def _closest_presets(name: str) -> str:
 def preset_scheme(name: str, targets: Iterable[str] | str = ("Linear",)) -> QuantizationScheme:
     """The preset scheme called ``name`` (case-insensitive), applied to ``targets``.
 
-    A name compressed-tensors defines that llmc cannot produce yet (``NVFP4``, ``FP8``, ...)
+    A name compressed-tensors defines that llmc cannot produce yet (``NVFP4``, ``W4AFP8``, ...)
     is refused as such, naming the supported presets; any other unknown name gets the closest
     supported names.
     """
