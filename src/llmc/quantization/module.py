@@ -172,19 +172,19 @@ def has_static_inputs(scheme: QuantizationScheme) -> bool:
 
 
 @torch.no_grad()
-def set_input_qparams_(module: nn.Linear, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+def set_input_qparams_(
+    module: nn.Linear, scheme: QuantizationScheme, scale: torch.Tensor, zero_point: torch.Tensor
+) -> None:
     """Install a Linear's static input ``scale``/``zero_point`` (from its input observer).
 
     Stored as compressed-tensors creates them: the scale in the weight's dtype with shape
-    ``[1]``, the zero point int8 (float8_e4m3fn for FP8). The module must already carry a
-    scheme with static input activations.
+    ``[1]``, the zero point int8 (float8_e4m3fn for FP8). They take effect once the module is
+    quantized with ``scheme`` (before or after this call), whose inputs must be static.
     """
-    scheme = getattr(module, "quantization_scheme", None)
     if not isinstance(scheme, QuantizationScheme) or not has_static_inputs(scheme):
         raise ArgumentError(
-            "set_input_qparams_ needs a module quantized with static input_activations "
-            "(dynamic false); quantize it with such a scheme first",
-            name="module",
+            "set_input_qparams_ needs a scheme with static input_activations (dynamic false)",
+            name="scheme",
         )
     if tuple(scale.shape) != (1,):
         raise CalibrationError(f"input scale has shape {_shape(scale)}, expected [1] (strategy 'tensor')")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmc.errors import SaveError
+from llmc.quantization.kv_cache import cached_attention_modules, kv_cache_args
 from llmc.quantization.module import quantized_linears
 from llmc.quantization.scheme import QuantizationScheme
 from llmc.save.formats import format_writer, group_format
@@ -116,13 +117,36 @@ def quantization_config(
         "format": distinct.pop() if len(distinct) == 1 else "mixed-precision",
         "global_compression_ratio": None,
         "ignore": ignore_list,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": _kv_cache_scheme(model),
         "quant_method": QUANT_METHOD,
         "quantization_status": "compressed" if save_compressed else "frozen",
         "sparsity_config": {},
         "transform_config": {},
         "version": _format_version(),
     }
+
+
+def _kv_cache_scheme(model: nn.Module) -> dict[str, Any] | None:
+    """The ``kv_cache_scheme`` the attention modules were calibrated with (one for the model)."""
+    found = {kv_cache_args(module) for _, module in cached_attention_modules(model)} - {None}
+    if len(found) > 1:
+        raise SaveError(
+            "attention modules were calibrated with different kv_cache_schemes; a checkpoint "
+            "holds one, so use the same kv_cache_scheme for every modifier"
+        )
+    return found.pop().to_config_dict() if found else None
+
+
+def _input_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
+    """A static input scale, and its zero point where the loader reads one: asymmetric, or a
+    ``dense`` (frozen) checkpoint, for which compressed-tensors creates every zero point."""
+    inputs = module.quantization_scheme.input_activations
+    if inputs is None or inputs.dynamic or getattr(module, "input_scale", None) is None:
+        return {}
+    tensors = {"input_scale": module.input_scale.detach()}
+    if not save_compressed or not inputs.symmetric:
+        tensors["input_zero_point"] = module.input_zero_point.detach()
+    return tensors
 
 
 def _module_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
@@ -310,9 +334,11 @@ def compressed_state_dict(
             )
     compressed_keys = set()
     for name, module in quantized.items():
-        for local in ("weight", "weight_scale", "weight_zero_point"):
+        for local in ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point"):
             state.pop(f"{name}.{local}", None)
-        for local, tensor in _module_tensors(module, save_compressed=save_compressed).items():
+        tensors = _module_tensors(module, save_compressed=save_compressed)
+        tensors.update(_input_tensors(module, save_compressed=save_compressed))
+        for local, tensor in tensors.items():
             state[f"{name}.{local}"] = tensor
             compressed_keys.add(f"{name}.{local}")
     _drop_aliases(state, model)

@@ -11,6 +11,10 @@ Per decoder layer::
                        group and act-order) and install the results
                        (llmc.quantization.set_quantized_weight_); with true_sequential core
                        re-runs the layer between groups (llmc.statistics)
+
+Static input scales and the KV cache's scales (``llmc.calibration``) are observed in the same
+calibration pass, on the inputs the layer receives from the compressed layers before it, and
+set before the layer's weights are solved, so true-sequential re-runs already quantize them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 import attrs
 import torch
 
+from llmc.calibration import ActivationCalibration
 from llmc.context import RunContext
 from llmc.hessian import HessianAccumulator
 from llmc.masks import sparsity_mask
@@ -59,6 +64,7 @@ class GPTQRun(RunState):
     lazy_group_params: bool = True
     backend: str = "auto"
     calibration: LayerCalibration = attrs.field(init=False)
+    activations: ActivationCalibration = attrs.field(factory=lambda: ActivationCalibration("GPTQModifier"))
 
     def __attrs_post_init__(self) -> None:
         self.calibration = LayerCalibration(
@@ -79,9 +85,12 @@ class GPTQRun(RunState):
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
         prefix = f"{layer_name}."
         modules = {n: m for n, (m, _) in self.pending.items() if n.startswith(prefix)}
-        return self.calibration.start(context, layer_name, layer, modules)
+        in_layer = {n: pair for n, pair in self.pending.items() if n.startswith(prefix)}
+        wants_activations = self.activations.start(context, layer_name, layer, in_layer)
+        return self.calibration.start(context, layer_name, layer, modules) or wants_activations
 
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        self.activations.finish(context, layer_name)
         self.calibration.finish(context, layer_name, layer, lambda groups: self._solve_groups(context, groups))
 
     def llmc_finalize(self, context: RunContext) -> None:
@@ -152,6 +161,7 @@ class GPTQRun(RunState):
         set_quantized_weight_(
             module, scheme, weight_fake_quantized=result.weight, scale=result.scale, zero_point=result.zero_point
         )
+        inputs = self.activations.install_input_scale(name, module, scheme)
         context.record(
             modifier="GPTQModifier",
             module=name,
@@ -162,6 +172,7 @@ class GPTQRun(RunState):
             tokens=tokens,
             seconds=round(result.seconds + hessian_seconds, 4),
             backend=result.backend,
+            **inputs,
         )
 
     def _round_to_nearest(
@@ -170,6 +181,7 @@ class GPTQRun(RunState):
         started = time.perf_counter()
         original = module.weight.detach().clone()
         quantize_linear_(module, scheme)
+        inputs = self.activations.install_input_scale(name, module, scheme)
         context.record(
             modifier="GPTQModifier",
             module=name,
@@ -177,4 +189,5 @@ class GPTQRun(RunState):
             weight_error=relative_error(original, module.weight.detach()),
             method="round-to-nearest",
             seconds=round(time.perf_counter() - started, 4),
+            **inputs,
         )
