@@ -84,11 +84,6 @@ def test_gptq_every_problem_reported_at_once(registry):
         ("scheme: W4A16, actorder: sometimes", r"'actorder' must be one of null, 'weight', 'static' \(got 'sometimes'\)"),
         ("scheme: W5A61", r"unknown quantization scheme 'W5A61'; did you mean "),
         ("scheme: W5A16", r"quantization scheme 'W5A16' is not supported yet; supported presets: "),
-        ("scheme: FP8_DYNAMIC", r"GPTQModifier does not support float \(FP8\) weights yet; use QuantizationModifier"),
-        (
-            "config_groups: {g: {targets: [Linear], weights: {num_bits: 8, type: float, strategy: channel}}}",
-            r"GPTQModifier does not support float \(FP8\) weights yet",
-        ),
         ("block_size: 64", r"give exactly one of 'scheme' and 'config_groups'"),
     ],
 )

@@ -82,12 +82,6 @@ class GPTQModifier(QuantizingModifier):
         resolved = []
         for scheme in super().schemes():
             weights = scheme.weights
-            if weights.type == "float":
-                raise ArgumentError(
-                    "GPTQModifier does not support float (FP8) weights yet; use "
-                    "QuantizationModifier (round-to-nearest) for FP8 schemes",
-                    name="scheme",
-                )
             if weights.actorder is None and wanted is not None:
                 scheme = attrs.evolve(scheme, weights=attrs.evolve(weights, actorder=wanted))
             resolved.append(scheme)

@@ -25,6 +25,10 @@ holding a group's first column, from the error-updated values of the group's col
 original weights (False, llm-compressor's choice). Group membership is always by *original*
 column index, also with act-order, so the checkpoint needs no ``g_idx``.
 
+FP8 E4M3 weights (``weight_type="float"``, tensor or channel scales fixed up front from the
+original weights) use the same sweep with "quant" the FP8 rounding of ``llmc.quantization``;
+only the torch sweep implements it (the numba kernels round to integers).
+
 Symbols: ``U`` the factor above; ``Err: [rows, block]`` the scaled errors ``(w − q) / U_jj``;
 ``ΔW = W − Ŵ``. Since ``W − Ŵ = E U`` for the matrix ``E`` of all scaled errors and
 ``H + λI = U⁻¹U⁻ᵀ``, the error in the damped metric is ``trace(ΔW (H + λI) ΔWᵀ) = ‖E‖²``,
@@ -172,6 +176,7 @@ def gptq_quantize(
     output_energy: float | None = None,
     backend: str = "auto",
     module_name: str = "weight",
+    weight_type: str = "int",
 ) -> GPTQResult:
     """Quantize ``W: [rows, cols]`` with GPTQ given ``H: [cols, cols]`` (see the module docstring).
 
@@ -184,6 +189,7 @@ def gptq_quantize(
     - ``output_energy``: ``trace(W H Wᵀ)`` if the caller measured it (``2/N Σ ‖W x‖²`` over the
       calibration tokens); otherwise it is computed here (one extra matrix product).
     - ``backend``: "numba" (CPU), "torch" (any device) or "auto" (numba on CPU).
+    - ``weight_type``: "int", or "float" with ``num_bits`` 8 for FP8 E4M3 (torch sweep only).
 
     Neither ``W`` nor ``H`` is changed. Raises ``llmc.CalibrationError`` naming ``module_name``
     when no damping up to 2⁷ · ``dampening_frac`` makes ``H`` positive definite. Modules that
@@ -202,6 +208,7 @@ def gptq_quantize(
         group_size=group_size, block_size=block_size, kept=kept,
         lazy_group_params=lazy_group_params, scale_dtype=scale_dtype,
         output_energy=output_energy, backend=backend, module_name=module_name,
+        weight_type=weight_type,
     )
     return attrs.evolve(result, seconds=result.seconds + prepared.seconds)
 
@@ -222,10 +229,12 @@ def gptq_quantize_prepared(
     output_energy: float | None = None,
     backend: str = "auto",
     module_name: str = "weight",
+    weight_type: str = "int",
 ) -> GPTQResult:
     """``gptq_quantize`` with the work on ``H`` done (``prepare_hessian``); the same arguments.
 
-    ``output_error`` is None unless ``output_energy`` is given.
+    ``output_error`` is None unless ``output_energy`` is given. ``weight_type`` "float" with
+    ``num_bits`` 8 quantizes to FP8 E4M3 (torch sweep; "auto" picks it on every device).
     """
     started = time.perf_counter()
     rows, cols = W.shape
@@ -238,13 +247,18 @@ def gptq_quantize_prepared(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive (got {block_size})")
     device = W.device
-    chosen = _resolve_backend(backend, device)
+    is_float = weight_type == "float"
+    if is_float and backend == "numba":
+        raise ValueError("the numba sweep rounds to integers only; use backend 'torch' or 'auto' for FP8 weights")
+    chosen = "torch" if is_float else _resolve_backend(backend, device)
     args = QuantizationArgs(
         num_bits=num_bits,
+        type=weight_type,
         symmetric=symmetric,
         strategy=strategy,
         group_size=group_size if strategy == "group" else None,
     )
+    float_grid = {"grid_args": args} if is_float else {}
     U, perm = prepared.U.to(device), prepared.perm
 
     weight = W.detach().to(device=device, dtype=torch.float32).clone()  # [rows, cols], working copy
@@ -290,7 +304,7 @@ def gptq_quantize_prepared(
             )
         sweep(
             weight, U, i1, i2, Err, scale, zero, group_of_column,
-            kept=kept, q_min=args.q_min, q_max=args.q_max, squared_error=squared_error,
+            kept=kept, q_min=args.q_min, q_max=args.q_max, squared_error=squared_error, **float_grid,
         )
         if i2 < cols:
             weight[:, i2:].addmm_(Err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
@@ -308,7 +322,7 @@ def gptq_quantize_prepared(
     return GPTQResult(
         weight=weight,
         scale=scale.to(scale_dtype),
-        zero_point=zero.to(torch.int8),
+        zero_point=zero.to(torch.int8),  # zeros for FP8, which is symmetric
         damping=prepared.damping,
         hessian_error=hessian_error,
         output_error=output_error,

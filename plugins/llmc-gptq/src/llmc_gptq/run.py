@@ -157,6 +157,7 @@ class GPTQRun(RunState):
             output_energy=energy,
             backend=self.backend,
             module_name=name,
+            weight_type=weights.type,
         )
         set_quantized_weight_(
             module, scheme, weight_fake_quantized=result.weight, scale=result.scale, zero_point=result.zero_point

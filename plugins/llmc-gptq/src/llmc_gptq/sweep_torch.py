@@ -98,6 +98,7 @@ def sweep_block_torch_(
     q_min: int,
     q_max: int,
     squared_error: torch.Tensor,
+    grid_args: QuantizationArgs | None = None,
 ) -> None:
     """Sweep columns ``[i1, i2)`` of ``W`` in place (see the module docstring).
 
@@ -111,8 +112,10 @@ def sweep_block_torch_(
     - ``kept: [rows, cols]`` bool in sweep order, or None: False marks pruned weights.
     - ``squared_error: [rows]`` float64, accumulates ``Σ_j err_j²`` per row (with ``H⁻¹ =
       UᵀU`` this is ``ΔW H ΔWᵀ`` for the damped ``H``).
+    - ``grid_args``: a non-integer grid to round to (FP8), instead of ``[q_min, q_max]``.
     """
-    args = _args(q_min, q_max, True)  # per-column views of the grid; the zero point is given
+    # per-column views of the grid; the zero point is given
+    args = grid_args if grid_args is not None else _args(q_min, q_max, True)
     groups = group_of_column[i1:i2].tolist()  # control flow on the CPU: no sync per column
     block = W[:, i1:i2]  # [rows, i2 - i1], a view
     for j in range(i1, i2):
