@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from llmc import oneshot
 from llmc.args import DatasetArguments
 from llmc.data import load_calibration_data
-from llmc.errors import ArgumentError, LlmcError
+from llmc.errors import ArgumentError
 from llmc.models import resolve_model_path
 from llmc.modifiers.quantization import QuantizationModifier
 from llmc.quantization import QuantizationArgs, QuantizationScheme, compute_qparams, fake_quantize
@@ -243,7 +243,12 @@ def test_only_static_scales_need_calibration_data():
 
 
 def test_static_inputs_without_a_dataset_ask_for_one(tmp_path):
-    with pytest.raises(LlmcError, match=r"^no calibration data given; pass dataset="):
+    with pytest.raises(
+        ArgumentError,
+        match=r"^QuantizationModifier needs calibration data \(static activation scales \(static "
+        r"input_activations or kv_cache_scheme\) are observed on it\) but no dataset was given; "
+        r"pass dataset=\.\.\. \(for example 'llmc:stdlib-docs'\)$",
+    ):
         oneshot(model="llmc:tiny-llama", recipe=_recipe("QuantizationModifier:\n  scheme: FP8"), output_dir=str(tmp_path / "o"))
 
 
@@ -256,7 +261,8 @@ def _calibration_inputs(model: nn.Module, tokenizer, names: list[str]) -> dict[s
     absmax = dict.fromkeys(names, 0.0)
     handles = [
         model.get_submodule(name).register_forward_pre_hook(
-            lambda m, args, name=name: absmax.__setitem__(name, max(absmax[name], float(args[0].abs().max())))
+            lambda m, args, name=name: absmax.__setitem__(name, max(absmax[name], float(args[0].abs().max()))),
+            prepend=True,  # before a quantized module's own input quantizer
         )
         for name in names
     ]

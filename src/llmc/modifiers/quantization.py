@@ -209,6 +209,11 @@ class QuantizationModifier(QuantizingModifier):
         """Only static activation scales need data; weights' scales come from the weights."""
         return needs_calibration_data(self.schemes(), self.kv_cache_args())
 
+    @property
+    def calibration_data_reason(self) -> str:
+        """Why this modifier needs data, for the error when none is given."""
+        return "static activation scales (static input_activations or kv_cache_scheme) are observed on it"
+
     def start(self, context: RunContext) -> QuantizationRun:
         return QuantizationRun(
             config=self, schemes=self.schemes(), activations=self.activation_calibration()

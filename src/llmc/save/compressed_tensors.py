@@ -137,12 +137,18 @@ def _kv_cache_scheme(model: nn.Module) -> dict[str, Any] | None:
     return found.pop().to_config_dict() if found else None
 
 
-def _input_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
+def _input_tensors(name: str, module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
     """A static input scale, and its zero point where the loader reads one: asymmetric, or a
     ``dense`` (frozen) checkpoint, for which compressed-tensors creates every zero point."""
     inputs = module.quantization_scheme.input_activations
-    if inputs is None or inputs.dynamic or getattr(module, "input_scale", None) is None:
+    if inputs is None or inputs.dynamic:
         return {}
+    if getattr(module, "input_scale", None) is None:
+        raise SaveError(
+            f"{name} has static input_activations but no input_scale: the modifier that "
+            "quantized it did not calibrate its inputs; use a quantizer that does (QuantizationModifier, "
+            "GPTQModifier, AWQModifier) or dynamic inputs"
+        )
     tensors = {"input_scale": module.input_scale.detach()}
     if not save_compressed or not inputs.symmetric:
         tensors["input_zero_point"] = module.input_zero_point.detach()
@@ -337,7 +343,7 @@ def compressed_state_dict(
         for local in ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point"):
             state.pop(f"{name}.{local}", None)
         tensors = _module_tensors(module, save_compressed=save_compressed)
-        tensors.update(_input_tensors(module, save_compressed=save_compressed))
+        tensors.update(_input_tensors(name, module, save_compressed=save_compressed))
         for local, tensor in tensors.items():
             state[f"{name}.{local}"] = tensor
             compressed_keys.add(f"{name}.{local}")
