@@ -14,13 +14,21 @@ the loaded model with llmc's tap, whose rounding is checked against ``forward_qu
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.quantization import QuantizationArgs as CTArgs
-from compressed_tensors.quantization import QuantizationStatus, preset_name_to_scheme
+from compressed_tensors.quantization import (
+    QuantizationConfig,
+    QuantizationStatus,
+    apply_quantization_config,
+    preset_name_to_scheme,
+)
+from compressed_tensors.quantization import QuantizationScheme as CTScheme
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
 from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
@@ -34,11 +42,20 @@ from llmc.data import load_calibration_data
 from llmc.errors import ArgumentError
 from llmc.models import resolve_model_path
 from llmc.modifiers.quantization import QuantizationModifier
-from llmc.quantization import QuantizationArgs, QuantizationScheme, compute_qparams, fake_quantize
+from llmc.quantization import (
+    QuantizationArgs,
+    QuantizationScheme,
+    compute_qparams,
+    fake_quantize,
+    quantize_linear_,
+    scheme_from_config_dict,
+    set_input_qparams_,
+)
 from llmc.quantization.kv_cache import cached_attention_modules, set_kv_scales_, tap_kv_cache_
 from llmc.quantization.math import static_activation_fake_quantize
 from llmc.quantization.observers import make_observer, observe_weight
-from llmc.testing import sample_logits
+from llmc.save import compressed_state_dict, quantization_config
+from llmc.testing import build_causal_lm, sample_logits
 
 SAMPLES = {"dataset": "llmc:stdlib-docs", "num_calibration_samples": 8, "max_seq_length": 64}
 FP8_MAX = 448.0
@@ -277,8 +294,7 @@ def _calibration_inputs(model: nn.Module, tokenizer, names: list[str]) -> dict[s
 @pytest.fixture(scope="module")
 def fp8_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp8") / "out"
-    recipe = _recipe("QuantizationModifier:\n  scheme: FP8\n  ignore: [lm_head]")
-    return oneshot(model="llmc:tiny-llama", recipe=recipe, output_dir=str(out), **SAMPLES)
+    return oneshot(model="llmc:tiny-llama", recipe="llmc:fp8", output_dir=str(out), **SAMPLES)
 
 
 def test_fp8_static_round_trip_through_transformers(fp8_run):
@@ -348,6 +364,55 @@ QuantizationModifier:
     assert (zero_point.dtype, tuple(zero_point.shape)) == (torch.int8, (1,))
     loaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
     assert torch.equal(sample_logits(loaded, result.tokenizer), sample_logits(result.model, result.tokenizer))
+
+
+@pytest.mark.parametrize("case", ["fp8", "int8-asym"])
+def test_static_input_checkpoint_equals_compressed_tensors_compressor(case):
+    """Given the same scales, our writer's tensors are byte for byte those of compressed-tensors'
+    ModelCompressor (names, dtypes, shapes), and the config groups say the same."""
+    inputs = {"fp8": {"type": "float"}, "int8-asym": {"symmetric": False}}[case]
+    weights = {"fp8": {"type": "float", "strategy": "tensor"}, "int8-asym": {"strategy": "channel"}}[case]
+    entry = {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, **weights},
+        "input_activations": {"num_bits": 8, "strategy": "tensor", "dynamic": False, "observer": "static_minmax", **inputs},
+    }
+    scheme = scheme_from_config_dict(entry)
+    base = build_causal_lm("llama", hidden=64)
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    torch.manual_seed(0)
+    ranges = {}
+    for name, module in ours.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            quantize_linear_(module, scheme)
+            lo, hi = -torch.rand(1) - 0.5, torch.rand(1) * 3
+            ranges[name] = (lo, hi)
+            observer = make_observer(scheme.input_activations, "input", module.weight.dtype)
+            observer.update(torch.cat([lo, hi]).reshape(1, 2))
+            set_input_qparams_(module, scheme, *observer.finalize())
+    apply_quantization_config(
+        theirs, QuantizationConfig(config_groups={"group_0": CTScheme.model_validate(scheme.to_config_dict())}, ignore=["lm_head"])
+    )
+    for name, module in theirs.named_modules():
+        if name in ranges:
+            W = module.weight.detach()
+            lo_w, hi_w = (W.amin(), W.amax()) if scheme.weights.strategy == "tensor" else (W.amin(1, keepdim=True), W.amax(1, keepdim=True))
+            module.weight_scale.data, module.weight_zero_point.data = calculate_qparams(lo_w, hi_w, module.quantization_scheme.weights)
+            module.input_scale.data, module.input_zero_point.data = calculate_qparams(*ranges[name], module.quantization_scheme.input_activations)
+    compressor = ModelCompressor.from_pretrained_model(theirs)
+    compressor.compress_model(theirs)
+    state, ct_state = compressed_state_dict(ours, save_compressed=True), theirs.state_dict()
+    assert set(state) == set(ct_state)
+    for key, tensor in state.items():
+        expected = ct_state[key]
+        assert (tensor.dtype, tensor.shape) == (expected.dtype, expected.shape), key
+        assert torch.equal(tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor,
+                           expected.view(torch.uint8) if expected.dtype == torch.float8_e4m3fn else expected), key
+    config = quantization_config(ours)
+    ct_config = compressor.quantization_config.model_dump(mode="json")
+    assert config["format"] == ct_config["format"]
+    ours_group = CTScheme.model_validate(config["config_groups"]["group_0"]).model_dump(mode="json")
+    assert ours_group == ct_config["config_groups"]["group_0"]
 
 
 # --- KV cache ------------------------------------------------------------------------------
