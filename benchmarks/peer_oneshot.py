@@ -19,7 +19,7 @@ import time
 from benchlib import child
 from benchlib.child import calibration_arguments, load_chunks, print_report, run_facts
 from benchlib.env import parse, script_parser
-from benchlib.recipes import AWQ_RECIPES, PEER_RECIPES, SMOOTHQUANT_STRENGTH
+from benchlib.recipes import AWQ_RECIPES, PEER_RECIPES, SCHEME_RECIPES, SMOOTHQUANT_STRENGTH
 
 
 def _quantization_recipe(recipe: str) -> list:
@@ -79,6 +79,13 @@ def make_modifier(recipe: str):
         return GPTQModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
     if recipe in AWQ_RECIPES:
         return _quantization_recipe(recipe)
+    if recipe in SCHEME_RECIPES:
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        method, scheme = SCHEME_RECIPES[recipe]
+        quantizer = QuantizationModifier if method == "rtn" else GPTQModifier
+        return quantizer(targets="Linear", scheme=scheme, ignore=["lm_head"])
     if recipe in ("sparsegpt-50", "sparsegpt-2:4"):
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 

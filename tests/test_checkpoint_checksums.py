@@ -72,7 +72,7 @@ prune_stage:
 CASES: dict[str, tuple[str, str | None, str]] = {
     "rtn-w4a16": ("llmc:w4a16", None, "73c9f8aacc85900e9bf51667fce99b0e22aef943be2a23a9df4887c603cca76a"),
     "rtn-w4a16-asym": ("llmc:w4a16_asym", None, "052ef20c8c2a723eba61610b47edb4b18d2a5447dcef960ddbec55fabb6f1a1d"),
-    "rtn-w8a16": ("llmc:w8a16", None, "514acee731cfa75d6775eb0a8d6b0c901f6be641ed22864cbed26242dd97b51e"),
+    "rtn-w8a16": ("llmc:w8a16", None, "ded0866a9536735681db18f71f28016521da10be005ddd722f0be0be6780e48c"),
     "rtn-w8a8": ("llmc:w8a8", None, "e1ac2c6c65d960c08881149d0055eaf7647c250645c5181bd5dd3340e18dbe6e"),
     "rtn-fp8-dynamic": ("llmc:fp8_dynamic", None, "6f936097f6516480b7edc581dcb7aa821a2f4b37ea0938ba9e6fddaf36d5dc75"),
     "gptq-w4a16": ("llmc:gptq_w4a16", "gptq", "5da0771a70086029e9decec5e9175761fa95d30abfab058a514db8c7408dafe9"),

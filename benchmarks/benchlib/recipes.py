@@ -16,6 +16,7 @@ from typing import Any
 
 __all__ = [
     "AWQ_RECIPES",
+    "SCHEME_RECIPES",
     "OURS_RECIPES",
     "PEER_RECIPES",
     "SMOOTHQUANT_STRENGTH",
@@ -128,6 +129,25 @@ OURS_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
 }
 
+# Every preset family of issue 9, by round-to-nearest and GPTQ: name -> (method, preset). The
+# same names for both tools; the peer runs QuantizationModifier / GPTQModifier with the preset.
+BENCHMARK_SCHEMES = (
+    "W2A16", "W3A16", "W4A16", "W8A16", "W8A8", "W4AFP8", "FP8", "FP8_DYNAMIC", "FP8_BLOCK",
+    "NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP8",
+)
+SCHEME_RECIPES: dict[str, tuple[str, str]] = {
+    f"{method}-{scheme.lower().replace('_', '-')}": (method, scheme)
+    for scheme in BENCHMARK_SCHEMES
+    for method in ("rtn", "gptq")
+}
+for _name, (_method, _scheme) in SCHEME_RECIPES.items():
+    if _name not in OURS_RECIPES:
+        _modifier = "QuantizationModifier" if _method == "rtn" else "GPTQModifier"
+        OURS_RECIPES[_name] = (
+            _stage("quant", _quantizer(_modifier, _scheme)),
+            () if _method == "rtn" else ("GPTQModifier",),
+        )
+
 # AWQ and SmoothQuant (llmc-awq) in llm-compressor 0.14's layout: the smoothing modifier first,
 # the quantizer after it in the same stage supplying the scheme; the same names for both tools
 AWQ_RECIPES = (
@@ -147,12 +167,14 @@ PEER_RECIPES = (
     "sparsegpt-2:4+gptq-w4a16",
     "sparsegpt-2:4+gptq-w4a16-g64",
     *(name for name in AWQ_RECIPES if name != "gptq-w4a16"),
+    *(name for name in SCHEME_RECIPES if name not in AWQ_RECIPES and name not in ("gptq-w4a16", "gptq-w8a8")),
 )
 
 # the pruning baselines and combinations of docs/benchmarks.md's sparsity quality table
 SPARSITY_RECIPES = tuple(
     name for name in OURS_RECIPES
     if not name.startswith(("rtn-", "gptq-")) and name not in AWQ_RECIPES
+    and name not in SCHEME_RECIPES
 )
 
 

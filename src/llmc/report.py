@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["plot_report", "relative_error", "report_json", "summarize_rows"]
+__all__ = [
+    "expert_tokens",
+    "plot_expert_tokens",
+    "plot_report",
+    "relative_error",
+    "report_json",
+    "summarize_rows",
+]
 
 logger = logging.getLogger("llmc.report")
 
@@ -70,6 +77,57 @@ PLOTTED_METRICS = (
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def expert_tokens(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Calibration tokens routed to each expert, per MoE block: ``{block: [tokens of expert 0,
+    1, ...]}`` from the rows' ``routed_tokens`` (module names ``<block>.<expert>.<projection>``).
+
+    These are the tokens the router chose, also when every expert was calibrated on all tokens:
+    an expert at 0 is one the calibration data never reaches in use.
+    """
+    found: dict[str, dict[int, int]] = defaultdict(dict)
+    for row in rows:
+        tokens = row.get("routed_tokens")
+        if not _number(tokens):
+            continue
+        block, _, local = row["module"].rpartition(".")  # drop the projection
+        block, _, expert = block.rpartition(".")
+        if expert.isdigit():
+            found[block][int(expert)] = int(tokens)
+    return {
+        block: [per_expert.get(e, 0) for e in range(max(per_expert) + 1)]
+        for block, per_expert in found.items()
+    }
+
+
+def plot_expert_tokens(rows: list[dict[str, Any]], title: str) -> bytes | None:
+    """A PNG heatmap of routed calibration tokens, MoE blocks down, experts across (zeros
+    marked), or None without MoE rows or matplotlib."""
+    per_block = expert_tokens(rows)
+    if not per_block:
+        return None
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    blocks = list(per_block)
+    experts = max(len(tokens) for tokens in per_block.values())
+    grid = [tokens + [0] * (experts - len(tokens)) for tokens in per_block.values()]
+    figure = Figure(figsize=(min(24.0, 3.0 + 0.12 * experts), 1.6 + 0.3 * len(blocks)))
+    axes = figure.subplots()
+    image = axes.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    starved = [(e, b) for b, tokens in enumerate(grid) for e, count in enumerate(tokens) if count == 0]
+    if starved:
+        axes.scatter([e for e, _ in starved], [b for _, b in starved], marker="x", color="#cc3311", s=12)
+    axes.set_yticks(range(len(blocks)), labels=blocks, fontsize=7)
+    axes.set_xlabel(f"expert ({len(starved)} of {experts * len(blocks)} got no routed token: x)", fontsize=8)
+    figure.colorbar(image, ax=axes, label="calibration tokens routed")
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
 def plot_report(rows: list[dict[str, Any]], title: str) -> bytes | None:

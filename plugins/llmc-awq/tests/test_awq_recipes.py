@@ -99,7 +99,7 @@ def _problem(text: str) -> str:
         ("{offload_device: 'gpu0', scheme: W4A16}", r"'offload_device' must be a device such as 'cpu'"),
         ("{mappings: [{smooth: x}], scheme: W4A16}", r"unknown key 'smooth'; did you mean 'smooth_layer'\?"),
         ("{mappings: [], scheme: W4A16}", r"'mappings' must be a non-empty list"),
-        ("{scheme: W5A16}", r"W5A16"),
+        ("{scheme: NVFP4}", r"NVFP4"),
     ],
     ids=["n_grid-1", "n_grid-str", "duo", "typo", "device", "mapping-key", "mapping-empty", "scheme"],
 )

@@ -29,11 +29,14 @@ SCHEMES = {
     "int8-channel": dict(num_bits=8, symmetric=True, strategy="channel", group_size=None),
     "int4-channel": dict(num_bits=4, symmetric=True, strategy="channel", group_size=None),
     "int4-tensor": dict(num_bits=4, symmetric=True, strategy="tensor", group_size=None),
+    # float grids go in as the weights' arguments
+    "fp8-channel": dict(args=QuantizationArgs(num_bits=8, type="float", strategy="channel")),
+    "fp8-tensor": dict(args=QuantizationArgs(num_bits=8, type="float", strategy="tensor")),
 }
 
 
 def _args(scheme: dict) -> QuantizationArgs:
-    return QuantizationArgs(**scheme)
+    return scheme["args"] if "args" in scheme else QuantizationArgs(**scheme)
 
 
 def _rtn(W: torch.Tensor, scheme: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,6 +137,8 @@ AGREEMENT_CASES = {
     "g32-asym-actorder": (dict(SCHEMES["int4-g32-asym"]), dict(actorder=True)),
     "int3-g32-actorder": (dict(SCHEMES["int3-g32-sym"]), dict(actorder=True, block_size=128)),
     "bf16-scales": (dict(SCHEMES["int4-g32-sym"]), dict(scale_dtype=torch.bfloat16)),
+    "fp8-channel-actorder": (dict(SCHEMES["fp8-channel"]), dict(actorder=True, block_size=48)),
+    "fp8-tensor-bf16-scales": (dict(SCHEMES["fp8-tensor"]), dict(scale_dtype=torch.bfloat16)),
     "fp16-scales-actorder": (dict(SCHEMES["int4-g32-asym"]), dict(scale_dtype=torch.float16, actorder=True)),
 }
 
@@ -141,7 +146,7 @@ AGREEMENT_CASES = {
 @pytest.mark.parametrize("case", sorted(AGREEMENT_CASES))
 def test_gptq_numba_and_torch_sweeps_agree(case):
     scheme, options = AGREEMENT_CASES[case]
-    W, _, H = _data(rows=64, cols=192 if scheme["strategy"] != "group" else 128)
+    W, _, H = _data(rows=64, cols=192 if _args(scheme).strategy != "group" else 128)
     kept = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.3
     for mask in (None, kept):
         fast = gptq_quantize(W, H, **scheme, **options, kept=mask, backend="numba")
@@ -172,8 +177,8 @@ def test_gptq_result_is_on_its_grid_with_codes_in_range():
     for name, scheme in SCHEMES.items():
         args = _args(scheme)
         result = gptq_quantize(W, H, **scheme, actorder=True)
-        codes = recover_codes(result.weight, result.scale, result.zero_point, args)
-        assert args.q_min <= int(codes.min()) and int(codes.max()) <= args.q_max, name
+        codes = recover_codes(result.weight, result.scale, result.zero_point, args).float()
+        assert args.q_min <= float(codes.min()) and float(codes.max()) <= args.q_max, name
         # each weight sits on the grid of its *original* group: no g_idx needed
         assert torch.equal(fake_quantize(result.weight, result.scale, result.zero_point, args), result.weight), name
 

@@ -62,6 +62,13 @@ def test_gptq_calibrates_every_expert_and_the_checkpoint_loads_with_the_same_log
         real = attention[f"{block.rpartition('.')[0]}.self_attn.q_proj"]
         assert tokens[block] == {real}  # each expert saw every real token (padding left out) ...
         assert routed[block] == 2 * real  # ... and two experts were routed each
+    # the report's per-expert table and its heatmap agree with the rows
+    per_block = result.report["routed_tokens"]
+    assert {block.removesuffix(".experts") for block in per_block} == set(routed)
+    assert all(sum(counts) == routed[block.removesuffix(".experts")] for block, counts in per_block.items())
+    starved = result.report["experts_without_routed_tokens"]
+    assert starved == {b: [e for e, n in enumerate(c) if n == 0] for b, c in per_block.items() if 0 in c}
+    assert (result.output_dir / "llmc_experts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
         scales = [checkpoint.get_tensor(key) for key in checkpoint.keys() if key.endswith("weight_scale")]
         quantized = sum(

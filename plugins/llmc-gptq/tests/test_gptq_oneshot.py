@@ -53,8 +53,11 @@ def _run(model, tokenizer, modifier: GPTQModifier, **run_state):
         ("scheme: W4A16, actorder: weight", "transformers"),
         ("scheme: W4A16_ASYM, actorder: weight, true_sequential: false", "llmc"),
         ("scheme: W8A8", "transformers"),
+        ("scheme: W3A16", "transformers"),
+        ("scheme: W4AFP8", "transformers"),
+        ("scheme: FP8_DYNAMIC", "transformers"),
     ],
-    ids=["w4a16", "w4a16-actorder", "w4a16-asym-actorder", "w8a8"],
+    ids=["w4a16", "w4a16-actorder", "w4a16-asym-actorder", "w8a8", "w3a16", "w4afp8", "fp8-dynamic"],
 )
 def test_gptq_checkpoint_loads_in_transformers_with_same_logits(model_dir, text_file, tmp_path, params, loader):
     import transformers

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -83,31 +82,3 @@ GPTQModifier:
     absmax = _layer0_absmax(result.tokenizer)
     scale = result.model.model.layers[0].mlp.gate_proj.input_scale
     assert torch.equal(scale, torch.tensor([absmax["model.layers.0.mlp.gate_proj"]]) / 127.5)
-
-
-@pytest.mark.parametrize("backend", ["numba"])
-def test_gptq_fp8_refuses_the_integer_kernels(backend):
-    from llmc_gptq.gptq import gptq_quantize
-
-    W, H = torch.randn(8, 16), torch.eye(16)
-    with pytest.raises(ValueError, match=r"^the numba sweep rounds to integers only"):
-        gptq_quantize(W, H, num_bits=8, strategy="channel", group_size=None, backend=backend, weight_type="float")
-
-
-@pytest.mark.parametrize("strategy", ["tensor", "channel"])
-def test_gptq_fp8_output_error_is_below_round_to_nearest(strategy):
-    from llmc.quantization import QuantizationArgs, compute_qparams, fake_quantize
-    from llmc.testing import correlated_inputs
-    from llmc_gptq.gptq import gptq_quantize
-
-    torch.manual_seed(0)
-    W = torch.randn(32, 64) * torch.rand(32, 1)
-    X = correlated_inputs(512, 64)
-    H = 2 / X.shape[0] * X.T @ X
-    result = gptq_quantize(W, H, num_bits=8, strategy=strategy, group_size=None, weight_type="float")
-    args = QuantizationArgs(num_bits=8, type="float", strategy=strategy)
-    rtn = fake_quantize(W, *compute_qparams(W, args), args)
-    assert torch.equal(result.scale, compute_qparams(W, args)[0])  # scales fixed up front, min-max
-    on_grid = fake_quantize(result.weight, result.scale, None, args)
-    assert torch.equal(on_grid, result.weight)  # every weight is an FP8 value times the scale
-    assert ((result.weight - W) @ X.T).square().sum() < ((rtn - W) @ X.T).square().sum()

@@ -7,12 +7,13 @@ frozen attrs classes (not the pydantic originals) so that recipes, the CLI and p
 validation story: every invalid value is an ``ArgumentError`` naming the field, what is allowed
 and what was given.
 
-Only what llmc can compute and save exactly is accepted: integer weights of 2, 3, 4 or 8 bits
-with a tensor, channel or group scale, FP8 E4M3 weights (``type: float, num_bits: 8``) with a
-tensor or channel scale, input activations of the weights' type (dynamic, or static per tensor
-from an observer run on calibration data), and a static KV-cache scheme. Everything else
-compressed-tensors knows (FP4/MXFP, blocks, int weights with float activations) is refused up
-front with a message saying so, instead of producing a checkpoint that fails to load.
+Only what llmc can compute and save exactly is accepted: integer weights of 2 to 8 bits with a
+tensor, channel or group scale, FP8 E4M3 weights (``type: float, num_bits: 8``) with a tensor or
+channel scale, dynamic input activations (integer of 4 or 8 bits, or FP8, whatever the weights'
+type: W4A8, W4AFP8), static per-tensor input activations of the weights' type (scales from an
+observer run on calibration data: the FP8 preset), and a static KV-cache scheme. Everything else
+compressed-tensors knows (FP4/MXFP, blocks) is refused up front with a message saying so,
+instead of producing a checkpoint that fails to load.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ __all__ = [
     "schemes_from_config_groups",
 ]
 
-NUM_BITS = (2, 3, 4, 8)
+NUM_BITS = (2, 3, 4, 5, 6, 7, 8)
 TYPES = ("int", "float")
 STRATEGIES = ("tensor", "channel", "group", "token", "attn_head")
 # The observers (llm-compressor 0.14's names, ``observers.py``) and the observer_kwargs each takes.
@@ -316,10 +317,16 @@ class QuantizationScheme:
 
     def __attrs_post_init__(self) -> None:
         inputs = self.input_activations
-        if inputs is not None and inputs.type != self.weights.type:
+        if inputs is not None and inputs.type == "int" and inputs.num_bits not in (4, 8):
             raise ArgumentError(
-                f"{self.weights.type} weights with {inputs.type} input activations (e.g. "
-                f"W4AFP8) are not supported yet; give both the same type",
+                f"integer input activations take num_bits 4 or 8 (got {inputs.num_bits}); "
+                f"runtimes have no {inputs.num_bits}-bit activation kernels",
+                name="input_activations",
+            )
+        if inputs is not None and self.weights.type == "float" and inputs.type == "int":
+            raise ArgumentError(
+                "float weights with int input activations have no compressed-tensors format; "
+                "use float input activations (e.g. FP8_DYNAMIC) or none",
                 name="input_activations",
             )
         allowed = _FORMATS_BY_TYPE[self.weights.type]
@@ -492,17 +499,35 @@ def _fp8_args(strategy: str, **kwargs: Any) -> QuantizationArgs:
     return QuantizationArgs(num_bits=8, type="float", strategy=strategy, **kwargs)
 
 
-# The presets of compressed-tensors llmc supports, with its names. W8A16 here is per-channel
-# (compressed-tensors 0.20 makes it group-128); both load the same way.
+def _int_weights_int_inputs(weight_bits: int, input_bits: int | None) -> QuantizationScheme:
+    """compressed-tensors' ``W{w}A{a}`` family: int weights in groups of 128, and int inputs
+    quantized per token at run time unless ``input_bits`` is None (A16)."""
+    inputs = None
+    if input_bits is not None:
+        inputs = _int_args(input_bits, "token", dynamic=True, observer=None)
+    return QuantizationScheme(
+        weights=_int_args(weight_bits, "group", group_size=128), input_activations=inputs
+    )
+
+
+# The presets of compressed-tensors llmc supports, with its names and definitions: W{2..8}A16,
+# W{2..7}A8, W{2..4}A4 (int weights, group 128; dynamic per-token int inputs), W4A16_ASYM,
+# W8A8/INT8 (per-channel int8 weights), W4AFP8 (int4 weights, dynamic FP8 inputs), FP8
+# (per-tensor FP8 weights, static per-tensor FP8 inputs), FP8_DYNAMIC.
 PRESET_SCHEMES: dict[str, QuantizationScheme] = {
-    "W4A16": QuantizationScheme(weights=_int_args(4, "group", group_size=128)),
+    **{f"W{bits}A16": _int_weights_int_inputs(bits, None) for bits in range(2, 9)},
+    **{f"W{bits}A8": _int_weights_int_inputs(bits, 8) for bits in range(2, 8)},
+    **{f"W{bits}A4": _int_weights_int_inputs(bits, 4) for bits in range(2, 5)},
     "W4A16_ASYM": QuantizationScheme(
         weights=_int_args(4, "group", group_size=128, symmetric=False)
     ),
-    "W8A16": QuantizationScheme(weights=_int_args(8, "channel")),
     "W8A8": QuantizationScheme(
         weights=_int_args(8, "channel"),
         input_activations=_int_args(8, "token", dynamic=True, observer=None),
+    ),
+    "W4AFP8": QuantizationScheme(
+        weights=_int_args(4, "group", group_size=128),
+        input_activations=_fp8_args("token", dynamic=True, observer=None),
     ),
     "FP8": QuantizationScheme(
         weights=_fp8_args("tensor"),
@@ -526,10 +551,8 @@ UNSUPPORTED_PRESETS: dict[str, str | None] = {
     ),
     **dict.fromkeys(
         (
-            "W4AFP8", "FP8_BLOCK", "NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP4XFP8",
-            "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8", "W2A4", "W2A8", "W2A16", "W3A4",
-            "W3A8", "W3A16", "W4A4", "W4A8", "W5A8", "W5A16", "W6A8", "W6A16", "W7A8",
-            "W7A16",
+            "FP8_BLOCK", "NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "MXFP4XFP8", "MXFP6A16",
+            "MXFP6A8", "MXFP8A16", "MXFP8",
         )
     ),
 }

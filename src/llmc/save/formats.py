@@ -12,8 +12,9 @@ What transformers (through compressed-tensors 0.20) and vLLM expect, per format:
 - ``pack-quantized`` (integer weights, no activation quantization): ``weight_packed`` int32
   ``[out, ceil(in*b/32)]``, ``weight_scale`` (weight dtype), ``weight_shape`` int64 ``[2]``,
   and for asymmetric group/channel schemes ``weight_zero_point`` packed along dim 0.
-- ``int-quantized`` (W8A8, dynamic int8 inputs): int8 ``weight`` + ``weight_scale`` (+ int8
-  ``weight_zero_point`` when asymmetric).
+- ``int-quantized`` (int weights with quantized inputs: W8A8, W4A8, W4AFP8): int8 ``weight``
+  (one code per weight, whatever its bits) + ``weight_scale`` (+ int8 ``weight_zero_point``
+  when asymmetric).
 - ``float-quantized`` (FP8 weights with quantized inputs, e.g. FP8_DYNAMIC): ``weight``
   float8_e4m3fn ``[out, in]`` + ``weight_scale`` ``[out, 1]`` (channel) or ``[1]`` (tensor),
   in the weight's dtype; no zero point (FP8 is symmetric).
@@ -114,9 +115,10 @@ def _is_int_weight_only(scheme: QuantizationScheme) -> bool:
     return scheme.weights is not None and scheme.weights.type == "int" and scheme.input_activations is None
 
 
-def _is_int_with_int_inputs(scheme: QuantizationScheme) -> bool:
-    inputs = scheme.input_activations
-    return scheme.weights is not None and scheme.weights.type == "int" and inputs is not None and inputs.type == "int"
+def _is_int_with_inputs(scheme: QuantizationScheme) -> bool:
+    """Int weights with quantized inputs of any type (W8A8, W4A8, W4AFP8): one int8 code per
+    weight, as compressed-tensors' int-quantized compressor claims them before pack-quantized."""
+    return scheme.weights is not None and scheme.weights.type == "int" and scheme.input_activations is not None
 
 
 def _is_float_with_inputs(scheme: QuantizationScheme) -> bool:
@@ -166,8 +168,8 @@ def _dense(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
 
 
 # Registration order is inference order (compressed-tensors' COMPRESSION_FORMAT_PRIORITY:
-# int with int inputs, int weight-only, FP8 with inputs, then naive for whatever is left).
-register_format(FormatWriter("int-quantized", _unpacked_codes, infers=_is_int_with_int_inputs))
+# int with any inputs, int weight-only, FP8 with inputs, then naive for whatever is left).
+register_format(FormatWriter("int-quantized", _unpacked_codes, infers=_is_int_with_inputs))
 register_format(FormatWriter("pack-quantized", _pack_quantized, infers=_is_int_weight_only))
 register_format(FormatWriter("float-quantized", _unpacked_codes, infers=_is_float_with_inputs))
 register_format(FormatWriter("naive-quantized", _unpacked_codes, infers=_has_weights))

@@ -19,15 +19,15 @@ form (§3 "Step 3") and lazy batch updates in blocks of ``block_size`` columns (
         W[:, i2:] -= Err @ U[i1:i2, i2:]          (one BLAS product per block)
     undo perm
 
+The grid is whatever the weights' arguments define (``llmc.quantization.grid_of``): integers
+of 2-8 bits, or a float format (FP8 E4M3, ...) whose rounding the sweeps share with core's
+round-to-nearest, so a GPTQ weight is on exactly the grid the checkpoint stores.
+
 Group parameters (``scale``, ``zero_point``) are computed when the sweep reaches the block
 holding a group's first column, from the error-updated values of the group's columns
 (``lazy_group_params=True``, what the paper's reference code does), or up front from the
 original weights (False, llm-compressor's choice). Group membership is always by *original*
 column index, also with act-order, so the checkpoint needs no ``g_idx``.
-
-FP8 E4M3 weights (``weight_type="float"``, tensor or channel scales fixed up front from the
-original weights) use the same sweep with "quant" the FP8 rounding of ``llmc.quantization``;
-only the torch sweep implements it (the numba kernels round to integers).
 
 Symbols: ``U`` the factor above; ``Err: [rows, block]`` the scaled errors ``(w − q) / U_jj``;
 ``ΔW = W − Ŵ``. Since ``W − Ŵ = E U`` for the matrix ``E`` of all scaled errors and
@@ -44,7 +44,7 @@ import attrs
 import torch
 
 from llmc.hessian import inverse_cholesky_upper
-from llmc.quantization import QuantizationArgs, compute_qparams
+from llmc.quantization import QuantizationArgs, compute_qparams, grid_of
 from llmc_gptq.sweep_numba import open_groups_numba_, sweep_block_numba_
 from llmc_gptq.sweep_torch import open_groups_torch_, sweep_block_torch_
 
@@ -163,10 +163,11 @@ def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
     *,
-    num_bits: int,
+    num_bits: int | None = None,
     symmetric: bool = True,
     strategy: str = "group",
     group_size: int | None = 128,
+    args: QuantizationArgs | None = None,
     block_size: int = 128,
     dampening_frac: float = 0.01,
     actorder: bool = False,
@@ -176,12 +177,12 @@ def gptq_quantize(
     output_energy: float | None = None,
     backend: str = "auto",
     module_name: str = "weight",
-    weight_type: str = "int",
 ) -> GPTQResult:
     """Quantize ``W: [rows, cols]`` with GPTQ given ``H: [cols, cols]`` (see the module docstring).
 
     - ``num_bits``, ``symmetric``, ``strategy`` ("tensor", "channel", "group"), ``group_size``:
-      the integer grid, with min-max parameters computed as ``llmc.quantization`` does.
+      the integer grid, with min-max parameters computed as ``llmc.quantization`` does; or
+      ``args``, the weights' ``QuantizationArgs`` of any grid llmc knows (FP8, ...), instead.
     - ``kept``: bool ``[rows, cols]``, False for weights a pruning step removed; they come out
       exactly 0 and the other weights of their row compensate for them.
     - ``scale_dtype``: the dtype the scale is stored in (the weight's dtype); the sweep uses the
@@ -189,7 +190,6 @@ def gptq_quantize(
     - ``output_energy``: ``trace(W H Wᵀ)`` if the caller measured it (``2/N Σ ‖W x‖²`` over the
       calibration tokens); otherwise it is computed here (one extra matrix product).
     - ``backend``: "numba" (CPU), "torch" (any device) or "auto" (numba on CPU).
-    - ``weight_type``: "int", or "float" with ``num_bits`` 8 for FP8 E4M3 (torch sweep only).
 
     Neither ``W`` nor ``H`` is changed. Raises ``llmc.CalibrationError`` naming ``module_name``
     when no damping up to 2⁷ · ``dampening_frac`` makes ``H`` positive definite. Modules that
@@ -205,10 +205,9 @@ def gptq_quantize(
         output_energy = reference_energy(W, H, kept=kept)
     result = gptq_quantize_prepared(
         W, prepared, num_bits=num_bits, symmetric=symmetric, strategy=strategy,
-        group_size=group_size, block_size=block_size, kept=kept,
+        group_size=group_size, args=args, block_size=block_size, kept=kept,
         lazy_group_params=lazy_group_params, scale_dtype=scale_dtype,
         output_energy=output_energy, backend=backend, module_name=module_name,
-        weight_type=weight_type,
     )
     return attrs.evolve(result, seconds=result.seconds + prepared.seconds)
 
@@ -218,10 +217,11 @@ def gptq_quantize_prepared(
     W: torch.Tensor,
     prepared: PreparedHessian,
     *,
-    num_bits: int,
+    num_bits: int | None = None,
     symmetric: bool = True,
     strategy: str = "group",
     group_size: int | None = 128,
+    args: QuantizationArgs | None = None,
     block_size: int = 128,
     kept: torch.Tensor | None = None,
     lazy_group_params: bool = True,
@@ -229,15 +229,17 @@ def gptq_quantize_prepared(
     output_energy: float | None = None,
     backend: str = "auto",
     module_name: str = "weight",
-    weight_type: str = "int",
 ) -> GPTQResult:
     """``gptq_quantize`` with the work on ``H`` done (``prepare_hessian``); the same arguments.
 
-    ``output_error`` is None unless ``output_energy`` is given. ``weight_type`` "float" with
-    ``num_bits`` 8 quantizes to FP8 E4M3 (torch sweep; "auto" picks it on every device).
+    ``output_error`` is None unless ``output_energy`` is given.
     """
     started = time.perf_counter()
     rows, cols = W.shape
+    if args is not None:
+        strategy, group_size, symmetric = args.strategy, args.group_size, args.symmetric
+    elif num_bits is None:
+        raise ValueError("give either num_bits (an integer grid) or args")
     if prepared.U.shape != (cols, cols):
         raise ValueError(f"the prepared Hessian is for {prepared.U.shape[0]} columns, W has {cols}")
     if strategy not in ("tensor", "channel", "group"):
@@ -247,18 +249,15 @@ def gptq_quantize_prepared(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive (got {block_size})")
     device = W.device
-    is_float = weight_type == "float"
-    if is_float and backend == "numba":
-        raise ValueError("the numba sweep rounds to integers only; use backend 'torch' or 'auto' for FP8 weights")
-    chosen = "torch" if is_float else _resolve_backend(backend, device)
-    args = QuantizationArgs(
-        num_bits=num_bits,
-        type=weight_type,
-        symmetric=symmetric,
-        strategy=strategy,
-        group_size=group_size if strategy == "group" else None,
-    )
-    float_grid = {"grid_args": args} if is_float else {}
+    chosen = _resolve_backend(backend, device)
+    if args is None:
+        args = QuantizationArgs(
+            num_bits=num_bits,
+            symmetric=symmetric,
+            strategy=strategy,
+            group_size=group_size if strategy == "group" else None,
+        )
+    grid = grid_of(args)
     U, perm = prepared.U.to(device), prepared.perm
 
     weight = W.detach().to(device=device, dtype=torch.float32).clone()  # [rows, cols], working copy
@@ -289,7 +288,9 @@ def gptq_quantize_prepared(
     before_sweep = weight.clone()  # sweep order, for ‖ΔW‖²
 
     sweep = sweep_block_numba_ if chosen == "numba" else sweep_block_torch_
-    open_groups = open_groups_numba_ if chosen == "numba" else open_groups_torch_
+    # numba's group opening knows the integer min-max rule; float grids (their scale formats)
+    # open through core's compute_qparams in torch
+    open_groups = open_groups_numba_ if chosen == "numba" and not grid.is_float else open_groups_torch_
     first_position = group_columns[group_ptr[:-1]]  # [groups]: where each group opens
     Err = torch.zeros(rows, block_size, dtype=torch.float32, device=device)
     squared_error = torch.zeros(rows, dtype=torch.float64, device=device)
@@ -297,14 +298,19 @@ def gptq_quantize_prepared(
         i2 = min(i1 + block_size, cols)
         if lazy:  # groups whose first column lies in this block, from the current weights
             opening = torch.nonzero((first_position >= i1) & (first_position < i2)).flatten()
-        if lazy and opening.numel():
+        if lazy and opening.numel() and open_groups is open_groups_numba_:
             open_groups(
                 weight, opening, group_ptr, group_columns, scale, zero, kept=kept,
                 q_min=args.q_min, q_max=args.q_max, symmetric=symmetric, scale_dtype=scale_dtype,
             )
+        elif lazy and opening.numel():
+            open_groups(
+                weight, opening, group_ptr, group_columns, scale, zero, kept=kept, args=args,
+                scale_dtype=scale_dtype,
+            )
         sweep(
             weight, U, i1, i2, Err, scale, zero, group_of_column,
-            kept=kept, q_min=args.q_min, q_max=args.q_max, squared_error=squared_error, **float_grid,
+            kept=kept, grid=grid, squared_error=squared_error,
         )
         if i2 < cols:
             weight[:, i2:].addmm_(Err[:, : i2 - i1], U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
@@ -322,7 +328,7 @@ def gptq_quantize_prepared(
     return GPTQResult(
         weight=weight,
         scale=scale.to(scale_dtype),
-        zero_point=zero.to(torch.int8),  # zeros for FP8, which is symmetric
+        zero_point=zero.to(grid.zero_point_dtype),
         damping=prepared.damping,
         hessian_error=hessian_error,
         output_error=output_error,

@@ -146,10 +146,7 @@ class GPTQRun(RunState):
         result = gptq_quantize_prepared(
             module.weight.detach(),
             prepared,
-            num_bits=weights.num_bits,
-            symmetric=weights.symmetric,
-            strategy=weights.strategy,
-            group_size=weights.group_size,
+            args=weights,
             block_size=self.config.block_size,
             kept=sparsity_mask(module),
             lazy_group_params=self.lazy_group_params,
@@ -157,7 +154,6 @@ class GPTQRun(RunState):
             output_energy=energy,
             backend=self.backend,
             module_name=name,
-            weight_type=weights.type,
         )
         set_quantized_weight_(
             module, scheme, weight_fake_quantized=result.weight, scale=result.scale, zero_point=result.zero_point

@@ -7,7 +7,7 @@ the whole block on its own, since rows never interact inside a sweep::
 
     for row r in prange(rows):              (rows spread over the cores)
         for column j in [i1, i2):           (the sweep order)
-            q   = clamp(round(W[r, j] / scale + zero_point))
+            q   = round(clamp(W[r, j] / scale + zero_point))   (onto the integer or float grid)
             err = (W[r, j] - (q - zero_point) * scale) / U[j, j]
             W[r, j+1:i2] -= err * U[j, j+1:i2]    (contiguous, vectorised)
             Err[r, j - i1] = err
@@ -31,6 +31,8 @@ import os
 import numba
 import numpy as np
 import torch
+
+from llmc.quantization import Grid
 
 __all__ = ["open_groups_numba_", "sweep_block_numba_"]
 
@@ -68,6 +70,29 @@ def _round_scale(scale: np.float32, significant_bits: int, min_exponent: int) ->
     _, exponent = math.frexp(value)  # value = m * 2**exponent, 0.5 <= m < 1
     quantum_exponent = max(exponent - 1, min_exponent) - (significant_bits - 1)
     return np.float32(math.ldexp(np.rint(math.ldexp(value, -quantum_exponent)), quantum_exponent))
+
+
+@numba.njit(cache=True, inline="always")
+def _round_to_grid(
+    value: np.float32, is_float: bool, mantissa_bits: int, min_exponent: int
+) -> np.float32:
+    """Round a clamped value onto its grid: an integer (``rint``, half to even), or the nearest
+    value of a float format with ``mantissa_bits`` stored bits whose smallest normal number is
+    ``2**min_exponent`` (FP8 E4M3: 3, -6; FP4 E2M1: 1, 0), ties to even, sign of zero kept.
+
+    The float case is what casting to that format does after clamping (``grids.Grid.round_``):
+    the quantum of a value with leading bit ``2**e`` is ``2**(max(e, min_exponent) -
+    mantissa_bits)``, below the normal range the subnormal quantum; exact in float64.
+    """
+    if not is_float:
+        return np.rint(value)
+    magnitude = abs(np.float64(value))
+    if magnitude == 0.0:
+        return value
+    _, exponent = math.frexp(magnitude)  # magnitude = m * 2**exponent, 0.5 <= m < 1
+    quantum_exponent = max(exponent - 1, min_exponent) - mantissa_bits
+    rounded = math.ldexp(np.rint(math.ldexp(np.float64(value), -quantum_exponent)), quantum_exponent)
+    return np.float32(rounded)
 
 
 @numba.njit(cache=True, inline="always")
@@ -168,6 +193,9 @@ def _sweep_block(
     kept: np.ndarray,  # [rows, cols] bool (sweep order), or [0, 0] when nothing is pruned
     q_min: np.float32,
     q_max: np.float32,
+    is_float: bool,
+    mantissa_bits: int,
+    min_exponent: int,
     squared_error: np.ndarray,  # [rows] float64, accumulated: sum of err^2 per row
 ) -> None:
     n = i2 - i1
@@ -187,7 +215,9 @@ def _sweep_block(
             if masked and not kept[r, j]:
                 quantized = np.float32(0.0)
             else:
-                code = np.rint(min(max(x / s + z, q_min), q_max))
+                code = _round_to_grid(
+                    min(max(x / s + z, q_min), q_max), is_float, mantissa_bits, min_exponent
+                )
                 quantized = (code - z) * s
             e = (x - quantized) / U[j, j]
             w[jj] = quantized
@@ -209,6 +239,19 @@ _NO_MASK = np.zeros((0, 0), dtype=np.bool_)
 
 def _mask(kept: torch.Tensor | None) -> np.ndarray:
     return _NO_MASK if kept is None else _numpy(kept)
+
+
+def _float_format(grid: Grid) -> tuple[bool, int, int]:
+    """``(is_float, mantissa bits, smallest normal exponent)`` of a grid's codes."""
+    if not grid.is_float:
+        return False, 0, 0
+    mantissa_bits = getattr(grid, "mantissa_bits", None)
+    min_exponent = getattr(grid, "min_exponent", None)
+    if mantissa_bits is None or min_exponent is None:
+        info = torch.finfo(grid.code_dtype)
+        mantissa_bits = int(round(-math.log2(info.eps)))
+        min_exponent = int(round(math.log2(info.tiny)))
+    return True, int(mantissa_bits), int(min_exponent)
 
 
 def _scale_format(scale_dtype: torch.dtype) -> tuple[int, int]:
@@ -254,8 +297,7 @@ def sweep_block_numba_(
     group_of_column: torch.Tensor,
     *,
     kept: torch.Tensor | None,
-    q_min: int,
-    q_max: int,
+    grid: Grid,
     squared_error: torch.Tensor,
 ) -> None:
     """Sweep columns ``[i1, i2)`` of ``W`` in place (CPU tensors only); see the module docstring.
@@ -266,6 +308,6 @@ def sweep_block_numba_(
     """
     _sweep_block(
         _numpy(W), _numpy(U), i1, i2, _numpy(Err), _numpy(scale), _numpy(zero_point),
-        _numpy(group_of_column), _mask(kept), np.float32(q_min), np.float32(q_max),
-        _numpy(squared_error),
+        _numpy(group_of_column), _mask(kept), np.float32(grid.q_min), np.float32(grid.q_max),
+        *_float_format(grid), _numpy(squared_error),
     )

@@ -33,14 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from llmc.quantization import QuantizationArgs, compute_qparams, fake_quantize
+from llmc.quantization import Grid, QuantizationArgs, compute_qparams
 
 __all__ = ["open_groups_torch_", "sweep_block_torch_"]
-
-
-def _args(q_min: int, q_max: int, symmetric: bool, strategy: str = "channel", group_size: int | None = None) -> QuantizationArgs:
-    num_bits = (q_max - q_min + 1).bit_length() - 1
-    return QuantizationArgs(num_bits=num_bits, symmetric=symmetric, strategy=strategy, group_size=group_size)
 
 
 @torch.no_grad()
@@ -53,9 +48,7 @@ def open_groups_torch_(
     zero_point: torch.Tensor,
     *,
     kept: torch.Tensor | None,
-    q_min: int,
-    q_max: int,
-    symmetric: bool,
+    args: QuantizationArgs,
     scale_dtype: torch.dtype,
 ) -> None:
     """Min-max parameters of ``groups`` from the current values of their columns.
@@ -65,18 +58,17 @@ def open_groups_torch_(
       group_ptr[g + 1]]`` (CPU, a CSR list) are the sweep positions of group ``g``'s columns;
     - ``scale``, ``zero_point: [rows, groups]`` float32: columns ``groups`` are filled, the
       scale rounded to ``scale_dtype`` (the dtype it is stored in);
-    - ``kept``: pruned weights (False) count as 0, the value they will get.
+    - ``kept``: pruned weights (False) count as 0, the value they will get;
+    - ``args``: the weights' group arguments, integer or float (``compute_qparams`` of core).
     """
     if groups.numel() == 0:
         return
     ptr = group_ptr.tolist()
     chosen = groups.tolist()
-    size = ptr[chosen[0] + 1] - ptr[chosen[0]]  # every group has group_size columns
     columns = torch.cat([group_columns[ptr[g] : ptr[g + 1]] for g in chosen]).to(W.device)
     values = W[:, columns]  # [rows, n * group_size], a copy
     if kept is not None:
         values = torch.where(kept[:, columns], values, torch.zeros_like(values))
-    args = _args(q_min, q_max, symmetric, "group", size)
     group_scale, group_zero = compute_qparams(values, args)  # [rows, n] each
     on_device = groups.to(scale.device)
     scale[:, on_device] = group_scale.to(scale_dtype).to(scale.dtype)
@@ -95,10 +87,8 @@ def sweep_block_torch_(
     group_of_column: torch.Tensor,
     *,
     kept: torch.Tensor | None,
-    q_min: int,
-    q_max: int,
+    grid: Grid,
     squared_error: torch.Tensor,
-    grid_args: QuantizationArgs | None = None,
 ) -> None:
     """Sweep columns ``[i1, i2)`` of ``W`` in place (see the module docstring).
 
@@ -110,18 +100,18 @@ def sweep_block_torch_(
       filled for every group with a column in the block.
     - ``group_of_column: [cols]`` int64 (CPU): the group of the column at each sweep position.
     - ``kept: [rows, cols]`` bool in sweep order, or None: False marks pruned weights.
+    - ``grid``: the codes' grid (``llmc.quantization.grid_of``): range and rounding, integer
+      or float.
     - ``squared_error: [rows]`` float64, accumulates ``Σ_j err_j²`` per row (with ``H⁻¹ =
       UᵀU`` this is ``ΔW H ΔWᵀ`` for the damped ``H``).
-    - ``grid_args``: a non-integer grid to round to (FP8), instead of ``[q_min, q_max]``.
     """
-    # per-column views of the grid; the zero point is given
-    args = grid_args if grid_args is not None else _args(q_min, q_max, True)
     groups = group_of_column[i1:i2].tolist()  # control flow on the CPU: no sync per column
     block = W[:, i1:i2]  # [rows, i2 - i1], a view
     for j in range(i1, i2):
         g = groups[j - i1]
         column = W[:, j : j + 1]  # [rows, 1]
-        quantized = fake_quantize(column, scale[:, g : g + 1], zero_point[:, g : g + 1], args)
+        s, z = scale[:, g : g + 1], zero_point[:, g : g + 1]
+        quantized = (grid.round_((column / s).add_(z)) - z) * s  # as llmc.quantization.math
         if kept is not None:
             quantized = torch.where(kept[:, j : j + 1], quantized, torch.zeros_like(quantized))
         err = (column - quantized) / U[j, j]  # [rows, 1]
