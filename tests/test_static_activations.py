@@ -415,6 +415,40 @@ def test_static_input_checkpoint_equals_compressed_tensors_compressor(case):
     assert ours_group == ct_config["config_groups"]["group_0"]
 
 
+VARIANTS = {
+    "int4-weights-static-fp8-inputs": (
+        {"config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "strategy": "group", "group_size": 128},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "observer": "static_minmax"},
+        }}},
+        {},
+        "int-quantized",
+    ),
+    "fp8-mse-observers": (
+        {"config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "observer": "mse"},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "observer": "mse"},
+        }}},
+        {},
+        "float-quantized",
+    ),
+    "fp8-dense": ({"scheme": "FP8"}, {"save_compressed": False}, "dense"),
+}
+
+
+@pytest.mark.parametrize("case", VARIANTS)
+def test_static_input_variants_round_trip(case, tmp_path):
+    modifier_args, run_args, fmt = VARIANTS[case]
+    modifier = QuantizationModifier(**modifier_args, ignore=["lm_head"])
+    result = oneshot(model="llmc:tiny-llama", recipe=modifier, output_dir=str(tmp_path / "out"), **SAMPLES, **run_args)
+    config = json.loads((result.output_dir / "config.json").read_text())["quantization_config"]
+    assert config["format"] == fmt
+    loaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert torch.equal(sample_logits(loaded, result.tokenizer), sample_logits(result.model, result.tokenizer))
+
+
 # --- KV cache ------------------------------------------------------------------------------
 
 
