@@ -146,6 +146,7 @@ class ActivationCalibration:
                         )
                     key = (scheme.input_activations, module.weight.dtype)
                     self.observed[name] = group.statistic.finalize()[key]
+            self.static = {}
         for name, (k_observer, v_observer, attention) in self.kv_observers.items():
             set_kv_observer(attention, None)
             k_scale, _ = k_observer.finalize()
