@@ -81,6 +81,11 @@ class GPTQRun(RunState):
     def llmc_initialize(self, context: RunContext) -> None:
         self.pending = self.config.plan(context)
         logger.info("GPTQModifier: %d Linear modules to quantize", len(self.pending))
+        if any(scheme.weights.observer in ("mse", "memoryless_mse") for _, scheme in self.pending.values()):
+            logger.warning(
+                "GPTQModifier computes weight scales by min-max as its sweep reaches them; the "
+                "weights' observer 'mse' applies to round-to-nearest (QuantizationModifier) only"
+            )
 
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
         prefix = f"{layer_name}."
