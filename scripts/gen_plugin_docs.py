@@ -143,6 +143,7 @@ core changes.
 # first-party plugins import nothing else).
 PLUGIN_API_MODULES = (
     "llmc",
+    "llmc.calibration",
     "llmc.context",
     "llmc.errors",
     "llmc.hessian",

@@ -326,7 +326,7 @@ def test_fake_quantize_keeps_zero_exact(case):
         (
             {"num_bits": 4, "strategy": "blocks"},
             r"^'strategy' must be one of 'tensor', 'channel', 'group', 'block', 'token', "
-            r"'tensor_group' \(got 'blocks'\)$",
+            r"'tensor_group', 'attn_head' \(got 'blocks'\)$",
         ),
         (
             {"num_bits": 4, "strategy": "group"},
@@ -376,11 +376,14 @@ def test_quantization_args_static_actorder_is_weight():
     assert args.actorder == "weight"
 
 
-def test_quantization_scheme_static_inputs_raise():
-    with pytest.raises(ArgumentError, match=r"static activation scales\) is not supported yet"):
+def test_quantization_scheme_static_inputs_other_than_tensor_raise():
+    with pytest.raises(
+        ArgumentError,
+        match=r"^static 'input_activations' \(dynamic false\) support strategy 'tensor' \(got 'group'\)",
+    ):
         QuantizationScheme(
             weights=QuantizationArgs(num_bits=8, strategy="channel"),
-            input_activations=QuantizationArgs(num_bits=8, strategy="tensor"),
+            input_activations=QuantizationArgs(num_bits=8, strategy="group", group_size=32),
         )
 
 
@@ -397,7 +400,7 @@ def test_preset_scheme_unknown_raises_with_closest():
         preset_scheme("fp8_dynamc", ["Linear"])
     with pytest.raises(
         ArgumentError,
-        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8_BLOCK, FP8_DYNAMIC, "
+        match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8, FP8_BLOCK, FP8_DYNAMIC, "
         r"INT8, MXFP4, MXFP4A16, MXFP4XFP8, MXFP6A16, MXFP6A8, MXFP8, MXFP8A16, NVFP4A16, W2A16, "
         r".*, W8A16, W8A8$",
     ):
@@ -415,15 +418,6 @@ def test_preset_scheme_compressed_tensors_name_not_supported_yet(name):
         preset_scheme(name, ["Linear"])
 
 
-def test_preset_scheme_fp8_static_needs_observers():
-    with pytest.raises(
-        ArgumentError,
-        match=r"^quantization scheme 'FP8' is not supported yet: its static input_scale needs "
-        r"activation observers run on calibration data, which are coming; use FP8_DYNAMIC",
-    ):
-        preset_scheme("FP8", ["Linear"])
-
-
 def test_preset_names_cover_compressed_tensors_presets():
     """Every preset of the installed compressed-tensors is either produced or refused by name."""
     ours = {*PRESET_SCHEMES, *PRESET_ALIASES}
@@ -434,8 +428,8 @@ def test_preset_names_cover_compressed_tensors_presets():
 # compressed-tensors' presets leave the weight observer unset (None means min-max for static
 # weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
 SAME_AS_COMPRESSED_TENSORS = [
-    "FP8_DYNAMIC", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8", "FP8_BLOCK", "NVFP4A16", "MXFP4A16",
-    "MXFP4", "MXFP4XFP8", "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8",
+    "FP8", "FP8_DYNAMIC", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8", "FP8_BLOCK", "NVFP4A16",
+    "MXFP4A16", "MXFP4", "MXFP4XFP8", "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8",
     *(f"W{bits}A16" for bits in range(2, 9)),
     *(f"W{bits}A8" for bits in range(2, 8)),
     *(f"W{bits}A4" for bits in range(2, 5)),

@@ -84,7 +84,7 @@ class Recipe:
 
     @property
     def requires_calibration_data(self) -> bool:
-        return any(type(e.modifier).requires_calibration_data for e in self.modifiers)
+        return any(e.modifier.requires_calibration_data for e in self.modifiers)
 
     def only_stage(self, name: str) -> Recipe:
         """This recipe with one stage kept, for ``stage=...``."""

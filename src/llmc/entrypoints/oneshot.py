@@ -62,6 +62,19 @@ class OneshotResult:
     output_dir: Path | None
 
 
+def _check_calibration_data_given(recipe: Recipe, data_args: Any) -> None:
+    """A recipe that needs data and none given fails before the model loads, naming why."""
+    if not recipe.requires_calibration_data or data_args.dataset is not None or data_args.dataset_path is not None:
+        return
+    needing = next(e for e in recipe.modifiers if e.modifier.requires_calibration_data)
+    reason = getattr(needing.modifier, "calibration_data_reason", None)
+    raise ArgumentError(
+        f"{needing.name} needs calibration data{f' ({reason})' if reason else ''} but no dataset "
+        "was given; pass dataset=... (for example 'llmc:stdlib-docs')",
+        name="dataset",
+    )
+
+
 def oneshot(**kwargs: Any) -> OneshotResult:
     """Compress a model with a recipe; see ``llmc oneshot --help`` for every argument.
 
@@ -79,6 +92,7 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         recipe_args.recipe, registry, recipe_args=recipe_args.recipe_args, stage=recipe_args.stage
     )
     check_stage_kinds(recipe, ONESHOT)
+    _check_calibration_data_given(recipe, data_args)
     output_dir = None
     if output_args.output_dir is not None:
         output_dir = check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)

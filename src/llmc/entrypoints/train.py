@@ -105,7 +105,7 @@ def train(**kwargs: Any) -> TrainResult:
         train_samples = _training_samples(data_args, train_args, tokenizer, model_args.cache_dir)
         calibration = None
         one_shot_stages = [s for s, k in zip(recipe.stages, kinds) if k != TRAIN]
-        if any(type(e.modifier).requires_calibration_data for s in one_shot_stages for e in s.modifiers):
+        if any(e.modifier.requires_calibration_data for s in one_shot_stages for e in s.modifiers):
             samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
             calibration = make_batches(samples, data_args.batch_size, pad_id)
 

@@ -1,7 +1,9 @@
-"""Round-to-nearest weight quantization (and dynamic activation quantization), data-free.
+"""Round-to-nearest weight quantization, with dynamic or static activation quantization.
 
 The baseline every smarter quantizer (GPTQ) is measured against, and the quickest way to a
-checkpoint vLLM serves. Needs no calibration data: the weights' own min/max fix the scales.
+checkpoint vLLM serves. Data-free unless a scale must be observed on activations: static input
+activations (the ``FP8`` preset) or a ``kv_cache_scheme`` calibrate layer by layer
+(``llmc.calibration``), and then a dataset is required.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from typing import Any
 import attrs
 import torch
 
+from llmc.calibration import ActivationCalibration, needs_calibration_data
 from llmc.context import RunContext
 from llmc.errors import CalibrationError, RecipeError
 from llmc.modifier import RunState, TargetedModifier
 from llmc.quantization import (
+    QuantizationArgs,
     QuantizationScheme,
     preset_scheme,
     quantize_linear_,
@@ -24,6 +28,8 @@ from llmc.quantization import (
     start_qat_,
     stop_qat_,
 )
+from llmc.quantization.module import has_static_inputs
+from llmc.quantization.scheme import kv_cache_args_from_config_dict
 from llmc.report import relative_error
 from llmc.targets import match_modules
 from llmc.validators import is_bool
@@ -148,14 +154,27 @@ class QuantizingModifier(TargetedModifier):
     the modifier is built so a bad recipe fails before any model is loaded. With
     ``skip_incompatible`` a module whose input width the group size does not divide is left
     unquantized (and listed in the checkpoint's ``ignore``) instead of stopping the run.
+    ``kv_cache_scheme`` (llm-compressor's field, e.g. ``{num_bits: 8, type: float, strategy:
+    tensor, dynamic: false, symmetric: true}``) also calibrates ``k_scale``/``v_scale`` on every
+    attention module of the calibrated layers.
     """
 
     scheme: Any = attrs.field(default=None, validator=_scheme_form)
     config_groups: dict[str, dict[str, Any]] | None = None
     skip_incompatible: bool = attrs.field(default=False, validator=is_bool)
+    kv_cache_scheme: dict[str, Any] | None = None
 
     def __attrs_post_init__(self) -> None:
         self.schemes()
+        self.kv_cache_args()
+
+    def kv_cache_args(self) -> QuantizationArgs | None:
+        """The KV-cache arguments, None when the KV cache is left alone."""
+        return kv_cache_args_from_config_dict(self.kv_cache_scheme)
+
+    def activation_calibration(self) -> ActivationCalibration:
+        """The run's calibration of static input and KV-cache scales (``llmc.calibration``)."""
+        return ActivationCalibration(modifier=self.recipe_name(), kv_cache=self.kv_cache_args())
 
     def schemes(self) -> list[QuantizationScheme]:
         """The schemes this modifier applies, first match wins."""
@@ -187,11 +206,22 @@ class QuantizationModifier(QuantizingModifier):
     checkpoint computes what the last training step computed.
     """
 
-    requires_calibration_data = False
     supports_training = True
 
+    @property
+    def requires_calibration_data(self) -> bool:  # type: ignore[override]
+        """Only static activation scales need data; weights' scales come from the weights."""
+        return needs_calibration_data(self.schemes(), self.kv_cache_args())
+
+    @property
+    def calibration_data_reason(self) -> str:
+        """Why this modifier needs data, for the error when none is given."""
+        return "static activation scales (static input_activations or kv_cache_scheme) are observed on it"
+
     def start(self, context: RunContext) -> QuantizationRun:
-        return QuantizationRun(config=self, schemes=self.schemes())
+        return QuantizationRun(
+            config=self, schemes=self.schemes(), activations=self.activation_calibration()
+        )
 
 
 @attrs.define
@@ -203,12 +233,19 @@ class QuantizationRun(RunState):
     pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
     # NVFP4 global scales of modules whose fused sibling (q/k/v, gate/up) was quantized first.
     global_scales: dict[str, torch.Tensor] = attrs.field(factory=dict)
+    activations: ActivationCalibration = attrs.field(factory=lambda: ActivationCalibration("QuantizationModifier"))
 
     def llmc_initialize(self, context: RunContext) -> None:
         self.pending = self.config.plan(context)
         logger.info("QuantizationModifier: %d Linear modules to quantize", len(self.pending))
 
+    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
+        prefix = f"{layer_name}."
+        in_layer = {n: pair for n, pair in self.pending.items() if n.startswith(prefix)}
+        return self.activations.start(context, layer_name, layer, in_layer)
+
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        self.activations.finish(context, layer_name)
         prefix = f"{layer_name}."
         for name in [n for n in self.pending if n.startswith(prefix)]:
             self._quantize(context, name)
@@ -220,6 +257,11 @@ class QuantizationRun(RunState):
     # --- training stage: quantization-aware training, quantized when it ends ------------------
 
     def llmc_train_start(self, context: RunContext, optimizer: torch.optim.Optimizer) -> None:
+        if self.activations.kv_cache is not None or any(has_static_inputs(s) for _, s in self.pending.values()):
+            raise RecipeError(
+                "QuantizationModifier in a training stage supports weights and dynamic inputs "
+                "only; static input activations and kv_cache_scheme need a oneshot stage"
+            )
         for module, scheme in self.pending.values():
             start_qat_(module, scheme)
         logger.info("QuantizationModifier: quantization-aware training of %d Linear modules", len(self.pending))
@@ -235,7 +277,7 @@ class QuantizationRun(RunState):
         stop_qat_(module)
         round_to_nearest_and_record(
             context, "QuantizationModifier", name, module, scheme,
-            global_scale=self.global_scales.pop(name, None),
+            global_scale=self.global_scales.pop(name, None), activations=self.activations,
         )
 
 
@@ -252,17 +294,21 @@ def round_to_nearest_and_record(
     scheme: QuantizationScheme,
     *,
     global_scale: torch.Tensor | None = None,
+    activations: ActivationCalibration | None = None,
 ) -> None:
-    """Quantize ``module`` by round-to-nearest and add its report row (scheme, weight error):
-    the last step of every modifier whose quantization is plain rounding. ``global_scale``
-    is NVFP4's, shared with the module's fused siblings (``shared_global_scales``)."""
+    """Quantize ``module`` by round-to-nearest and add its report row (scheme, weight error,
+    and its observed input scale when ``activations`` calibrated one): the last step of every
+    modifier whose quantization is plain rounding. ``global_scale`` is NVFP4's, shared with the
+    module's fused siblings (``shared_global_scales``)."""
     original = module.weight.detach().clone()
     quantize_linear_(module, scheme, global_scale=global_scale)
+    extra = activations.install_input_scale(name, module, scheme) if activations is not None else {}
     context.record(
         modifier=modifier,
         module=name,
         scheme=describe_scheme(scheme),
         weight_error=relative_error(original, module.weight.detach()),
+        **extra,
     )
 
 
@@ -285,6 +331,7 @@ def describe_scheme(scheme: QuantizationScheme) -> str:
         else:
             strategy = w.strategy
         parts.append(f"w:{kind(w)} {strategy} {'sym' if w.symmetric else 'asym'}")
-    if scheme.input_activations is not None:
-        parts.append(f"a:{kind(scheme.input_activations)} {scheme.input_activations.strategy}")
+    inputs = scheme.input_activations
+    if inputs is not None:
+        parts.append(f"a:{kind(inputs)} {inputs.strategy}" + ("" if inputs.dynamic else " static"))
     return ", ".join(parts)

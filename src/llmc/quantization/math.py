@@ -56,6 +56,7 @@ __all__ = [
     "qparam_shape",
     "quantize",
     "recover_codes",
+    "static_activation_fake_quantize",
 ]
 
 # compressed-tensors stores integer zero points as the smallest integer dtype that holds
@@ -512,3 +513,21 @@ def dynamic_activation_fake_quantize(
     xg, scale_g, zero_g = _grouped(x, scale, zero_point, args)
     codes = _codes_as_float(xg, scale_g, zero_g, args)
     return _from_codes(codes, scale_g, zero_g).reshape(x.shape).to(x.dtype)
+
+
+def static_activation_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, args: QuantizationArgs
+) -> torch.Tensor:
+    """Fake-quantize an activation with a scale fixed at calibration (``input_scale``, the
+    KV cache's ``k_scale``), as compressed-tensors' forward does with a static module.
+
+    ``scale``/``zero_point`` broadcast against ``x``: ``[1]`` per tensor, ``[heads, 1, 1]``
+    per attention head for ``x: [batch, heads, seq, head_dim]``. The rounding is
+    ``dynamic_activation_fake_quantize``'s, so only where the scale comes from differs.
+    """
+    if x.numel() == 0:
+        return x
+    scale = scale.to(x.device)
+    zero_point = zero_point.to(x.device) if zero_point is not None else None
+    codes = _codes_as_float(x, scale, zero_point, args)
+    return _from_codes(codes, scale, zero_point).to(x.dtype)

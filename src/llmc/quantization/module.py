@@ -7,7 +7,11 @@ for FP8) and an attribute ``quantization_scheme``. Its forward is therefore exac
 transformers runs after loading the saved checkpoint (which dequantizes to the same values), so
 evaluation, the next layer's calibration inputs and the checkpoint all agree. Dynamic input
 quantization (W8A8's int8, FP8_DYNAMIC's FP8, per token) is a forward pre-hook doing what
-compressed-tensors does in its quantized forward.
+compressed-tensors does in its quantized forward. Static input quantization (the ``FP8``
+preset) is the same pre-hook with the scale an observer fixed at calibration, held in the
+buffers ``input_scale`` (and ``input_zero_point``) under the checkpoint's names; until that
+scale is set (during calibration) the input passes unchanged, as in llm-compressor, whose
+observers see the unquantized inputs.
 
 Keeping the float weight rather than the codes means solvers (GPTQ, ...) write their result
 once and everything downstream, including ``weight_codes``, recovers the codes exactly.
@@ -39,7 +43,9 @@ from llmc.quantization.math import (
     global_scale_from_range,
     qparam_shape,
     recover_codes,
+    static_activation_fake_quantize,
 )
+from llmc.quantization.observers import observe_weight
 from llmc.quantization.scheme import QuantizationScheme
 from llmc.torch_hooks import has_forward_pre_hook, remove_forward_pre_hooks
 
@@ -47,7 +53,9 @@ __all__ = [
     "input_global_scale_from_range",
     "is_quantized",
     "quantize_linear_",
+    "has_static_inputs",
     "quantized_linears",
+    "set_input_qparams_",
     "set_quantized_weight_",
     "weight_codes",
 ]
@@ -151,18 +159,54 @@ def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook: dynamic fake quantization of the Linear's input."""
+    """Forward pre-hook: fake quantization of the Linear's input, dynamic or static."""
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is None or scheme.input_activations is None or not args:
         return None
     inputs = scheme.input_activations
-    global_scale = getattr(module, "input_global_scale", None)
-    if inputs.has_global_scale and global_scale is None:
-        raise CalibrationError(
-            "input activations with strategy 'tensor_group' (NVFP4) need an input_global_scale "
-            "buffer from calibration (observed min/max through input_global_scale_from_range)"
+    if inputs.dynamic:  # True, or "local": NVFP4's per-group scales under a static global one
+        global_scale = getattr(module, "input_global_scale", None)
+        if inputs.has_global_scale and global_scale is None:
+            raise CalibrationError(
+                "input activations with strategy 'tensor_group' (NVFP4) need an input_global_scale "
+                "buffer from calibration (observed min/max through input_global_scale_from_range)"
+            )
+        return (dynamic_activation_fake_quantize(args[0], inputs, global_scale), *args[1:])
+    scale = getattr(module, "input_scale", None)
+    if scale is None:  # not calibrated yet
+        return None
+    # the loaded checkpoint has no zero point for a symmetric scheme; adding zeros would turn
+    # -0 into +0, so none is added here either
+    zero_point = None if inputs.symmetric else module.input_zero_point
+    return (static_activation_fake_quantize(args[0], scale, zero_point, inputs), *args[1:])
+
+
+def has_static_inputs(scheme: QuantizationScheme) -> bool:
+    """Whether ``scheme``'s input scale is fixed at calibration (and so needs data)."""
+    return scheme.input_activations is not None and not scheme.input_activations.dynamic
+
+
+@torch.no_grad()
+def set_input_qparams_(
+    module: nn.Linear, scheme: QuantizationScheme, scale: torch.Tensor, zero_point: torch.Tensor
+) -> None:
+    """Install a Linear's static input ``scale``/``zero_point`` (from its input observer).
+
+    Stored as compressed-tensors creates them: the scale in the weight's dtype with shape
+    ``[1]``, the zero point int8 (float8_e4m3fn for FP8). They take effect once the module is
+    quantized with ``scheme`` (before or after this call), whose inputs must be static.
+    """
+    if not isinstance(scheme, QuantizationScheme) or not has_static_inputs(scheme):
+        raise ArgumentError(
+            "set_input_qparams_ needs a scheme with static input_activations (dynamic false)",
+            name="scheme",
         )
-    return (dynamic_activation_fake_quantize(args[0], inputs, global_scale), *args[1:])
+    if tuple(scale.shape) != (1,):
+        raise CalibrationError(f"input scale has shape {_shape(scale)}, expected [1] (strategy 'tensor')")
+    grid = grid_of(scheme.input_activations)
+    device = module.weight.device
+    _set_buffer(module, "input_scale", scale.detach().to(device=device, dtype=module.weight.dtype))
+    _set_buffer(module, "input_zero_point", zero_point.detach().to(device=device, dtype=grid.zero_point_dtype))
 
 
 def input_global_scale_from_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -252,7 +296,8 @@ def quantize_linear_(
 ) -> None:
     """Quantize ``module`` in place by round-to-nearest (RTN).
 
-    Without ``scale`` the min-max parameters of the current weight are used; with it (and a
+    Without ``scale`` the weight observer's parameters are used (min-max, or the MSE search
+    with ``observer: mse``); with it (and a
     ``zero_point`` for asymmetric schemes) the weight is rounded onto that grid instead.
     ``global_scale`` (NVFP4 only) replaces the weight's own, so that fused siblings (q/k/v,
     gate/up) share one as vLLM needs. Calling it again re-quantizes from the current weight
@@ -267,7 +312,10 @@ def quantize_linear_(
             )
     global_scale = _global_scale(module, scheme, global_scale)
     if scale is None:
-        scale, zero_point = compute_qparams(weight, scheme.weights, global_scale)
+        if scheme.weights.observer in ("mse", "memoryless_mse") and global_scale is None:
+            scale, zero_point = observe_weight(weight, scheme.weights)
+        else:  # the min-max observers all give the weight's own range
+            scale, zero_point = compute_qparams(weight, scheme.weights, global_scale)
     scale, zero_point = _checked_qparams(module, scheme, scale, zero_point)
     # Round with the reference's arithmetic, in the weight's dtype, as compressed-tensors
     # would when compressing this weight. Its FP4/FP6 compressors add no zero point, which

@@ -11,10 +11,12 @@ Only what llmc can compute and save exactly is accepted: integer weights of 2 to
 tensor, channel or group scale; FP8 E4M3 weights (``type: float, num_bits: 8``) with a tensor,
 channel or 128x128 block scale; the microscaling formats (FP4/FP6/FP8 in groups of 32 with
 power-of-two E8M0 scales, ``scale_dtype: uint8``); NVFP4 (FP4 in groups of 16 with FP8 scales
-under a float32 global scale, ``strategy: tensor_group``); and dynamic input activations
-(integer of 4 or 8 bits or float, whatever the weights' type: W4A8, W4AFP8). Everything else
-compressed-tensors knows (static activation scales, other scale dtypes) is refused up front with
-a message saying so, instead of producing a checkpoint that fails to load.
+under a float32 global scale, ``strategy: tensor_group``); dynamic input activations (integer of
+4 or 8 bits or float, whatever the weights' type: W4A8, W4AFP8); static per-tensor input
+activations (scales from an observer run on calibration data: the FP8 preset); and a static
+KV-cache scheme. Everything else compressed-tensors knows (static per-channel or per-group
+inputs, other scale dtypes) is refused up front with a message saying so, instead of producing a
+checkpoint that fails to load.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from llmc.validators import is_bool, is_one_of
 __all__ = [
     "ACTORDERS",
     "FORMATS",
+    "OBSERVER_KWARGS",
     "NUM_BITS",
     "PRESET_ALIASES",
     "PRESET_SCHEMES",
@@ -41,6 +44,7 @@ __all__ = [
     "QuantizationArgs",
     "QuantizationScheme",
     "args_from_config_dict",
+    "kv_cache_args_from_config_dict",
     "preset_scheme",
     "scheme_from_config_dict",
     "schemes_from_config_groups",
@@ -50,7 +54,7 @@ NUM_BITS = (2, 3, 4, 5, 6, 7, 8)
 INT_NUM_BITS = (2, 3, 4, 5, 6, 7, 8)
 FLOAT_NUM_BITS = (4, 6, 8)  # FP4 E2M1, FP6 E2M3, FP8 E4M3
 TYPES = ("int", "float")
-STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group")
+STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group", "attn_head")
 # Scale storage dtypes besides the weight's own: FP8 (NVFP4's group scales) and E8M0 (MX
 # power-of-two scales, stored as a biased exponent in uint8).
 SCALE_DTYPES = ("float8_e4m3fn", "uint8")
@@ -58,6 +62,15 @@ ZERO_POINT_DTYPES = ("int8", "float8_e4m3fn", "uint8")
 # The one DynamicType that is not a bool: per-group scales at run time under a static global
 # scale (NVFP4 activations).
 LOCAL = "local"
+# The observers (llm-compressor 0.14's names, ``observers.py``) and the observer_kwargs each takes.
+_MSE_SEARCH = ("maxshrink", "patience", "grid", "norm")
+OBSERVER_KWARGS: dict[str, tuple[str, ...]] = {
+    "minmax": ("averaging_constant",),
+    "static_minmax": (),
+    "memoryless_minmax": (),
+    "mse": (*_MSE_SEARCH, "averaging_constant"),
+    "memoryless_mse": _MSE_SEARCH,
+}
 ACTORDERS = (None, "weight", "group", "static")
 # Formats a group can be saved in; "dense" keeps the fake-quantized float weight.
 FORMATS = (
@@ -107,6 +120,23 @@ def _check_actorder(instance: Any, attribute: attrs.Attribute, value: Any) -> No
             name="actorder",
         )
     is_one_of(ACTORDERS)(instance, attribute, value)
+
+
+def _check_observer(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value not in OBSERVER_KWARGS:
+        raise ArgumentError(
+            f"unknown observer {_quote(value)}{did_you_mean(str(value), OBSERVER_KWARGS)}",
+            name="observer",
+        )
+
+
+def _observer_kwargs(value: Any) -> tuple[tuple[str, Any], ...]:
+    # stored as sorted items so the arguments stay hashable (schemes are dict keys when saving)
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    return tuple(value)
 
 
 def _canonical_actorder(value: Any) -> Any:
@@ -177,8 +207,10 @@ class QuantizationArgs:
     """How one tensor (a weight, or a Linear's input) is mapped to integers or FP8 values.
 
     The fields and their JSON spelling are those of compressed-tensors' ``QuantizationArgs``.
-    ``observer`` only names how static parameters are estimated ("minmax" is what llmc's
-    round-to-nearest uses); it is written to the config for the record.
+    ``observer`` names how static parameters are estimated from what calibration saw
+    (``llmc.quantization.observers``: ``minmax``, ``static_minmax``, ``mse``, ...), with
+    ``observer_kwargs`` its settings (``averaging_constant``, ``grid``, ``norm``, ...); both
+    are written to the config.
     """
 
     num_bits: int = attrs.field(validator=is_one_of(NUM_BITS))
@@ -193,7 +225,8 @@ class QuantizationArgs:
     actorder: str | None = attrs.field(
         default=None, converter=_canonical_actorder, validator=_check_actorder
     )
-    observer: str | None = attrs.field(default="minmax")
+    observer: str | None = attrs.field(default="minmax", validator=_check_observer)
+    observer_kwargs: tuple[tuple[str, Any], ...] = attrs.field(default=(), converter=_observer_kwargs)
     scale_dtype: str | None = attrs.field(
         default=None, converter=_dtype_name, validator=_dtype_in(SCALE_DTYPES)
     )
@@ -205,6 +238,14 @@ class QuantizationArgs:
     )
 
     def __attrs_post_init__(self) -> None:
+        for key, _ in self.observer_kwargs:
+            allowed = OBSERVER_KWARGS.get(self.observer or "minmax", ())
+            if key not in allowed:
+                takes = f"; it takes {', '.join(allowed)}" if allowed else "; it takes none"
+                raise ArgumentError(
+                    f"observer {self.observer!r} has no observer_kwargs {key!r}{takes}",
+                    name="observer_kwargs",
+                )
         grouped = self.strategy in ("group", "tensor_group")
         if grouped and self.group_size is None:
             raise ArgumentError(
@@ -250,10 +291,10 @@ class QuantizationArgs:
                 "strategy 'token' needs dynamic true: per-token scales are computed at run time",
                 name="dynamic",
             )
-        if self.dynamic and self.strategy == "channel":
+        if self.dynamic and self.strategy in ("channel", "attn_head"):
             raise ArgumentError(
                 "'dynamic' quantization supports strategies 'token', 'tensor', 'group' "
-                "(got 'channel')",
+                f"(got {self.strategy!r})",
                 name="strategy",
             )
         if self.type == "float":
@@ -300,7 +341,7 @@ class QuantizationArgs:
                 f"{self.strategy!r}, scale_dtype {self.scale_dtype!r})",
                 name="scale_dtype",
             )
-        elif self.strategy not in FLOAT_STRATEGIES:
+        elif self.strategy not in FLOAT_STRATEGIES and self.strategy != "attn_head":  # KV cache
             listed = ", ".join(repr(s) for s in FLOAT_STRATEGIES)
             raise ArgumentError(
                 f"type 'float' with 8 bits (FP8) supports strategies {listed} (got "
@@ -383,7 +424,7 @@ class QuantizationArgs:
             "dynamic": self.dynamic,
             "actorder": self.actorder,
             "observer": self.observer,
-            "observer_kwargs": {},
+            "observer_kwargs": dict(self.observer_kwargs),
             "scale_dtype": f"torch.{self.scale_dtype}" if self.scale_dtype else None,
         }
         if self.symmetric:
@@ -415,9 +456,15 @@ def _weights_are_static(
             "'weights' must have dynamic false: weight scales are computed once, at compression",
             name="weights",
         )
+    if value.strategy == "attn_head":
+        raise ArgumentError(
+            "'weights' cannot have strategy 'attn_head' (a KV-cache strategy); use tensor, "
+            "channel or group",
+            name="weights",
+        )
 
 
-def _inputs_are_dynamic(
+def _check_inputs(
     instance: Any, attribute: attrs.Attribute, value: QuantizationArgs | None
 ) -> None:
     if value is None:
@@ -427,10 +474,13 @@ def _inputs_are_dynamic(
             f"'input_activations' must be QuantizationArgs or None (got {type(value).__name__})",
             name="input_activations",
         )
-    if not value.dynamic:
+    # compressed-tensors 0.20 creates no per-channel input scale and broadcasts a static group
+    # scale against the sequence dimension, so only a per-tensor static scale loads correctly.
+    if not value.dynamic and value.strategy != "tensor":
         raise ArgumentError(
-            "'input_activations' with dynamic false (static activation scales) is not supported "
-            "yet; set dynamic true",
+            f"static 'input_activations' (dynamic false) support strategy 'tensor' (got "
+            f"{value.strategy!r}); use strategy tensor, or dynamic true for per-token or group "
+            f"scales",
             name="input_activations",
         )
     if value.actorder is not None:
@@ -483,7 +533,7 @@ class QuantizationScheme:
     )
     weights: QuantizationArgs | None = attrs.field(validator=_weights_are_static)
     input_activations: QuantizationArgs | None = attrs.field(
-        default=None, validator=_inputs_are_dynamic
+        default=None, validator=_check_inputs
     )
     output_activations: None = attrs.field(default=None, validator=_no_outputs)
     format: str | None = attrs.field(
@@ -530,7 +580,7 @@ class QuantizationScheme:
 _ARGS_KEYS = {a.name for a in attrs.fields(QuantizationArgs)}
 # Keys compressed-tensors writes that carry no information for the schemes we support, when
 # they hold their neutral value.
-_ARGS_NEUTRAL = {"observer_kwargs": {}}
+_ARGS_NEUTRAL: dict[str, Any] = {}
 _SCHEME_KEYS = {a.name for a in attrs.fields(QuantizationScheme)}
 
 
@@ -590,6 +640,30 @@ def args_from_config_dict(entry: Mapping[str, Any], *, where: str = "weights") -
     if group_size == -1 and values["strategy"] == "channel":
         values["group_size"] = None
     return QuantizationArgs(**values)
+
+
+def kv_cache_args_from_config_dict(entry: Any) -> QuantizationArgs | None:
+    """The ``kv_cache_scheme`` of a recipe or config: static, symmetric, per tensor or head.
+
+    vLLM reads one ``k_scale``/``v_scale`` per attention (or per KV head) and no zero point, and
+    compressed-tensors calibrates them on the keys and values after RoPE; llm-compressor's
+    default observer (``minmax``) applies when none is given.
+    """
+    if entry is None:
+        return None
+    args = entry if isinstance(entry, QuantizationArgs) else args_from_config_dict(entry, where="kv_cache_scheme")
+    if args.dynamic or args.strategy not in ("tensor", "attn_head") or not args.symmetric:
+        raise ArgumentError(
+            f"'kv_cache_scheme' must be static (dynamic false), symmetric, with strategy "
+            f"'tensor' or 'attn_head' (got dynamic {args.dynamic}, symmetric {args.symmetric}, "
+            f"strategy {args.strategy!r})",
+            name="kv_cache_scheme",
+        )
+    if args.actorder is not None:
+        raise ArgumentError(
+            f"'kv_cache_scheme' cannot have an actorder (got {args.actorder!r})", name="kv_cache_scheme"
+        )
+    return args
 
 
 def scheme_from_config_dict(entry: Mapping[str, Any]) -> QuantizationScheme:
@@ -685,7 +759,8 @@ _MX_INPUTS = {"dynamic": True, "observer": None}
 
 # The presets of compressed-tensors llmc supports, with its names and definitions: W{2..8}A16,
 # W{2..7}A8, W{2..4}A4 (int weights, group 128; dynamic per-token int inputs), W4A16_ASYM,
-# W8A8/INT8 (per-channel int8 weights), W4AFP8 (int4 weights, dynamic FP8 inputs), FP8_DYNAMIC.
+# W8A8/INT8 (per-channel int8 weights), W4AFP8 (int4 weights, dynamic FP8 inputs), FP8
+# (per-tensor FP8 weights, static per-tensor FP8 inputs), FP8_DYNAMIC.
 PRESET_SCHEMES: dict[str, QuantizationScheme] = {
     **{f"W{bits}A16": _int_weights_int_inputs(bits, None) for bits in range(2, 9)},
     **{f"W{bits}A8": _int_weights_int_inputs(bits, 8) for bits in range(2, 8)},
@@ -700,6 +775,10 @@ PRESET_SCHEMES: dict[str, QuantizationScheme] = {
     "W4AFP8": QuantizationScheme(
         weights=_int_args(4, "group", group_size=128),
         input_activations=_fp8_args("token", dynamic=True, observer=None),
+    ),
+    "FP8": QuantizationScheme(
+        weights=_fp8_args("tensor"),
+        input_activations=_fp8_args("tensor", observer="static_minmax"),
     ),
     "FP8_DYNAMIC": QuantizationScheme(
         weights=_fp8_args("channel"),
@@ -728,11 +807,6 @@ PRESET_ALIASES = {"INT8": "W8A8"}
 # message it is refused with when there is more to say than "not supported yet; supported
 # presets: ..." (a test keeps the names equal to the installed library's).
 UNSUPPORTED_PRESETS: dict[str, str | None] = {
-    "FP8": (
-        "quantization scheme 'FP8' is not supported yet: its static input_scale needs "
-        "activation observers run on calibration data, which are coming; use FP8_DYNAMIC "
-        "(per-token input scales computed at run time)"
-    ),
     "UNQUANTIZED": (
         "quantization scheme 'UNQUANTIZED' quantizes nothing; leave the modules out of "
         "targets or list them in ignore"
@@ -758,7 +832,7 @@ def _closest_presets(name: str) -> str:
 def preset_scheme(name: str, targets: Iterable[str] | str = ("Linear",)) -> QuantizationScheme:
     """The preset scheme called ``name`` (case-insensitive), applied to ``targets``.
 
-    A name compressed-tensors defines that llmc cannot produce yet (``NVFP4``, ``FP8``, ...)
+    A name compressed-tensors defines that llmc cannot produce yet (``NVFP4``, ``W4AFP8``, ...)
     is refused as such, naming the supported presets; any other unknown name gets the closest
     supported names.
     """

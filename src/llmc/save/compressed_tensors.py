@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmc.errors import SaveError
+from llmc.quantization.kv_cache import cached_attention_modules, kv_cache_args
 from llmc.quantization.module import quantized_linears
 from llmc.quantization.scheme import QuantizationScheme
 from llmc.save.formats import format_writer, group_format
@@ -116,13 +117,42 @@ def quantization_config(
         "format": distinct.pop() if len(distinct) == 1 else "mixed-precision",
         "global_compression_ratio": None,
         "ignore": ignore_list,
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": _kv_cache_scheme(model),
         "quant_method": QUANT_METHOD,
         "quantization_status": "compressed" if save_compressed else "frozen",
         "sparsity_config": {},
         "transform_config": {},
         "version": _format_version(),
     }
+
+
+def _kv_cache_scheme(model: nn.Module) -> dict[str, Any] | None:
+    """The ``kv_cache_scheme`` the attention modules were calibrated with (one for the model)."""
+    found = {kv_cache_args(module) for _, module in cached_attention_modules(model)} - {None}
+    if len(found) > 1:
+        raise SaveError(
+            "attention modules were calibrated with different kv_cache_schemes; a checkpoint "
+            "holds one, so use the same kv_cache_scheme for every modifier"
+        )
+    return found.pop().to_config_dict() if found else None
+
+
+def _input_tensors(name: str, module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
+    """A static input scale, and its zero point where the loader reads one: asymmetric, or a
+    ``dense`` (frozen) checkpoint, for which compressed-tensors creates every zero point."""
+    inputs = module.quantization_scheme.input_activations
+    if inputs is None or inputs.dynamic:
+        return {}
+    if getattr(module, "input_scale", None) is None:
+        raise SaveError(
+            f"{name} has static input_activations but no input_scale: the modifier that "
+            "quantized it did not calibrate its inputs; use a quantizer that does (QuantizationModifier, "
+            "GPTQModifier, AWQModifier) or dynamic inputs"
+        )
+    tensors = {"input_scale": module.input_scale.detach()}
+    if not save_compressed or not inputs.symmetric:
+        tensors["input_zero_point"] = module.input_zero_point.detach()
+    return tensors
 
 
 def _module_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
@@ -323,9 +353,14 @@ def compressed_state_dict(
     compressed_keys = set()
     for name, module in quantized.items():
         _check_input_global_scale(name, module)
-        for local in ("weight", "weight_scale", "weight_zero_point", "weight_global_scale"):
+        for local in (
+            "weight", "weight_scale", "weight_zero_point", "weight_global_scale", "input_scale",
+            "input_zero_point",
+        ):
             state.pop(f"{name}.{local}", None)
-        for local, tensor in _module_tensors(module, save_compressed=save_compressed).items():
+        tensors = _module_tensors(module, save_compressed=save_compressed)
+        tensors.update(_input_tensors(name, module, save_compressed=save_compressed))
+        for local, tensor in tensors.items():
             state[f"{name}.{local}"] = tensor
             compressed_keys.add(f"{name}.{local}")
     _drop_aliases(state, model)

@@ -123,6 +123,13 @@ class AWQModifier(QuantizingModifier):
     def __attrs_post_init__(self) -> None:
         if self.has_scheme():
             self.schemes()  # validated now, as every quantizer's is
+        elif self.kv_cache_scheme is not None:
+            raise ArgumentError(
+                "AWQModifier without a scheme takes no kv_cache_scheme; give it to the quantizer "
+                "after it, which calibrates the KV cache",
+                name="kv_cache_scheme",
+            )
+        self.kv_cache_args()
         if self.duo_scaling == "both" and self.n_grid < 4:
             raise ArgumentError(
                 f"'n_grid' must be at least 4 with duo_scaling 'both' (half the points each way; got {self.n_grid})",
@@ -152,7 +159,7 @@ class AWQModifier(QuantizingModifier):
         quantizer = None if self.has_scheme() else following_quantizer(self, context.stage_modifiers)
         if not self.has_scheme() and quantizer is None:
             self.check_stage(context.stage_modifiers)  # raises, saying what is missing
-        return AWQRun(config=self, quantizer=quantizer)
+        return AWQRun(config=self, quantizer=quantizer, activations=self.activation_calibration())
 
 
 @attrs.frozen(kw_only=True)

@@ -14,6 +14,8 @@ stage attaches its hooks, so the quantizer (GPTQ's Hessians included) sees the s
 
 An AWQ modifier with its own scheme then rounds the layer's targets in ``llmc_layer_end`` (and
 whatever lies outside the layers in ``llmc_finalize``); without one the quantizer after it does.
+Its static input and KV-cache scales (``llmc.calibration``) are observed in the pipeline's
+calibration pass, which runs after the smoothing, on the smoothed layer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
+from llmc.calibration import ActivationCalibration
 from llmc.context import RunContext
 from llmc.errors import CalibrationError
 from llmc.modifier import RunState
@@ -166,6 +169,7 @@ class AWQRun(SmoothingRun):
     quantizer: QuantizingModifier | None = None
     targets: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
     pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
+    activations: ActivationCalibration = attrs.field(factory=lambda: ActivationCalibration("AWQModifier"))
 
     def llmc_initialize(self, context: RunContext) -> None:
         if self.config.mappings is not None:
@@ -179,7 +183,13 @@ class AWQRun(SmoothingRun):
             len(self.targets), "its own" if self.quantizer is None else self.quantizer.recipe_name(),
         )
 
-    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+    def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
+        self._smooth_layer(context, layer_name, layer)
+        prefix = f"{layer_name}."
+        in_layer = {n: pair for n, pair in self.pending.items() if n.startswith(prefix)}
+        return self.activations.start(context, layer_name, layer, in_layer)
+
+    def _smooth_layer(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
         prefix = f"{layer_name}."
         if not any(name.startswith(prefix) for name in self.targets):
             return None
@@ -201,6 +211,7 @@ class AWQRun(SmoothingRun):
         return None
 
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        self.activations.finish(context, layer_name)
         prefix = f"{layer_name}."
         for name in [n for n in self.pending if n.startswith(prefix)]:
             self._quantize(context, name)
@@ -245,7 +256,7 @@ class AWQRun(SmoothingRun):
 
     def _quantize(self, context: RunContext, name: str) -> None:
         module, scheme = self.pending.pop(name)
-        round_to_nearest_and_record(context, "AWQModifier", name, module, scheme)
+        round_to_nearest_and_record(context, "AWQModifier", name, module, scheme, activations=self.activations)
 
 
 @attrs.define

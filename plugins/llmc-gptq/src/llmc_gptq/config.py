@@ -90,4 +90,4 @@ class GPTQModifier(QuantizingModifier):
     def start(self, context: RunContext) -> GPTQRun:
         from llmc_gptq.run import GPTQRun
 
-        return GPTQRun(config=self, schemes=self.schemes())
+        return GPTQRun(config=self, schemes=self.schemes(), activations=self.activation_calibration())

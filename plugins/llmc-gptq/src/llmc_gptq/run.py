@@ -11,6 +11,10 @@ Per decoder layer::
                        group and act-order) and install the results
                        (llmc.quantization.set_quantized_weight_); with true_sequential core
                        re-runs the layer between groups (llmc.statistics)
+
+Static input scales and the KV cache's scales (``llmc.calibration``) are observed in the same
+calibration pass, on the inputs the layer receives from the compressed layers before it, and
+set before the layer's weights are solved, so true-sequential re-runs already quantize them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 import attrs
 import torch
 
+from llmc.calibration import ActivationCalibration
 from llmc.context import RunContext
 from llmc.hessian import HessianAccumulator
 from llmc.masks import sparsity_mask
@@ -67,6 +72,7 @@ class GPTQRun(RunState):
     lazy_group_params: bool = True
     backend: str = "auto"
     calibration: LayerCalibration = attrs.field(init=False)
+    activations: ActivationCalibration = attrs.field(factory=lambda: ActivationCalibration("GPTQModifier"))
 
     def __attrs_post_init__(self) -> None:
         self.calibration = LayerCalibration(
@@ -83,13 +89,21 @@ class GPTQRun(RunState):
     def llmc_initialize(self, context: RunContext) -> None:
         self.pending = self.config.plan(context)
         logger.info("GPTQModifier: %d Linear modules to quantize", len(self.pending))
+        if any(scheme.weights.observer in ("mse", "memoryless_mse") for _, scheme in self.pending.values()):
+            logger.warning(
+                "GPTQModifier computes weight scales by min-max as its sweep reaches them; the "
+                "weights' observer 'mse' applies to round-to-nearest (QuantizationModifier) only"
+            )
 
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
         prefix = f"{layer_name}."
         modules = {n: m for n, (m, _) in self.pending.items() if n.startswith(prefix)}
-        return self.calibration.start(context, layer_name, layer, modules)
+        in_layer = {n: pair for n, pair in self.pending.items() if n.startswith(prefix)}
+        wants_activations = self.activations.start(context, layer_name, layer, in_layer)
+        return self.calibration.start(context, layer_name, layer, modules) or wants_activations
 
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
+        self.activations.finish(context, layer_name)
         self.calibration.finish(context, layer_name, layer, lambda groups: self._solve_groups(context, groups))
 
     def llmc_finalize(self, context: RunContext) -> None:
@@ -161,6 +175,7 @@ class GPTQRun(RunState):
             module, scheme, weight_fake_quantized=result.weight, scale=result.scale,
             zero_point=result.zero_point, global_scale=result.global_scale,
         )
+        inputs = self.activations.install_input_scale(name, module, scheme)
         context.record(
             modifier="GPTQModifier",
             module=name,
@@ -171,6 +186,7 @@ class GPTQRun(RunState):
             tokens=tokens,
             seconds=round(result.seconds + hessian_seconds, 4),
             backend=result.backend,
+            **inputs,
         )
 
     def _share_global_scale(self, name: str) -> None:
@@ -184,6 +200,7 @@ class GPTQRun(RunState):
         started = time.perf_counter()
         original = module.weight.detach().clone()
         quantize_linear_(module, scheme, global_scale=self.global_scales.pop(name, None))
+        inputs = self.activations.install_input_scale(name, module, scheme)
         context.record(
             modifier="GPTQModifier",
             module=name,
@@ -191,4 +208,5 @@ class GPTQRun(RunState):
             weight_error=relative_error(original, module.weight.detach()),
             method="round-to-nearest",
             seconds=round(time.perf_counter() - started, 4),
+            **inputs,
         )
