@@ -465,13 +465,29 @@ def test_group_size_not_dividing_a_layer_names_it():
         )
 
 
-def test_nvfp4_with_activations_needs_calibration():
-    with pytest.raises(
-        ArgumentError,
-        match=r"^quantization scheme 'NVFP4' is not supported yet: its static input_global_scale "
-        r"needs activation observers run on calibration data",
-    ):
-        preset_scheme("NVFP4")
+def test_nvfp4_oneshot_calibrates_input_global_scales_and_loads_with_the_same_logits(tmp_path: Path):
+    """The NVFP4 preset end to end: each Linear's input_global_scale from the static_minmax
+    observer over the calibration tokens it receives (q/k/v, which read one input, get one),
+    written to the checkpoint, and transformers computes the in-memory logits."""
+    from llmc import oneshot
+
+    recipe = "quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {scheme: NVFP4, ignore: [lm_head]}\n"
+    result = oneshot(
+        model="llmc:tiny-llama", precision="bfloat16", recipe=recipe, dataset="llmc:stdlib-docs",
+        num_calibration_samples=4, max_seq_length=64, output_dir=str(tmp_path / "out"),
+    )
+    rows = {row["module"]: row for row in result.report["modules"]}
+    attention = result.model.model.layers[0].self_attn
+    scales = [getattr(attention, p).input_global_scale for p in ("q_proj", "k_proj", "v_proj")]
+    assert scales[0].dtype == torch.float32 and torch.equal(scales[0], scales[1]) and torch.equal(scales[0], scales[2])
+    assert rows["model.layers.0.self_attn.q_proj"]["input_observer"] == "static_minmax"
+    assert rows["model.layers.0.self_attn.q_proj"]["input_global_scale"] == pytest.approx(float(scales[0]))
+    config = json.loads((result.output_dir / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["input_activations"]["dynamic"] == "local"
+    loaded = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.bfloat16)
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.input_global_scale, scales[0])
+    ours, theirs = sample_logits(result.model, result.tokenizer), sample_logits(loaded, result.tokenizer)
+    assert torch.equal(theirs, ours)
 
 
 @pytest.mark.parametrize("preset", ["NVFP4A16", "MXFP4", "MXFP6A16", "MXFP8A16", "FP8_BLOCK"])

@@ -401,21 +401,10 @@ def test_preset_scheme_unknown_raises_with_closest():
     with pytest.raises(
         ArgumentError,
         match=r"^unknown quantization scheme 'XYZ'; supported presets: FP8, FP8_BLOCK, FP8_DYNAMIC, "
-        r"INT8, MXFP4, MXFP4A16, MXFP4XFP8, MXFP6A16, MXFP6A8, MXFP8, MXFP8A16, NVFP4A16, W2A16, "
+        r"INT8, MXFP4, MXFP4A16, MXFP4XFP8, MXFP6A16, MXFP6A8, MXFP8, MXFP8A16, NVFP4, NVFP4A16, W2A16, "
         r".*, W8A16, W8A8$",
     ):
         preset_scheme("XYZ", ["Linear"])
-
-
-@pytest.mark.parametrize("name", ["nvfp4"], ids=str)
-def test_preset_scheme_compressed_tensors_name_not_supported_yet(name):
-    """A real compressed-tensors preset is refused as not supported, never as a typo."""
-    with pytest.raises(
-        ArgumentError,
-        match=rf"^quantization scheme '{name.upper()}' is not supported yet: .*activation "
-        r"observers run on calibration data",
-    ):
-        preset_scheme(name, ["Linear"])
 
 
 def test_preset_names_cover_compressed_tensors_presets():
@@ -428,7 +417,7 @@ def test_preset_names_cover_compressed_tensors_presets():
 # compressed-tensors' presets leave the weight observer unset (None means min-max for static
 # weights); llm-compressor writes "minmax" into the checkpoint, and so do we.
 SAME_AS_COMPRESSED_TENSORS = [
-    "FP8", "FP8_DYNAMIC", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8", "FP8_BLOCK", "NVFP4A16",
+    "FP8", "FP8_DYNAMIC", "W4A16_ASYM", "W8A8", "INT8", "W4AFP8", "FP8_BLOCK", "NVFP4A16", "NVFP4",
     "MXFP4A16", "MXFP4", "MXFP4XFP8", "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8",
     *(f"W{bits}A16" for bits in range(2, 9)),
     *(f"W{bits}A8" for bits in range(2, 8)),

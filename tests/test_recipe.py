@@ -218,7 +218,7 @@ def test_recipe_args_key_may_qualify_the_modifier_by_plugin():
         ("zoo:w4a61", "the closest shipped recipe is 'llmc:w4a16'"),
         ("zoo:llama2-7b-ultrachat200k_llama2_pretrain-pruned50_quantized",
          "shipped recipes: llmc:fp8, llmc:fp8_block, llmc:fp8_dynamic, llmc:mxfp4a16, llmc:mxfp8, "
-         "llmc:nvfp4a16, llmc:w4a16, llmc:w4a16_asym, llmc:w8a16, llmc:w8a8"),
+         "llmc:nvfp4, llmc:nvfp4a16, llmc:w4a16, llmc:w4a16_asym, llmc:w8a16, llmc:w8a8"),
     ],
     ids=["contains-name", "path-stub", "misspelled", "nothing-close"],
 )

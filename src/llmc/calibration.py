@@ -1,7 +1,8 @@
 """Static activation scales from calibration data: Linear inputs and the KV cache.
 
-A scheme with static input activations (the ``FP8`` preset) or a ``kv_cache_scheme`` fixes
-its activation scales from what calibration shows each module, layer by layer, in the
+A scheme with static input activations (the ``FP8`` preset), NVFP4's static input global
+scale (``dynamic: local``: the per-group scales are computed at run time under it) or a
+``kv_cache_scheme`` fixes its activation scales from what calibration shows each module, layer by layer, in the
 pipeline's calibration pass: the same pass in which GPTQ gathers its Hessians, so an input
 scale is observed on the inputs the layer actually receives (the outputs of the already
 compressed layers before it) before anything in the layer is compressed, as in llm-compressor.
@@ -33,7 +34,12 @@ from llmc.quantization.kv_cache import (
     set_kv_scales_,
     tap_kv_cache_,
 )
-from llmc.quantization.module import has_static_inputs, set_input_qparams_
+from llmc.quantization.module import (
+    has_static_inputs,
+    input_global_scale_from_range,
+    set_input_global_scale_,
+    set_input_qparams_,
+)
 from llmc.quantization.observers import Observer, make_observer
 from llmc.quantization.scheme import QuantizationArgs, QuantizationScheme
 from llmc.statistics import StatisticsPass, real_tokens
@@ -171,9 +177,13 @@ class ActivationCalibration:
                     module=name,
                 )
             return {}
+        facts = {"input_observer": observer.name, "input_tokens": observer.tokens}
+        if scheme.input_activations.has_global_scale:  # NVFP4: per-group scales at run time
+            set_input_global_scale_(module, input_global_scale_from_range(observer.lo, observer.hi))
+            return {"input_global_scale": _summary(module.input_global_scale), **facts}
         scale, zero_point = observer.finalize()
         set_input_qparams_(module, scheme, scale, zero_point)
-        return {"input_scale": _summary(module.input_scale), "input_observer": observer.name, "input_tokens": observer.tokens}
+        return {"input_scale": _summary(module.input_scale), **facts}
 
 
 def _summary(scale: torch.Tensor) -> float:

@@ -51,6 +51,7 @@ from llmc.torch_hooks import has_forward_pre_hook, remove_forward_pre_hooks
 
 __all__ = [
     "input_global_scale_from_range",
+    "set_input_global_scale_",
     "is_quantized",
     "quantize_linear_",
     "has_static_inputs",
@@ -182,8 +183,10 @@ def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple | None:
 
 
 def has_static_inputs(scheme: QuantizationScheme) -> bool:
-    """Whether ``scheme``'s input scale is fixed at calibration (and so needs data)."""
-    return scheme.input_activations is not None and not scheme.input_activations.dynamic
+    """Whether ``scheme``'s input scale, or NVFP4's input global scale, is fixed at calibration
+    (and so needs data)."""
+    inputs = scheme.input_activations
+    return inputs is not None and (not inputs.dynamic or inputs.has_global_scale)
 
 
 @torch.no_grad()
@@ -196,7 +199,7 @@ def set_input_qparams_(
     ``[1]``, the zero point int8 (float8_e4m3fn for FP8). They take effect once the module is
     quantized with ``scheme`` (before or after this call), whose inputs must be static.
     """
-    if not isinstance(scheme, QuantizationScheme) or not has_static_inputs(scheme):
+    if not isinstance(scheme, QuantizationScheme) or not has_static_inputs(scheme) or scheme.input_activations.dynamic:
         raise ArgumentError(
             "set_input_qparams_ needs a scheme with static input_activations (dynamic false)",
             name="scheme",
@@ -213,6 +216,13 @@ def input_global_scale_from_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.T
     """NVFP4's ``input_global_scale`` from the observed minimum and maximum of a Linear's input
     over the calibration tokens (llm-compressor's ``static_minmax``): float32 ``[1]``."""
     return global_scale_from_range(lo, hi)
+
+
+@torch.no_grad()
+def set_input_global_scale_(module: nn.Linear, global_scale: torch.Tensor) -> None:
+    """Install NVFP4's static ``input_global_scale`` (float32 ``[1]``), under which the input's
+    per-group FP8 scales are computed at run time, as the checkpoint stores it."""
+    _set_buffer(module, "input_global_scale", global_scale.detach().to(device=module.weight.device, dtype=torch.float32).reshape(1))
 
 
 def _global_scale(

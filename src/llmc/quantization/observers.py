@@ -20,7 +20,8 @@ Every observer folds a tensor in with ``update`` and returns ``(scale, zero_poin
 ``finalize``, through the same ``_qparams_from_range`` as round-to-nearest (compressed-tensors'
 ``calculate_qparams``). Before reducing, a tensor is viewed as ``[observations, *scale_shape,
 elements]`` (llm-compressor's ``flatten_for_calibration``): ``weight`` ``[rows, cols]``,
-``input`` ``[tokens, features]`` (padding already removed), ``kv`` ``[batch, heads, seq,
+``input`` ``[tokens, features]`` (padding already removed; NVFP4's ``dynamic: local`` inputs
+observe the whole tensor, whose range gives their static global scale), ``kv`` ``[batch, heads, seq,
 head_dim]`` (post-RoPE keys or values, per ``tensor`` or per ``attn_head``).
 
 Observers implement ``llmc.statistics.Statistic`` (``tokens``, ``update``, ``merge``,
@@ -60,7 +61,8 @@ def _weight_view(W: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
 
 
 def _input_view(x: torch.Tensor, args: QuantizationArgs) -> torch.Tensor:
-    if args.strategy == "tensor":
+    # tensor_group (NVFP4): the observed range is the whole tensor's, for its global scale
+    if args.strategy in ("tensor", "tensor_group"):
         return x.reshape(-1, 1, x.shape[-1])  # [tokens, 1, features]
     raise ArgumentError(
         f"static input activations support strategy 'tensor' (got {args.strategy!r})",
@@ -229,7 +231,7 @@ def make_observer(args: QuantizationArgs, role: str, dtype: torch.dtype | None =
     """A new observer for ``args`` (its ``observer`` and ``observer_kwargs``) in ``role``."""
     if role not in ROLES:
         raise ArgumentError(f"'role' must be one of {', '.join(ROLES)} (got {role!r})", name="role")
-    if args.dynamic:
+    if args.dynamic and not (role == "input" and args.has_global_scale):
         raise ArgumentError("dynamic arguments have no observer: their scales are computed at run time", name="dynamic")
     return Observer(_observer_name(args, role), args, role, dtype, dict(args.observer_kwargs))
 

@@ -789,6 +789,10 @@ PRESET_SCHEMES: dict[str, QuantizationScheme] = {
         input_activations=_fp8_args("group", group_size=128, dynamic=True, observer=None),
     ),
     "NVFP4A16": QuantizationScheme(weights=_nvfp4_args()),
+    "NVFP4": QuantizationScheme(
+        weights=_nvfp4_args(),
+        input_activations=_nvfp4_args(dynamic=LOCAL, observer="static_minmax"),
+    ),
     "MXFP4A16": QuantizationScheme(weights=_mx_args(4)),
     "MXFP4": QuantizationScheme(weights=_mx_args(4), input_activations=_mx_args(4, **_MX_INPUTS)),
     "MXFP4XFP8": QuantizationScheme(
@@ -810,11 +814,6 @@ UNSUPPORTED_PRESETS: dict[str, str | None] = {
     "UNQUANTIZED": (
         "quantization scheme 'UNQUANTIZED' quantizes nothing; leave the modules out of "
         "targets or list them in ignore"
-    ),
-    "NVFP4": (
-        "quantization scheme 'NVFP4' is not supported yet: its static input_global_scale needs "
-        "activation observers run on calibration data, which are coming; use NVFP4A16 "
-        "(FP4 weights, inputs unquantized)"
     ),
 }
 
