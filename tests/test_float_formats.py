@@ -662,3 +662,18 @@ def test_float_quantization_is_idempotent_and_codes_are_recovered(case):
     assert torch.equal(weight_codes(linear).to(torch.float32), codes.to(torch.float32))  # -0 == +0 here
     again = fake_quantize(linear.weight, grid_scale, linear.weight_zero_point, scheme.weights)
     assert torch.equal(again, linear.weight)
+
+
+def test_float32_model_with_fp4_weights_evaluates(tmp_path: Path):
+    """compressed-tensors decompresses FP4/MX weights to bfloat16 whatever the model's dtype;
+    llmc's loader (``llmc eval``) then loads the float32 model in bfloat16 so it runs."""
+    from llmc import oneshot
+    from llmc.evaluate import load_model_for_eval
+
+    result = oneshot(model="llmc:tiny-llama", recipe="llmc:mxfp4a16", output_dir=str(tmp_path / "out"))
+    model, tokenizer = load_model_for_eval(str(result.output_dir), precision="float32")
+    assert model.dtype == torch.bfloat16
+    batch = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**batch, labels=batch["input_ids"]).loss
+    assert torch.isfinite(loss)

@@ -55,3 +55,17 @@ def test_summary_counts_each_module_once():
         {"modifier": "M", "module": "b", "weight_error": 0.2},
     ]
     assert summarize_rows(rows)["M"]["modules"] == 2
+
+
+def test_report_plot_collapses_experts_into_one_bar_per_projection():
+    from llmc.report import _experts_collapsed
+
+    rows = [
+        {"module": f"model.layers.0.mlp.experts.{e}.down_proj", "modifier": "GPTQModifier", "weight_error": 0.1 * (e + 1)}
+        for e in range(4)
+    ] + [{"module": "model.layers.0.self_attn.q_proj", "modifier": "GPTQModifier", "weight_error": 0.5}]
+    collapsed = _experts_collapsed(rows)
+    assert [row["module"] for row in collapsed] == [
+        "model.layers.0.mlp.experts.*.down_proj (mean of 4)", "model.layers.0.self_attn.q_proj",
+    ]
+    assert collapsed[0]["weight_error"] == pytest.approx(0.25)

@@ -8,13 +8,14 @@ grows. The device figure is torch's peak of allocated memory on the calibration 
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["MemoryPeak", "current_rss_bytes"]
+__all__ = ["MemoryPeak", "current_rss_bytes", "return_freed_memory"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -32,6 +33,30 @@ def _status_bytes(field: str) -> int | None:
 
 def current_rss_bytes() -> int | None:
     return _status_bytes("VmRSS")
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+_LIBC = _libc()
+
+
+def return_freed_memory() -> None:
+    """Give memory the process freed back to the system (glibc's ``malloc_trim``).
+
+    glibc serves tensors from its heap once its mmap threshold has grown past their size (it
+    grows to 32 MB after a large block is freed), and the small tensors a step keeps (packed
+    codes, scales) land in the holes the step's large temporaries leave, so the heap can only
+    grow: compressing the 1536 experts of an 8-layer MoE model peaked at 8-9 GB for 0.8 GB of
+    weights. Trimming after each layer and every few modules while saving releases the free
+    pages of the holes (and was faster: fewer fresh pages to fault in).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _max_rss_bytes() -> int:

@@ -267,6 +267,7 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
     _check_quantization_support(model, config)
     kwargs.update(_asymmetric_packed_workaround(config))
     dtype = "auto" if model_args.precision == "auto" else _DTYPES[model_args.precision]
+    dtype = _decompression_dtype(config, dtype)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
@@ -276,6 +277,33 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
         loaded.to(device)
     _mark_exclusive_parameters(loaded)
     return loaded
+
+
+# Formats compressed-tensors 0.20 decompresses to bfloat16 whatever the model's dtype.
+_BFLOAT16_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized")
+
+
+def _decompression_dtype(config: Any, dtype: Any) -> Any:
+    """bfloat16 for a checkpoint in a format compressed-tensors decompresses to bfloat16, when
+    the model would otherwise load in float32 (its first matmul would fail on mixed dtypes);
+    the weights' values are bfloat16-exact, only the activations lose precision."""
+    quantization = getattr(config, "quantization_config", None)
+    if not isinstance(quantization, dict):
+        quantization = getattr(quantization, "to_dict", lambda: {})()
+    formats = {quantization.get("format")} | {
+        group.get("format") for group in (quantization.get("config_groups") or {}).values()
+        if isinstance(group, dict)
+    }
+    if not formats & set(_BFLOAT16_FORMATS):
+        return dtype
+    wanted = dtype if dtype != "auto" else getattr(config, "dtype", None)
+    if wanted in (torch.float32, "float32", None):
+        logger.info(
+            "the checkpoint's %s weights decompress to bfloat16 in compressed-tensors: loading "
+            "the model in bfloat16", ", ".join(sorted(f for f in formats if f in _BFLOAT16_FORMATS))
+        )
+        return torch.bfloat16
+    return dtype
 
 
 def local_model_folder(model_args: ModelArguments) -> Path | None:

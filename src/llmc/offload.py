@@ -23,7 +23,6 @@ The pipeline talks to a ``LayerPlacement`` only: ``prepare`` before the first fo
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -255,7 +254,6 @@ class DiskStreaming(LayerPlacement):
         self.journal.layer_done(index, name, tensors, _plain_inputs(next_inputs), rows, stats, records)
         pause_point(f"after-layer-{index}")
         self.weights.release_(block)
-        return_freed_memory()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -311,20 +309,6 @@ def restore_module_records_(block: nn.Module, records: dict[str, Any]) -> None:
         if "mask" in record:
             pruned, structure = record["mask"]
             restore_mask_summary_(module, MaskSummary(pruned, tuple(structure) if structure else None))
-
-
-def return_freed_memory() -> None:
-    """Give the memory of a released layer back to the system.
-
-    glibc serves large tensors from its heap once its mmap threshold has grown past their size,
-    and keeps freed heap memory; without a trim, each released layer leaves its pages in the
-    process and the resident size climbs layer by layer as if nothing were released.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.malloc_trim(0)
 
 
 def check_free_disk(work_dir: Path, needed: int) -> None:

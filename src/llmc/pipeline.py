@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from llmc import hookspecs
 from llmc.context import RunContext
 from llmc.errors import CalibrationError, PluginError
-from llmc.memory import MemoryPeak
+from llmc.memory import MemoryPeak, return_freed_memory
 from llmc.moe import experts_calibration, record_routed_tokens
 from llmc.offload import LayerPlacement
 from llmc.plugins import check_hooks, trace_hook_calls, validation_text
@@ -286,6 +286,7 @@ class LayerwisePipeline:
                 self.timings[name] = time.perf_counter() - started
                 layer = {"layer": name, "seconds": round(self.timings[name], 3), **memory.stop()}
                 placement.done(index, name, block, inputs, self.context.report[first_row:], layer)
+                return_freed_memory()  # the layer's temporaries (llmc.memory explains why)
                 self.layer_stats.append(layer)
                 progress.set_postfix_str(_progress_text(layer))
                 logger.debug("%s done in %.2f s", name, self.timings[name])

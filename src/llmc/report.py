@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -130,10 +131,37 @@ def plot_expert_tokens(rows: list[dict[str, Any]], title: str) -> bytes | None:
     return buffer.getvalue()
 
 
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def _experts_collapsed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per MoE projection and layer (``...experts.*.down_proj``), each metric the mean
+    over the experts: hundreds of experts per layer would make a chart thousands of bars tall
+    (the JSON keeps every expert's row)."""
+    merged: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (_EXPERT_INDEX.sub(".experts.*.", row["module"]), row.get("modifier"))
+        merged.setdefault(key, []).append(row)
+    collapsed = []
+    for (module, modifier), group in merged.items():
+        if len(group) == 1:
+            collapsed.append(group[0])
+            continue
+        row = {"module": f"{module} (mean of {len(group)})", "modifier": modifier}
+        for key in (*(k for k, _ in PLOTTED_METRICS), "target_sparsity"):
+            values = [r[key] for r in group if _number(r.get(key))]
+            if values:
+                row[key] = sum(values) / len(values)
+        collapsed.append(row)
+    return collapsed
+
+
 def plot_report(rows: list[dict[str, Any]], title: str) -> bytes | None:
     """A PNG with one bar chart per metric the rows carry (weight error, GPTQ's output error,
-    sparsity reached against its target), every compressed module in model order."""
+    sparsity reached against its target), every compressed module in model order (MoE experts
+    as one bar per projection and layer)."""
     rows = [row for row in rows if any(_number(row.get(key)) for key, _ in PLOTTED_METRICS)]
+    rows = _experts_collapsed(rows)
     if not rows:
         return None
     try:

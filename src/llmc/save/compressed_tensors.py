@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmc.errors import SaveError
+from llmc.memory import return_freed_memory
 from llmc.quantization.kv_cache import cached_attention_modules, kv_cache_args
 from llmc.quantization.module import quantized_linears
 from llmc.quantization.scheme import QuantizationScheme
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 QUANT_METHOD = "compressed-tensors"
+# Modules packed between two returns of freed memory to the system.
+_TRIM_EVERY = 32
 # Version of the format written; compressed-tensors reads it for information only.
 FORMAT_VERSION = "0.20.0"
 
@@ -351,7 +354,9 @@ def compressed_state_dict(
                 f"leave {owner} unquantized (e.g. ignore it) or untie the weights first"
             )
     compressed_keys = set()
-    for name, module in quantized.items():
+    for count, (name, module) in enumerate(quantized.items(), 1):
+        if count % _TRIM_EVERY == 0:
+            return_freed_memory()  # packing temporaries (llmc.memory explains why)
         _check_input_global_scale(name, module)
         for local in (
             "weight", "weight_scale", "weight_zero_point", "weight_global_scale", "input_scale",
