@@ -96,25 +96,26 @@ __all__ = [
 ]
 
 
-def make_wide_llama(
-    path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL
+def _make_random_model(
+    path: str | os.PathLike[str], spec: dict[str, Any], architecture: str, dtype: str,
+    tokenizer_dir: str | os.PathLike[str],
 ) -> Path:
-    """A random LlamaForCausalLM (hidden 2048, 4 layers, GQA 16/4 heads), fp32, seed 0.
-
-    Saved with the embedded tokenizer so both tools load it by path. Built once: a folder that
-    already holds a model of the same spec is reused. Random weights: only time and memory
-    measured on it mean anything.
-    """
+    """A random-initialised ``architecture`` (a transformers class name ``...ForCausalLM``) of
+    ``spec``, seeded by ``spec["seed"]``, saved in ``dtype`` with the embedded tokenizer so both
+    tools load it by path. Built once: a folder that already holds a model of the same spec is
+    reused."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoTokenizer
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    spec = {**WIDE_LLAMA_SPEC, "vocab_size": len(tokenizer)}
+    spec = {**spec, "vocab_size": len(tokenizer)}
     spec_file = path / _SPEC_FILE
     if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
         return path
-    config = LlamaConfig(
+    model_class = getattr(transformers, architecture)
+    config = model_class.config_class(
         **{key: value for key, value in spec.items() if key != "seed"},
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -122,7 +123,7 @@ def make_wide_llama(
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec["seed"])
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model = model_class(config).to(getattr(torch, dtype)).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     model.save_pretrained(staging)
@@ -132,40 +133,22 @@ def make_wide_llama(
         shutil.rmtree(path)
     staging.rename(path)
     return path
+
+
+def make_wide_llama(
+    path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL
+) -> Path:
+    """A random LlamaForCausalLM (hidden 2048, 4 layers, GQA 16/4 heads), fp32, seed 0.
+    Random weights: only time and memory measured on it mean anything."""
+    return _make_random_model(path, WIDE_LLAMA_SPEC, "LlamaForCausalLM", "float32", tokenizer_dir)
 
 
 def make_qwen3_moe(
     path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL
 ) -> Path:
-    """A random Qwen3MoeForCausalLM of ``QWEN3_MOE_SPEC``, bf16, seed 0, saved with the embedded
-    tokenizer (transformers writes the experts under per-expert names). Built once."""
-    import torch
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    spec = {**QWEN3_MOE_SPEC, "vocab_size": len(tokenizer)}
-    spec_file = path / _SPEC_FILE
-    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-        return path
-    config = Qwen3MoeConfig(
-        **{key: value for key, value in spec.items() if key != "seed"},
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(spec["seed"])
-    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / _SPEC_FILE).write_text(json.dumps(spec, indent=1))
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
-    return path
+    """A random Qwen3MoeForCausalLM of ``QWEN3_MOE_SPEC``, bf16, seed 0 (transformers writes the
+    experts under per-expert names)."""
+    return _make_random_model(path, QWEN3_MOE_SPEC, "Qwen3MoeForCausalLM", "bfloat16", tokenizer_dir)
 
 
 def make_llama8b_layers(
