@@ -83,7 +83,7 @@ def test_gptq_every_problem_reported_at_once(registry):
         ("scheme: W4A16, dampening_frac: 2", r"'dampening_frac' must be a number between 0 and 1, e.g. 0.01 \(got 2.0\)"),
         ("scheme: W4A16, actorder: sometimes", r"'actorder' must be one of null, 'weight', 'static' \(got 'sometimes'\)"),
         ("scheme: W5A61", r"unknown quantization scheme 'W5A61'; did you mean "),
-        ("scheme: NVFP4", r"quantization scheme 'NVFP4' is not supported yet"),
+        ("scheme: UNQUANTIZED", r"quantization scheme 'UNQUANTIZED' quantizes nothing"),
         ("block_size: 64", r"give exactly one of 'scheme' and 'config_groups'"),
     ],
 )
