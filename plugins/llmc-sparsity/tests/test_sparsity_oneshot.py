@@ -296,3 +296,44 @@ def test_sparsity_true_sequential_recalibrates_later_groups_on_pruned_outputs(to
         assert same == first_group, name  # layer 0's q/k/v see the same inputs either way
         kept = sparsity_mask(sequential.get_submodule(name))
         assert torch.all(kept.reshape(kept.shape[0], -1, 4).sum(-1) == 2)
+
+
+@pytest.mark.parametrize(
+    ("quantizer", "scheme", "fmt"),
+    [
+        ("GPTQModifier", "NVFP4A16", "nvfp4-pack-quantized"),
+        ("GPTQModifier", "FP8_BLOCK", "float-quantized"),
+        ("QuantizationModifier", "MXFP4A16", "mxfp4-pack-quantized"),
+    ],
+)
+def test_sparsity_zeros_survive_float_schemes(model_dir, text_file, tmp_path, quantizer, scheme, fmt):
+    """2:4 then an FP4/FP8 scheme (GPTQ or RTN): every grid holds an exact zero, so the pruned
+    weights stay zero in memory and in the checkpoint's codes (FP4 unpacked by
+    compressed-tensors' own unpacking, FP8 codes as stored)."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from safetensors.torch import load_file
+
+    if quantizer not in load_registry().modifiers:
+        pytest.skip(f"{quantizer} is not installed")
+    recipe = (
+        "sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier: {mask_structure: '2:4'}\n"
+        f"    {quantizer}: {{scheme: {scheme}, targets: [Linear], ignore: [lm_head]}}\n"
+    )
+    result = _prune(model_dir, text_file, recipe, output_dir=str(tmp_path / "out"))
+    tensors = load_file(str(result.output_dir / "model.safetensors"))
+    checked = 0
+    for name, module in result.model.named_modules():
+        kept = sparsity_mask(module)
+        if kept is None:
+            continue
+        assert torch.all(module.weight.detach()[~kept] == 0), f"{name}: pruned weights refilled"
+        packed = tensors.get(f"{name}.weight_packed")
+        if packed is not None:
+            codes = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2)
+        else:
+            codes = tensors[f"{name}.weight"].float()
+        assert torch.all(codes[~kept] == 0), f"{name}: pruned weights non-zero in the checkpoint"
+        checked += 1
+    assert checked == 2 * LINEARS_PER_LAYER
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["quantization_config"]["format"] == fmt
