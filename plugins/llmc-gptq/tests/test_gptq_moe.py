@@ -13,6 +13,7 @@ import transformers
 from safetensors import safe_open
 
 from llmc import oneshot
+from llmc.targets import is_router
 from llmc.testing import build_moe_lm, never_route_to, sample_logits, save_tiny_model
 
 pytest.importorskip("compressed_tensors")
@@ -40,7 +41,7 @@ def _expert_rows(report: dict) -> dict[tuple[str, int], list[dict]]:
     return rows
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"])
 def test_gptq_calibrates_every_expert_and_the_checkpoint_loads_with_the_same_logits(
     kind, tmp_path, tokenizer, text_file
 ):
@@ -50,16 +51,22 @@ def test_gptq_calibrates_every_expert_and_the_checkpoint_loads_with_the_same_log
         batch_size=4, output_dir=str(tmp_path / "out"),
     )
     rows = _expert_rows(result.report)
-    assert len(rows) == 2 * EXPERTS and all(len(module_rows) == 3 for module_rows in rows.values())
+    moe_layers = 1 if kind == "deepseek_v3" else 2  # DeepSeek-V3's first layer is dense
+    assert len(rows) == moe_layers * EXPERTS and all(len(module_rows) == 3 for module_rows in rows.values())
     routed = defaultdict(int)
     tokens = defaultdict(set)
     for (block, _), module_rows in rows.items():
         assert all(row["tokens"] > 0 and "method" not in row for row in module_rows)  # a Hessian each
         tokens[block] |= {row["tokens"] for row in module_rows}
         routed[block] += module_rows[0]["routed_tokens"]
-    attention = {row["module"]: row["tokens"] for row in result.report["modules"] if "q_proj" in row["module"]}
+    # real tokens per layer, from its attention's first projection (q_proj, or MLA's q_a_proj)
+    attention = {}
+    for row in result.report["modules"]:
+        layer, found, _ = row["module"].partition(".self_attn.")
+        if found:
+            attention.setdefault(layer, row["tokens"])
     for block in routed:  # model.layers.N.mlp
-        real = attention[f"{block.rpartition('.')[0]}.self_attn.q_proj"]
+        real = attention[block.rpartition(".")[0]]
         assert tokens[block] == {real}  # each expert saw every real token (padding left out) ...
         assert routed[block] == 2 * real  # ... and two experts were routed each
     # the report's per-expert table and its heatmap agree with the rows
@@ -75,9 +82,9 @@ def test_gptq_calibrates_every_expert_and_the_checkpoint_loads_with_the_same_log
             math.prod(checkpoint.get_tensor(key).tolist()) for key in checkpoint.keys() if key.endswith("weight_shape")
         )
     assert all(torch.isfinite(scale).all() for scale in scales)
-    expected = sum(
+    expected = sum(  # every decoder Linear but the routers (Qwen2-MoE's shared_expert_gate)
         module.weight.numel() for name, module in result.model.model.layers.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if isinstance(module, torch.nn.Linear) and not is_router(module)
     )
     assert quantized == expected  # every decoder Linear, experts included
     loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
