@@ -500,3 +500,16 @@ def test_kv_quantization_is_used_and_matches_compressed_tensors(kv_run):
     keys = torch.randn(2, 2, 7, 32) * 3
     expected = forward_quantize(holder, keys, "k", _ct_args(args))
     assert torch.equal(static_activation_fake_quantize(keys, holder.k_scale, None, args), expected)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="compressed-tensors 0.20.1 finds cached attention by a 'past_key_values' parameter that "
+    "transformers 5.24 renamed 'cache', so transformers loads k_scale/v_scale as unexpected keys "
+    "and does not quantize the KV cache (vLLM reads them); when this passes, the upstream gap "
+    "is closed",
+)
+def test_kv_checkpoint_loads_in_transformers_with_the_in_memory_logits(kv_run):
+    loaded = AutoModelForCausalLM.from_pretrained(kv_run.output_dir)
+    ours = sample_logits(kv_run.model, kv_run.tokenizer)
+    torch.testing.assert_close(sample_logits(loaded, kv_run.tokenizer), ours, rtol=1e-5, atol=1e-5)
