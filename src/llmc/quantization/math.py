@@ -412,9 +412,11 @@ def recover_codes(
 
     ``quantize`` in bfloat16 does not invert ``dequantize`` at the ends of the int8 range: the
     product ``127 * scale`` is rounded to 8 significant bits and dividing it back can land on
-    126.5, which rounds to 126. Dividing in float64 leaves an error below 0.25 of a code for
-    every dtype with at least 8 significant bits, so rounding recovers ``q`` exactly. Off-grid
-    inputs (a solver's float32 result) are rounded to the nearest code.
+    126.5, which rounds to 126. Dividing in float32 leaves only the product's own rounding
+    (at most 2^-8 of the value for 8 significant bits: under half a code up to |q| = 127, the
+    range of every grid llmc writes), so rounding recovers ``q`` exactly; float64 would add
+    nothing but memory traffic. Off-grid inputs (a solver's float32 result) are rounded to the
+    nearest code.
 
     FP8 codes keep the sign of zero: the reference turns a small negative weight into the code
     -0 (``0x80``), whose dequantized value is -0.0; adding the (zero) zero point here would
@@ -423,8 +425,9 @@ def recover_codes(
     grid = grid_of(args)
     if grid.is_float:
         zero_point = None
-    zero_point = zero_point.to(torch.float64) if zero_point is not None else None
-    codes = quantize(W_hat.to(torch.float64), scale.to(torch.float64), zero_point, args)
+    wide = torch.float64 if W_hat.dtype == torch.float64 else torch.float32
+    zero_point = zero_point.to(wide) if zero_point is not None else None
+    codes = quantize(W_hat.to(wide), scale.to(wide), zero_point, args)
     if grid.negative_zero_input_to_positive:
         # FP4 rounding makes an input of exactly -0.0 +0; a -0.0 weight came from a small
         # negative value, whose code is -0 (sign bit set in the packed nibble).

@@ -39,9 +39,9 @@ from llmc.quantization.math import (
     dequantize,
     dynamic_activation_fake_quantize,
     effective_scale,
-    fake_quantize,
     global_scale_from_range,
     qparam_shape,
+    quantize,
     recover_codes,
     static_activation_fake_quantize,
 )
@@ -280,6 +280,19 @@ def set_quantized_weight_(
     weight = weight_fake_quantized.detach().to(device=module.weight.device)
     grid_scale = effective_scale(scale, global_scale)
     codes = recover_codes(weight, grid_scale, zero_point, scheme.weights)
+    _install(module, scheme, codes, scale, zero_point, global_scale)
+
+
+def _install(
+    module: nn.Linear,
+    scheme: QuantizationScheme,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    global_scale: torch.Tensor | None,
+) -> None:
+    """The weight ``dequantize(codes)`` and its buffers, from checked parameters."""
+    grid_scale = effective_scale(scale, global_scale)
     on_grid = dequantize(codes, grid_scale, zero_point, scheme.weights, module.weight.dtype)
     if getattr(module.weight, EXCLUSIVE, False) and on_grid.device == module.weight.device:
         module.weight.data.copy_(on_grid)  # into a loaded checkpoint's pages (llmc.models)
@@ -332,15 +345,9 @@ def quantize_linear_(
     # keeps an exact -0.0 weight's code -0 on FP6 (the FP4 rounding makes it +0 either way).
     grid = grid_of(scheme.weights)
     rounding_zero_point = None if grid.is_float and grid.cast_dtype is None else zero_point
-    rounded = fake_quantize(weight, effective_scale(scale, global_scale), rounding_zero_point, scheme.weights)
-    set_quantized_weight_(
-        module,
-        scheme,
-        weight_fake_quantized=rounded,
-        scale=scale,
-        zero_point=zero_point,
-        global_scale=global_scale,
-    )
+    # the codes of this rounding are the installed weight's: no need to recover them
+    codes = quantize(weight, effective_scale(scale, global_scale), rounding_zero_point, scheme.weights)
+    _install(module, scheme, codes, scale, zero_point, global_scale)
 
 
 def is_quantized(module: nn.Module) -> bool:
