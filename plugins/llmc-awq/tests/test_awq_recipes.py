@@ -170,3 +170,13 @@ def test_shipped_recipes_load_and_validate(name):
     from llmc.entrypoints.stages import ONESHOT, check_stage_kinds
 
     assert check_stage_kinds(recipe, ONESHOT) == ["oneshot"]
+
+
+def test_awq_with_nvfp4_shares_one_global_scale_per_fused_matrix(model_dir, text_file):
+    """q/k/v and gate/up are one matrix in vLLM, whose NVFP4 kernel takes one global scale."""
+    recipe = "quant_stage:\n  quant_modifiers:\n    AWQModifier: {scheme: NVFP4A16, ignore: [lm_head], n_grid: 4}\n"
+    result = oneshot(model=str(model_dir), recipe=recipe, dataset=str(text_file), num_calibration_samples=4)
+    layer = result.model.model.layers[0]
+    q, k, v = (getattr(layer.self_attn, f"{p}_proj").weight_global_scale for p in "qkv")
+    gate, up = layer.mlp.gate_proj.weight_global_scale, layer.mlp.up_proj.weight_global_scale
+    assert torch.equal(q, k) and torch.equal(q, v) and torch.equal(gate, up)

@@ -24,9 +24,9 @@ from llmc.quantization import (
     preset_scheme,
     quantize_linear_,
     schemes_from_config_groups,
-    shared_global_scales,
     start_qat_,
     stop_qat_,
+    take_global_scale,
 )
 from llmc.quantization.module import has_static_inputs
 from llmc.quantization.scheme import kv_cache_args_from_config_dict
@@ -231,7 +231,7 @@ class QuantizationRun(RunState):
     config: QuantizationModifier
     schemes: list[QuantizationScheme]
     pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
-    # NVFP4 global scales of modules whose fused sibling (q/k/v, gate/up) was quantized first.
+    # NVFP4 global scales of modules whose fused sibling (q/k/v, gate/up) was quantized first
     global_scales: dict[str, torch.Tensor] = attrs.field(factory=dict)
     activations: ActivationCalibration = attrs.field(factory=lambda: ActivationCalibration("QuantizationModifier"))
 
@@ -271,19 +271,13 @@ class QuantizationRun(RunState):
             stop_qat_(module)
 
     def _quantize(self, context: RunContext, name: str) -> None:
-        if scheme_has_global_scale(self.pending[name][1]) and name not in self.global_scales:
-            self.global_scales.update(shared_global_scales(self.pending, [name]))
+        global_scale = take_global_scale(self.global_scales, self.pending, name)
         module, scheme = self.pending.pop(name)
         stop_qat_(module)
         round_to_nearest_and_record(
             context, "QuantizationModifier", name, module, scheme,
-            global_scale=self.global_scales.pop(name, None), activations=self.activations,
+            global_scale=global_scale, activations=self.activations,
         )
-
-
-def scheme_has_global_scale(scheme: QuantizationScheme) -> bool:
-    """Whether the scheme's weights carry an NVFP4 global scale (shared by fused siblings)."""
-    return scheme.weights is not None and scheme.weights.has_global_scale
 
 
 def round_to_nearest_and_record(
@@ -299,7 +293,7 @@ def round_to_nearest_and_record(
     """Quantize ``module`` by round-to-nearest and add its report row (scheme, weight error,
     and its observed input scale when ``activations`` calibrated one): the last step of every
     modifier whose quantization is plain rounding. ``global_scale`` is NVFP4's, shared with the
-    module's fused siblings (``shared_global_scales``)."""
+    module's fused siblings (``take_global_scale``)."""
     original = module.weight.detach().clone()
     quantize_linear_(module, scheme, global_scale=global_scale)
     extra = activations.install_input_scale(name, module, scheme) if activations is not None else {}

@@ -4,7 +4,7 @@ the grids and the exact round-to-nearest math, observers, int32 and FP4 packing,
 representation of a quantized Linear that algorithms and the saver share, and the
 straight-through forward of quantization-aware training."""
 
-from llmc.quantization.fused import FUSED_SIBLINGS, shared_global_scales
+from llmc.quantization.fused import FUSED_SIBLINGS, shared_global_scales, take_global_scale
 from llmc.quantization.grids import FP4_E2M1, FP6_E2M3, FP8_E4M3, Grid, grid_of
 from llmc.quantization.math import (
     compute_qparams,
@@ -89,6 +89,7 @@ __all__ = [
     "set_input_qparams_",
     "set_quantized_weight_",
     "shared_global_scales",
+    "take_global_scale",
     "start_qat_",
     "static_activation_fake_quantize",
     "stop_qat_",

@@ -16,7 +16,7 @@ from torch import nn
 from llmc.quantization.math import global_scale_from_range
 from llmc.quantization.scheme import QuantizationScheme
 
-__all__ = ["FUSED_SIBLINGS", "shared_global_scales"]
+__all__ = ["FUSED_SIBLINGS", "shared_global_scales", "take_global_scale"]
 
 # Child names of one parent module that vLLM fuses.
 FUSED_SIBLINGS = (
@@ -59,3 +59,21 @@ def shared_global_scales(
         scale = global_scale_from_range(-absmax.reshape(1), absmax.reshape(1))
         scales.update(dict.fromkeys(members, scale))
     return scales
+
+
+def take_global_scale(
+    cache: dict[str, torch.Tensor],
+    plan: dict[str, tuple[nn.Linear, QuantizationScheme]],
+    name: str,
+) -> torch.Tensor | None:
+    """The NVFP4 global scale to quantize ``name`` under, None for schemes without one.
+
+    Computed for ``name`` and its fused siblings together the first time one of them asks
+    (call it while ``name`` is still in ``plan``: its siblings then are too, unquantized), kept
+    in ``cache`` (the modifier run's) and handed out once to each.
+    """
+    if not plan[name][1].weights.has_global_scale:
+        return None
+    if name not in cache:
+        cache.update(shared_global_scales(plan, [name]))
+    return cache.pop(name)

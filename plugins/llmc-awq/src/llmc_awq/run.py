@@ -35,7 +35,7 @@ from llmc.modifiers.quantization import (
     round_to_nearest_and_record,
 )
 from llmc.pipeline import StopLayerForward
-from llmc.quantization import QuantizationScheme
+from llmc.quantization import QuantizationScheme, take_global_scale
 from llmc.statistics import Statistic
 from llmc.targets import is_match
 from llmc_awq.capture import AbsMax, MeanAbs, ParentSample
@@ -170,6 +170,8 @@ class AWQRun(SmoothingRun):
     targets: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
     pending: dict[str, tuple[torch.nn.Linear, QuantizationScheme]] = attrs.field(factory=dict)
     activations: ActivationCalibration = attrs.field(factory=lambda: ActivationCalibration("AWQModifier"))
+    # NVFP4 global scales shared by fused siblings (llmc.quantization.take_global_scale)
+    global_scales: dict[str, torch.Tensor] = attrs.field(factory=dict)
 
     def llmc_initialize(self, context: RunContext) -> None:
         if self.config.mappings is not None:
@@ -255,8 +257,12 @@ class AWQRun(SmoothingRun):
         )
 
     def _quantize(self, context: RunContext, name: str) -> None:
+        global_scale = take_global_scale(self.global_scales, self.pending, name)
         module, scheme = self.pending.pop(name)
-        round_to_nearest_and_record(context, "AWQModifier", name, module, scheme, activations=self.activations)
+        round_to_nearest_and_record(
+            context, "AWQModifier", name, module, scheme,
+            global_scale=global_scale, activations=self.activations,
+        )
 
 
 @attrs.define

@@ -35,7 +35,7 @@ from llmc.quantization import (
     QuantizationScheme,
     quantize_linear_,
     set_quantized_weight_,
-    shared_global_scales,
+    take_global_scale,
 )
 from llmc.report import relative_error
 from llmc.statistics import InputGroup, LayerCalibration
@@ -97,9 +97,9 @@ class GPTQRun(RunState):
 
     def llmc_layer_start(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> bool:
         prefix = f"{layer_name}."
-        modules = {n: m for n, (m, _) in self.pending.items() if n.startswith(prefix)}
         in_layer = {n: pair for n, pair in self.pending.items() if n.startswith(prefix)}
         wants_activations = self.activations.start(context, layer_name, layer, in_layer)
+        modules = {n: module for n, (module, _) in in_layer.items()}
         return self.calibration.start(context, layer_name, layer, modules) or wants_activations
 
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
@@ -109,10 +109,10 @@ class GPTQRun(RunState):
     def llmc_finalize(self, context: RunContext) -> None:
         # Targets outside the calibrated blocks (a targeted lm_head) see no calibration data.
         for name in list(self.pending):
-            self._share_global_scale(name)
+            global_scale = take_global_scale(self.global_scales, self.pending, name)
             module, scheme = self.pending.pop(name)
             logger.warning("%s lies outside the calibrated layers: quantized by round-to-nearest", name)
-            self._round_to_nearest(context, name, module, scheme)
+            self._round_to_nearest(context, name, module, scheme, global_scale)
 
     # --- helpers ---
 
@@ -124,12 +124,12 @@ class GPTQRun(RunState):
             for name in group.names:
                 if name not in self.pending:
                     continue
-                self._share_global_scale(name)
+                global_scale = take_global_scale(self.global_scales, self.pending, name)
                 module, scheme = self.pending.pop(name)
                 energy = group.outputs.get(name)
                 if H is None:
                     logger.warning("%s received no calibration tokens: quantized by round-to-nearest", name)
-                    self._round_to_nearest(context, name, module, scheme)
+                    self._round_to_nearest(context, name, module, scheme, global_scale)
                     continue
                 actorder = scheme.weights.actorder is not None
                 seconds = 0.0
@@ -143,7 +143,10 @@ class GPTQRun(RunState):
                     reference = energy.finalize()
                 else:  # narrow input: trace(W H Wᵀ) as one small product
                     reference = reference_energy(module.weight.detach(), H, kept=sparsity_mask(module))
-                self._solve(context, name, module, scheme, prepared[actorder], accumulator.tokens, reference, seconds)
+                self._solve(
+                    context, name, module, scheme, prepared[actorder], accumulator.tokens, reference,
+                    seconds, global_scale,
+                )
 
     def _solve(
         self,
@@ -155,6 +158,7 @@ class GPTQRun(RunState):
         tokens: int,
         energy: float | None,
         hessian_seconds: float,
+        global_scale: torch.Tensor | None,
     ) -> None:
         weights = scheme.weights
         original = module.weight.detach().clone()
@@ -162,7 +166,7 @@ class GPTQRun(RunState):
             module.weight.detach(),
             prepared,
             args=weights,
-            global_scale=self.global_scales.pop(name, None),
+            global_scale=global_scale,
             block_size=self.config.block_size,
             kept=sparsity_mask(module),
             lazy_group_params=self.lazy_group_params,
@@ -189,17 +193,17 @@ class GPTQRun(RunState):
             **inputs,
         )
 
-    def _share_global_scale(self, name: str) -> None:
-        scheme = self.pending[name][1]
-        if scheme.weights.has_global_scale and name not in self.global_scales:
-            self.global_scales.update(shared_global_scales(self.pending, [name]))
-
     def _round_to_nearest(
-        self, context: RunContext, name: str, module: torch.nn.Linear, scheme: QuantizationScheme
+        self,
+        context: RunContext,
+        name: str,
+        module: torch.nn.Linear,
+        scheme: QuantizationScheme,
+        global_scale: torch.Tensor | None,
     ) -> None:
         started = time.perf_counter()
         original = module.weight.detach().clone()
-        quantize_linear_(module, scheme, global_scale=self.global_scales.pop(name, None))
+        quantize_linear_(module, scheme, global_scale=global_scale)
         inputs = self.activations.install_input_scale(name, module, scheme)
         context.record(
             modifier="GPTQModifier",
