@@ -514,26 +514,27 @@ def test_scheme_from_config_dict_reads_compressed_tensors_fp8_dynamic_group():
     assert scheme.input_activations == attrs.evolve(expected_inputs, observer="minmax")
 
 
-def test_scheme_int_inputs_of_unsupported_width_raise():
-    with pytest.raises(
-        ArgumentError,
-        match=r"^integer input activations take num_bits 4 or 8 \(got 3\); runtimes have no "
-        r"3-bit activation kernels$",
-    ):
+@pytest.mark.parametrize(
+    ("weights", "inputs", "message"),
+    [
+        (
+            dict(num_bits=4, strategy="group", group_size=128),
+            dict(num_bits=3, strategy="token", dynamic=True),
+            r"^integer input activations take num_bits 4 or 8 \(got 3\); runtimes have no "
+            r"3-bit activation kernels$",
+        ),
+        (
+            dict(num_bits=8, type="float", strategy="channel"),
+            dict(num_bits=8, strategy="token", dynamic=True),
+            r"^float weights with int input activations have no compressed-tensors format; ",
+        ),
+    ],
+    ids=["int-inputs-width", "fp8-weights-int-inputs"],
+)
+def test_scheme_input_activations_without_a_format_raise(weights, inputs, message):
+    with pytest.raises(ArgumentError, match=message):
         QuantizationScheme(
-            weights=QuantizationArgs(num_bits=4, strategy="group", group_size=128),
-            input_activations=QuantizationArgs(num_bits=3, strategy="token", dynamic=True),
-        )
-
-
-def test_scheme_fp8_weights_with_int_inputs_raise():
-    with pytest.raises(
-        ArgumentError,
-        match=r"^float weights with int input activations have no compressed-tensors format; ",
-    ):
-        QuantizationScheme(
-            weights=QuantizationArgs(num_bits=8, type="float", strategy="channel"),
-            input_activations=QuantizationArgs(num_bits=8, strategy="token", dynamic=True),
+            weights=QuantizationArgs(**weights), input_activations=QuantizationArgs(**inputs)
         )
 
 

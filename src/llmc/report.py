@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "expert_summary",
     "expert_tokens",
     "plot_expert_tokens",
     "plot_report",
@@ -99,6 +100,19 @@ def expert_tokens(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
     return {
         block: [per_expert.get(e, 0) for e in range(max(per_expert) + 1)]
         for block, per_expert in found.items()
+    }
+
+
+def expert_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's MoE entries: ``routed_tokens`` per block and the experts the router never
+    chose (``experts_without_routed_tokens``); empty for a model without experts."""
+    per_block = expert_tokens(rows)
+    if not per_block:
+        return {}
+    starved = {block: [e for e, n in enumerate(tokens) if n == 0] for block, tokens in per_block.items()}
+    return {
+        "routed_tokens": per_block,
+        "experts_without_routed_tokens": {block: ids for block, ids in starved.items() if ids},
     }
 
 

@@ -24,7 +24,7 @@ from llmc.offload import LayerPlacement
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import Registry
 from llmc.recipe import Recipe, RecipeStage, recipe_to_yaml
-from llmc.report import expert_tokens, plot_expert_tokens, plot_report, report_json, summarize_rows
+from llmc.report import expert_summary, plot_expert_tokens, plot_report, report_json, summarize_rows
 from llmc.save import plugin_config_entries, save_checkpoint
 
 __all__ = ["check_stage_kinds", "run_oneshot_stage", "stage_kind", "write_results"]
@@ -104,18 +104,6 @@ def run_oneshot_stage(
     return [{"stage": stage.name, **layer} for layer in pipeline.layer_stats]
 
 
-def _expert_summary(rows: list[dict]) -> dict:
-    """``routed_tokens`` per MoE block and the experts the router never chose, for the report."""
-    per_block = expert_tokens(rows)
-    if not per_block:
-        return {}
-    starved = {block: [e for e, n in enumerate(tokens) if n == 0] for block, tokens in per_block.items()}
-    return {
-        "routed_tokens": per_block,
-        "experts_without_routed_tokens": {block: ids for block, ids in starved.items() if ids},
-    }
-
-
 def write_results(
     *,
     model: torch.nn.Module,
@@ -138,7 +126,7 @@ def write_results(
         **extra,
         "seconds": round(time.perf_counter() - started, 2),
         "summary": summarize_rows(context.report),
-        **_expert_summary(context.report),
+        **expert_summary(context.report),
         **({"checkpoint_config": config_entries} if config_entries else {}),
         "modules": context.report,
     }

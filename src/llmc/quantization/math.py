@@ -48,6 +48,7 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "dynamic_activation_fake_quantize",
+    "e8m0_from_float",
     "effective_scale",
     "fake_quantize",
     "global_scale_from_range",
@@ -125,6 +126,12 @@ def mx_exponents(max_abs: torch.Tensor, num_bits: int) -> torch.Tensor:
 def _e8m0_to_float(biased: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``2^(E - 127)`` in ``dtype`` (via float32, as the reference computes it)."""
     return torch.exp2((biased.to(torch.int32) - _E8M0_BIAS).to(torch.float32)).to(dtype)
+
+
+def e8m0_from_float(scale: torch.Tensor) -> torch.Tensor:
+    """The uint8 E8M0 byte ``127 + log2(scale)`` of power-of-two scales (as MX checkpoints
+    store them; the inverse of the float scales llmc keeps in memory)."""
+    return (_E8M0_BIAS + torch.floor(torch.log2(scale.to(torch.float32))).to(torch.int32)).to(torch.uint8)
 
 
 def global_scale_from_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

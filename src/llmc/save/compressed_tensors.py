@@ -142,8 +142,18 @@ def _kv_cache_scheme(model: nn.Module) -> dict[str, Any] | None:
 
 def _input_tensors(name: str, module: nn.Linear, *, save_compressed: bool) -> dict[str, torch.Tensor]:
     """A static input scale, and its zero point where the loader reads one: asymmetric, or a
-    ``dense`` (frozen) checkpoint, for which compressed-tensors creates every zero point."""
+    ``dense`` (frozen) checkpoint, for which compressed-tensors creates every zero point.
+
+    NVFP4's inputs are scaled at run time under a static ``input_global_scale`` (a buffer the
+    state dict keeps); without it the loader would run with an uninitialized one, so such a
+    module is refused."""
     inputs = module.quantization_scheme.input_activations
+    if inputs is not None and inputs.has_global_scale and not hasattr(module, "input_global_scale"):
+        raise SaveError(
+            f"{name} has NVFP4 input activations (strategy 'tensor_group') but no "
+            f"input_global_scale; it comes from calibration data (activation observers), or use "
+            f"NVFP4A16"
+        )
     if inputs is None or inputs.dynamic:
         return {}
     if getattr(module, "input_scale", None) is None:
@@ -162,18 +172,6 @@ def _module_tensors(module: nn.Linear, *, save_compressed: bool) -> dict[str, to
     """The checkpoint tensors of one quantized Linear, by local name, from its format's writer."""
     fmt = group_format(module.quantization_scheme, save_compressed=save_compressed)
     return format_writer(fmt).tensors(module, save_compressed)
-
-
-def _check_input_global_scale(name: str, module: nn.Linear) -> None:
-    """NVFP4 inputs are scaled at run time under a static ``input_global_scale``; without it
-    the loader would run with an uninitialized one, so such a module is refused."""
-    inputs = module.quantization_scheme.input_activations
-    if inputs is not None and inputs.has_global_scale and not hasattr(module, "input_global_scale"):
-        raise SaveError(
-            f"{name} has NVFP4 input activations (strategy 'tensor_group') but no "
-            f"input_global_scale; it comes from calibration data (activation observers), or use "
-            f"NVFP4A16"
-        )
 
 
 # Keys of quantization_config that describe core's quantized modules; plugins add beside them.
@@ -357,7 +355,6 @@ def compressed_state_dict(
     for count, (name, module) in enumerate(quantized.items(), 1):
         if count % _TRIM_EVERY == 0:
             return_freed_memory()  # packing temporaries (llmc.memory explains why)
-        _check_input_global_scale(name, module)
         for local in (
             "weight", "weight_scale", "weight_zero_point", "weight_global_scale", "input_scale",
             "input_zero_point",

@@ -49,7 +49,12 @@ from torch import nn
 from llmc.errors import SaveError, did_you_mean
 from llmc.quantization.float_packing import pack_float_codes
 from llmc.quantization.grids import FP8_E4M3, grid_of
-from llmc.quantization.math import ZERO_POINT_DTYPE, effective_scale, loader_stable_weight
+from llmc.quantization.math import (
+    ZERO_POINT_DTYPE,
+    e8m0_from_float,
+    effective_scale,
+    loader_stable_weight,
+)
 from llmc.quantization.module import weight_codes
 from llmc.quantization.packing import pack_to_int32
 from llmc.quantization.scheme import QuantizationScheme
@@ -157,17 +162,12 @@ def _float_weights(num_bits: int, group_size: int, *, mx_scales: bool = False):
     return infers
 
 
-def _e8m0(scale: torch.Tensor) -> torch.Tensor:
-    """The uint8 E8M0 byte of power-of-two scales: ``127 + log2(scale)``."""
-    return (127 + torch.floor(torch.log2(scale.to(torch.float32))).to(torch.int32)).to(torch.uint8)
-
-
 def _packed_float(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     """FP4/FP6 codes packed into bytes, with FP8 (NVFP4) or E8M0 (MX) scales."""
     args = module.quantization_scheme.weights
     tensors = {"weight_packed": pack_float_codes(weight_codes(module), grid_of(args))}
     if args.is_mx:
-        tensors["weight_scale"] = _e8m0(module.weight_scale.detach())
+        tensors["weight_scale"] = e8m0_from_float(module.weight_scale.detach())
     else:
         tensors["weight_scale"] = module.weight_scale.detach().to(FP8_E4M3)
         tensors["weight_global_scale"] = module.weight_global_scale.detach()
@@ -176,7 +176,7 @@ def _packed_float(module: nn.Linear, save_compressed: bool) -> dict[str, torch.T
 
 def _mx_codes(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
     """One FP8 code per weight with E8M0 group scales (``mxfp8-quantized``)."""
-    return {"weight": weight_codes(module), "weight_scale": _e8m0(module.weight_scale.detach())}
+    return {"weight": weight_codes(module), "weight_scale": e8m0_from_float(module.weight_scale.detach())}
 
 
 def _pack_quantized(module: nn.Linear, save_compressed: bool) -> dict[str, torch.Tensor]:
