@@ -15,6 +15,7 @@ __all__ = [
     "ArgumentError",
     "CalibrationError",
     "DataError",
+    "DistributedError",
     "LlmcError",
     "ModelLoadError",
     "PluginError",
@@ -57,6 +58,11 @@ class PluginError(LlmcError):
 
 class DataError(LlmcError, ValueError):
     """Calibration or evaluation data cannot be loaded or is unusable."""
+
+
+class DistributedError(LlmcError):
+    """A collective operation with the other ranks of a torchrun job failed (a rank died or
+    timed out), or the process group could not be joined."""
 
 
 class ModelLoadError(LlmcError):

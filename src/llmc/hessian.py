@@ -77,6 +77,11 @@ class HessianAccumulator:
         self.S.add_(sums.to(self.S.device))
         self.tokens += other.tokens
 
+    def shard_sums(self) -> list[torch.Tensor]:
+        """``S``, as sums (its lower part is rewritten from the upper when ``H`` is read)."""
+        self._to_sums()
+        return [self.S]
+
     def finalize(self) -> torch.Tensor:
         """H, what a solver factors."""
         return self.H

@@ -16,7 +16,10 @@ hooks during the pipeline's calibration pass. This module is the one place that
   the already-compressed groups before it;
 * **finalizes**: ``LayerCalibration.finish`` is where a layer's statistics are complete and
   handed to the modifier's solver. Every statistic implements ``Statistic`` (``update``,
-  ``merge``, ``finalize``), so a distributed run reduces them all there, in one place.
+  ``merge``, ``finalize``), so a distributed run (``llmc.distributed``) reduces them all in one
+  place, when a pass's groups are read (``StatisticsPass.groups``);
+* **shares the solves**: a modifier that splits its solve into ``GroupSolver(compute, apply)``
+  has a layer's groups computed on several ranks at once, the results sent to all.
 
 A modifier holds one ``LayerCalibration`` in its run state and calls ``start`` from
 ``llmc_layer_start`` and ``finish`` from ``llmc_layer_end``; see ``docs/plugins.md``.
@@ -32,6 +35,7 @@ import attrs
 import torch
 
 from llmc.context import RunContext
+from llmc.distributed import check_same_everywhere, reduce_statistics, solve_groups, world_size
 from llmc.errors import ArgumentError, CalibrationError
 from llmc.pipeline import StopLayerForward
 from llmc.torch_hooks import has_foreign_hooks
@@ -39,6 +43,7 @@ from llmc.torch_hooks import has_foreign_hooks
 __all__ = [
     "MAX_STAGES",
     "STOP_POLICIES",
+    "GroupSolver",
     "InputGroup",
     "LayerCalibration",
     "Statistic",
@@ -63,7 +68,9 @@ class Statistic(Protocol):
     ``tokens`` counts the (unpadded) tokens folded in. ``update`` folds one batch in;
     ``merge`` folds in another statistic of the same input gathered elsewhere (another rank,
     another shard of the data), so that merging the parts equals gathering the whole;
-    ``finalize`` returns the value a solver uses.
+    ``finalize`` returns the value a solver uses. A statistic made of sums over tokens may also
+    offer ``shard_sums() -> list[Tensor]``: its tensors that add up across data shards, which a
+    distributed run then sums in place (with ``tokens``) instead of gathering whole statistics.
     """
 
     tokens: int
@@ -173,6 +180,7 @@ class StatisticsPass:
         if self.layout is not None:
             self.group_of = {name: index for index, group in enumerate(self.layout) for name in group}
         self.discovering = layout is None
+        self._discovered = layout is None  # so each rank found it on its own data
         self._batches = 0
         self._held: list[torch.Tensor] = []  # first batch's group inputs while discovering
         self._last_input: dict[int, torch.Tensor] = {}  # group -> its leader's input this batch
@@ -180,6 +188,7 @@ class StatisticsPass:
         self._fired: set[str] = set()  # ... and whose output
         self._collected: int | None = None
         self._alone: bool | None = None
+        self._reduced: set[int] = set()  # groups whose statistics hold every rank's data
         self._handles = [layer.register_forward_pre_hook(self._new_batch)]
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._before(name)))
@@ -204,6 +213,7 @@ class StatisticsPass:
         """The input groups (all, or those in ``indices``) with their statistics, in order."""
         assert self.layout is not None, "groups() is read after remove()"
         chosen = range(len(self.layout)) if indices is None else sorted(indices)
+        self._reduce([index for index in chosen if self._collects(index) and index not in self._reduced])
         groups = []
         for index in chosen:
             names = self.layout[index]
@@ -213,6 +223,39 @@ class StatisticsPass:
             outputs = {n: self.outputs[n] for n in names if n in self.outputs and self.outputs[n].tokens}
             groups.append(InputGroup(index, list(names), statistic, outputs))
         return groups
+
+    def _reduce(self, indices: list[int]) -> None:
+        """Make the statistics of ``indices`` those of every rank's data (``llmc.distributed``)."""
+        self._reduced.update(indices)
+        if world_size() == 1 or not indices:
+            return
+        assert self.layout is not None
+        if self._discovered:
+            check_same_everywhere(self.layout, "the input groups found from the first batch")
+            self._discovered = False
+        parts: list[Statistic | None] = []
+        makers: list[Callable[[], Statistic]] = []
+        slots: list[tuple[str, Any]] = []
+        for index in indices:
+            leader = self.modules[self.layout[index][0]]
+            parts.append(self.inputs.get(index))
+            makers.append(lambda module=leader: self._input_statistic(module))
+            slots.append(("input", index))
+            for name in self.layout[index]:
+                if name in self.outputs:
+                    parts.append(self.outputs[name])
+                    makers.append(lambda statistic=self.outputs[name]: statistic)
+                    slots.append(("output", name))
+        layer = next(iter(self.modules), "a layer").rpartition(".")[0]
+        reduced = reduce_statistics(parts, makers, self.context.device, f"reducing the statistics of {layer}")
+        for (kind, key), statistic in zip(slots, reduced):
+            if kind == "input":
+                if statistic is None:
+                    self.inputs.pop(key, None)
+                else:
+                    self.inputs[key] = statistic
+            elif statistic is not None:
+                self.outputs[key] = statistic
 
     # --- hooks ---
 
@@ -323,6 +366,31 @@ def calibration_stages(layout: list[list[str]], true_sequential: bool, layer_nam
     return [{index} for index in range(len(layout))]
 
 
+@attrs.frozen
+class GroupSolver:
+    """A modifier's solve of one input group, split so that ranks can share a layer's solves.
+
+    ``compute(group)`` solves and returns the result without changing the model or the run
+    state (it may read both); the result must pickle (tensors, numbers, attrs classes, dicts).
+    ``apply(group, result)`` installs it (weights, scales, report rows, pending modules) and is
+    called on every rank, in the groups' order. One process computes and applies each group in
+    turn; under torchrun each group is computed by one rank (``llmc.distributed.solve_groups``).
+    """
+
+    compute: Callable[[InputGroup], Any]
+    apply: Callable[[InputGroup, Any], None]
+
+
+def group_cost(group: InputGroup, modules: Mapping[str, torch.nn.Linear]) -> float:
+    """What solving ``group`` costs, for sharing solves out: rows · columns² per module (a
+    factorisation and sweep), rows · columns for a group without a statistic (rounding)."""
+    cost = 0.0
+    for name in group.names:
+        rows, columns = modules[name].weight.shape
+        cost += rows * columns * (columns if group.statistic is not None else 1)
+    return cost
+
+
 @attrs.define
 class LayerCalibration:
     """A modifier's calibration across layers: passes, stages and the layouts found.
@@ -367,9 +435,13 @@ class LayerCalibration:
         context: RunContext,
         layer_name: str,
         layer: torch.nn.Module,
-        solve: Callable[[list[InputGroup]], None],
+        solve: Callable[[list[InputGroup]], None] | GroupSolver,
     ) -> None:
-        """Remove the hooks and solve the layer's input groups, stage by stage."""
+        """Remove the hooks and solve the layer's input groups, stage by stage.
+
+        ``solve`` is a ``GroupSolver`` (whose computes ranks share) or a function of a stage's
+        groups (which every rank then runs on all of them, from the same reduced statistics).
+        """
         if self.current is None:
             return
         first, self.current = self.current, None
@@ -379,7 +451,7 @@ class LayerCalibration:
         self.layouts[self._layout_key] = [[n.removeprefix(prefix) for n in group] for group in layout]
         stages = calibration_stages(layout, self.true_sequential, layer_name)
         self._check_tokens(first)
-        solve(first.groups(stages[0]))
+        self._solve(context, layer_name, first.modules, first.groups(stages[0]), solve)
         for stage in stages[1:]:
             if context.forward_layer is None:
                 raise CalibrationError(
@@ -392,7 +464,21 @@ class LayerCalibration:
                 context.forward_layer()
             finally:
                 rerun.remove()
-            solve(rerun.groups(stage))
+            self._solve(context, layer_name, first.modules, rerun.groups(stage), solve)
+
+    @staticmethod
+    def _solve(
+        context: RunContext,
+        layer_name: str,
+        modules: Mapping[str, torch.nn.Linear],
+        groups: list[InputGroup],
+        solve: Callable[[list[InputGroup]], None] | GroupSolver,
+    ) -> None:
+        if not isinstance(solve, GroupSolver):
+            solve(groups)
+            return
+        costs = [group_cost(group, modules) for group in groups]
+        solve_groups(groups, costs, solve.compute, solve.apply, context.device, f"solving {layer_name}")
 
     def _check_tokens(self, finished: StatisticsPass) -> None:
         """Warn once per run when a statistic saw fewer tokens than its input has columns.

@@ -193,7 +193,8 @@ class Observer:
 
     def merge(self, other: Observer) -> None:
         """Fold in the same tensor observed elsewhere: min/max for ``static_minmax``, the mean
-        of both ranges for the moving averages (llm-compressor's distributed reduction)."""
+        of the ranges weighted by batches for the others (llm-compressor's distributed
+        reduction averages them; weighting makes merging ranks one by one give that mean)."""
         if other.lo is None:
             return
         if self.lo is None:
@@ -201,7 +202,9 @@ class Observer:
         elif self.name == "static_minmax":
             self.lo, self.hi = torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi)
         else:
-            self.lo, self.hi = (self.lo + other.lo) / 2, (self.hi + other.hi) / 2
+            mine, theirs = max(self.batches, 1), max(other.batches, 1)
+            weight = theirs / (mine + theirs)
+            self.lo, self.hi = _lerp(self.lo, other.lo, weight), _lerp(self.hi, other.hi, weight)
         self.tokens += other.tokens
         self.batches += other.batches
 

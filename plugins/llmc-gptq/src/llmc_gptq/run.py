@@ -38,9 +38,10 @@ from llmc.quantization import (
     take_global_scale,
 )
 from llmc.report import relative_error
-from llmc.statistics import InputGroup, LayerCalibration
+from llmc.statistics import GroupSolver, InputGroup, LayerCalibration
 from llmc_gptq.config import GPTQModifier
 from llmc_gptq.gptq import (
+    GPTQResult,
     PreparedHessian,
     gptq_quantize_prepared,
     prepare_hessian,
@@ -51,6 +52,15 @@ from llmc_gptq.statistics import output_energy_for
 __all__ = ["GPTQRun"]
 
 logger = logging.getLogger("llmc.gptq")
+
+
+@attrs.frozen
+class SolvedModule:
+    """One module's GPTQ result with what its report row needs (sent between ranks)."""
+
+    result: GPTQResult
+    tokens: int
+    hessian_seconds: float
 
 
 @attrs.define
@@ -104,7 +114,7 @@ class GPTQRun(RunState):
 
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
         self.activations.finish(context, layer_name)
-        self.calibration.finish(context, layer_name, layer, lambda groups: self._solve_groups(context, groups))
+        self.calibration.finish(context, layer_name, layer, self._solver(context))
 
     def llmc_finalize(self, context: RunContext) -> None:
         # Targets outside the calibrated blocks (a targeted lm_head) see no calibration data.
@@ -116,65 +126,77 @@ class GPTQRun(RunState):
 
     # --- helpers ---
 
-    def _solve_groups(self, context: RunContext, groups: list[InputGroup]) -> None:
-        for group in groups:
-            accumulator = group.statistic
-            H = accumulator.finalize() if accumulator is not None else None
-            prepared: dict[bool, PreparedHessian] = {}  # shared by the group, per act-order
-            for name in group.names:
-                if name not in self.pending:
-                    continue
+    def _solver(self, context: RunContext) -> GroupSolver:
+        return GroupSolver(
+            compute=self._compute_group,
+            apply=lambda group, solved: self._apply_group(context, group, solved),
+        )
+
+    def _compute_group(self, group: InputGroup) -> dict[str, SolvedModule]:
+        """GPTQ of the group's pending modules from their shared Hessian (nothing installed:
+        under torchrun another rank may apply the result); empty without a Hessian."""
+        accumulator = group.statistic
+        if accumulator is None:
+            return {}
+        H = accumulator.finalize()
+        prepared: dict[bool, PreparedHessian] = {}  # shared by the group, per act-order
+        solved: dict[str, SolvedModule] = {}
+        for name in group.names:
+            if name not in self.pending:
+                continue
+            module, scheme = self.pending[name]
+            global_scale = take_global_scale(self.global_scales, self.pending, name)
+            actorder = scheme.weights.actorder is not None
+            seconds = 0.0
+            if actorder not in prepared:
+                prepared[actorder] = prepare_hessian(
+                    H, dampening_frac=self.config.dampening_frac, actorder=actorder, module_name=name,
+                )
+                seconds = prepared[actorder].seconds
+            energy = group.outputs.get(name)
+            if energy is not None:
+                reference = energy.finalize()
+            else:  # narrow input: trace(W H Wᵀ) as one small product
+                reference = reference_energy(module.weight.detach(), H, kept=sparsity_mask(module))
+            result = gptq_quantize_prepared(
+                module.weight.detach(),
+                prepared[actorder],
+                args=scheme.weights,
+                global_scale=global_scale,
+                block_size=self.config.block_size,
+                kept=sparsity_mask(module),
+                lazy_group_params=self.lazy_group_params,
+                scale_dtype=module.weight.dtype,
+                output_energy=reference,
+                backend=self.backend,
+                module_name=name,
+            )
+            solved[name] = SolvedModule(result, accumulator.tokens, seconds)
+        return solved
+
+    def _apply_group(self, context: RunContext, group: InputGroup, solved: dict[str, SolvedModule]) -> None:
+        for name in group.names:
+            if name not in self.pending:
+                continue
+            if name not in solved:
                 global_scale = take_global_scale(self.global_scales, self.pending, name)
                 module, scheme = self.pending.pop(name)
-                energy = group.outputs.get(name)
-                if H is None:
-                    logger.warning("%s received no calibration tokens: quantized by round-to-nearest", name)
-                    self._round_to_nearest(context, name, module, scheme, global_scale)
-                    continue
-                actorder = scheme.weights.actorder is not None
-                seconds = 0.0
-                if actorder not in prepared:
-                    prepared[actorder] = prepare_hessian(
-                        H, dampening_frac=self.config.dampening_frac, actorder=actorder,
-                        module_name=name,
-                    )
-                    seconds = prepared[actorder].seconds
-                if energy is not None:
-                    reference = energy.finalize()
-                else:  # narrow input: trace(W H Wᵀ) as one small product
-                    reference = reference_energy(module.weight.detach(), H, kept=sparsity_mask(module))
-                self._solve(
-                    context, name, module, scheme, prepared[actorder], accumulator.tokens, reference,
-                    seconds, global_scale,
-                )
+                logger.warning("%s received no calibration tokens: quantized by round-to-nearest", name)
+                self._round_to_nearest(context, name, module, scheme, global_scale)
+                continue
+            module, scheme = self.pending.pop(name)
+            self._install(context, name, module, scheme, solved[name])
 
-    def _solve(
+    def _install(
         self,
         context: RunContext,
         name: str,
         module: torch.nn.Linear,
         scheme: QuantizationScheme,
-        prepared: PreparedHessian,
-        tokens: int,
-        energy: float | None,
-        hessian_seconds: float,
-        global_scale: torch.Tensor | None,
+        solved: SolvedModule,
     ) -> None:
-        weights = scheme.weights
+        result = solved.result
         original = module.weight.detach().clone()
-        result = gptq_quantize_prepared(
-            module.weight.detach(),
-            prepared,
-            args=weights,
-            global_scale=global_scale,
-            block_size=self.config.block_size,
-            kept=sparsity_mask(module),
-            lazy_group_params=self.lazy_group_params,
-            scale_dtype=module.weight.dtype,
-            output_energy=energy,
-            backend=self.backend,
-            module_name=name,
-        )
         set_quantized_weight_(
             module, scheme, weight_fake_quantized=result.weight, scale=result.scale,
             zero_point=result.zero_point, global_scale=result.global_scale,
@@ -187,8 +209,8 @@ class GPTQRun(RunState):
             weight_error=relative_error(original, module.weight.detach()),
             output_error=result.output_error,
             damping=result.damping,
-            tokens=tokens,
-            seconds=round(result.seconds + hessian_seconds, 4),
+            tokens=solved.tokens,
+            seconds=round(result.seconds + solved.hessian_seconds, 4),
             backend=result.backend,
             **inputs,
         )

@@ -41,6 +41,9 @@ class OutputEnergy:
         self.total += other.total.to(self.total.device)
         self.tokens += other.tokens
 
+    def shard_sums(self) -> list[torch.Tensor]:
+        return [self.total]
+
     def finalize(self) -> float | None:
         return 2.0 * self.total.item() / self.tokens if self.tokens else None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -28,7 +28,7 @@ from llmc.errors import ArgumentError, CalibrationError
 from llmc.masks import apply_mask_, set_sparsity_mask_, sparsity_mask
 from llmc.modifier import RunState
 from llmc.report import relative_error
-from llmc.statistics import InputGroup, LayerCalibration, Statistic
+from llmc.statistics import GroupSolver, InputGroup, LayerCalibration, Statistic
 from llmc.targets import is_match, match_modules
 from llmc_sparsity.masks_nm import UNSTRUCTURED, parse_mask_structure, structure_sparsity
 
@@ -275,7 +275,12 @@ class BlockwisePruningRun(RunState):
         return self.calibration.start(context, layer_name, layer, modules)
 
     def llmc_layer_end(self, context: RunContext, layer_name: str, layer: torch.nn.Module) -> None:
-        self.calibration.finish(context, layer_name, layer, lambda groups: self._prune_groups(context, groups))
+        self.calibration.finish(context, layer_name, layer, self._solver(context))
+
+    def _solver(self, context: RunContext) -> Callable[[list[InputGroup]], None] | GroupSolver:
+        """How a layer's groups are pruned: by ``_prune_groups`` on every rank, unless the
+        method splits its solve so that ranks share it (``GroupSolver``)."""
+        return lambda groups: self._prune_groups(context, groups)
 
     def _prune_groups(self, context: RunContext, groups: list[InputGroup]) -> None:
         for group in groups:

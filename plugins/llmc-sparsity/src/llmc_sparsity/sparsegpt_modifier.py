@@ -11,10 +11,10 @@ from llmc.context import RunContext
 from llmc.errors import ArgumentError
 from llmc.hessian import HessianAccumulator, inverse_cholesky_upper, zero_dead_columns_
 from llmc.modifier import TargetedModifier
+from llmc.statistics import GroupSolver, InputGroup
 from llmc.validators import is_bool, is_number_in, is_positive_int
 from llmc_sparsity.base import (
     BlockwisePruningRun,
-    PruneTarget,
     apply_kept_mask_,
     check_mask_structure,
     check_sparsity_matches_structure,
@@ -66,6 +66,15 @@ class SparseGPTModifier(TargetedModifier):
         return SparseGPTRun(config=self)
 
 
+@attrs.frozen
+class PrunedGroup:
+    """SparseGPT's result for one input group: per module the new weight (float32, zero
+    where pruned), the kept mask and the OBS loss; and the damping used (sent between ranks)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    damping: float
+
+
 @attrs.define
 class SparseGPTRun(BlockwisePruningRun):
     """Run state: the modules still to prune (``config`` is the ``SparseGPTModifier``)."""
@@ -73,25 +82,44 @@ class SparseGPTRun(BlockwisePruningRun):
     def _input_statistic(self, module: torch.nn.Linear) -> HessianAccumulator:
         return HessianAccumulator.for_linear(module)
 
+    def _solver(self, context: RunContext) -> GroupSolver:
+        return GroupSolver(
+            compute=self._compute_group,
+            apply=lambda group, pruned: self._apply_group(context, group, pruned),
+        )
+
     @torch.no_grad()
-    def _prune_group(self, context: RunContext, group: list[PruneTarget], hessian: HessianAccumulator) -> None:
-        """Prune the modules of one group; they share H, its dead columns and its Cholesky factor."""
-        H = hessian.finalize()
+    def _compute_group(self, group: InputGroup) -> PrunedGroup | None:
+        """Prune copies of the group's pending modules; they share H, its dead columns and its
+        Cholesky factor (nothing installed: under torchrun another rank may apply it)."""
+        targets = [self.pending[name] for name in group.names if name in self.pending]
+        if group.statistic is None or not targets:
+            return None
+        H = group.statistic.finalize()
         weights = [
             target.module.weight.detach().to(device=H.device, dtype=torch.float32, copy=True)
-            for target in group
+            for target in targets
         ]
         dead = zero_dead_columns_(H, weights[0])
-        U, damping = inverse_cholesky_upper(H, self.config.dampening_frac, module_name=group[0].name)
+        U, damping = inverse_cholesky_upper(H, self.config.dampening_frac, module_name=targets[0].name)
         keep_n, group_m = parse_mask_structure(self.config.mask_structure)
-        for target, W in zip(group, weights):
+        pruned = {}
+        for target, W in zip(targets, weights):
             W[:, dead] = 0.0
             result = sparsegpt_(
                 W, U, sparsity=target.sparsity, keep_n=keep_n, group_m=group_m,
                 block_size=self.config.block_size,
             )
+            pruned[target.name] = (W, result.kept, result.loss)
+        return PrunedGroup(pruned, damping)
+
+    def _apply_group(self, context: RunContext, group: InputGroup, pruned: PrunedGroup | None) -> None:
+        if pruned is None:
+            self._prune_groups(context, [group])  # nothing reached it: left dense, reported
+            return
+        for name, (W, kept, loss) in pruned.modules.items():
             apply_kept_mask_(
-                context, target, result.kept, modifier=self.name,
+                context, self.pending.pop(name), kept, modifier=self.name,
                 mask_structure=self.config.mask_structure, new_weight=W,
-                obs_loss=result.loss, damping=damping,
+                obs_loss=loss, damping=pruned.damping,
             )

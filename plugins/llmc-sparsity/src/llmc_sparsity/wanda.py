@@ -42,6 +42,9 @@ class ColumnNormAccumulator:
         self.sum_sq += other.sum_sq.to(self.sum_sq.device)
         self.tokens += other.tokens
 
+    def shard_sums(self) -> list[torch.Tensor]:
+        return [self.sum_sq]
+
     def finalize(self) -> torch.Tensor:
         return self.norms
 
