@@ -36,17 +36,19 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from llmc.errors import DistributedError
+from llmc.errors import DataError, DistributedError
 
 __all__ = [
     "barrier",
     "broadcast_object",
     "check_same_everywhere",
     "is_writer",
+    "local_ranks",
     "owners",
     "process_group",
     "rank",
     "rank_device",
+    "rank_share",
     "reduce_statistics",
     "shard_bounds",
     "solve_groups",
@@ -71,8 +73,19 @@ def rank() -> int:
 
 
 def is_writer() -> bool:
-    """Whether this process writes files (the checkpoint, the report, a journal): rank 0."""
-    return rank() == 0
+    """Whether this process writes files (the checkpoint, the report, a journal): rank 0 (read
+    from torchrun's environment before the process group exists)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def local_ranks() -> int:
+    """How many ranks of the job run on this machine (each holds its own copy of the model)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _timeout() -> datetime.timedelta:
@@ -152,6 +165,20 @@ def shard_bounds(count: int, rank_index: int, ranks: int) -> tuple[int, int]:
     base, extra = divmod(count, ranks)
     start = rank_index * base + min(rank_index, extra)
     return start, start + base + (1 if rank_index < extra else 0)
+
+
+def rank_share(samples: Sequence[T]) -> Sequence[T]:
+    """This rank's share of the calibration samples (``shard_bounds``); all of them alone."""
+    ranks = world_size()
+    if ranks == 1:
+        return samples
+    if len(samples) < ranks:
+        raise DataError(
+            f"{len(samples)} calibration samples cannot be shared by {ranks} ranks; use at least "
+            f"{ranks} (num_calibration_samples) or fewer ranks"
+        )
+    start, stop = shard_bounds(len(samples), rank(), ranks)
+    return samples[start:stop]
 
 
 def _on_device(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -64,6 +64,7 @@ import attrs
 import torch
 from torch import nn
 
+from llmc.distributed import sum_counts
 from llmc.errors import ModelLoadError
 from llmc.targets import mark_router_
 
@@ -382,7 +383,8 @@ def record_routed_tokens(rows: list[dict[str, Any]], block_name: str, block: nn.
     counts: dict[str, list[int]] = {}
     for local, module in block.named_modules():
         if isinstance(module, UnfusedExperts) and module.routed_tokens is not None:
-            counts[f"{block_name}.{local}."] = module.routed_tokens.tolist()
+            total = sum_counts(module.routed_tokens, f"counting the tokens routed in {block_name}")
+            counts[f"{block_name}.{local}."] = total.tolist()
             module.routed_tokens = None
     if not counts:
         return

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from llmc.args import OFFLOAD_MODES
+from llmc.distributed import world_size
 from llmc.errors import ArgumentError, SaveError
 from llmc.lazy_weights import LazyWeights
 from llmc.masks import summarize_mask_
@@ -345,6 +346,8 @@ def disk_problem(model_folder: Path | None, output_dir: Any, stages: int) -> str
         return "the model must be a local folder of safetensors files (not an object or hub name)"
     if stages != 1:
         return f"the recipe has {stages} stages and a streamed run runs one"
+    if world_size() > 1:
+        return "a run of several torchrun ranks keeps the model in host memory (offload cpu)"
     return None
 
 

@@ -21,6 +21,15 @@ import torch
 from llmc.args import parse_arguments
 from llmc.context import RunContext
 from llmc.data import load_calibration_data, make_batches, padding_token_id
+from llmc.distributed import (
+    barrier,
+    is_writer,
+    local_ranks,
+    process_group,
+    rank_device,
+    rank_share,
+    world_size,
+)
 from llmc.entrypoints.stages import ONESHOT, check_stage_kinds, run_oneshot_stage, write_results
 from llmc.errors import ArgumentError
 from llmc.lazy_weights import checkpoint_files
@@ -44,7 +53,7 @@ from llmc.offload import (
 )
 from llmc.plugins import load_registry
 from llmc.recipe import Recipe, load_recipe, recipe_to_yaml
-from llmc.save import check_output_dir
+from llmc.save import check_output_dir, output_path
 
 __all__ = ["OneshotResult", "oneshot"]
 
@@ -94,86 +103,97 @@ def oneshot(**kwargs: Any) -> OneshotResult:
     check_stage_kinds(recipe, ONESHOT)
     _check_calibration_data_given(recipe, data_args)
     output_dir = None
-    if output_args.output_dir is not None:
+    if output_args.output_dir is not None and is_writer():
         output_dir = check_output_dir(output_args.output_dir, overwrite=output_args.overwrite)
+    elif output_args.output_dir is not None:  # rank 0 checks (and clears leftovers) alone
+        output_dir = output_path(output_args.output_dir)
     logger.info("recipe: %s", ", ".join(f"{e.plugin}.{e.name}" for e in recipe.modifiers))
 
-    # 2. Where the weights live (llmc.offload), the model (fused MoE experts become
-    #    per-expert Linears), the tokenizer and, when a modifier needs them, calibration batches.
-    folder = local_model_folder(model_args)
-    files = checkpoint_files(folder) if folder is not None else None
-    model_files = sorted(set(files.values())) if isinstance(files, dict) else []
-    if model_files and (folder / "config.json").is_file():
-        model_files.append(folder / "config.json")
-    device = default_device(model_args.device) if isinstance(model_args.model, str) or model_args.device else None
-    mode = choose_offload(
-        model_args.offload,
-        model_bytes=sum(p.stat().st_size for p in model_files) if model_files else None,
-        device=device or next(model_args.model.parameters()).device,
-        disk_problem=disk_problem(folder, output_dir, len(recipe.stages)),
-    )
-    skeleton = load_skeleton(model_args) if mode == "disk" else None
-    if isinstance(skeleton, str):
-        if model_args.offload == "disk":
-            raise ArgumentError(f"offload='disk' cannot read this model a layer at a time: {skeleton}", name="offload")
-        logger.warning("cannot stream the model from disk (%s): loading it into host memory", skeleton)
-        mode, skeleton = "cpu", None
-    if skeleton is not None:
-        model, weights = skeleton
-    else:
-        model = load_model(model_args, device=torch.device("cpu") if mode == "cpu" else None)
-    unfuse_experts_(model)
-    tokenizer = load_tokenizer(model_args, model)
-    batches = None
-    if recipe.requires_calibration_data:
-        samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
-        batches = make_batches(samples, data_args.batch_size, padding_token_id(tokenizer))
-        logger.info("calibration data: %d samples in %d batches", len(samples), len(batches))
-    elif data_args.dataset is not None:
-        logger.info("the recipe is data-free; the dataset is not used")
-    size_before = sum(p.numel() * p.element_size() for p in model.parameters())
-    context = RunContext(
-        model=model,
-        device=device if mode in ("cpu", "disk") else next(model.parameters()).device,
-        tokenizer=tokenizer,
-        compute_dtype=calibration_dtype(model_args, model),
-    )
-    placement: LayerPlacement = LayerPlacement()
-    if mode == "cpu":
-        placement = HostOffload(context.device)
-    elif mode == "disk":
-        journal = open_journal(
-            output_dir, model_files=model_files, recipe_text=recipe_to_yaml(recipe, registry),
-            batches=batches, settings=streaming_settings(model_args, data_args), resume=output_args.resume,
+    # 2. Under torchrun, each rank joins the process group (llmc.distributed): one share of the
+    #    calibration data each, statistics reduced and solves shared in the pipeline, rank 0 writes.
+    requested = default_device(model_args.device) if isinstance(model_args.model, str) or model_args.device else None
+    with process_group(requested):
+        # 3. Where the weights live (llmc.offload), the model (fused MoE experts become
+        #    per-expert Linears), the tokenizer and, when a modifier needs them, calibration batches.
+        folder = local_model_folder(model_args)
+        files = checkpoint_files(folder) if folder is not None else None
+        model_files = sorted(set(files.values())) if isinstance(files, dict) else []
+        if model_files and (folder / "config.json").is_file():
+            model_files.append(folder / "config.json")
+        device = rank_device(requested)
+        mode = choose_offload(
+            model_args.offload,
+            # every rank on this machine holds its own copy in host memory
+            model_bytes=sum(p.stat().st_size for p in model_files) * local_ranks() if model_files else None,
+            device=device or next(model_args.model.parameters()).device,
+            disk_problem=disk_problem(folder, output_dir, len(recipe.stages)),
         )
-        placement = DiskStreaming(weights, journal, context.device, model_args.save_compressed, model)
-    logger.info("offload: %s (calibrating on %s)", mode, context.device)
-
-    # 3. Each stage runs its modifiers over the model, one block at a time; 4. the report and
-    #    the checkpoint. A streamed run's journal stays for a rerun to resume if either fails.
-    try:
-        layer_stats = []
-        for stage in recipe.stages:
-            layer_stats += run_oneshot_stage(
-                stage, model, context, batches, data_args.sequential_targets,
-                calibrate_all_experts=model_args.moe_calibrate_all_experts, placement=placement,
+        skeleton = load_skeleton(model_args) if mode == "disk" else None
+        if isinstance(skeleton, str):
+            if model_args.offload == "disk":
+                raise ArgumentError(f"offload='disk' cannot read this model a layer at a time: {skeleton}", name="offload")
+            logger.warning("cannot stream the model from disk (%s): loading it into host memory", skeleton)
+            mode, skeleton = "cpu", None
+        if skeleton is not None:
+            model, weights = skeleton
+        else:
+            model = load_model(model_args, device=torch.device("cpu") if mode == "cpu" else None)
+        unfuse_experts_(model)
+        tokenizer = load_tokenizer(model_args, model)
+        batches, total_samples = None, 0
+        if recipe.requires_calibration_data:
+            samples = load_calibration_data(data_args, tokenizer, cache_dir=model_args.cache_dir)
+            total_samples = len(samples)
+            samples = rank_share(samples)
+            batches = make_batches(samples, data_args.batch_size, padding_token_id(tokenizer))
+            logger.info("calibration data: %d samples in %d batches", len(samples), len(batches))
+        elif data_args.dataset is not None:
+            logger.info("the recipe is data-free; the dataset is not used")
+        size_before = sum(p.numel() * p.element_size() for p in model.parameters())
+        context = RunContext(
+            model=model,
+            device=device if mode in ("cpu", "disk") else next(model.parameters()).device,
+            tokenizer=tokenizer,
+            compute_dtype=calibration_dtype(model_args, model),
+        )
+        placement: LayerPlacement = LayerPlacement()
+        if mode == "cpu":
+            placement = HostOffload(context.device)
+        elif mode == "disk":
+            journal = open_journal(
+                output_dir, model_files=model_files, recipe_text=recipe_to_yaml(recipe, registry),
+                batches=batches, settings=streaming_settings(model_args, data_args), resume=output_args.resume,
             )
-        report, output_dir = write_results(
-            model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
-            model_args=model_args, output_args=output_args, started=started,
-            extra={
-                "calibration_samples": sum(len(b["input_ids"]) for b in batches) if batches else 0,
-                "parameter_bytes_before": size_before,
-                "offload": mode,
-                **({"resumed_layers": placement.journal.resumed} if mode == "disk" else {}),
-                "layers": layer_stats,
-            },
-            placement=placement,
-        )
-    finally:
+            placement = DiskStreaming(weights, journal, context.device, model_args.save_compressed, model)
+        logger.info("offload: %s (calibrating on %s)", mode, context.device)
+
+        # 4. Each stage runs its modifiers over the model, one block at a time; 5. the report and
+        #    the checkpoint. A streamed run's journal stays for a rerun to resume if either fails.
+        try:
+            layer_stats = []
+            for stage in recipe.stages:
+                layer_stats += run_oneshot_stage(
+                    stage, model, context, batches, data_args.sequential_targets,
+                    calibrate_all_experts=model_args.moe_calibrate_all_experts, placement=placement,
+                )
+            report, output_dir = write_results(
+                model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
+                model_args=model_args, output_args=output_args, started=started,
+                extra={
+                    "calibration_samples": total_samples if batches else 0,
+                    "ranks": world_size(),
+                    "parameter_bytes_before": size_before,
+                    "offload": mode,
+                    **({"resumed_layers": placement.journal.resumed} if mode == "disk" else {}),
+                    "layers": layer_stats,
+                },
+                placement=placement,
+            )
+        finally:
+            if isinstance(placement, DiskStreaming):
+                placement.journal.close()
         if isinstance(placement, DiskStreaming):
-            placement.journal.close()
-    if isinstance(placement, DiskStreaming):
-        placement.journal.remove()
+            placement.journal.remove()
+        barrier("waiting for rank 0 to write the checkpoint")
     logger.info("oneshot finished in %.1f s", time.perf_counter() - started)
     return OneshotResult(model, tokenizer, recipe, report, output_dir)

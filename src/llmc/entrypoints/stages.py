@@ -19,13 +19,14 @@ import torch
 
 from llmc.args import ModelArguments, OutputArguments
 from llmc.context import RunContext
+from llmc.distributed import is_writer
 from llmc.errors import LlmcError, RecipeError
 from llmc.offload import LayerPlacement
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.plugins import Registry
 from llmc.recipe import Recipe, RecipeStage, recipe_to_yaml
 from llmc.report import expert_summary, plot_expert_tokens, plot_report, report_json, summarize_rows
-from llmc.save import plugin_config_entries, save_checkpoint
+from llmc.save import output_path, plugin_config_entries, save_checkpoint
 
 __all__ = ["check_stage_kinds", "run_oneshot_stage", "stage_kind", "write_results"]
 
@@ -132,6 +133,8 @@ def write_results(
     }
     if output_args.output_dir is None:
         return report, None
+    if not is_writer():  # under torchrun rank 0 writes; the others have the same model and report
+        return report, output_path(output_args.output_dir)
     extra_files: dict[str, str | bytes] = {
         "recipe.yaml": recipe_to_yaml(recipe, registry),
         "llmc_report.json": report_json(report),

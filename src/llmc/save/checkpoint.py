@@ -64,17 +64,21 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, overwrite: bool = Fa
     same output left behind, restoring the previous checkpoint if one was killed mid-swap,
     so that a restored checkpoint is refused like any other without ``overwrite``.
     """
-    output_dir = Path(os.path.abspath(Path(output_dir).expanduser()))
+    output_dir = output_path(output_dir)
     if not output_dir.name:
         raise SaveError(
             f"output directory {output_dir} is a file system root; choose a directory inside it"
         )
-    if _is_symlink(output_dir):
-        output_dir = output_dir.resolve()
     check_writable(output_dir)
     clean_leftovers(output_dir)
     _check_destination(output_dir, overwrite)
     return output_dir
+
+
+def output_path(output_dir: str | os.PathLike[str]) -> Path:
+    """The absolute path the checkpoint goes to (a symlink's target), without any check."""
+    path = Path(os.path.abspath(Path(output_dir).expanduser()))
+    return path.resolve() if path.name and _is_symlink(path) else path
 
 
 def _is_symlink(path: Path) -> bool:

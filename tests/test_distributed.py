@@ -1,0 +1,80 @@
+"""torchrun runs: two gloo ranks on CPU against one process (llmc.distributed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from llmc.distributed import owners, shard_bounds
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5, 8])
+def test_shares_cover_every_sample_exactly_once_in_order(ranks):
+    for count in range(0, 40):
+        covered = []
+        for rank in range(ranks):
+            start, stop = shard_bounds(count, rank, ranks)
+            covered.extend(range(start, stop))
+            assert stop - start in (count // ranks, count // ranks + 1)
+        assert covered == list(range(count))
+
+
+def test_solves_go_to_the_least_loaded_rank_largest_first():
+    costs = [841.0, 481.0, 103.0, 69.0]  # down, gate/up, q/k/v, o of a Llama-3-8B layer
+    plan = owners(costs, 2)
+    assert plan == [0, 1, 1, 1]
+    assert owners(costs, 1) == [0, 0, 0, 0]
+    assert owners(costs, 2) == plan  # the same plan on every rank
+
+
+def _oneshot(tmp_path, name, recipe, ranks):
+    output = tmp_path / name
+    arguments = [
+        "-m", "llmc", "oneshot", "--model", "llmc:tiny-llama", "--recipe", recipe,
+        "--dataset", "llmc:stdlib-docs", "--num-calibration-samples", "16",
+        "--max-seq-length", "128", "-q", "--output-dir", str(output),
+    ]
+    if ranks > 1:
+        arguments = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, *arguments], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("distributed")
+    return {
+        (recipe, ranks): _oneshot(tmp_path, f"{recipe.replace(':', '-')}-{ranks}", recipe, ranks)
+        for recipe in ("llmc:w4a16", "llmc:gptq_w4a16")
+        for ranks in (1, 2)
+    }
+
+
+def test_two_ranks_write_the_same_rtn_checkpoint_once(runs):
+    one, two = runs[("llmc:w4a16", 1)], runs[("llmc:w4a16", 2)]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all((a[key] == b[key]).all() for key in a)
+    assert not any(path.name.startswith(".") for path in two.parent.iterdir() if two.name in path.name)
+
+
+def test_two_ranks_gptq_sees_every_token_and_matches_one_process(runs):
+    one, two = runs[("llmc:gptq_w4a16", 1)], runs[("llmc:gptq_w4a16", 2)]
+    report_one = json.loads((one / "llmc_report.json").read_text())
+    report_two = json.loads((two / "llmc_report.json").read_text())
+    assert report_two["ranks"] == 2 and report_two["calibration_samples"] == 16
+    rows_one = {row["module"]: row for row in report_one["modules"]}
+    rows_two = {row["module"]: row for row in report_two["modules"]}
+    assert rows_one.keys() == rows_two.keys()
+    for name, row in rows_one.items():
+        # the Hessians hold the same tokens; they differ by the order of fp32 sums only
+        assert rows_two[name]["tokens"] == row["tokens"], name
+        assert rows_two[name]["output_error"] == pytest.approx(row["output_error"], rel=0.05), name
+    assert (two / "model.safetensors").is_file()
