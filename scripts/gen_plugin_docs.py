@@ -147,6 +147,7 @@ PLUGIN_API_MODULES = (
     "llmc.context",
     "llmc.errors",
     "llmc.hessian",
+    "llmc.distributed",
     "llmc.hookspecs",
     "llmc.masks",
     "llmc.modifier",
