@@ -44,6 +44,7 @@ __all__ = [
     "check_same_everywhere",
     "is_writer",
     "local_ranks",
+    "map_tensors",
     "owners",
     "process_group",
     "rank",
@@ -191,8 +192,10 @@ def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) ->
         return function(value)
     if isinstance(value, dict):
         return {key: map_tensors(item, function) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(item, function) for item in value)
+    if isinstance(value, list):
+        return [map_tensors(item, function) for item in value]
+    if isinstance(value, tuple):
+        return tuple(map_tensors(item, function) for item in value)
     if attrs.has(type(value)):
         changes = {
             field.alias: map_tensors(getattr(value, field.name), function)

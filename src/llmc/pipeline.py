@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from llmc import hookspecs
 from llmc.context import RunContext
+from llmc.distributed import map_tensors
 from llmc.errors import CalibrationError, PluginError
 from llmc.memory import MemoryPeak, return_freed_memory
 from llmc.moe import experts_calibration, record_routed_tokens
@@ -149,16 +150,8 @@ def find_blocks(
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples, lists and dicts."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, tuple):
-        return tuple(_to(item, device) for item in value)
-    if isinstance(value, list):
-        return [_to(item, device) for item in value]
-    if isinstance(value, dict):
-        return {key: _to(item, device) for key, item in value.items()}
-    return value
+    """Move every tensor inside nested tuples, lists, dicts (and attrs classes)."""
+    return map_tensors(value, lambda tensor: tensor.to(device, non_blocking=True))
 
 
 class _StopForward(Exception):

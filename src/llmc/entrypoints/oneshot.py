@@ -180,7 +180,7 @@ def oneshot(**kwargs: Any) -> OneshotResult:
                 model=model, tokenizer=tokenizer, recipe=recipe, registry=registry, context=context,
                 model_args=model_args, output_args=output_args, started=started,
                 extra={
-                    "calibration_samples": total_samples if batches else 0,
+                    "calibration_samples": total_samples,
                     "ranks": world_size(),
                     "parameter_bytes_before": size_before,
                     "offload": mode,

@@ -115,7 +115,8 @@ class SparseGPTRun(BlockwisePruningRun):
 
     def _apply_group(self, context: RunContext, group: InputGroup, pruned: PrunedGroup | None) -> None:
         if pruned is None:
-            self._prune_groups(context, [group])  # nothing reached it: left dense, reported
+            if group.statistic is None:  # no token reached it: left dense, reported
+                self._prune_groups(context, [group])
             return
         for name, (W, kept, loss) in pruned.modules.items():
             apply_kept_mask_(
