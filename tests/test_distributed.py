@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from llmc.distributed import owners, shard_bounds
+from llmc.evaluate import heldout_token_ids, load_model_for_eval, perplexity
+from llmc.resume import work_dir_for
+from llmc.testing import wait_until_paused
+
+ON_LINUX = sys.platform.startswith("linux")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 5, 8])
@@ -32,19 +43,25 @@ def test_solves_go_to_the_least_loaded_rank_largest_first():
     assert owners(costs, 2) == plan  # the same plan on every rank
 
 
-def _oneshot(tmp_path, name, recipe, ranks):
-    output = tmp_path / name
-    arguments = [
+def _cli(recipe, output, *extra):
+    return [
         "-m", "llmc", "oneshot", "--model", "llmc:tiny-llama", "--recipe", recipe,
         "--dataset", "llmc:stdlib-docs", "--num-calibration-samples", "16",
-        "--max-seq-length", "128", "-q", "--output-dir", str(output),
+        "--max-seq-length", "128", "-q", "--output-dir", str(output), *extra,
     ]
+
+
+def _oneshot(tmp_path, name, recipe, ranks, *extra):
+    output = tmp_path / name
+    arguments = _cli(recipe, output, *extra)
     if ranks > 1:
         arguments = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, *arguments], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *arguments], env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return output
+
+
+RECIPES = ("llmc:w4a16", "llmc:gptq_w4a16", "llmc:sparsegpt_2of4", "llmc:awq_w4a16_asym", "llmc:smoothquant_w8a8")
 
 
 @pytest.fixture(scope="module")
@@ -52,29 +69,136 @@ def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("distributed")
     return {
         (recipe, ranks): _oneshot(tmp_path, f"{recipe.replace(':', '-')}-{ranks}", recipe, ranks)
-        for recipe in ("llmc:w4a16", "llmc:gptq_w4a16")
+        for recipe in RECIPES
         for ranks in (1, 2)
     }
 
 
-def test_two_ranks_write_the_same_rtn_checkpoint_once(runs):
-    one, two = runs[("llmc:w4a16", 1)], runs[("llmc:w4a16", 2)]
+def _rows(output):
+    report = json.loads((output / "llmc_report.json").read_text())
+    return report, {row["module"]: row for row in report["modules"]}
+
+
+@pytest.mark.parametrize("recipe", ["llmc:w4a16", "llmc:smoothquant_w8a8"])
+def test_two_ranks_write_the_same_rtn_checkpoint_once(runs, recipe):
+    """RTN alone, and after SmoothQuant (whose max |x| per channel is the same max over ranks)."""
+    one, two = runs[(recipe, 1)], runs[(recipe, 2)]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys()
     assert all((a[key] == b[key]).all() for key in a)
     assert not any(path.name.startswith(".") for path in two.parent.iterdir() if two.name in path.name)
 
 
-def test_two_ranks_gptq_sees_every_token_and_matches_one_process(runs):
-    one, two = runs[("llmc:gptq_w4a16", 1)], runs[("llmc:gptq_w4a16", 2)]
-    report_one = json.loads((one / "llmc_report.json").read_text())
-    report_two = json.loads((two / "llmc_report.json").read_text())
+@pytest.mark.parametrize("recipe", ["llmc:gptq_w4a16", "llmc:sparsegpt_2of4"])
+def test_two_ranks_see_every_token_and_match_one_process(runs, recipe):
+    one, two = runs[(recipe, 1)], runs[(recipe, 2)]
+    _, rows_one = _rows(one)
+    report_two, rows_two = _rows(two)
     assert report_two["ranks"] == 2 and report_two["calibration_samples"] == 16
-    rows_one = {row["module"]: row for row in report_one["modules"]}
-    rows_two = {row["module"]: row for row in report_two["modules"]}
     assert rows_one.keys() == rows_two.keys()
+    error = "output_error" if recipe == "llmc:gptq_w4a16" else "obs_loss"
     for name, row in rows_one.items():
         # the Hessians hold the same tokens; they differ by the order of fp32 sums only
-        assert rows_two[name]["tokens"] == row["tokens"], name
-        assert rows_two[name]["output_error"] == pytest.approx(row["output_error"], rel=0.05), name
-    assert (two / "model.safetensors").is_file()
+        assert rows_two[name].get("tokens") == row.get("tokens"), name
+        assert rows_two[name][error] == pytest.approx(row[error], rel=0.05), name
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    if recipe == "llmc:sparsegpt_2of4":
+        # float tolerance in the first layers; a near-tied 2:4 pair chosen the other way changes
+        # its row's compensation and the inputs of the layers after it, so only masks are compared there
+        for key in (key for key in a if a[key].dim() == 2 and "layers" in key):
+            flipped = ((a[key] == 0) != (b[key] == 0)).float().mean()
+            assert flipped < 0.02, key
+            if key.startswith(("model.layers.0.", "model.layers.1.")):
+                assert flipped < 1e-3 and (a[key] - b[key]).norm() < 1e-3 * a[key].norm(), key
+
+
+def test_two_ranks_awq_searches_every_token_and_chooses_as_one_process(runs):
+    def searches(ranks):
+        report, _ = _rows(runs[("llmc:awq_w4a16_asym", ranks)])
+        return {row["module"]: row for row in report["modules"] if row["modifier"] == "AWQModifier"}
+
+    searched_one, searched_two = searches(1), searches(2)
+    assert searched_one.keys() == searched_two.keys() and len(searched_one) >= 2 * 4
+    for name, row in searched_one.items():
+        other = searched_two[name]
+        assert other["tokens"] == row["tokens"] and other["search_tokens"] == row["search_tokens"], name
+        # the same grid point, unless two were within the fp32 rounding of the ranks' sums
+        assert other["alpha"] == row["alpha"] or other["output_error"] == pytest.approx(row["output_error"], rel=1e-3), name
+        assert other["output_error"] == pytest.approx(row["output_error"], rel=0.05), name
+
+
+def _perplexity(path, token_ids):
+    model, _ = load_model_for_eval(str(path))
+    return perplexity(model, token_ids, seq_len=128, max_chunks=8)
+
+
+@pytest.mark.parametrize("recipe", ["llmc:gptq_w4a16", "llmc:sparsegpt_2of4"])
+def test_two_ranks_give_the_perplexity_of_one_process(runs, recipe):
+    one, two = runs[(recipe, 1)], runs[(recipe, 2)]
+    _, tokenizer = load_model_for_eval(str(one))
+    token_ids = heldout_token_ids(tokenizer)
+    assert _perplexity(two, token_ids) == pytest.approx(_perplexity(one, token_ids), rel=0.005)
+
+
+def _digest(directory: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")):
+        sha.update(path.name.encode() + path.read_bytes())
+    sha.update((directory / "config.json").read_bytes())
+    return sha.hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_ranks(arguments, log_dir: Path, paused_rank: int, pause_at: str) -> list[subprocess.Popen]:
+    """Two ranks started as torchrun starts them (its environment), one of them to pause."""
+    port, processes = _free_port(), []
+    for rank in range(2):
+        env = {
+            **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LLMC_DISTRIBUTED_TIMEOUT": "120",
+        }
+        if rank == paused_rank:
+            env["LLMC_TEST_PAUSE_AT"] = pause_at
+        log = (log_dir / f"rank{rank}.log").open("wb")
+        processes.append(subprocess.Popen([sys.executable, *arguments], env=env, stdout=log, stderr=subprocess.STDOUT))
+    return processes
+
+
+@pytest.mark.skipif(not ON_LINUX, reason="waits on /proc/<pid>/stat")
+def test_a_killed_rank_stops_the_run_and_the_relaunch_resumes(runs, tmp_path):
+    """Rank 1 is killed after layer 1 of a streamed run: rank 0 stops with one line instead of
+    hanging, and the relaunched run continues at layer 2 to the uninterrupted run's checkpoint."""
+    recipe = "llmc:gptq_w4a16"
+    streamed = _oneshot(tmp_path, "streamed", recipe, 2, "--offload", "disk")
+    # streaming changes nothing: the same checkpoint as the in-memory 2-rank run
+    assert _digest(streamed) == _digest(runs[(recipe, 2)])
+    assert not work_dir_for(streamed).exists()
+
+    output = tmp_path / "killed"
+    rank0, rank1 = _start_ranks(_cli(recipe, output, "--offload", "disk"), tmp_path, 1, "after-layer-1")
+    wait_until_paused(rank1, tmp_path / "rank1.log")
+    rank1.send_signal(signal.SIGKILL)
+    rank1.wait()
+    stopped = time.monotonic()
+    assert rank0.wait(timeout=150) != 0
+    log = (tmp_path / "rank0.log").read_text()
+    assert time.monotonic() - stopped < 130
+    assert "llmc: error: rank 0 of 2:" in log and "Traceback" not in log, log[-2000:]
+    journal = json.loads((work_dir_for(output) / "journal.json").read_text())
+    assert journal["finished"] == ["model.layers.0", "model.layers.1"]
+    assert sorted(p.name for p in work_dir_for(output).glob("inputs-*")) == [
+        "inputs-00002-rank0.pt", "inputs-00002-rank1.pt"
+    ]
+    assert not output.exists()
+
+    resumed = _oneshot(tmp_path, "killed", recipe, 2, "--offload", "disk")
+    report, _ = _rows(resumed)
+    assert report["resumed_layers"] == 2 and report["ranks"] == 2
+    assert _digest(resumed) == _digest(streamed)
+    assert not work_dir_for(resumed).exists()

@@ -23,7 +23,7 @@ from benchlib.env import PEER_PYTHON, REPO_ROOT, RESULTS_DIR, machine
 
 QUIET_SHARE = 0.10
 # from each run's own report: medians of these go into the summary when runs report them
-_OWN_FIGURES = ("oneshot_s", "solves_s", "mean_sparsity")
+_OWN_FIGURES = ("oneshot_s", "solves_s", "solve_s", "mean_sparsity")
 _RATIO_KEYS = (
     "wall_s",
     "quiet_wall_s",

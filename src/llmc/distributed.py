@@ -42,6 +42,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "check_same_everywhere",
+    "gather_objects",
     "is_writer",
     "local_ranks",
     "map_tensors",
@@ -54,6 +55,7 @@ __all__ = [
     "shard_bounds",
     "solve_groups",
     "sum_counts",
+    "sum_in_float64_",
     "world_size",
 ]
 
@@ -208,6 +210,8 @@ def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) ->
 
 def broadcast_object(value: T | None, source: int, device: torch.device, what: str) -> T:
     """``value`` of rank ``source`` on every rank, its tensors on ``device`` (sent via CPU)."""
+    if world_size() == 1:
+        return value  # type: ignore[return-value]
     payload = [map_tensors(value, torch.Tensor.cpu) if rank() == source else None]
     with _collective(what):
         dist.broadcast_object_list(payload, src=source)
@@ -216,13 +220,21 @@ def broadcast_object(value: T | None, source: int, device: torch.device, what: s
     return map_tensors(payload[0], _on_device(device))
 
 
+def gather_objects(value: T, what: str) -> list[T]:
+    """Every rank's ``value`` (picklable, tensors on the CPU), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    everyone: list[Any] = [None] * world_size()
+    with _collective(what):
+        dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def check_same_everywhere(value: Any, what: str) -> None:
     """Refuse to go on when ranks disagree on ``value`` (something each found on its own)."""
     if world_size() == 1:
         return
-    everyone: list[Any] = [None] * world_size()
-    with _collective(f"comparing {what}"):
-        dist.all_gather_object(everyone, value)
+    everyone = gather_objects(value, f"comparing {what}")
     for other_rank, other in enumerate(everyone):
         if other != everyone[0]:
             raise DistributedError(
@@ -241,8 +253,10 @@ def sum_counts(counts: torch.Tensor, what: str) -> torch.Tensor:
     return total.to(counts.device)
 
 
-def _sum_in_float64_(tensor: torch.Tensor, what: str) -> None:
+def sum_in_float64_(tensor: torch.Tensor, what: str) -> None:
     """Sum ``tensor`` over the ranks in place, piece by piece in float64."""
+    if world_size() == 1:
+        return
     flat = tensor.view(-1)
     for start in range(0, flat.numel(), _REDUCE_PIECE):
         piece = flat[start:start + _REDUCE_PIECE]
@@ -281,14 +295,12 @@ def reduce_statistics(
             merged_later.append(index)
             continue
         for tensor in sums:
-            _sum_in_float64_(tensor, what)
+            sum_in_float64_(tensor, what)
         part.tokens = int(tokens[index])
         reduced.append(part)
     if merged_later:
         mine = [map_tensors(parts[index], torch.Tensor.cpu) for index in merged_later]
-        everyone: list[Any] = [None] * world_size()
-        with _collective(what):
-            dist.all_gather_object(everyone, mine)
+        everyone = gather_objects(mine, what)
         for position, index in enumerate(merged_later):
             merged = map_tensors(everyone[0][position], _on_device(device))
             for other in everyone[1:]:

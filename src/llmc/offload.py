@@ -23,6 +23,7 @@ The pipeline talks to a ``LayerPlacement`` only: ``prepare`` before the first fo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from llmc.args import OFFLOAD_MODES
-from llmc.distributed import world_size
+from llmc.distributed import broadcast_object, gather_objects, is_writer, rank, world_size
 from llmc.errors import ArgumentError, SaveError
 from llmc.lazy_weights import LazyWeights
 from llmc.masks import summarize_mask_
@@ -247,8 +248,10 @@ class DiskStreaming(LayerPlacement):
         block.to(self.device)
 
     def done(self, index, name, block, next_inputs, rows, stats) -> None:  # noqa: ANN001
-        tensors = compressed_state_dict(self.model, save_compressed=self.save_compressed, within=name)
-        tensors = {key: tensor.detach().cpu() for key, tensor in tensors.items()}
+        tensors = {}
+        if self.journal.writes:  # under torchrun rank 0 writes the parts
+            tensors = compressed_state_dict(self.model, save_compressed=self.save_compressed, within=name)
+            tensors = {key: tensor.detach().cpu() for key, tensor in tensors.items()}
         for module in block.modules():
             summarize_mask_(module)
         records = module_records(block)
@@ -346,8 +349,6 @@ def disk_problem(model_folder: Path | None, output_dir: Any, stages: int) -> str
         return "the model must be a local folder of safetensors files (not an object or hub name)"
     if stages != 1:
         return f"the recipe has {stages} stages and a streamed run runs one"
-    if world_size() > 1:
-        return "a run of several torchrun ranks keeps the model in host memory (offload cpu)"
     return None
 
 
@@ -355,13 +356,22 @@ def open_journal(
     output_dir: Path, *, model_files: Sequence[Path], recipe_text: str, batches: Any,
     settings: dict[str, Any], resume: bool,
 ) -> RunJournal:
-    """The run's journal (resumed when it matches), after checking the disk has room."""
+    """The run's journal (resumed when it matches), after checking the disk has room.
+
+    Under torchrun rank 0 opens it and decides whether to resume; the others take its decision.
+    """
     from llmc.resume import fingerprint, work_dir_for
 
-    journal = RunJournal.open(
-        output_dir,
-        fingerprint(model_files=model_files, recipe_text=recipe_text, batches=batches, settings=settings),
-        resume=resume,
+    digests = fingerprint(model_files=model_files, recipe_text=recipe_text, batches=batches, settings=settings)
+    if world_size() > 1:  # every rank's share, in rank order: another rank count starts over
+        shares = gather_objects(digests["calibration data"], "fingerprinting the calibration data")
+        digests["calibration data"] = hashlib.sha256(" ".join(shares).encode()).hexdigest()
+    journal = RunJournal.open(output_dir, digests, resume=resume) if is_writer() else None
+    state = broadcast_object(
+        journal.state() if journal is not None else None, 0, torch.device("cpu"), "reading the run's journal"
     )
+    if journal is None:
+        journal = RunJournal.following(output_dir, digests, state, rank=rank(), ranks=world_size())
+    journal.ranks = world_size()
     check_free_disk(work_dir_for(output_dir), sum(path.stat().st_size for path in set(model_files)) // 2)
     return journal

@@ -14,10 +14,18 @@ Each file is written under a temporary name, flushed and renamed, and the journa
 last, so a kill at any moment leaves a journal that names only layers whose part and next
 inputs are complete. A lock (``flock``) keeps a second run for the same output from using the
 folder while the first is alive. The folder is removed once the checkpoint is in place.
+
+**Several ranks** (torchrun): rank 0 holds the lock, writes the parts and the journal and
+decides whether to resume; the others follow its decision (``RunJournal.following``). Each
+rank keeps the next layer's inputs of its own samples in its own file
+(``inputs-00003-rank1.pt``), written before rank 0 records the layer, so a journal names a layer
+only once every rank's inputs of the next one are complete. The fingerprint covers every rank's
+share of the data, so a rerun with another rank count starts over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -31,6 +39,7 @@ from typing import Any
 import attrs
 import torch
 
+from llmc.distributed import barrier
 from llmc.errors import SaveError
 from llmc.save.safetensors_stream import (
     TensorEntry,
@@ -116,7 +125,14 @@ class RunJournal:
     layer_stats: list[dict[str, Any]] = attrs.field(factory=list)
     modules: dict[str, Any] = attrs.field(factory=dict)
     resumed: int = 0
+    # under torchrun: this process's rank, and whether it writes the journal (rank 0 does)
+    rank: int = 0
+    ranks: int = 1
     _lock: Any = None
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
 
     @classmethod
     def open(cls, output_dir: Path, fingerprint: dict[str, str], *, resume: bool) -> RunJournal:
@@ -160,6 +176,25 @@ class RunJournal:
         journal._write()
         return journal
 
+    @classmethod
+    def following(
+        cls, output_dir: Path, fingerprint: dict[str, str], state: dict[str, Any], *, rank: int, ranks: int
+    ) -> RunJournal:
+        """Rank ``rank``'s view of the journal rank 0 opened (``state``, see ``state``)."""
+        directory = work_dir_for(output_dir)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SaveError(f"cannot create the work folder {directory}: {error.strerror or error}") from error
+        return cls(directory, fingerprint, rank=rank, ranks=ranks, **state)
+
+    def state(self) -> dict[str, Any]:
+        """What the other ranks need of rank 0's journal to resume where it resumes."""
+        return {
+            "finished": self.finished, "rows": self.rows, "layer_stats": self.layer_stats,
+            "modules": self.modules, "resumed": self.resumed,
+        }
+
     def _read(self) -> dict[str, Any] | None:
         try:
             content = json.loads((self.directory / JOURNAL).read_text())
@@ -195,7 +230,9 @@ class RunJournal:
         return self.directory / f"layer-{index:05d}.safetensors"
 
     def _inputs(self, index: int) -> Path:
-        return self.directory / f"inputs-{index:05d}.pt"
+        if self.ranks == 1:
+            return self.directory / f"inputs-{index:05d}.pt"
+        return self.directory / f"inputs-{index:05d}-rank{self.rank}.pt"
 
     def layer_done(
         self,
@@ -207,16 +244,20 @@ class RunJournal:
         stats: dict[str, Any],
         modules: dict[str, Any],
     ) -> None:
-        """Record layer ``index`` as finished: its part, the next layer's inputs, then the journal."""
-        entries = [entry_of_tensor(key, tensor) for key, tensor in tensors.items()]
-        _fsync_write(self._part(index), lambda path: write_safetensors(path, entries, {"format": "pt"}))
+        """Record layer ``index`` as finished: the next layer's inputs (every rank its own), its
+        part, then the journal (rank 0)."""
         if next_inputs is not None:
             _fsync_write(self._inputs(index + 1), lambda path: torch.save(next_inputs, path))
+        barrier(f"saving the inputs of layer {index + 1}")
         self.finished.append(name)
         self.rows.extend(rows)
         self.layer_stats.append(stats)
         self.modules[name] = modules
-        self._write()
+        if self.writes:
+            entries = [entry_of_tensor(key, tensor) for key, tensor in tensors.items()]
+            _fsync_write(self._part(index), lambda path: write_safetensors(path, entries, {"format": "pt"}))
+            self._write()
+        barrier(f"recording layer {index} in the journal")
         self._inputs(index).unlink(missing_ok=True)
 
     def next_inputs(self) -> Any:
@@ -240,7 +281,11 @@ class RunJournal:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.writes:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        else:  # a machine of its own keeps an empty folder; rank 0 removes a shared one
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
 
     def close(self) -> None:
         """Let go of the lock (the folder stays, for the next run to resume)."""

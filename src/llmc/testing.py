@@ -33,6 +33,7 @@ __all__ = [
     "never_route_to",
     "sample_logits",
     "save_tiny_model",
+    "wait_until_paused",
     "write_text_file",
 ]
 
@@ -229,14 +230,20 @@ def kill_when_paused(
     before. Linux only (reads ``/proc/<pid>/stat``)."""
     with log.open("wb") as output:
         process = subprocess.Popen(list(command), stdout=output, stderr=subprocess.STDOUT, env=dict(env))
-        deadline = time.monotonic() + timeout_s
-        while process.poll() is None and _process_state(process.pid) != "T":
-            if time.monotonic() > deadline:
-                process.kill()
-                break
-            time.sleep(0.05)
-        if process.poll() is not None:
-            raise AssertionError(f"the run exited ({process.returncode}) before pausing: {log.read_text()}")
+        wait_until_paused(process, log, timeout_s=timeout_s)
         process.send_signal(signal.SIGKILL)
         process.wait()
     return process.pid
+
+
+def wait_until_paused(process: subprocess.Popen, log: Path, *, timeout_s: float = 300) -> None:
+    """Return once ``process`` stopped itself at a fault point; raise ``AssertionError`` (with
+    its log) if it exits or runs past ``timeout_s`` first. Linux only."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and _process_state(process.pid) != "T":
+        if time.monotonic() > deadline:
+            process.kill()
+            break
+        time.sleep(0.05)
+    if process.poll() is not None:
+        raise AssertionError(f"the run exited ({process.returncode}) before pausing: {log.read_text()}")

@@ -23,6 +23,7 @@ from llmc.context import RunContext
 from llmc.data import load_calibration_data, make_batches, padding_token_id
 from llmc.distributed import (
     barrier,
+    broadcast_object,
     is_writer,
     local_ranks,
     process_group,
@@ -128,6 +129,7 @@ def oneshot(**kwargs: Any) -> OneshotResult:
             device=device or next(model_args.model.parameters()).device,
             disk_problem=disk_problem(folder, output_dir, len(recipe.stages)),
         )
+        mode = broadcast_object(mode, 0, torch.device("cpu"), "choosing where the weights live")  # rank 0's
         skeleton = load_skeleton(model_args) if mode == "disk" else None
         if isinstance(skeleton, str):
             if model_args.offload == "disk":

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from llmc.distributed import world_size
-from llmc.errors import ArgumentError, DistributedError, RecipeError
+from llmc.errors import ArgumentError, RecipeError
 from llmc.modifier import Modifier
 from llmc.modifiers.quantization import QuantizingModifier
 from llmc.validators import as_list, is_number_in, is_target_list
@@ -98,16 +97,6 @@ def following_quantizer(modifier: Modifier, stage: Sequence[Modifier]) -> Quanti
     return after[0] if after else None  # type: ignore[return-value]
 
 
-def refuse_several_ranks(modifier: str) -> None:
-    """AWQ and SmoothQuant gather their own activation samples, which are not reduced across
-    torchrun ranks yet: refuse rather than give a result that depends on the rank count."""
-    if world_size() > 1:
-        raise DistributedError(
-            f"{modifier} does not run under torchrun yet ({world_size()} ranks): its searches "
-            "would see one rank's tokens only; run it in one process"
-        )
-
-
 @attrs.frozen(kw_only=True)
 class AWQModifier(QuantizingModifier):
     """Activation-aware weight quantization (arXiv 2306.00978): before weights are rounded,
@@ -167,8 +156,6 @@ class AWQModifier(QuantizingModifier):
     def start(self, context: RunContext) -> AWQRun:
         from llmc_awq.run import AWQRun
 
-        refuse_several_ranks(type(self).__name__)
-
         quantizer = None if self.has_scheme() else following_quantizer(self, context.stage_modifiers)
         if not self.has_scheme() and quantizer is None:
             self.check_stage(context.stage_modifiers)  # raises, saying what is missing
@@ -200,7 +187,5 @@ class SmoothQuantModifier(Modifier):
 
     def start(self, context: RunContext) -> SmoothQuantRun:
         from llmc_awq.run import SmoothQuantRun
-
-        refuse_several_ranks(type(self).__name__)
 
         return SmoothQuantRun(config=self)

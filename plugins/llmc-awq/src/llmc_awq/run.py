@@ -16,6 +16,11 @@ An AWQ modifier with its own scheme then rounds the layer's targets in ``llmc_la
 whatever lies outside the layers in ``llmc_finalize``); without one the quantizer after it does.
 Its static input and KV-cache scales (``llmc.calibration``) are observed in the pipeline's
 calibration pass, which runs after the smoothing, on the smoothed layer.
+
+Under torchrun the gathering pass runs on each rank's own batches and its statistics are
+reduced across the ranks (``llmc.distributed.reduce_statistics``); the token budgets
+(``max_search_tokens``, ``num_calibration_steps``) are shared out like the samples, so the
+ranks together gather what one process would, and every rank folds the same scales.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 from llmc.calibration import ActivationCalibration
 from llmc.context import RunContext
+from llmc.distributed import rank, reduce_statistics, shard_bounds, sum_counts, world_size
 from llmc.errors import CalibrationError
 from llmc.modifier import RunState
 from llmc.modifiers.quantization import (
@@ -142,13 +148,24 @@ class SmoothingRun(RunState):
         finally:
             for handle in handles:
                 handle.remove()
-        return statistics, parents
+        reduced = reduce_statistics(
+            statistics, [statistic] * len(statistics), context.device, f"reducing the activations of {layer_name}"
+        )
+        return [part if part is not None else statistic() for part in reduced], parents
 
     def fold(self, layer: torch.nn.Module, layer_name: str, mapping: Mapping, scales: torch.Tensor) -> None:
         prefix = f"{layer_name}."
         fold_into_producer_(_module(layer, prefix, mapping.smooth), mapping.producer, scales)
         for name in mapping.balance:
             balance_(_module(layer, prefix, name), scales)
+
+
+def _rank_budget(total: int | None) -> int | None:
+    """This rank's share of a budget of tokens or batches (all of it in one process)."""
+    if total is None or world_size() == 1:
+        return total
+    start, stop = shard_bounds(total, rank(), world_size())
+    return stop - start
 
 
 def _module(layer: torch.nn.Module, prefix: str, name: str) -> torch.nn.Module:
@@ -203,7 +220,7 @@ class AWQRun(SmoothingRun):
         device = torch.device(self.config.offload_device) if self.config.offload_device else None
         statistics, samples = self.gather(
             context, layer, layer_name, mappings, MeanAbs,
-            sample_tokens=self.config.max_search_tokens, sample_device=device, samples=True,
+            sample_tokens=_rank_budget(self.config.max_search_tokens), sample_device=device, samples=True,
         )
         last_use = {m.parent: index for index, m in enumerate(mappings)}
         for index, mapping in enumerate(mappings):
@@ -231,8 +248,10 @@ class AWQRun(SmoothingRun):
         statistic: MeanAbs,
         sample: ParentSample,
     ) -> None:
-        x_mean = statistic.finalize()
-        if x_mean is None or not sample.calls:
+        x_mean = statistic.finalize()  # reduced: the same on every rank
+        # summed over the ranks, so all of them search or none does (a rank without calls still takes part)
+        calls, search_tokens = sum_counts(torch.tensor([len(sample.calls), sample.tokens]), "counting the AWQ search sample").tolist()
+        if x_mean is None or not calls:
             logger.info("AWQModifier: no calibration tokens reached %s; left unsmoothed", _short(mapping.balance, ""))
             return
         quantized = {n: self.targets[n] for n in mapping.balance if n in self.targets}
@@ -252,7 +271,7 @@ class AWQRun(SmoothingRun):
             output_error=result.best_error,
             rtn_output_error=result.identity_error,
             tokens=statistic.tokens,
-            search_tokens=sample.tokens,
+            search_tokens=search_tokens,
             search_bytes=result.held_bytes,
         )
 
@@ -285,7 +304,7 @@ class SmoothQuantRun(SmoothingRun):
         if not mappings:
             return None
         statistics, _ = self.gather(
-            context, layer, layer_name, mappings, AbsMax, max_batches=self.config.num_calibration_steps
+            context, layer, layer_name, mappings, AbsMax, max_batches=_rank_budget(self.config.num_calibration_steps)
         )
         for mapping, statistic in zip(mappings, statistics):
             act_absmax = statistic.finalize()

@@ -12,6 +12,10 @@ weight by ``s`` instead of the input is the folded computation ``Q(W s)(x / s)``
 touching the parent's inputs. The balance weights are put back after the search (their storage
 is never written to); only one grid point's rounded weights and the parent's bounded sample are
 held besides them.
+
+Under torchrun each rank runs the grid on the sample of its own tokens, and the squared errors
+(and the reference energy) are summed over the ranks in float64 before ``α`` is chosen, so all
+ranks choose the same one: the search is shared out by tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Mapping as MappingType
 import attrs
 import torch
 
+from llmc.distributed import sum_in_float64_
 from llmc.quantization import QuantizationScheme, fake_quantized_weight
 from llmc.statistics import real_tokens
 from llmc_awq.capture import ParentSample, computing_in
@@ -93,7 +98,7 @@ def search_scales(
     """
     device = next(iter(quantized.values()))[0].weight.device
     reference = _run(parent, sample, device, compute_dtype)
-    energy = sum(float(y.double().square().sum()) for y in reference) or 1.0
+    energy = sum(float(y.double().square().sum()) for y in reference)
     # the weights' own storage, never written to: each grid point installs new tensors
     originals = {name: module.weight.data for name, (module, _) in quantized.items()}
     w_mean = None
@@ -102,27 +107,31 @@ def search_scales(
             [originals[n] for n in quantized], [chunk_size(originals[n], s) for n, (_, s) in quantized.items()]
         ).to(device)
     x_mean = x_mean.to(device)
-    best: tuple[float, float, bool, torch.Tensor] | None = None
-    errors = []
+    grid = list(search_grid(n_grid, duo_scaling))
+    squared_errors = []
     try:
-        for alpha, duo in search_grid(n_grid, duo_scaling):
+        for alpha, duo in grid:
             s = awq_scales(x_mean, w_mean, alpha, duo)  # [cols]
             for name, (module, scheme) in quantized.items():
                 W = originals[name]
                 scaled = (W.float() * s).to(W.dtype)
                 module.weight.data = (fake_quantized_weight(scaled, scheme).float() / s).to(W.dtype)
-            error = sum(
+            squared_errors.append(sum(
                 float((y - ref).double().square().sum()) for y, ref in zip(_run(parent, sample, device, compute_dtype), reference)
-            ) / energy
-            errors.append(error)
-            if best is None or error < best[0]:
-                best = (error, alpha, duo, s.clone())
+            ))
     finally:
         for name, (module, _) in quantized.items():
             module.weight.data = originals[name]
-    assert best is not None
+    totals = torch.tensor([energy, *squared_errors], dtype=torch.float64)
+    sum_in_float64_(totals, "summing the AWQ search errors")
+    energy = float(totals[0]) or 1.0
+    errors = [float(total) / energy for total in totals[1:]]
     if not all(e == e for e in errors):  # NaN: the parent's forward broke on these weights
         raise FloatingPointError("AWQ search produced NaN output errors")
+    best = min(range(len(errors)), key=errors.__getitem__)  # the first of equal errors
+    alpha, duo = grid[best]
     held = sample.nbytes() + sum(y.numel() * y.element_size() for y in reference)
     held += sum(module.weight.numel() * module.weight.element_size() for module, _ in quantized.values())
-    return SearchResult(best[3], best[1], best[2], errors[0], best[0], tuple(errors), held)
+    return SearchResult(
+        awq_scales(x_mean, w_mean, alpha, duo), alpha, duo, errors[0], errors[best], tuple(errors), held
+    )
