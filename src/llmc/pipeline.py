@@ -207,7 +207,8 @@ class LayerwisePipeline:
     expert is calibrated on all of them; the block's output still uses only the routed experts.
     ``placement`` moves each block onto the device and off it (``llmc.offload``); a streamed
     run's placement may also resume at a later block. ``layer_stats`` gets one entry per block:
-    its seconds and its peak host (and device) memory.
+    its seconds, those of its end (``solve_seconds``: the modifiers' solves and rounding, and
+    under torchrun their reductions and broadcasts) and its peak host (and device) memory.
     """
 
     model: torch.nn.Module
@@ -265,7 +266,9 @@ class LayerwisePipeline:
                 if wants_data:
                     self.context.forward_layer()
                 first_row = len(self.context.report)
+                ending = time.perf_counter()
                 hook.llmc_layer_end(context=self.context, layer_name=name, layer=block)
+                solve_seconds = time.perf_counter() - ending
                 record_routed_tokens(self.context.report[first_row:], name, block)
                 self.context.forward_layer = None
                 if inputs is not None and name != blocks[-1][0]:
@@ -277,7 +280,10 @@ class LayerwisePipeline:
                 else:
                     inputs = None
                 self.timings[name] = time.perf_counter() - started
-                layer = {"layer": name, "seconds": round(self.timings[name], 3), **memory.stop()}
+                layer = {
+                    "layer": name, "seconds": round(self.timings[name], 3),
+                    "solve_seconds": round(solve_seconds, 3), **memory.stop(),
+                }
                 placement.done(index, name, block, inputs, self.context.report[first_row:], layer)
                 return_freed_memory()  # the layer's temporaries (llmc.memory explains why)
                 self.layer_stats.append(layer)
