@@ -147,6 +147,7 @@ PLUGIN_API_MODULES = (
     "llmc.context",
     "llmc.distributed",
     "llmc.errors",
+    "llmc.experts_adapters",
     "llmc.hessian",
     "llmc.hookspecs",
     "llmc.masks",
