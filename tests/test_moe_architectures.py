@@ -16,7 +16,7 @@ from llmc import oneshot
 from llmc.args import ModelArguments
 from llmc.models import load_model
 from llmc.moe import UnfusedExperts, find_fused_experts, unfuse_experts_
-from llmc.targets import match_modules
+from llmc.targets import is_router, match_modules
 from llmc.testing import sample_logits, write_text_file
 
 pytest.importorskip("compressed_tensors")
@@ -51,9 +51,25 @@ def _gpt_oss() -> transformers.PreTrainedModel:
     return model
 
 
-BUILDERS = {"gpt_oss": _gpt_oss}
-# The 2-D tensors of the decoder layers that are not compressed on purpose
-NOT_COMPRESSED = {"gpt_oss": (".mlp.router.weight",)}
+def _llama4() -> transformers.PreTrainedModel:
+    config = transformers.Llama4TextConfig(
+        **COMMON, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # larger than transformers' initialisation, so the experts matter in the logits
+        for layer in model.model.layers:
+            layer.feed_forward.experts.gate_up_proj.normal_(0, 0.2)
+            layer.feed_forward.experts.down_proj.normal_(0, 0.2)
+            layer.feed_forward.router.weight.normal_(0, 0.5)
+    return model
+
+
+BUILDERS = {"gpt_oss": _gpt_oss, "llama4": _llama4}
+# The 2-D tensors of the decoder layers that are not compressed on purpose: the routers
+NOT_COMPRESSED = {"gpt_oss": (".mlp.router.weight",), "llama4": (".feed_forward.router.weight",)}
 
 
 def _ids() -> torch.Tensor:
@@ -145,6 +161,62 @@ def test_gpt_oss_gptq_checkpoint_quantizes_every_expert_and_loads_with_the_same_
     torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=1e-5, atol=1e-5)
     before = load_model(ModelArguments(model=str(source), device="cpu"))  # fused, as transformers wrote it
     assert find_fused_experts(before)
+    assert (sample_logits(before, result.tokenizer) - ours).abs().max() > 1e-3  # really quantized
+
+
+def test_llama4_unfused_experts_compute_what_the_fused_ones_compute():
+    fused = _llama4()
+    model = copy.deepcopy(fused)
+    names = unfuse_experts_(model)
+    assert names == ["model.layers.0.feed_forward.experts", "model.layers.1.feed_forward.experts"]
+    experts = model.get_submodule(names[1])
+    assert [name for name, _ in experts[2].named_children()] == ["gate_proj", "up_proj", "down_proj", "act_fn"]
+    gate_up = fused.model.layers[1].feed_forward.experts.gate_up_proj[2]  # [H, 2I]: gate, then up
+    assert torch.equal(experts[2].gate_proj.weight, gate_up[:, :32].T)
+    assert torch.equal(experts[2].up_proj.weight, gate_up[:, 32:].T)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, fused(_ids()).logits, rtol=1e-5, atol=1e-5)
+        # the stacked input the MoE block gives its experts: every token once per expert, scaled
+        # by its routing score (zero where the token is not routed to the expert)
+        hidden = torch.randn(4 * 7, 64, generator=torch.Generator().manual_seed(2))
+        hidden[torch.arange(28) % 3 == 0] = 0
+        torch.testing.assert_close(experts(hidden), fused.model.layers[1].feed_forward.experts(hidden), rtol=1e-5, atol=1e-5)
+    # Llama4Router is an nn.Linear: marked, so `targets: [Linear]` leaves it; the shared expert is compressed
+    router = "model.layers.0.feed_forward.router"
+    assert is_router(model.get_submodule(router))
+    linears = {name for name, _ in match_modules(model, ["Linear"], ["lm_head"])}
+    assert router not in linears
+    assert {"model.layers.0.feed_forward.shared_expert.up_proj", "model.layers.0.feed_forward.experts.3.down_proj"} <= linears
+
+
+def test_llama4_gptq_checkpoint_quantizes_every_expert_and_loads_in_transformers(compressed):
+    result, source = compressed("llama4")
+    with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
+        keys = set(checkpoint.keys())
+        quantized, total = _decoder_matrix_parameters(checkpoint, NOT_COMPRESSED["llama4"])
+        scales = [checkpoint.get_tensor(key) for key in keys if key.endswith("weight_scale")]
+    assert quantized / total >= 0.99
+    assert scales and all(torch.isfinite(scale).all() for scale in scales)
+    # per-expert Linears, the names vLLM's llama4.py and transformers' swapped experts read
+    assert {f"model.layers.1.feed_forward.experts.3.{p}.weight_packed" for p in ("gate_proj", "up_proj", "down_proj")} <= keys
+    assert "model.layers.1.feed_forward.router.weight" in keys
+    assert not [key for key in keys if "router.weight_" in key or "gate_up_proj" in key]
+    report = json.loads((result.output_dir / "llmc_report.json").read_text())
+    rows = {row["module"]: row for row in report["modules"]}
+    counts = report["routed_tokens"]["model.layers.0.feed_forward.experts"]
+    for layer in (0, 1):
+        for expert in range(4):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                # Llama 4's experts are calibrated on the tokens routed to them (an unrouted
+                # token reaches an expert as a zero row)
+                assert rows[f"model.layers.{layer}.feed_forward.experts.{expert}.{projection}"]["tokens"] > 0
+    assert rows["model.layers.0.feed_forward.experts.2.up_proj"]["tokens"] == counts[2]
+    ours = sample_logits(result.model, result.tokenizer)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=1e-5, atol=1e-5)
+    ours_loaded = load_model(ModelArguments(model=str(result.output_dir), device="cpu"))
+    torch.testing.assert_close(sample_logits(ours_loaded, result.tokenizer), ours, rtol=1e-5, atol=1e-5)
+    before = load_model(ModelArguments(model=str(source), device="cpu"))
     assert (sample_logits(before, result.tokenizer) - ours).abs().max() > 1e-3  # really quantized
 
 
