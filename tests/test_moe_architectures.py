@@ -1,5 +1,5 @@
-"""Architectures beyond transformers' experts convention: GPT-OSS, Llama 4 and a vision-language
-model, each as a tiny random model built here, compressed with GPTQ W4A16 end to end."""
+"""Architectures beyond transformers' experts convention (GPT-OSS, Llama 4) and a vision-language
+model (Qwen2.5-VL), each as a tiny random model built here, compressed with GPTQ W4A16 end to end."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from llmc import oneshot
 from llmc.args import ModelArguments
 from llmc.models import load_model
 from llmc.moe import UnfusedExperts, find_fused_experts, unfuse_experts_
+from llmc.multimodal import mark_encoders_
 from llmc.targets import is_router, match_modules
-from llmc.testing import sample_logits, write_text_file
+from llmc.testing import build_causal_lm, sample_logits, write_text_file
 
 pytest.importorskip("compressed_tensors")
 
@@ -67,9 +68,27 @@ def _llama4() -> transformers.PreTrainedModel:
     return model
 
 
-BUILDERS = {"gpt_oss": _gpt_oss, "llama4": _llama4}
+def _qwen2_5_vl() -> transformers.PreTrainedModel:
+    # the image and video token ids lie beyond the tokenizer's 320 tokens: text never holds one
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=330, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=3,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0],
+        ),
+        image_token_id=320, video_token_id=321, vision_start_token_id=322, vision_end_token_id=323,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+
+
+BUILDERS = {"gpt_oss": _gpt_oss, "llama4": _llama4, "qwen2_5_vl": _qwen2_5_vl}
 # The 2-D tensors of the decoder layers that are not compressed on purpose: the routers
-NOT_COMPRESSED = {"gpt_oss": (".mlp.router.weight",), "llama4": (".feed_forward.router.weight",)}
+NOT_COMPRESSED = {"gpt_oss": (".mlp.router.weight",), "llama4": (".feed_forward.router.weight",), "qwen2_5_vl": ()}
 
 
 def _ids() -> torch.Tensor:
@@ -256,3 +275,50 @@ def test_a_third_party_experts_adapter_registered_through_the_plugin_api_unfuses
     # without the plugin, core has no adapter for the class and it stays as it is
     other = copy.deepcopy(fused)
     assert unfuse_experts_(other, load_registry(entry_points=[]).experts_adapter_classes()) == []
+
+
+VISION_LINEARS = {
+    "model.visual.blocks.0.attn.qkv", "model.visual.blocks.0.attn.proj", "model.visual.blocks.0.mlp.gate_proj",
+    "model.visual.blocks.0.mlp.up_proj", "model.visual.blocks.0.mlp.down_proj", "model.visual.merger.mlp.0",
+    "model.visual.merger.mlp.2",
+}
+
+
+def test_vision_language_model_loads_and_class_targets_leave_its_vision_tower_alone(tmp_path, tokenizer):
+    _qwen2_5_vl().save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    model = load_model(ModelArguments(model=str(tmp_path / "model"), device="cpu"))
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert set(mark_encoders_(model)) == VISION_LINEARS
+    linears = {name for name, _ in match_modules(model, ["Linear"], ["lm_head"])}
+    assert len(linears) == 2 * 7 and all(name.startswith("model.language_model.layers.") for name in linears)
+    # by name or regular expression the vision tower is still reached
+    assert {name for name, _ in match_modules(model, ["re:model\\.visual\\.merger\\.mlp\\.[02]"])} == {
+        "model.visual.merger.mlp.0", "model.visual.merger.mlp.2"
+    }
+    assert {name for name, _ in match_modules(model, ["model.visual.blocks.0.attn.qkv"])} == {"model.visual.blocks.0.attn.qkv"}
+    assert mark_encoders_(build_causal_lm("llama")) == []  # a causal LM has no other modality's encoder
+
+
+def test_vision_language_model_gptq_checkpoint_compresses_the_language_model_and_loads_in_transformers(compressed):
+    result, source = compressed("qwen2_5_vl")
+    with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
+        keys = set(checkpoint.keys())
+        quantized, total = _decoder_matrix_parameters(checkpoint, NOT_COMPRESSED["qwen2_5_vl"])
+        scales = [checkpoint.get_tensor(key) for key in keys if key.endswith("weight_scale")]
+    assert quantized / total >= 0.99
+    assert scales and all(torch.isfinite(scale).all() for scale in scales)
+    # transformers' checkpoint names: the language model's layers at model.layers, the vision tower at visual
+    assert "model.layers.1.mlp.down_proj.weight_packed" in keys
+    assert "visual.blocks.0.attn.qkv.weight" in keys
+    assert not [key for key in keys if key.startswith("visual.") and "weight_" in key]
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert set(config["quantization_config"]["ignore"]) == {"lm_head"} | VISION_LINEARS
+    rows = {row["module"]: row for row in json.loads((result.output_dir / "llmc_report.json").read_text())["modules"]}
+    assert all(rows[f"model.language_model.layers.{layer}.mlp.up_proj"]["tokens"] > 0 for layer in (0, 1))
+    ours = sample_logits(result.model, result.tokenizer)
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(result.output_dir).eval()
+    torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=1e-5, atol=1e-5)
+    before = load_model(ModelArguments(model=str(source), device="cpu"))
+    assert (sample_logits(before, result.tokenizer) - ours).abs().max() > 1e-3  # really quantized
