@@ -32,6 +32,16 @@ quant_stage:
           targets: [Linear]
           weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
 """
+RTN_W4_GROUP16 = """
+quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      ignore: [lm_head]
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
+"""
 COMMON = dict(vocab_size=320, bos_token_id=0, eos_token_id=1, pad_token_id=3, tie_word_embeddings=False)
 
 
@@ -239,6 +249,22 @@ def test_llama4_gptq_checkpoint_quantizes_every_expert_and_loads_in_transformers
     assert (sample_logits(before, result.tokenizer) - ours).abs().max() > 1e-3  # really quantized
 
 
+@pytest.mark.parametrize("kind", ["gpt_oss", "llama4"])
+def test_unquantized_per_expert_checkpoint_loads_with_load_model(kind, tmp_path, tokenizer):
+    """Saved with nothing quantized (a pruning recipe writes such), transformers' quantizer does
+    not swap Llama 4's experts either: load_model builds them unfused for both."""
+    from llmc.save import save_checkpoint
+
+    model = BUILDERS[kind]()
+    unfuse_experts_(model)
+    path = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    with safe_open(path / "model.safetensors", "pt") as checkpoint:
+        assert not [key for key in checkpoint.keys() if "gate_up_proj" in key]
+    loaded = load_model(ModelArguments(model=str(path), device="cpu"))
+    assert not find_fused_experts(loaded)
+    torch.testing.assert_close(sample_logits(loaded, tokenizer), sample_logits(model, tokenizer), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
@@ -299,6 +325,14 @@ def test_vision_language_model_loads_and_class_targets_leave_its_vision_tower_al
     }
     assert {name for name, _ in match_modules(model, ["model.visual.blocks.0.attn.qkv"])} == {"model.visual.blocks.0.attn.qkv"}
     assert mark_encoders_(build_causal_lm("llama")) == []  # a causal LM has no other modality's encoder
+    # a recipe naming the vision tower by regular expression compresses it (data-free here)
+    result = oneshot(
+        model=str(tmp_path / "model"), tokenizer=tokenizer, output_dir=str(tmp_path / "out"),
+        recipe=RTN_W4_GROUP16.replace("targets: [Linear]", "targets: [Linear, 're:model\\.visual\\..*']"),
+    )
+    with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
+        keys = set(checkpoint.keys())
+    assert {"visual.blocks.0.attn.qkv.weight_packed", "visual.merger.mlp.2.weight_packed"} <= keys
 
 
 def test_vision_language_model_gptq_checkpoint_compresses_the_language_model_and_loads_in_transformers(compressed):

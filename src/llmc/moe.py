@@ -1,11 +1,11 @@
 """Mixture-of-experts layers as Linears: unfuse the fused experts of transformers 5.
 
-transformers 5 keeps the experts of Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-V3 and others in
-one module with 3-D parameters indexed by expert (``gate_up_proj: [E, 2I, H]``,
-``down_proj: [E, H, I]``), not as ``nn.Linear``. A recipe targeting ``Linear`` would leave them
-in full precision, and the checkpoints vLLM and transformers read name each expert
-(``mlp.experts.3.gate_proj.weight``). ``unfuse_experts_`` therefore replaces every such module,
-after loading and before a recipe runs, by an ``UnfusedExperts``::
+transformers 5 keeps the experts of MoE models in one module with 3-D parameters indexed by
+expert (Qwen3-MoE's ``gate_up_proj: [E, 2I, H]``, ``down_proj: [E, H, I]``), not as
+``nn.Linear``. A recipe targeting ``Linear`` would leave them in full precision, and the
+checkpoints vLLM reads name each expert (``mlp.experts.3.gate_proj.weight``).
+``unfuse_experts_`` therefore replaces every such module, after loading and before a recipe
+runs, by an ``UnfusedExperts``::
 
     mlp.experts  (Qwen3MoeExperts: gate_up_proj [E, 2I, H], down_proj [E, H, I])
         ->  mlp.experts  (UnfusedExperts, an nn.ModuleList)
@@ -13,29 +13,34 @@ after loading and before a recipe runs, by an ``UnfusedExperts``::
               ...
               E-1: ...
 
-The per-expert Linears are named as the model's checkpoints name them (Mixtral's ``w1``, ``w3``,
-``w2``), so the state dict carries exactly the per-expert names transformers' loader merges
-from (``save`` then only applies the model's own renamings, e.g. Mixtral's ``mlp`` →
-``block_sparse_moe``). Their weights are views of the fused tensors: nothing is copied.
-``UnfusedExperts.forward`` has the fused module's signature and computes exactly what its eager
-forward computes.
+**Which modules, and how they are cut.** A module is a fused experts module when it holds 3-D
+parameters indexed by expert (``down_proj``), carries the attributes transformers'
+``@use_experts_implementation`` sets (``has_gate``, ``has_bias``, ``is_transposed``), or is of
+a class an experts adapter names. How to cut it is the adapter's part
+(``llmc.experts_adapters``, registered through the plugin API): where each expert's gate, up
+and down weights and biases lie, what joins gate and up, how tokens reach the experts and what
+the checkpoints call each Linear. Core's adapters cover transformers' own convention by
+structure (Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-V3 and others, named as transformers' loader
+merges from, Mixtral's ``w1``/``w3``/``w2``), GPT-OSS (interleaved gate and up, biases, a
+clamped SwiGLU) and Llama 4 (tokens stacked per expert and pre-scaled by their routing scores).
+A module no adapter can cut is refused with one line naming it, since leaving it fused would
+silently skip the experts. Where the fused layout allows (transformers' convention) the
+per-expert weights are views of the fused tensors and nothing is copied; transposed or
+interleaved layouts (GPT-OSS, Llama 4) are copied once into contiguous ``[out, in]`` matrices.
+``UnfusedExperts.forward`` has the fused module's signature and computes what its eager forward
+computes (the same values up to the rounding of a product computed in another order).
 
-**Which modules.** A module is a fused experts module when it holds 3-D parameters indexed by
-expert (``down_proj`` and ``gate_up_proj``/``up_proj``) or carries the attributes transformers'
-``@use_experts_implementation`` sets (``has_gate``, ``has_bias``, ``is_transposed``): its
-structure decides, never a table of model classes. It is unfused when its forward can be
-reproduced from those attributes (gated, gate and up rows concatenated, not transposed, the
-default gate ``act_fn(gate) * up``, no post-expert norm; biases allowed) and when the model's
-own weight conversions (``transformers.core_model_loading``) turn its parameters into one 2-D
-tensor per expert and projection, the checkpoint layout. Anything else (GPT-OSS, whose
-checkpoints keep the experts fused and whose gate and up rows interleave) is refused with one
-line naming the module, since leaving it fused would silently skip the experts.
+**Checkpoints.** The state dict carries the per-expert names, and ``save`` applies only the
+model's own renamings (Mixtral's ``mlp`` → ``block_sparse_moe``). Where transformers' loader
+expects the experts fused (GPT-OSS always, Llama 4 unless quantized), ``llmc.models.load_model``
+reads the per-expert checkpoint by building the model with its experts unfused
+(``llmc.moe_checkpoints``).
 
 **Routers.** The ``nn.Linear`` children of a block holding experts (Qwen2-MoE's
-``shared_expert_gate``; the routers of these architectures are their own modules, not Linears)
-are marked as routers: class-name targets (``Linear``) pass them over
-(``llmc.targets.is_router``), so no default recipe compresses them. Shared experts are ordinary
-Linears.
+``shared_expert_gate``, Llama 4's ``Llama4Router``) are marked as routers: class-name targets
+(``Linear``) pass them over (``llmc.targets.is_router``), so no default recipe compresses them.
+The routers of the other architectures are their own modules, not Linears. Shared experts are
+ordinary Linears.
 
 **Calibration.** During the pipeline's calibration passes (``experts_calibration``; never in
 its propagation passes or after the run) every expert runs on each batch even when no token is
@@ -49,7 +54,9 @@ share one statistic); the module's output still takes only each token's routed e
 same values, up to the rounding of a product over more rows). Routed calibration gives each
 expert the tokens routed to it, padding included (``llmc.statistics.real_tokens``). The real
 tokens routed to each expert are counted per pass, and the pipeline adds them to the report rows
-of the expert's modules (``routed_tokens``).
+of the expert's modules (``routed_tokens``). Llama 4's experts (the ``stacked`` routing) are
+always calibrated on their routed tokens: a token not routed to an expert reaches it as a zero
+row, which would add tokens and no information to its statistics.
 """
 
 from __future__ import annotations
