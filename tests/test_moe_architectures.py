@@ -356,3 +356,16 @@ def test_vision_language_model_gptq_checkpoint_compresses_the_language_model_and
     torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=1e-5, atol=1e-5)
     before = load_model(ModelArguments(model=str(source), device="cpu"))
     assert (sample_logits(before, result.tokenizer) - ours).abs().max() > 1e-3  # really quantized
+
+
+def test_a_stacked_experts_layout_with_biases_is_refused():
+    from llmc.experts_adapters import ExpertsLayout, GatedActivation
+
+    def piece(role, expert):
+        return torch.zeros(4, 4)
+
+    with pytest.raises(ValueError, match=r"^an experts layout with stacked routing cannot have biases$"):
+        ExpertsLayout(
+            experts=2, names={"gate": "g", "up": "u", "down": "d"}, weight=piece, bias=piece,
+            act_fn=GatedActivation(torch.nn.functional.silu), routing="stacked",
+        )

@@ -99,7 +99,7 @@ class ExpertsLayout:
     ``down`` projection (``bias(role, expert)`` its bias, or ``bias`` None), a view of the fused
     tensors where their layout allows; ``names`` maps each role to the Linear's name in the
     checkpoint; ``act_fn(gate, up)`` joins the two projections; ``routing`` is one of
-    ``ROUTINGS``.
+    ``ROUTINGS`` (``stacked`` only without biases).
     """
 
     experts: int
@@ -108,6 +108,11 @@ class ExpertsLayout:
     bias: Slicer | None
     act_fn: nn.Module
     routing: str = attrs.field(default="routed", validator=attrs.validators.in_(ROUTINGS))
+
+    def __attrs_post_init__(self) -> None:
+        if self.routing == "stacked" and self.bias is not None:
+            # an unrouted token is a zero row, skipped because a bias-free expert maps it to zero
+            raise ValueError("an experts layout with stacked routing cannot have biases")
 
 
 class ExpertsAdapter:
