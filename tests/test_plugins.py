@@ -222,6 +222,7 @@ def test_cli_plugins_lists_broken_plugin_with_reason(capsys, monkeypatch):
     assert main(["-q", "plugins"]) == 0
     out = capsys.readouterr().out
     assert "core  (llmc-core" in out
+    assert "    experts:   gpt_oss, llama4, transformers\n" in out
     assert "faulty  (failed to load: llmc_register_modifiers raised RuntimeError: the plugin's license check failed)" in out
     assert "broken  (failed to load: ImportError: this plugin needs a package that is not installed)" in out
     assert main(["-q", "recipes"]) == 0  # other commands work
