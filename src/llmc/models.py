@@ -1,9 +1,12 @@
 """Load the model and tokenizer named by ``ModelArguments``, shared by ``oneshot`` and ``eval``.
 
-The loaders are transformers' own ``AutoModelForCausalLM``/``AutoTokenizer``; what this module
-adds is the part users trip over: the embedded demo model by name, a dtype chosen by one word,
-and one-line errors for a missing path, a hub that cannot be reached (decided in a moment rather
-than after transformers' ~25 s of retries) or a checkpoint that needs a package not installed.
+The loaders are transformers' own ``AutoModelForCausalLM``/``AutoTokenizer``
+(``AutoModelForImageTextToText`` for a vision-language model the first does not map); what this
+module adds is the part users trip over: the embedded demo model by name, a dtype chosen by one
+word, one-line errors for a missing path, a hub that cannot be reached (decided in a moment
+rather than after transformers' ~25 s of retries) or a checkpoint that needs a package not
+installed, and per-expert MoE checkpoints that transformers reads only fused
+(``llmc.moe_checkpoints``).
 """
 
 from __future__ import annotations

@@ -5,10 +5,9 @@ vLLM and llm-compressor use. For most architectures transformers' loader merges 
 into its fused experts itself. For some it does not: GPT-OSS checkpoints are read only with
 ``gate_up_proj`` fused, and Llama 4's only when quantized (``transformers.quantizers.base``
 swaps its experts for Linears then); transformers' save-time conversion tells which, as it
-keeps their tensors fused. For those, ``unfusing_model_class`` gives a
-subclass of the model class that unfuses its experts as soon as it is built, so transformers'
-own ``from_pretrained`` (and compressed-tensors' quantizer in it) finds a Linear for every
-per-expert tensor. The subclass keeps the class's name, so a saved config names the original
+keeps their tensors fused. For those, ``unfusing_model_class`` gives a subclass of the model
+class that unfuses its experts as soon as it is built, so transformers' own ``from_pretrained``
+(and compressed-tensors' quantizer in it) finds a Linear for every per-expert tensor. The subclass keeps the class's name, so a saved config names the original
 architecture.
 """
 
@@ -56,8 +55,11 @@ def unfusing_model_class(
     files = checkpoint_files(folder)
     if isinstance(files, str) or not any(re.search(r"\.experts\.\d+\.", key) for key in files):
         return None
-    with init_empty_weights(include_buffers=False):
-        skeleton = model_class(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            skeleton = model_class(config)
+    except Exception:  # transformers' own from_pretrained reports what is wrong with the config
+        return None
     names = _fused_in_checkpoints(skeleton, files)
     if not names:
         return None
