@@ -29,7 +29,10 @@ def _language_model(model: nn.Module) -> nn.Module | None:
         return None
     encoders = []
     for modality in _MODALITIES:
-        encoder = get_encoder(modality=modality)
+        try:
+            encoder = get_encoder(modality=modality)
+        except (TypeError, ValueError):  # an override without modalities (encoder-decoder text models)
+            return None
         if encoder is not model and encoder is not getattr(model, "base_model", model):
             encoders.append(encoder)
     decoder = get_decoder()
