@@ -369,3 +369,16 @@ def test_a_stacked_experts_layout_with_biases_is_refused():
             experts=2, names={"gate": "g", "up": "u", "down": "d"}, weight=piece, bias=piece,
             act_fn=GatedActivation(torch.nn.functional.silu), routing="stacked",
         )
+
+
+def test_vision_language_model_streamed_from_disk_writes_the_checkpoint_an_in_memory_run_writes(tmp_path, tokenizer):
+    _qwen2_5_vl().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    written = {}
+    for offload in ("cpu", "disk"):
+        result = oneshot(
+            model=str(tmp_path / "model"), recipe=RTN_W4_GROUP16, offload=offload, output_dir=str(tmp_path / offload)
+        )
+        assert json.loads((result.output_dir / "llmc_report.json").read_text())["offload"] == offload
+        written[offload] = (result.output_dir / "model.safetensors").read_bytes()
+    assert written["disk"] == written["cpu"]
