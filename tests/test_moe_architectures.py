@@ -382,3 +382,21 @@ def test_vision_language_model_streamed_from_disk_writes_the_checkpoint_an_in_me
         assert json.loads((result.output_dir / "llmc_report.json").read_text())["offload"] == offload
         written[offload] = (result.output_dir / "model.safetensors").read_bytes()
     assert written["disk"] == written["cpu"]
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "llama4"])
+def test_unfused_experts_get_the_gradients_of_the_fused_ones(kind):
+    """What fine-tuning (``train``, QAT, distillation) steps on: the same loss gradient."""
+    fused = BUILDERS[kind]()
+    model = copy.deepcopy(fused)
+    unfuse_experts_(model)
+    ids = _ids()
+    for each in (model, fused):
+        each.train()
+        each(ids, labels=ids).loss.backward()
+    block = "mlp" if kind == "gpt_oss" else "feed_forward"
+    fused_gate_up = fused.model.layers[0].get_submodule(block).experts.gate_up_proj.grad[1]  # [H, 2I]
+    gate = fused_gate_up[:, 0::2] if kind == "gpt_oss" else fused_gate_up[:, :32]
+    ours = model.model.layers[0].get_submodule(block).experts[1].gate_proj.weight.grad
+    assert gate.abs().max() > 0
+    torch.testing.assert_close(ours, gate.T, rtol=1e-5, atol=1e-7)
