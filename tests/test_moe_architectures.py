@@ -32,16 +32,7 @@ quant_stage:
           targets: [Linear]
           weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
 """
-RTN_W4_GROUP16 = """
-quant_stage:
-  quant_modifiers:
-    QuantizationModifier:
-      ignore: [lm_head]
-      config_groups:
-        group_0:
-          targets: [Linear]
-          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
-"""
+RTN_W4_GROUP16 = GPTQ_W4A16_GROUP16.replace("GPTQModifier", "QuantizationModifier")  # data-free
 COMMON = dict(vocab_size=320, bos_token_id=0, eos_token_id=1, pad_token_id=3, tie_word_embeddings=False)
 
 
