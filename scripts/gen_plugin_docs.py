@@ -137,6 +137,12 @@ core changes.
   in `llmc/save/formats.py`; schemes name it with `format:` or are inferred to it.
 - **A checkpoint config entry** (`sparsity_config`, a plugin's own record): implement
   `llmc_checkpoint_config(model)` in the plugin module.
+- **An MoE architecture whose fused experts core cannot cut**: subclass
+  `llmc.experts_adapters.ExpertsAdapter` (`adapter_name`, `experts_classes`, and `layout` returning
+  an `ExpertsLayout`: each expert's `[out, in]` weights and biases by role, the checkpoint names,
+  the module joining gate and up, the routing) and return it from
+  `llmc_register_experts_adapters()`; `unfuse_experts_` then cuts that class, and everything
+  after it (targets, calibration, saving) is unchanged.
 """
 
 # Core modules whose ``__all__`` is the API plugins may import (a test checks that the
@@ -147,6 +153,7 @@ PLUGIN_API_MODULES = (
     "llmc.context",
     "llmc.distributed",
     "llmc.errors",
+    "llmc.experts_adapters",
     "llmc.hessian",
     "llmc.hookspecs",
     "llmc.masks",

@@ -12,6 +12,7 @@ from typing import ClassVar
 import attrs
 
 from llmc import Modifier, hookimpl
+from llmc.experts_adapters import ExpertsAdapter
 
 
 @attrs.frozen(kw_only=True)
@@ -61,6 +62,23 @@ def _register_with_argument(registry):  # the hookspec takes no argument
     return [FaultyModifier]
 
 
+class ClashingExpertsAdapter(ExpertsAdapter):
+    """Claims the experts class core's gpt_oss adapter handles."""
+
+    adapter_name = "faulty_gpt_oss"
+    experts_classes = ("GptOssExperts",)
+
+
+@hookimpl(specname="llmc_register_experts_adapters")
+def _register_clashing_adapter():
+    return [ClashingExpertsAdapter]
+
+
+@hookimpl(specname="llmc_register_experts_adapters")
+def _register_not_an_adapter():
+    return [FaultyModifier]
+
+
 def _plugin(name: str, **hooks: object) -> ModuleType:
     """A module object holding the given hook implementations, as a plugin's module would."""
     module = ModuleType(f"llmc_faulty_plugins.{name}")
@@ -81,3 +99,9 @@ BAD_ARGUMENT = _plugin("bad_argument", llmc_register_modifiers=_register_with_ar
 ACME_IMPOSTOR = _plugin("acme_impostor", llmc_register_modifiers=_register_faulty)
 # Not a module: a namespace object, which cannot be hashed (pluggy needs hashable plugins).
 UNHASHABLE = SimpleNamespace(llmc_register_modifiers=_register_faulty)
+ADAPTER_CLASH = _plugin(
+    "adapter_clash", llmc_register_modifiers=_register_faulty, llmc_register_experts_adapters=_register_clashing_adapter
+)
+NOT_AN_ADAPTER = _plugin(
+    "not_an_adapter", llmc_register_modifiers=_register_faulty, llmc_register_experts_adapters=_register_not_an_adapter
+)

@@ -12,6 +12,7 @@ import attrs
 import torch
 
 from llmc import Modifier, RunContext, hookimpl
+from llmc.experts_adapters import ExpertsAdapter, ExpertsLayout, GatedActivation
 
 EVENTS: list[tuple[str, ...]] = []
 RUNS: list[RecordInputsRun] = []
@@ -140,3 +141,45 @@ class RecordTrainingRun:
 @hookimpl
 def llmc_register_modifiers() -> list[type[Modifier]]:
     return [RecordInputsModifier, ShadowQuantizationModifier, RecordTrainingModifier]
+
+
+class AcmeExperts(torch.nn.Module):
+    """A third party's fused experts: separate 3-D gate, up and down weights in ``x @ W`` layout,
+    ``forward(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])`` as transformers' have."""
+
+    def __init__(self, experts: int = 4, hidden: int = 16, width: int = 8) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.gate = torch.nn.Parameter(torch.randn(experts, hidden, width, generator=generator))
+        self.up = torch.nn.Parameter(torch.randn(experts, hidden, width, generator=generator))
+        self.down = torch.nn.Parameter(torch.randn(experts, width, hidden, generator=generator))
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for expert in range(self.gate.shape[0]):
+            token, slot = torch.where(top_k_index == expert)
+            x = hidden[token]
+            y = (torch.nn.functional.silu(x @ self.gate[expert]) * (x @ self.up[expert])) @ self.down[expert]
+            out.index_add_(0, token, y * top_k_weights[token, slot, None])
+        return out
+
+
+class AcmeExpertsAdapter(ExpertsAdapter):
+    """Unfuses ``AcmeExperts`` into Linears named as Mixtral names them."""
+
+    adapter_name = "acme"
+    experts_classes = ("AcmeExperts",)
+
+    @classmethod
+    def layout(cls, model: torch.nn.Module, name: str, module: torch.nn.Module) -> ExpertsLayout | str:
+        tensors = {"gate": module.gate.data, "up": module.up.data, "down": module.down.data}
+        return ExpertsLayout(
+            experts=module.gate.shape[0], names={"gate": "w1", "up": "w3", "down": "w2"},
+            weight=lambda role, expert: tensors[role][expert].T, bias=None,
+            act_fn=GatedActivation(torch.nn.functional.silu),
+        )
+
+
+@hookimpl
+def llmc_register_experts_adapters() -> list[type[ExpertsAdapter]]:
+    return [AcmeExpertsAdapter]

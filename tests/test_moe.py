@@ -112,20 +112,17 @@ def test_calibration_mode_keeps_the_output_and_counts_routed_real_tokens():
 
 
 def test_experts_that_cannot_be_unfused_are_refused_and_the_model_is_left_alone():
-    config = transformers.GptOssConfig(
-        vocab_size=320, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=4096, tie_word_embeddings=False,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = build_moe_lm("qwen3_moe")
+    # a layout no adapter knows: the second layer's experts claim their weights are transposed
+    model.model.layers[1].mlp.experts.is_transposed = True
     with pytest.raises(
         ModelLoadError,
-        match=r"^model\.layers\.0\.mlp\.experts \(GptOssExperts\) holds its experts as fused 3-D weights "
-        r"that llmc cannot unfuse into Linears: transformers reads this model's checkpoints with the "
-        r"experts fused \(gate_up_proj\), so per-expert tensors would not load; llmc unfuses",
+        match=r"^model\.layers\.1\.mlp\.experts \(Qwen3MoeExperts\) holds its experts as fused 3-D weights "
+        r"that llmc cannot unfuse into Linears: its weights are stored transposed or with gate and up rows "
+        r"interleaved; llmc unfuses .* a plugin can add an experts adapter \(llmc_register_experts_adapters\)$",
     ):
         unfuse_experts_(model)
-    assert len(find_fused_experts(model)) == 2
+    assert len(find_fused_experts(model)) == 2  # the first layer's experts were not replaced either
 
 
 def test_routers_are_left_alone_by_class_targets_and_shared_experts_are_not():

@@ -33,6 +33,17 @@ def test_registry_third_party_plugin_found_through_entry_point():
     assert "acme" in [info.name for info in registry.describe()]
 
 
+def test_registry_experts_adapters_of_core_and_a_third_party_plugin():
+    registry = load_registry(entry_points=[TEST_PLUGIN])
+    assert {name: plugin for name, (plugin, _) in registry.experts_adapters.items()} == {
+        "gpt_oss": "core", "llama4": "core", "transformers": "core", "acme": "acme",
+    }
+    assert [adapter.adapter_name for adapter in registry.experts_adapter_classes()][-1] == "acme"
+    infos = {info.name: info for info in registry.describe()}
+    assert infos["acme"].experts_adapters == ("acme",)
+    assert infos["core"].experts_adapters == ("gpt_oss", "llama4", "transformers")
+
+
 def test_registry_name_offered_twice_needs_qualified_name():
     registry = load_registry(entry_points=[TEST_PLUGIN])
     with pytest.raises(PluginError, match=r"more than one plugin; write 'acme.QuantizationModifier' or 'core.QuantizationModifier'"):
@@ -136,9 +147,13 @@ def test_plugin_docs_are_generated_from_hookspecs():
         ("BAD_ARGUMENT", r"Plugin 'faulty' for hook 'llmc_register_modifiers'; hookimpl definition: "
                          r"_register_with_argument\(registry\); Argument\(s\) \{'registry'\} are declared"),
         ("UNHASHABLE", r"its entry point names an unhashable SimpleNamespace object; name a module"),
+        ("ADAPTER_CLASH", r"experts class 'GptOssExperts' is claimed by both experts adapter 'gpt_oss' "
+                          r"\(plugin 'core'\) and 'faulty_gpt_oss' \(plugin 'faulty'\)"),
+        ("NOT_AN_ADAPTER", r"plugin 'faulty' registered <class 'llmc_faulty_plugins.FaultyModifier'> as an "
+                           r"experts adapter; it must be a subclass of llmc.experts_adapters.ExpertsAdapter"),
     ],
     ids=["misspelled-hook", "hook-raises", "name-twice", "not-a-modifier", "recipe-name-taken", "bad-argument",
-         "unhashable"],
+         "unhashable", "adapter-class-taken", "not-an-adapter"],
 )
 def test_registry_broken_plugin_recorded_with_reason(attribute, reason):
     registry = load_registry(entry_points=[faulty("faulty", attribute), TEST_PLUGIN])
@@ -207,6 +222,7 @@ def test_cli_plugins_lists_broken_plugin_with_reason(capsys, monkeypatch):
     assert main(["-q", "plugins"]) == 0
     out = capsys.readouterr().out
     assert "core  (llmc-core" in out
+    assert "    experts:   gpt_oss, llama4, transformers\n" in out
     assert "faulty  (failed to load: llmc_register_modifiers raised RuntimeError: the plugin's license check failed)" in out
     assert "broken  (failed to load: ImportError: this plugin needs a package that is not installed)" in out
     assert main(["-q", "recipes"]) == 0  # other commands work

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmc.experts_adapters import (
+    ExpertsAdapter,
+    GptOssExpertsAdapter,
+    Llama4ExpertsAdapter,
+    TransformersExpertsAdapter,
+)
 from llmc.hookspecs import hookimpl
 from llmc.modifier import Modifier
 
@@ -23,3 +29,8 @@ def llmc_register_modifiers() -> list[type[Modifier]]:
 @hookimpl
 def llmc_register_recipes() -> dict[str, Path]:
     return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+@hookimpl
+def llmc_register_experts_adapters() -> list[type[ExpertsAdapter]]:
+    return [GptOssExpertsAdapter, Llama4ExpertsAdapter, TransformersExpertsAdapter]

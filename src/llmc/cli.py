@@ -387,6 +387,8 @@ def _run_plugins(_: argparse.Namespace) -> int:
         print(f"    modifiers: {', '.join(info.modifiers) or '-'}")
         if info.recipes:
             print(f"    recipes:   {', '.join('llmc:' + r for r in info.recipes)}")
+        if info.experts_adapters:
+            print(f"    experts:   {', '.join(info.experts_adapters)}")
     for name, reason in registry.failed.items():
         print(f"{name}  (failed to load: {reason})")
     return 0

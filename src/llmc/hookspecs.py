@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import torch
 
     from llmc.context import RunContext
+    from llmc.experts_adapters import ExpertsAdapter
     from llmc.modifier import Modifier
 
 __all__ = [
@@ -80,6 +81,23 @@ def llmc_register_recipes() -> dict[str, Path]:
 
     Users load them by ``llmc:<short name>`` (``recipe="llmc:w4a16"``), with no path. A name that
     two plugins register is refused with both owners named.
+    """
+
+
+@hookspec
+def llmc_register_experts_adapters() -> list[type[ExpertsAdapter]]:
+    """Return the experts adapters this plugin provides: how to unfuse an architecture's MoE experts.
+
+    Called once per plugin when the plugin manager is built. Each class is a subclass of
+    ``llmc.experts_adapters.ExpertsAdapter`` with its public name in ``adapter_name`` and the
+    fused experts module classes it handles in ``experts_classes`` (class names, such as
+    ``GptOssExperts``; none: it claims modules by structure, after every adapter naming a
+    class). Its ``layout(model, name, module)`` returns an ``ExpertsLayout`` (each expert's
+    gate/up/down weights and biases, the activation joining gate and up, how tokens reach the
+    experts, the checkpoint names of the per-expert Linears) or a one-line reason it cannot.
+    Core registers its own (``transformers``, ``gpt_oss``, ``llama4``) through this hook. An
+    adapter name, or an experts class, that two plugins register is refused with both owners
+    named.
     """
 
 
@@ -208,7 +226,7 @@ def llmc_train_end(context: RunContext) -> None:
     """Fine-tuning finished (before ``llmc_finalize``): release training state, log results."""
 
 
-REGISTRATION_HOOKS = ("llmc_register_modifiers", "llmc_register_recipes")
+REGISTRATION_HOOKS = ("llmc_register_modifiers", "llmc_register_recipes", "llmc_register_experts_adapters")
 CHECKPOINT_HOOKS = ("llmc_checkpoint_config",)
 LIFECYCLE_HOOKS = ("llmc_initialize", "llmc_layer_start", "llmc_layer_end", "llmc_finalize")
 TRAINING_HOOKS = (

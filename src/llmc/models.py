@@ -1,9 +1,12 @@
 """Load the model and tokenizer named by ``ModelArguments``, shared by ``oneshot`` and ``eval``.
 
-The loaders are transformers' own ``AutoModelForCausalLM``/``AutoTokenizer``; what this module
-adds is the part users trip over: the embedded demo model by name, a dtype chosen by one word,
-and one-line errors for a missing path, a hub that cannot be reached (decided in a moment rather
-than after transformers' ~25 s of retries) or a checkpoint that needs a package not installed.
+The loaders are transformers' own ``AutoModelForCausalLM``/``AutoTokenizer``
+(``AutoModelForImageTextToText`` for a vision-language model the first does not map); what this
+module adds is the part users trip over: the embedded demo model by name, a dtype chosen by one
+word, one-line errors for a missing path, a hub that cannot be reached (decided in a moment
+rather than after transformers' ~25 s of retries) or a checkpoint that needs a package not
+installed, and per-expert MoE checkpoints that transformers reads only fused
+(``llmc.moe_checkpoints``).
 """
 
 from __future__ import annotations
@@ -268,8 +271,9 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
     kwargs.update(_asymmetric_packed_workaround(config))
     dtype = "auto" if model_args.precision == "auto" else _DTYPES[model_args.precision]
     dtype = _decompression_dtype(config, dtype)
+    loader = _loader(path, config)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        loaded = loader.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
         raise _load_error("model", model, kwargs, error) from error
     loaded.eval()
@@ -277,6 +281,39 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
         loaded.to(device)
     _mark_exclusive_parameters(loaded)
     return loaded
+
+
+def _auto_class(config: Any) -> Any:
+    """``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language model
+    that only it maps (Qwen2.5-VL), whose language model is then the one compressed."""
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+        AutoModelForImageTextToText,
+    )
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def _loader(path: str, config: Any) -> Any:
+    """What loads the checkpoint at ``path``: the auto class, or for a checkpoint naming experts
+    one by one where transformers reads them fused, the model class unfusing them when built
+    (``llmc.moe_checkpoints``)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    from llmc.moe_checkpoints import unfusing_model_class
+
+    auto = _auto_class(config)
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if auto is AutoModelForCausalLM else MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    if not os.path.isdir(path) or type(config) not in mapping:
+        return auto
+    unfusing = unfusing_model_class(Path(path), config, mapping[type(config)])
+    if unfusing is not None:
+        logger.info("the checkpoint names each expert: building %s with per-expert Linears", unfusing.__name__)
+        return unfusing
+    return auto
 
 
 # Formats compressed-tensors 0.20 decompresses to bfloat16 whatever the model's dtype.
@@ -338,7 +375,7 @@ def load_skeleton(model_args: ModelArguments) -> tuple[PreTrainedModel, LazyWeig
         dtype = getattr(torch, dtype)
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(
+            model = _auto_class(config).from_config(
                 config, dtype=dtype, trust_remote_code=model_args.trust_remote_code
             )
     except (OSError, ValueError, KeyError, ImportError, TypeError) as error:

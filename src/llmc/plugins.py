@@ -37,6 +37,7 @@ import pluggy
 
 from llmc import hookspecs
 from llmc.errors import PluginError, did_you_mean, names_with_closest
+from llmc.experts_adapters import ExpertsAdapter
 from llmc.modifier import Modifier
 
 __all__ = [
@@ -93,6 +94,7 @@ class PluginInfo:
     version: str
     modifiers: tuple[str, ...]
     recipes: tuple[str, ...]
+    experts_adapters: tuple[str, ...] = ()
 
 
 def _disabled_plugins() -> set[str]:
@@ -294,7 +296,7 @@ def _version(package: str) -> str:
 
 @attrs.define
 class Registry:
-    """Modifier and recipe names, each with the plugin that provides it.
+    """Modifier, recipe and experts adapter names, each with the plugin that provides it.
 
     ``refused`` holds the plugins whose registration hooks raised or registered something
     invalid, with the reason; ``failed`` adds those the plugin manager left out.
@@ -304,6 +306,8 @@ class Registry:
     # bare modifier name -> {plugin name: class}
     modifiers: dict[str, dict[str, type[Modifier]]] = attrs.field(factory=dict)
     recipes: dict[str, tuple[str, Path]] = attrs.field(factory=dict)
+    # adapter name -> (plugin name, class), in registration order (core's first)
+    experts_adapters: dict[str, tuple[str, type[ExpertsAdapter]]] = attrs.field(factory=dict)
     refused: dict[str, str] = attrs.field(factory=dict)
     # modifier name -> refused plugin that offered it, so a recipe naming it gets the reason
     refused_offers: dict[str, str] = attrs.field(factory=dict)
@@ -320,13 +324,14 @@ class Registry:
         for name, plugin in plugins.manager.list_name_plugin():
             modifiers = {key: dict(owners) for key, owners in registry.modifiers.items()}
             recipes = dict(registry.recipes)
+            adapters = dict(registry.experts_adapters)
             offered: list[str] = []
             try:
                 registry._register(name, plugin, offered)
             except Exception as error:
                 if name == CORE_PLUGIN:
                     raise
-                registry.modifiers, registry.recipes = modifiers, recipes
+                registry.modifiers, registry.recipes, registry.experts_adapters = modifiers, recipes, adapters
                 reason = str(error) if isinstance(error, PluginError) else _exception_text(error)
                 logger.warning("plugin %r is left out: %s", name, reason)
                 registry.refused[name] = reason
@@ -343,6 +348,8 @@ class Registry:
         recipes = self._call_registration(name, plugin, "llmc_register_recipes") or {}
         for recipe_name, path in recipes.items():
             self._add_recipe(name, recipe_name, Path(path))
+        for adapter in self._call_registration(name, plugin, "llmc_register_experts_adapters") or ():
+            self._add_experts_adapter(name, adapter)
 
     def _call_registration(self, name: str, plugin: object, hook_name: str) -> Any:
         """One plugin's implementation of a registration hook, through the (traced) manager."""
@@ -385,6 +392,34 @@ class Registry:
                 plugin=plugin,
             )
         self.recipes[name] = (plugin, path)
+
+    def _add_experts_adapter(self, plugin: str, adapter: type) -> None:
+        if not (isinstance(adapter, type) and issubclass(adapter, ExpertsAdapter)) or not adapter.adapter_name:
+            raise PluginError(
+                f"plugin {plugin!r} registered {adapter!r} as an experts adapter; it must be a subclass "
+                "of llmc.experts_adapters.ExpertsAdapter with a non-empty adapter_name",
+                plugin=plugin,
+            )
+        name = adapter.adapter_name
+        if name in self.experts_adapters:
+            other = self.experts_adapters[name][0]
+            raise PluginError(
+                f"experts adapter name {name!r} is registered by both plugin {other!r} and plugin {plugin!r}",
+                plugin=plugin,
+            )
+        for other_plugin, other in self.experts_adapters.values():
+            shared = sorted(set(adapter.experts_classes) & set(other.experts_classes))
+            if shared:
+                raise PluginError(
+                    f"experts class {shared[0]!r} is claimed by both experts adapter {other.adapter_name!r} "
+                    f"(plugin {other_plugin!r}) and {name!r} (plugin {plugin!r})",
+                    plugin=plugin,
+                )
+        self.experts_adapters[name] = (plugin, adapter)
+
+    def experts_adapter_classes(self) -> list[type[ExpertsAdapter]]:
+        """The registered experts adapters, in registration order (``llmc.moe``)."""
+        return [adapter for _, adapter in self.experts_adapters.values()]
 
     @property
     def plugin_names(self) -> list[str]:
@@ -462,7 +497,8 @@ class Registry:
             package, version = versions.get(name, (name, "unknown"))
             modifiers = tuple(sorted(m for m, owners in self.modifiers.items() if name in owners))
             recipes = tuple(sorted(r for r, (p, _) in self.recipes.items() if p == name))
-            infos.append(PluginInfo(name, package, version, modifiers, recipes))
+            adapters = tuple(sorted(a for a, (p, _) in self.experts_adapters.items() if p == name))
+            infos.append(PluginInfo(name, package, version, modifiers, recipes, adapters))
         return infos
 
 

@@ -43,6 +43,7 @@ from llmc.models import (
     local_model_folder,
 )
 from llmc.moe import unfuse_experts_
+from llmc.multimodal import mark_encoders_
 from llmc.offload import (
     DiskStreaming,
     HostOffload,
@@ -141,6 +142,7 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         else:
             model = load_model(model_args, device=torch.device("cpu") if mode == "cpu" else None)
         unfuse_experts_(model)
+        mark_encoders_(model)
         tokenizer = load_tokenizer(model_args, model)
         batches, total_samples = None, 0
         if recipe.requires_calibration_data:

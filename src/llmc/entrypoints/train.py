@@ -47,6 +47,7 @@ from llmc.models import (
     resolve_model_path,
 )
 from llmc.moe import unfuse_experts_
+from llmc.multimodal import mark_encoders_
 from llmc.pipeline import make_lifecycle
 from llmc.plugins import load_registry
 from llmc.recipe import Recipe, RecipeStage, load_recipe
@@ -100,6 +101,7 @@ def train(**kwargs: Any) -> TrainResult:
         #    calibration batches for one-shot stages.
         model = load_model(model_args)
         unfuse_experts_(model)
+        mark_encoders_(model)
         tokenizer = load_tokenizer(model_args, model)
         pad_id = padding_token_id(tokenizer)
         train_samples = _training_samples(data_args, train_args, tokenizer, model_args.cache_dir)
