@@ -165,6 +165,35 @@ def test_disk_offload_refuses_what_it_cannot_stream(tmp_path, sharded_model):
         oneshot(model=str(sharded_model), recipe="llmc:w4a16", offload="disc")
 
 
+@pytest.mark.skipif(not ON_LINUX, reason="reads /proc/self/maps")
+def test_layer_inputs_on_disk_are_mapped_files_and_change_nothing(tmp_path, sharded_model, caplog, monkeypatch):
+    from llmc.offload import DiskStreaming
+
+    mapped_files = []
+    keep = DiskStreaming.keep
+
+    def keep_and_look(self, batch):  # the real keep; then which files back this process's memory
+        kept = keep(self, batch)
+        mapped_files.append(sum("spill-rank0-" in line and "(deleted)" in line for line in open("/proc/self/maps")))
+        return kept
+
+    monkeypatch.setattr(DiskStreaming, "keep", keep_and_look)
+    in_memory = _run(sharded_model, "llmc:gptq_w4a16", tmp_path / "memory", "disk")
+    assert set(mapped_files) == {0}
+    mapped_files.clear()
+    with caplog.at_level(logging.INFO, logger="llmc.oneshot"):
+        on_disk = _run(sharded_model, "llmc:gptq_w4a16", tmp_path / "mapped", "disk", layer_inputs="disk")
+    assert _digest(tmp_path / "memory") == _digest(tmp_path / "mapped")
+    assert [r["module"] for r in on_disk.report["modules"]] == [r["module"] for r in in_memory.report["modules"]]
+    # every batch of inputs is a mapped, already unlinked file (8 batches: the first layer's
+    # captured, then each next layer's while the current one's are still mapped, never more)
+    assert mapped_files == list(range(1, 9)) + list(range(9, 17)) * 3
+    assert "layer inputs: " in caplog.text and "(memory-mapped files)" in caplog.text
+    assert not work_dir_for(tmp_path / "mapped").exists()
+    with pytest.raises(ArgumentError, match=r"layer_inputs='disk' .* needs offload='disk' \(this run's offload is 'none'\)"):
+        _run(sharded_model, "llmc:w4a16", tmp_path / "refused", "none", layer_inputs="disk")
+
+
 def test_missing_shard_and_folder_without_safetensors(tmp_path, sharded_model):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -36,6 +36,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
+LAYER_INPUTS = ("memory", "disk")
 SELF_TEACHER = "self"
 
 
@@ -126,6 +127,15 @@ class ModelArguments:
             "memory, each layer moved to the device for its passes), disk (each layer read from "
             "the model's files when reached and written to the output when done; resumable), "
             "auto (none when the model fits, else cpu or disk)"
+        ),
+    )
+    layer_inputs: str = attrs.field(
+        default="memory",
+        validator=OneOf(LAYER_INPUTS),
+        metadata=_help(
+            "where the activations passed from layer to layer are kept: memory (host memory), "
+            "disk (files of a streamed run's work folder, memory-mapped, so the kernel can drop "
+            "their pages instead of running out of memory; needs offload=disk)"
         ),
     )
     cache_dir: str | None = attrs.field(

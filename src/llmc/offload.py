@@ -12,7 +12,8 @@
   one layer whatever the model's size, and a killed run resumes at its first unfinished layer.
   Needs a model given by path (safetensors files), an ``output_dir`` and a recipe of one
   one-shot stage; the model ``oneshot`` returns then holds no decoder-layer weights (load the
-  checkpoint to use it).
+  checkpoint to use it). With ``layer_inputs='disk'`` the activations between layers are kept
+  in memory-mapped files of the work folder too (``DiskStreaming.keep``).
 * ``auto`` (default): ``none`` when the model fits comfortably (on the GPU: 85 % of its free
   memory; on CPU: 60 % of the available host memory), else ``cpu`` for a GPU run whose model
   fits in host memory, else ``disk`` when its conditions hold.
@@ -51,6 +52,7 @@ __all__ = [
     "LayerPlacement",
     "available_host_bytes",
     "choose_offload",
+    "layer_inputs_bytes",
 ]
 
 logger = logging.getLogger("llmc.offload")
@@ -118,6 +120,10 @@ class LayerPlacement:
 
     def onload(self, name: str, block: nn.Module) -> None:
         """Before a block's passes: its weights on the calibration device."""
+
+    def keep(self, batch: Any) -> Any:
+        """One batch of the next block's inputs, as the pipeline holds it (in host memory)."""
+        return batch
 
     def done(
         self, index: int, name: str, block: nn.Module, next_inputs: Any,
@@ -187,11 +193,13 @@ class HostOffload(LayerPlacement):
         _move_own_tensors(self._outside, self.home)
 
 
+def _plain_batch(batch: Any) -> dict[str, Any]:
+    """One batch's block inputs as lists, tuples, dicts and tensors only (what ``weights_only`` loads)."""
+    return {"args": batch.args, "kwargs": batch.kwargs, "attention_mask": batch.attention_mask}
+
+
 def _plain_inputs(inputs: Any) -> Any:
-    """Block inputs as lists, tuples, dicts and tensors only (what ``weights_only`` loads)."""
-    if inputs is None:
-        return None
-    return [{"args": b.args, "kwargs": b.kwargs, "attention_mask": b.attention_mask} for b in inputs]
+    return None if inputs is None else [_plain_batch(batch) for batch in inputs]
 
 
 @attrs.define
@@ -203,6 +211,7 @@ class DiskStreaming(LayerPlacement):
     device: torch.device
     save_compressed: bool
     model: nn.Module
+    inputs_on_disk: bool = False  # layer_inputs='disk': every batch of inputs memory-mapped
     _blocks: list[str] = attrs.field(factory=list)
     _swapped: dict[str, nn.Module] = attrs.field(factory=dict)
 
@@ -246,6 +255,13 @@ class DiskStreaming(LayerPlacement):
     def onload(self, name: str, block: nn.Module) -> None:
         self.weights.load_(block, self.device)
         block.to(self.device)
+
+    def keep(self, batch: Any) -> Any:
+        if not self.inputs_on_disk:
+            return batch
+        from llmc.pipeline import BlockInputs
+
+        return BlockInputs(**self.journal.spill(_plain_batch(batch)))
 
     def done(self, index, name, block, next_inputs, rows, stats) -> None:  # noqa: ANN001
         tensors = {}
@@ -339,6 +355,16 @@ def streaming_settings(model_args: Any, data_args: Any) -> dict[str, Any]:
         "device": os.environ.get("CUDA_VISIBLE_DEVICES", "") + str(model_args.device),
         "sequential_targets": data_args.sequential_targets,
     }
+
+
+def layer_inputs_bytes(batches: Sequence[Any] | None, model: nn.Module) -> int:
+    """About what the activations passed between layers take: one hidden state per token."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not batches or not hidden:
+        return 0
+    dtype = next(model.parameters()).dtype
+    tokens = sum(batch["input_ids"].numel() for batch in batches)
+    return tokens * hidden * dtype.itemsize
 
 
 def disk_problem(model_folder: Path | None, output_dir: Any, stages: int) -> str | None:

@@ -274,7 +274,7 @@ class LayerwisePipeline:
                 if inputs is not None and name != blocks[-1][0]:
                     with self._compute_precision():
                         inputs = [
-                            batch.with_hidden_states(output.to(self.storage_device))
+                            placement.keep(batch.with_hidden_states(output.to(self.storage_device)))
                             for batch, output in zip(inputs, self._forward(block, inputs))
                         ]
                 else:
@@ -342,10 +342,12 @@ class LayerwisePipeline:
 
         def grab(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             captured.append(
-                BlockInputs(
-                    args=_to(args, self.storage_device),
-                    kwargs=_to(kwargs, self.storage_device),
-                    attention_mask=current_mask[0],
+                self.placement.keep(
+                    BlockInputs(
+                        args=_to(args, self.storage_device),
+                        kwargs=_to(kwargs, self.storage_device),
+                        attention_mask=current_mask[0],
+                    )
                 )
             )
             raise _StopForward

@@ -128,6 +128,7 @@ class RunJournal:
     # under torchrun: this process's rank, and whether it writes the journal (rank 0 does)
     rank: int = 0
     ranks: int = 1
+    spills: int = 0
     _lock: Any = None
 
     @property
@@ -260,11 +261,26 @@ class RunJournal:
         barrier(f"recording layer {index} in the journal")
         self._inputs(index).unlink(missing_ok=True)
 
+    def spill(self, value: Any) -> Any:
+        """``value`` (tensors in lists, tuples and dicts) read back memory-mapped from a file of
+        the work folder: its pages are then the file's, which the kernel can drop and read
+        again rather than run out of memory. The file is unlinked at once (the mapping keeps
+        it until the tensors are freed, and nothing is left behind by a crash)."""
+        self.spills += 1
+        path = self.directory / f"spill-rank{self.rank}-{self.spills}.pt"
+        try:
+            torch.save(value, path)
+            return torch.load(path, mmap=True, weights_only=True)
+        except OSError as error:
+            raise SaveError(f"cannot keep layer inputs in {self.directory}: {error.strerror or error}") from error
+        finally:
+            path.unlink(missing_ok=True)
+
     def next_inputs(self) -> Any:
-        """The inputs of the first unfinished layer, as saved by the layer before it."""
+        """The inputs of the first unfinished layer, as saved by the layer before it (mapped)."""
         path = self._inputs(len(self.finished))
         try:
-            return torch.load(path, weights_only=True)
+            return torch.load(path, mmap=True, weights_only=True)
         except Exception as error:
             raise SaveError(
                 f"cannot read {path} to resume the run ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "

@@ -50,6 +50,7 @@ from llmc.offload import (
     LayerPlacement,
     choose_offload,
     disk_problem,
+    layer_inputs_bytes,
     open_journal,
     streaming_settings,
 )
@@ -160,6 +161,17 @@ def oneshot(**kwargs: Any) -> OneshotResult:
             tokenizer=tokenizer,
             compute_dtype=calibration_dtype(model_args, model),
         )
+        if model_args.layer_inputs == "disk" and mode != "disk":
+            raise ArgumentError(
+                f"layer_inputs='disk' keeps them in a streamed run's work folder and needs "
+                f"offload='disk' (this run's offload is {mode!r})",
+                name="layer_inputs",
+            )
+        if batches:
+            logger.info(
+                "layer inputs: %.2f GB kept between layers (%s)", layer_inputs_bytes(batches, model) / 1e9,
+                "memory-mapped files" if model_args.layer_inputs == "disk" else "host memory",
+            )
         placement: LayerPlacement = LayerPlacement()
         if mode == "cpu":
             placement = HostOffload(context.device)
@@ -168,7 +180,10 @@ def oneshot(**kwargs: Any) -> OneshotResult:
                 output_dir, model_files=model_files, recipe_text=recipe_to_yaml(recipe, registry),
                 batches=batches, settings=streaming_settings(model_args, data_args), resume=output_args.resume,
             )
-            placement = DiskStreaming(weights, journal, context.device, model_args.save_compressed, model)
+            placement = DiskStreaming(
+                weights, journal, context.device, model_args.save_compressed, model,
+                inputs_on_disk=model_args.layer_inputs == "disk",
+            )
         logger.info("offload: %s (calibrating on %s)", mode, context.device)
 
         # 4. Each stage runs its modifiers over the model, one block at a time; 5. the report and
