@@ -10,6 +10,7 @@ own process tree under ``/usr/bin/time -v`` (peak RSS is the largest single proc
 and writes ``results/<name>.json`` (default ``distributed-<model>``):
 
 * ``1x2``: ``ours_oneshot.py --recipe gptq-w4a16`` in one process with 2 torch threads;
+* ``1x1``: the same with 1 thread, what each rank of ``2x1`` has (the scaling of the solves);
 * ``2x1``: the same under ``torchrun --nproc-per-node 2``, 1 thread per rank: each rank
   calibrates on half of the samples, the Hessians are summed, each layer's solves are shared
   out by cost and the results broadcast.
@@ -26,7 +27,7 @@ import sys
 from pathlib import Path
 
 from benchlib import driver
-from benchlib.env import parse, script_parser
+from benchlib.env import names, parse, script_parser
 
 _GPTQ = ("--recipe", "gptq-w4a16", "--precision", "float32", "--offload", "none")
 
@@ -34,13 +35,20 @@ _GPTQ = ("--recipe", "gptq-w4a16", "--precision", "float32", "--offload", "none"
 def main(argv: list[str]) -> int:
     parser = script_parser(__doc__)
     driver.add_arguments(parser, repeats=3, timeout_min=40.0)
+    parser.add_argument("--configs", default="1x2,2x1", help="comma-separated, of: 1x2, 1x1, 2x1")
     args = parse(parser, argv)
+    chosen = names(parser, args.configs, ("1x2", "1x1", "2x1"), "configs")
+
+    def config(name: str, model_dir: Path, chunks: Path) -> driver.Config:
+        ranks, threads = name.split("x")
+        plain = driver.ours(name, model_dir, chunks, *_GPTQ, "--threads", threads, rounds=args.repeats)
+        if ranks == "1":
+            return plain
+        torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", ranks)
+        return driver.Config(name, (*torchrun, *plain.command[1:]), plain.rounds, writes_checkpoint=True)
 
     def configs(model_dir: Path, chunks: Path) -> list[driver.Config]:
-        one = driver.ours("1x2", model_dir, chunks, *_GPTQ, "--threads", "2", rounds=args.repeats)
-        two = driver.ours("2x1", model_dir, chunks, *_GPTQ, "--threads", "1", rounds=args.repeats)
-        torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2")
-        return [one, driver.Config(two.label, (*torchrun, *two.command[1:]), two.rounds, writes_checkpoint=True)]
+        return [config(name, model_dir, chunks) for name in chosen]
 
     return driver.compare(args, configs, default_name=f"distributed-{args.model}")
 

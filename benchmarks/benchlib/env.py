@@ -30,7 +30,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 BENCH_ROOT = Path(os.environ.get("LLMC_BENCH_ROOT", "/tmp/llmc-bench"))
 PEER_PYTHON = REPO_ROOT / ".venv-peer" / "bin" / "python"
 
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 __all__ = [
     "BENCH_DIR",

@@ -109,6 +109,20 @@ def rank_device(requested: torch.device | None) -> torch.device | None:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _share_cores() -> None:
+    """Let numba's kernels (the CPU sweeps of GPTQ and SparseGPT) use as many threads as torch.
+
+    torchrun gives each rank ``OMP_NUM_THREADS`` threads (1 unless set), which torch follows;
+    numba would still start one thread per core in every rank, and N ranks on a machine would
+    then run N times more threads than it has cores.
+    """
+    try:
+        import numba
+    except ImportError:
+        return
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device | None) -> Iterator[None]:
     """Join torchrun's process group for the run (see module docstring); nothing for one process.
@@ -116,6 +130,8 @@ def process_group(device: torch.device | None) -> Iterator[None]:
     The backend is NCCL when this rank calibrates on a GPU, gloo otherwise.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched:
+        _share_cores()
     if not launched or not dist.is_available() or dist.is_initialized():
         yield
         return
