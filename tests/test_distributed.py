@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from llmc.distributed import owners, shard_bounds
+import llmc.distributed as distributed
+from llmc.distributed import owners, shard_bounds, solve_groups
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 5, 8])
@@ -30,6 +32,42 @@ def test_solves_go_to_the_least_loaded_rank_largest_first():
     assert plan == [0, 1, 1, 1]
     assert owners(costs, 1) == [0, 0, 0, 0]
     assert owners(costs, 2) == plan  # the same plan on every rank
+
+
+def test_groups_of_one_key_are_computed_in_one_batch_and_applied_in_order(monkeypatch):
+    """Keys "gate" and "down" alternate as an MoE block's experts do; None is solved alone."""
+    groups = ["attn", "gate0", "down0", "gate1", "down1", "gate2", "down2", "router"]
+    keys = {"attn": None, "router": None}
+    costs = [4.0, 2.0, 3.0, 2.0, 3.0, 2.0, 3.0, 1.0]
+    calls: list[list[str]] = []
+    applied: list[tuple[str, str]] = []
+
+    def compute(group):
+        calls.append([group])
+        return f"solved {group}"
+
+    def compute_batch(batch):
+        calls.append(list(batch))
+        return [f"solved {group}" for group in batch]
+
+    def run():
+        calls.clear()
+        applied.clear()
+        solve_groups(
+            groups, costs, compute, lambda group, result: applied.append((group, result)), torch.device("cpu"),
+            "test", batch_key=lambda group: keys.get(group, group.rstrip("0123456789")),
+            compute_batch=compute_batch,
+        )
+
+    run()
+    assert calls == [["attn"], ["gate0", "gate1", "gate2"], ["down0", "down1", "down2"], ["router"]]
+    assert applied == [(group, f"solved {group}") for group in groups]
+    monkeypatch.setattr(distributed, "BATCH_COST", 5.0)  # two gate solves fit, not three; one down solve
+    run()
+    assert calls == [["attn"], ["gate0", "gate1"], ["down0"], ["down1"], ["gate2"], ["down2"], ["router"]]
+    assert applied == [(group, f"solved {group}") for group in groups]
+    with pytest.raises(ValueError, match="batch_key and compute_batch together"):
+        solve_groups(groups, costs, compute, lambda *_: None, torch.device("cpu"), "test", batch_key=len)
 
 
 def _oneshot(tmp_path, name, recipe, ranks):
