@@ -346,6 +346,7 @@ def solve_groups(
                 results[index] = compute(group)
             else:
                 assert compute_batch is not None
+                logger.debug("%s: groups %s in one batch", what, members)
                 computed = compute_batch([groups[member] for member in members])
                 results.update(zip(members, computed, strict=True))
         result = results.pop(index, None)
