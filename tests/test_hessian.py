@@ -92,8 +92,9 @@ def test_inverse_cholesky_gives_up_with_clear_message():
         inverse_cholesky_upper(H, 0.01, module_name="q_proj")
 
 
+@pytest.mark.parametrize("together", [True, False], ids=["batched-calls", "one-by-one"])
 @pytest.mark.parametrize("cols", [48, 600], ids=["one-leaf", "halved"])
-def test_inverse_cholesky_of_a_batch_equals_each_matrix_alone_bit_for_bit(cols, caplog):
+def test_inverse_cholesky_of_a_batch_equals_each_matrix_alone_bit_for_bit(cols, together, caplog):
     """A batch of Hessians (MoE experts): each factor, damping and warning as alone; exactly
     equal on CPU, where batched LAPACK and BLAS calls run each matrix's own routine."""
     generator = torch.Generator().manual_seed(cols)
@@ -107,7 +108,9 @@ def test_inverse_cholesky_of_a_batch_equals_each_matrix_alone_bit_for_bit(cols, 
     hessians[2] = hessians[2] - shift * torch.eye(cols)  # needs more damping than asked
     names = [f"experts.{index}.down_proj" for index in range(4)]
     with caplog.at_level(logging.WARNING, logger="llmc.hessian"):
-        batch, fracs = inverse_cholesky_upper_batch(hessians, 0.01, module_names=names, orders=orders)
+        batch, fracs = inverse_cholesky_upper_batch(
+            hessians, 0.01, module_names=names, orders=orders, together=together
+        )
     assert "experts.2.down_proj needed damping" in caplog.text and "experts.0" not in caplog.text
     assert batch.shape == (4, cols, cols) and fracs[2] > 0.01 and fracs[:2] + fracs[3:] == [0.01] * 3
     for index in range(4):
@@ -118,7 +121,8 @@ def test_inverse_cholesky_of_a_batch_equals_each_matrix_alone_bit_for_bit(cols, 
 def test_inverse_cholesky_of_a_batch_names_the_matrix_that_cannot_be_factored():
     with pytest.raises(CalibrationError, match=r"Hessian of experts.1.up_proj is not positive definite"):
         inverse_cholesky_upper_batch(
-            [torch.eye(4), -torch.eye(4)], 0.01, module_names=["experts.0.up_proj", "experts.1.up_proj"]
+            [torch.eye(4), -torch.eye(4)], 0.01, module_names=["experts.0.up_proj", "experts.1.up_proj"],
+            together=True,
         )
 
 

@@ -12,8 +12,9 @@ the caller already did, and destroys it only when it created it. What differs fr
   Hessian differs from one process's only by the fp32 rounding of each rank's partial sums),
   everything else is gathered and merged in rank order with the statistic's own ``merge``;
 * **solves**: a layer's input groups are spread over the ranks by cost (``owners``: the
-  largest first, each to the least loaded rank), each rank solves its own, and the results are
-  broadcast so every rank applies every result (``solve_groups``);
+  largest first, each to the least loaded rank), each rank solves its own (groups a modifier
+  can solve as one, MoE experts of one shape, in batches), and the results are broadcast so
+  every rank applies every result (``solve_groups``);
 * **output**: only rank 0 writes the checkpoint and the report (``is_writer``); the others
   wait for it at the end, so the checkpoint exists when ``oneshot`` returns on any rank.
 
@@ -64,6 +65,11 @@ T = TypeVar("T")
 # float64 pieces of at most this many elements: a 14336-wide Hessian is reduced without a
 # second full-size copy of it
 _REDUCE_PIECE = 1 << 22
+
+# A batch of solves holds every member's factorisation at once: at most this summed cost
+# (rows · columns² per module, as ``owners`` weighs them), so only small solves, whose time is
+# overhead, are batched, and a batch's memory stays bounded.
+BATCH_COST = float(1 << 36)
 
 
 def world_size() -> int:
@@ -353,12 +359,6 @@ def solve_groups(
         if world_size() > 1:
             result = broadcast_object(result, plan[index], device, f"{what}: results of group {index}")
         apply(group, result)
-
-
-# A batch of solves holds every member's factorisation at once: at most this summed cost
-# (rows · columns² per module, as ``owners`` weighs them), so only small solves, whose time is
-# overhead, are batched, and a batch's memory stays bounded.
-BATCH_COST = float(1 << 36)
 
 
 def _batches(

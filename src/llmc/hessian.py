@@ -187,15 +187,41 @@ def inverse_cholesky_upper_batch(
     module_names: Sequence[str],
     orders: Sequence[torch.Tensor | None] | None = None,
     max_attempts: int = 8,
+    together: bool | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """``inverse_cholesky_upper`` of E Hessians of one width: ``U: [E, n, n]`` and each damping.
 
-    The E factorisations and triangular inverses are one batched call each (a mixture of
-    experts solves many small Hessians, whose time one call per matrix spends in overheads and
-    kernel launches); damping is chosen and retried per matrix, as for one. On CPU the batched
-    LAPACK and BLAS calls compute each matrix exactly as a call for it alone would (the tests
-    compare bit for bit); on a GPU the batched kernels may round differently.
+    ``together`` (default: on a GPU) makes the E factorisations and triangular inverses one
+    batched call each: a mixture of experts solves many small Hessians, whose time one call
+    per matrix spends in kernel launches on a GPU. On CPU the default is one matrix after the
+    other: the batched calls there run each matrix's own LAPACK and BLAS routine (the results
+    are the same bit for bit; the tests compare them) but walk all E matrices through memory at
+    every step instead of keeping one in cache, which measured slower (docs/benchmarks.md).
+    Damping is chosen and retried per matrix, as for one; on a GPU the batched kernels may
+    round differently from one matrix's.
     """
+    if together is None:
+        together = hessians[0].device.type != "cpu"
+    if together or len(hessians) == 1:
+        return _inverse_cholesky_upper_together(hessians, dampening_frac, module_names, orders, max_attempts)
+    factors = torch.empty((len(hessians), *hessians[0].shape), dtype=hessians[0].dtype, device=hessians[0].device)
+    fracs = []
+    for index, H in enumerate(hessians):
+        order = None if orders is None else orders[index]
+        upper, (frac,) = _inverse_cholesky_upper_together([H], dampening_frac, [module_names[index]], [order], max_attempts)
+        factors[index] = upper[0]
+        fracs.append(frac)
+    return factors, fracs
+
+
+def _inverse_cholesky_upper_together(
+    hessians: Sequence[torch.Tensor],
+    dampening_frac: float,
+    module_names: Sequence[str],
+    orders: Sequence[torch.Tensor | None] | None,
+    max_attempts: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """``inverse_cholesky_upper_batch`` in batched calls (see there)."""
     count = len(hessians)
     orders = list(orders) if orders is not None else [None] * count
 
@@ -224,8 +250,9 @@ def inverse_cholesky_upper_batch(
             damped[slot].diagonal().copy_(diagonals[index] + fracs[index] * means[index])
         lower, info = torch.linalg.cholesky_ex(damped)  # [pending, n, n]
         del damped  # not needed once factored: one [n, n] per matrix less during the inverse
-        factored = [slot for slot in range(len(pending)) if int(info[slot]) == 0]
-        failed = [pending[slot] for slot in range(len(pending)) if int(info[slot]) != 0]
+        codes = info.tolist()  # one read of the E results, not one per matrix
+        factored = [slot for slot, code in enumerate(codes) if code == 0]
+        failed = [pending[slot] for slot, code in enumerate(codes) if code != 0]
         upper = None
         if factored:
             upper = lower_triangular_inverse(lower if len(factored) == len(pending) else lower[factored])

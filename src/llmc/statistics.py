@@ -19,7 +19,9 @@ hooks during the pipeline's calibration pass. This module is the one place that
   ``merge``, ``finalize``), so a distributed run (``llmc.distributed``) reduces them all in one
   place, when a pass's groups are read (``StatisticsPass.groups``);
 * **shares the solves**: a modifier that splits its solve into ``GroupSolver(compute, apply)``
-  has a layer's groups computed on several ranks at once, the results sent to all.
+  has a layer's groups computed on several ranks at once, the results sent to all; with a
+  ``batch_key`` and ``compute_batch`` groups of one key (MoE experts of one shape) are
+  computed as one batched solve.
 
 A modifier holds one ``LayerCalibration`` in its run state and calls ``start`` from
 ``llmc_layer_start`` and ``finish`` from ``llmc_layer_end``; see ``docs/plugins.md``.

@@ -179,9 +179,9 @@ def prepare_hessians(
     actorder: bool = False,
     module_names: Sequence[str],
 ) -> list[PreparedHessian]:
-    """``prepare_hessian`` of E Hessians of one width, factored in one batched call
-    (``llmc.hessian.inverse_cholesky_upper_batch``); their factors are views of one
-    ``[E, cols, cols]`` tensor, which ``gptq_quantize_batch`` then uses without a copy."""
+    """``prepare_hessian`` of E Hessians of one width, factored together
+    (``llmc.hessian.inverse_cholesky_upper_batch``: batched calls on a GPU); their factors are
+    views of one ``[E, cols, cols]`` tensor, which ``gptq_quantize_batch`` uses without a copy."""
     started = time.perf_counter()
     deads, diagonals, perms = [], [], []
     for H in hessians:

@@ -150,9 +150,9 @@ class GPTQRun(RunState):
         )
 
     def _compute_batch(self, groups: list[InputGroup]) -> list[dict[str, SolvedModule]]:
-        """``_compute_group`` of groups of one ``_batch_key``: per module position, one batched
-        factorisation of the groups' Hessians and one batched sweep (``gptq_quantize_batch``),
-        each group's results exactly those of its own solve on CPU."""
+        """``_compute_group`` of groups of one ``_batch_key``: the groups' Hessians factored
+        together (``prepare_hessians``), then per module position one batched sweep
+        (``gptq_quantize_batch``); each group's results exactly those of its own solve on CPU."""
         hessians = [group.statistic.finalize() for group in groups]
         members = [[name for name in group.names if name in self.pending] for group in groups]
         solved: list[dict[str, SolvedModule]] = [{} for _ in groups]

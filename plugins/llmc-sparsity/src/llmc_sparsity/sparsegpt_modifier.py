@@ -107,9 +107,9 @@ class SparseGPTRun(BlockwisePruningRun):
 
     @torch.no_grad()
     def _compute_batch(self, groups: list[InputGroup]) -> list[PrunedGroup]:
-        """``_compute_group`` of groups of one ``_batch_key``: their Hessians factored in one
-        batched call, then per module position one batched sweep (``sparsegpt_batch_``); on
-        CPU each group's result is exactly that of its own solve."""
+        """``_compute_group`` of groups of one ``_batch_key``: their Hessians factored together
+        (``llmc.hessian.inverse_cholesky_upper_batch``), then per module position one batched
+        sweep (``sparsegpt_batch_``); on CPU each group's result is exactly that of its own solve."""
         members = [[self.pending[name] for name in group.names if name in self.pending] for group in groups]
         hessians = [group.statistic.finalize() for group in groups]
 
