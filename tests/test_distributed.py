@@ -70,12 +70,12 @@ def test_groups_of_one_key_are_computed_in_one_batch_and_applied_in_order(monkey
         solve_groups(groups, costs, compute, lambda *_: None, torch.device("cpu"), "test", batch_key=len)
 
 
-def _oneshot(tmp_path, name, recipe, ranks):
+def _oneshot(tmp_path, name, recipe, ranks, model="llmc:tiny-llama", extra=()):
     output = tmp_path / name
     arguments = [
-        "-m", "llmc", "oneshot", "--model", "llmc:tiny-llama", "--recipe", recipe,
+        "-m", "llmc", "oneshot", "--model", model, "--recipe", recipe,
         "--dataset", "llmc:stdlib-docs", "--num-calibration-samples", "16",
-        "--max-seq-length", "128", "-q", "--output-dir", str(output),
+        "--max-seq-length", "128", "-q", "--output-dir", str(output), *extra,
     ]
     if ranks > 1:
         arguments = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *arguments]
@@ -116,3 +116,39 @@ def test_two_ranks_gptq_sees_every_token_and_matches_one_process(runs):
         assert rows_two[name]["tokens"] == row["tokens"], name
         assert rows_two[name]["output_error"] == pytest.approx(row["output_error"], rel=0.05), name
     assert (two / "model.safetensors").is_file()
+
+
+GPTQ_W4_GROUP16 = """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: [lm_head]
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
+"""
+
+
+def test_two_ranks_solve_their_experts_in_batches_and_match_one_process(tmp_path, tokenizer):
+    """Routed calibration of a tiny Qwen3-MoE: each rank batches the experts ``owners`` gives
+    it, the results go to every rank; every expert is GPTQ-solved from the same tokens as in one
+    process (a result applied to the wrong group would show as a rounded module or a far error)."""
+    from llmc.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "moe", tokenizer, kind="qwen3_moe")
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(GPTQ_W4_GROUP16)
+    reports = {}
+    for ranks in (1, 2):
+        output = _oneshot(
+            tmp_path, f"moe-{ranks}", str(recipe), ranks, model=str(model), extra=["--no-moe-calibrate-all-experts"]
+        )
+        reports[ranks] = {row["module"]: row for row in json.loads((output / "llmc_report.json").read_text())["modules"]}
+    assert reports[1].keys() == reports[2].keys()
+    experts = [name for name in reports[1] if ".experts." in name]
+    assert len(experts) == 2 * 8 * 3
+    for name in experts:
+        one, two = reports[1][name], reports[2][name]
+        assert "method" not in two and two["tokens"] == one["tokens"] > 0, name
+        assert two["output_error"] == pytest.approx(one["output_error"], rel=0.05), name
