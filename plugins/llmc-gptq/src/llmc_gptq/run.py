@@ -45,8 +45,6 @@ from llmc_gptq.gptq import (
     GPTQResult,
     PreparedHessian,
     gptq_quantize_batch,
-    gptq_quantize_prepared,
-    prepare_hessian,
     prepare_hessians,
     reference_energy,
 )
@@ -150,9 +148,11 @@ class GPTQRun(RunState):
         )
 
     def _compute_batch(self, groups: list[InputGroup]) -> list[dict[str, SolvedModule]]:
-        """``_compute_group`` of groups of one ``_batch_key``: the groups' Hessians factored
-        together (``prepare_hessians``), then per module position one batched sweep
-        (``gptq_quantize_batch``); each group's results exactly those of its own solve on CPU."""
+        """``_compute_group`` of groups of one ``_batch_key`` (or of one group): the groups'
+        Hessians factored together (``prepare_hessians``, one inverse Cholesky factor per group
+        and act-order, shared by the group's modules), then per module position one batched
+        sweep (``gptq_quantize_batch``); on CPU each group's results are exactly those of a
+        batch of that group alone."""
         hessians = [group.statistic.finalize() for group in groups]
         members = [[name for name in group.names if name in self.pending] for group in groups]
         solved: list[dict[str, SolvedModule]] = [{} for _ in groups]
@@ -196,44 +196,9 @@ class GPTQRun(RunState):
     def _compute_group(self, group: InputGroup) -> dict[str, SolvedModule]:
         """GPTQ of the group's pending modules from their shared Hessian (nothing installed:
         under torchrun another rank may apply the result); empty without a Hessian."""
-        accumulator = group.statistic
-        if accumulator is None:
+        if group.statistic is None:
             return {}
-        H = accumulator.finalize()
-        prepared: dict[bool, PreparedHessian] = {}  # shared by the group, per act-order
-        solved: dict[str, SolvedModule] = {}
-        for name in group.names:
-            if name not in self.pending:
-                continue
-            module, scheme = self.pending[name]
-            global_scale = take_global_scale(self.global_scales, self.pending, name)
-            actorder = scheme.weights.actorder is not None
-            seconds = 0.0
-            if actorder not in prepared:
-                prepared[actorder] = prepare_hessian(
-                    H, dampening_frac=self.config.dampening_frac, actorder=actorder, module_name=name,
-                )
-                seconds = prepared[actorder].seconds
-            energy = group.outputs.get(name)
-            if energy is not None:
-                reference = energy.finalize()
-            else:  # narrow input: trace(W H Wᵀ) as one small product
-                reference = reference_energy(module.weight.detach(), H, kept=sparsity_mask(module))
-            result = gptq_quantize_prepared(
-                module.weight.detach(),
-                prepared[actorder],
-                args=scheme.weights,
-                global_scale=global_scale,
-                block_size=self.config.block_size,
-                kept=sparsity_mask(module),
-                lazy_group_params=self.lazy_group_params,
-                scale_dtype=module.weight.dtype,
-                output_energy=reference,
-                backend=self.backend,
-                module_name=name,
-            )
-            solved[name] = SolvedModule(result, accumulator.tokens, seconds)
-        return solved
+        return self._compute_batch([group])[0]
 
     def _apply_group(self, context: RunContext, group: InputGroup, solved: dict[str, SolvedModule]) -> None:
         for name in group.names:

@@ -11,7 +11,6 @@ from llmc.context import RunContext
 from llmc.errors import ArgumentError
 from llmc.hessian import (
     HessianAccumulator,
-    inverse_cholesky_upper,
     inverse_cholesky_upper_batch,
     zero_dead_columns_,
 )
@@ -26,7 +25,7 @@ from llmc_sparsity.base import (
     check_sparsity_spec,
 )
 from llmc_sparsity.masks_nm import parse_mask_structure
-from llmc_sparsity.sparsegpt import sparsegpt_, sparsegpt_batch_
+from llmc_sparsity.sparsegpt import sparsegpt_batch_
 
 __all__ = ["SparseGPTModifier", "SparseGPTRun"]
 
@@ -107,9 +106,10 @@ class SparseGPTRun(BlockwisePruningRun):
 
     @torch.no_grad()
     def _compute_batch(self, groups: list[InputGroup]) -> list[PrunedGroup]:
-        """``_compute_group`` of groups of one ``_batch_key``: their Hessians factored together
-        (``llmc.hessian.inverse_cholesky_upper_batch``), then per module position one batched
-        sweep (``sparsegpt_batch_``); on CPU each group's result is exactly that of its own solve."""
+        """``_compute_group`` of groups of one ``_batch_key`` (or of one group): their Hessians
+        factored together (``llmc.hessian.inverse_cholesky_upper_batch``), then per module
+        position one batched sweep (``sparsegpt_batch_``); on CPU each group's result is exactly
+        that of a batch of that group alone."""
         members = [[self.pending[name] for name in group.names if name in self.pending] for group in groups]
         hessians = [group.statistic.finalize() for group in groups]
 
@@ -137,35 +137,17 @@ class SparseGPTRun(BlockwisePruningRun):
                 group_m=group_m, block_size=self.config.block_size,
             )
             for index, (targets, result) in enumerate(zip(members, results)):
-                # its own storage: results are sent between ranks
-                pruned[index][targets[position].name] = (W[index].clone(), result.kept, result.loss)
+                weight = W[index] if len(groups) == 1 else W[index].clone()  # own storage, sent between ranks
+                pruned[index][targets[position].name] = (weight, result.kept, result.loss)
             del W
         return [PrunedGroup(modules, damping) for modules, damping in zip(pruned, dampings)]
 
-    @torch.no_grad()
     def _compute_group(self, group: InputGroup) -> PrunedGroup | None:
         """Prune copies of the group's pending modules; they share H, its dead columns and its
         Cholesky factor (nothing installed: under torchrun another rank may apply it)."""
-        targets = [self.pending[name] for name in group.names if name in self.pending]
-        if group.statistic is None or not targets:
+        if group.statistic is None or not any(name in self.pending for name in group.names):
             return None
-        H = group.statistic.finalize()
-        weights = [
-            target.module.weight.detach().to(device=H.device, dtype=torch.float32, copy=True)
-            for target in targets
-        ]
-        dead = zero_dead_columns_(H, weights[0])
-        U, damping = inverse_cholesky_upper(H, self.config.dampening_frac, module_name=targets[0].name)
-        keep_n, group_m = parse_mask_structure(self.config.mask_structure)
-        pruned = {}
-        for target, W in zip(targets, weights):
-            W[:, dead] = 0.0
-            result = sparsegpt_(
-                W, U, sparsity=target.sparsity, keep_n=keep_n, group_m=group_m,
-                block_size=self.config.block_size,
-            )
-            pruned[target.name] = (W, result.kept, result.loss)
-        return PrunedGroup(pruned, damping)
+        return self._compute_batch([group])[0]
 
     def _apply_group(self, context: RunContext, group: InputGroup, pruned: PrunedGroup | None) -> None:
         if pruned is None:
