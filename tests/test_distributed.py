@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from llmc.distributed import owners, shard_bounds
+import llmc.distributed as distributed
+from llmc.distributed import owners, shard_bounds, solve_groups
 from llmc.evaluate import heldout_token_ids, load_model_for_eval, perplexity
 from llmc.resume import work_dir_for
 from llmc.testing import wait_until_paused
@@ -43,17 +45,53 @@ def test_solves_go_to_the_least_loaded_rank_largest_first():
     assert owners(costs, 2) == plan  # the same plan on every rank
 
 
-def _cli(recipe, output, *extra):
+def test_groups_of_one_key_are_computed_in_one_batch_and_applied_in_order(monkeypatch):
+    """Keys "gate" and "down" alternate as an MoE block's experts do; None is solved alone."""
+    groups = ["attn", "gate0", "down0", "gate1", "down1", "gate2", "down2", "router"]
+    keys = {"attn": None, "router": None}
+    costs = [4.0, 2.0, 3.0, 2.0, 3.0, 2.0, 3.0, 1.0]
+    calls: list[list[str]] = []
+    applied: list[tuple[str, str]] = []
+
+    def compute(group):
+        calls.append([group])
+        return f"solved {group}"
+
+    def compute_batch(batch):
+        calls.append(list(batch))
+        return [f"solved {group}" for group in batch]
+
+    def run():
+        calls.clear()
+        applied.clear()
+        solve_groups(
+            groups, costs, compute, lambda group, result: applied.append((group, result)), torch.device("cpu"),
+            "test", batch_key=lambda group: keys.get(group, group.rstrip("0123456789")),
+            compute_batch=compute_batch,
+        )
+
+    run()
+    assert calls == [["attn"], ["gate0", "gate1", "gate2"], ["down0", "down1", "down2"], ["router"]]
+    assert applied == [(group, f"solved {group}") for group in groups]
+    monkeypatch.setattr(distributed, "BATCH_COST", 5.0)  # two gate solves fit, not three; one down solve
+    run()
+    assert calls == [["attn"], ["gate0", "gate1"], ["down0"], ["down1"], ["gate2"], ["down2"], ["router"]]
+    assert applied == [(group, f"solved {group}") for group in groups]
+    with pytest.raises(ValueError, match="batch_key and compute_batch together"):
+        solve_groups(groups, costs, compute, lambda *_: None, torch.device("cpu"), "test", batch_key=len)
+
+
+def _cli(recipe, output, *extra, model="llmc:tiny-llama"):
     return [
-        "-m", "llmc", "oneshot", "--model", "llmc:tiny-llama", "--recipe", recipe,
+        "-m", "llmc", "oneshot", "--model", model, "--recipe", recipe,
         "--dataset", "llmc:stdlib-docs", "--num-calibration-samples", "16",
         "--max-seq-length", "128", "-q", "--output-dir", str(output), *extra,
     ]
 
 
-def _oneshot(tmp_path, name, recipe, ranks, *extra):
+def _oneshot(tmp_path, name, recipe, ranks, *extra, model="llmc:tiny-llama"):
     output = tmp_path / name
-    arguments = _cli(recipe, output, *extra)
+    arguments = _cli(recipe, output, *extra, model=model)
     if ranks > 1:
         arguments = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *arguments]
     done = subprocess.run([sys.executable, *arguments], env=ENV, capture_output=True, text=True, timeout=600)
@@ -202,3 +240,37 @@ def test_a_killed_rank_stops_the_run_and_the_relaunch_resumes(runs, tmp_path):
     assert report["resumed_layers"] == 2 and report["ranks"] == 2
     assert _digest(resumed) == _digest(streamed)
     assert not work_dir_for(resumed).exists()
+
+
+GPTQ_W4_GROUP16 = """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: [lm_head]
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
+"""
+
+
+def test_two_ranks_solve_their_experts_in_batches_and_match_one_process(tmp_path, tokenizer):
+    """Routed calibration of a tiny Qwen3-MoE: each rank batches the experts ``owners`` gives
+    it, the results go to every rank; every expert is GPTQ-solved from the same tokens as in one
+    process (a result applied to the wrong group would show as a rounded module or a far error)."""
+    from llmc.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "moe", tokenizer, kind="qwen3_moe")
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(GPTQ_W4_GROUP16)
+    reports = {}
+    for ranks in (1, 2):
+        output = _oneshot(tmp_path, f"moe-{ranks}", str(recipe), ranks, "--no-moe-calibrate-all-experts", model=str(model))
+        reports[ranks] = {row["module"]: row for row in json.loads((output / "llmc_report.json").read_text())["modules"]}
+    assert reports[1].keys() == reports[2].keys()
+    experts = [name for name in reports[1] if ".experts." in name]
+    assert len(experts) == 2 * 8 * 3
+    for name in experts:
+        one, two = reports[1][name], reports[2][name]
+        assert "method" not in two and two["tokens"] == one["tokens"] > 0, name
+        assert two["output_error"] == pytest.approx(one["output_error"], rel=0.05), name

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from llmc.errors import CalibrationError
-from llmc.hessian import HessianAccumulator, inverse_cholesky_upper, zero_dead_columns_
+from llmc.hessian import (
+    HessianAccumulator,
+    inverse_cholesky_upper,
+    inverse_cholesky_upper_batch,
+    zero_dead_columns_,
+)
 
 
 def test_hessian_running_mean_equals_direct_sum_and_skips_padding():
@@ -85,6 +90,40 @@ def test_inverse_cholesky_gives_up_with_clear_message():
     H = -torch.eye(4)
     with pytest.raises(CalibrationError, match=r"Hessian of q_proj is not positive definite after damping 0.01 → 1.28; add calibration samples or raise dampening_frac"):
         inverse_cholesky_upper(H, 0.01, module_name="q_proj")
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["batched-calls", "one-by-one"])
+@pytest.mark.parametrize("cols", [48, 600], ids=["one-leaf", "halved"])
+def test_inverse_cholesky_of_a_batch_equals_each_matrix_alone_bit_for_bit(cols, together, caplog):
+    """A batch of Hessians (MoE experts): each factor, damping and warning as alone; exactly
+    equal on CPU, where batched LAPACK and BLAS calls run each matrix's own routine."""
+    generator = torch.Generator().manual_seed(cols)
+    hessians, orders = [], []
+    for index in range(4):
+        x = torch.randn(cols // 2 + 7 * index, cols, generator=generator)  # rank below cols: singular
+        x[:, index] = 0.0  # a different input never fires in each
+        hessians.append(2 / x.shape[0] * x.T @ x)
+        orders.append(torch.randperm(cols, generator=generator) if index % 2 else None)
+    shift = torch.linalg.eigvalsh(hessians[2]).min() + 0.05 * torch.diag(hessians[2]).mean()
+    hessians[2] = hessians[2] - shift * torch.eye(cols)  # needs more damping than asked
+    names = [f"experts.{index}.down_proj" for index in range(4)]
+    with caplog.at_level(logging.WARNING, logger="llmc.hessian"):
+        batch, fracs = inverse_cholesky_upper_batch(
+            hessians, 0.01, module_names=names, orders=orders, together=together
+        )
+    assert "experts.2.down_proj needed damping" in caplog.text and "experts.0" not in caplog.text
+    assert batch.shape == (4, cols, cols) and fracs[2] > 0.01 and fracs[:2] + fracs[3:] == [0.01] * 3
+    for index in range(4):
+        alone, frac = inverse_cholesky_upper(hessians[index], 0.01, module_name=names[index], order=orders[index])
+        assert frac == fracs[index] and torch.equal(batch[index], alone), index
+
+
+def test_inverse_cholesky_of_a_batch_names_the_matrix_that_cannot_be_factored():
+    with pytest.raises(CalibrationError, match=r"Hessian of experts.1.up_proj is not positive definite"):
+        inverse_cholesky_upper_batch(
+            [torch.eye(4), -torch.eye(4)], 0.01, module_names=["experts.0.up_proj", "experts.1.up_proj"],
+            together=True,
+        )
 
 
 def test_dead_columns_fixed_to_zero_weight_and_unit_curvature():

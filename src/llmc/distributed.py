@@ -12,8 +12,9 @@ the caller already did, and destroys it only when it created it. What differs fr
   Hessian differs from one process's only by the fp32 rounding of each rank's partial sums),
   everything else is gathered and merged in rank order with the statistic's own ``merge``;
 * **solves**: a layer's input groups are spread over the ranks by cost (``owners``: the
-  largest first, each to the least loaded rank), each rank solves its own, and the results are
-  broadcast so every rank applies every result (``solve_groups``);
+  largest first, each to the least loaded rank), each rank solves its own (groups a modifier
+  can solve as one, MoE experts of one shape, in batches), and the results are broadcast so
+  every rank applies every result (``solve_groups``);
 * **output**: only rank 0 writes the checkpoint and the report (``is_writer``); the others
   wait for it at the end, so the checkpoint exists when ``oneshot`` returns on any rank.
 
@@ -29,7 +30,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from llmc.errors import DataError, DistributedError
 
 __all__ = [
+    "BATCH_COST",
     "barrier",
     "broadcast_object",
     "check_same_everywhere",
@@ -65,6 +67,11 @@ T = TypeVar("T")
 # float64 pieces of at most this many elements: a 14336-wide Hessian is reduced without a
 # second full-size copy of it
 _REDUCE_PIECE = 1 << 22
+
+# A batch of solves holds every member's factorisation at once: at most this summed cost
+# (rows · columns² per module, as ``owners`` weighs them), so only small solves, whose time is
+# overhead, are batched, and a batch's memory stays bounded.
+BATCH_COST = float(1 << 36)
 
 
 def world_size() -> int:
@@ -344,19 +351,62 @@ def solve_groups(
     apply: Callable[[T, Any], None],
     device: torch.device,
     what: str,
+    *,
+    batch_key: Callable[[T], Hashable | None] | None = None,
+    compute_batch: Callable[[list[T]], list[Any]] | None = None,
 ) -> None:
     """``apply(group, compute(group))`` for every group, the computes spread over the ranks.
 
     One process: compute and apply one group after the other. Several: each rank computes the
     groups ``owners`` gives it, then every group's result goes from its owner to all ranks, in
     the groups' order, and every rank applies it.
+
+    Batches: with ``batch_key`` and ``compute_batch``, a rank's own groups of one key (not None:
+    groups the modifier can solve as one, such as MoE experts of one shape) are computed by one
+    ``compute_batch(groups) -> results`` call, when the first of them is due, in batches of at
+    most ``BATCH_COST`` summed cost (one group always fits); the results are applied in the
+    groups' order as before. The plan does not depend on batching, only how a rank computes.
     """
-    if world_size() == 1:
-        for group in groups:
-            apply(group, compute(group))
-        return
-    plan = owners(costs, world_size())
-    mine = {index: compute(group) for index, group in enumerate(groups) if plan[index] == rank()}
+    if (batch_key is None) != (compute_batch is None):
+        raise ValueError("give batch_key and compute_batch together")
+    plan = owners(costs, world_size()) if world_size() > 1 else [0] * len(groups)
+    mine = [index for index in range(len(groups)) if plan[index] == rank()]
+    batch_of = _batches(mine, groups, costs, batch_key)
+    results: dict[int, Any] = {}
     for index, group in enumerate(groups):
-        result = broadcast_object(mine.pop(index, None), plan[index], device, f"{what}: results of group {index}")
+        if plan[index] == rank() and index not in results:
+            members = batch_of[index]
+            if len(members) == 1:
+                results[index] = compute(group)
+            else:
+                assert compute_batch is not None
+                logger.debug("%s: groups %s in one batch", what, members)
+                computed = compute_batch([groups[member] for member in members])
+                results.update(zip(members, computed, strict=True))
+        result = results.pop(index, None)
+        if world_size() > 1:
+            result = broadcast_object(result, plan[index], device, f"{what}: results of group {index}")
         apply(group, result)
+
+
+def _batches(
+    indices: Sequence[int],
+    groups: Sequence[T],
+    costs: Sequence[float],
+    batch_key: Callable[[T], Hashable | None] | None,
+) -> dict[int, list[int]]:
+    """Each of ``indices`` with the members of its batch (itself alone when not batched)."""
+    batch_of: dict[int, list[int]] = {}
+    open_batches: dict[Hashable, tuple[list[int], float]] = {}
+    for index in indices:
+        key = batch_key(groups[index]) if batch_key is not None else None
+        if key is None:
+            batch_of[index] = [index]
+            continue
+        members, cost = open_batches.get(key, ([], 0.0))
+        if members and cost + costs[index] > BATCH_COST:
+            members, cost = [], 0.0
+        members.append(index)
+        open_batches[key] = (members, cost + costs[index])
+        batch_of[index] = members
+    return batch_of

@@ -9,6 +9,7 @@ product per batch, as a running mean so its scale does not depend on N.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -19,6 +20,7 @@ from llmc.statistics import real_tokens
 __all__ = [
     "HessianAccumulator",
     "inverse_cholesky_upper",
+    "inverse_cholesky_upper_batch",
     "lower_triangular_inverse",
     "zero_dead_columns_",
 ]
@@ -125,22 +127,23 @@ _TRIANGULAR_LEAF = 256
 
 
 def lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
-    """L⁻¹ for lower-triangular ``L: [n, n]`` (non-zero diagonal), by recursive halving.
+    """L⁻¹ for lower-triangular ``L: [..., n, n]`` (non-zero diagonal), by recursive halving.
 
     [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]: the work becomes matrix products (BLAS),
-    which on CPU beats both ``cholesky_inverse`` and one big triangular solve.
+    which on CPU beats both ``cholesky_inverse`` and one big triangular solve. A batch of
+    matrices is inverted with batched products, one call per step for all of them.
     """
-    n = L.shape[0]
+    n = L.shape[-1]
     if n <= _TRIANGULAR_LEAF:
         identity = torch.eye(n, dtype=L.dtype, device=L.device)
-        return torch.linalg.solve_triangular(L, identity, upper=False)
+        return torch.linalg.solve_triangular(L, identity.expand_as(L), upper=False)
     half = n // 2
-    top = lower_triangular_inverse(L[:half, :half])  # A⁻¹  [h, h]
-    bottom = lower_triangular_inverse(L[half:, half:])  # C⁻¹  [n−h, n−h]
+    top = lower_triangular_inverse(L[..., :half, :half])  # A⁻¹  [..., h, h]
+    bottom = lower_triangular_inverse(L[..., half:, half:])  # C⁻¹  [..., n−h, n−h]
     out = torch.zeros_like(L)
-    out[:half, :half] = top
-    out[half:, half:] = bottom
-    out[half:, :half] = -(bottom @ (L[half:, :half] @ top))  # −C⁻¹ B A⁻¹
+    out[..., :half, :half] = top
+    out[..., half:, half:] = bottom
+    out[..., half:, :half] = -(bottom @ (L[..., half:, :half] @ top))  # −C⁻¹ B A⁻¹
     return out
 
 
@@ -169,42 +172,117 @@ def inverse_cholesky_upper(
     When H + λI is not positive definite (too few samples for the width, collinear inputs), the
     damping is doubled and the factorisation retried, instead of falling back to rounding; the
     final damping is logged. Returns U and the damping fraction used. ``H`` is not changed.
+    This is ``inverse_cholesky_upper_batch`` of one matrix.
     """
-    def reordered() -> torch.Tensor:  # J P H Pᵀ J, our own copy
+    upper, (frac,) = inverse_cholesky_upper_batch(
+        [H], dampening_frac, module_names=[module_name], orders=[order], max_attempts=max_attempts
+    )
+    return upper[0], frac
+
+
+def inverse_cholesky_upper_batch(
+    hessians: Sequence[torch.Tensor],
+    dampening_frac: float,
+    *,
+    module_names: Sequence[str],
+    orders: Sequence[torch.Tensor | None] | None = None,
+    max_attempts: int = 8,
+    together: bool | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """``inverse_cholesky_upper`` of E Hessians of one width: ``U: [E, n, n]`` and each damping.
+
+    ``together`` (default: on a GPU) makes the E factorisations and triangular inverses one
+    batched call each: a mixture of experts solves many small Hessians, whose time one call
+    per matrix spends in kernel launches on a GPU. On CPU the default is one matrix after the
+    other: the batched calls there run each matrix's own LAPACK and BLAS routine (the results
+    are the same bit for bit; the tests compare them) but walk all E matrices through memory at
+    every step instead of keeping one in cache, which measured slower (docs/benchmarks.md).
+    Damping is chosen and retried per matrix, as for one; on a GPU the batched kernels may
+    round differently from one matrix's.
+    """
+    if together is None:
+        together = hessians[0].device.type != "cpu"
+    if together or len(hessians) == 1:
+        return _inverse_cholesky_upper_together(hessians, dampening_frac, module_names, orders, max_attempts)
+    factors = torch.empty((len(hessians), *hessians[0].shape), dtype=hessians[0].dtype, device=hessians[0].device)
+    fracs = []
+    for index, H in enumerate(hessians):
+        order = None if orders is None else orders[index]
+        upper, (frac,) = _inverse_cholesky_upper_together([H], dampening_frac, [module_names[index]], [order], max_attempts)
+        factors[index] = upper[0]
+        fracs.append(frac)
+    return factors, fracs
+
+
+def _inverse_cholesky_upper_together(
+    hessians: Sequence[torch.Tensor],
+    dampening_frac: float,
+    module_names: Sequence[str],
+    orders: Sequence[torch.Tensor | None] | None,
+    max_attempts: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """``inverse_cholesky_upper_batch`` in batched calls (see there)."""
+    count = len(hessians)
+    orders = list(orders) if orders is not None else [None] * count
+
+    def reordered(index: int) -> torch.Tensor:  # J P H Pᵀ J, our own copy
+        H, order = hessians[index], orders[index]
         if order is None:
             return H.flip(0, 1)
-        index = order.to(H.device).flip(0)
-        return H.index_select(0, index).index_select(1, index)
+        flipped = order.to(H.device).flip(0)
+        return H.index_select(0, flipped).index_select(1, flipped)
 
-    original = torch.diagonal(H).clone()
-    original[original == 0] = 1.0
-    if order is not None:
-        original = original[order.to(H.device)]
-    original = original.flip(0)
-    mean_diagonal = torch.mean(original).item()
-    damped: torch.Tensor | None = None
-    frac = dampening_frac
+    diagonals, means = [], []
+    for H, order in zip(hessians, orders):
+        original = torch.diagonal(H).clone()
+        original[original == 0] = 1.0
+        if order is not None:
+            original = original[order.to(H.device)]
+        original = original.flip(0)
+        diagonals.append(original)
+        means.append(torch.mean(original).item())
+    fracs = [dampening_frac] * count
+    solved: dict[int, torch.Tensor] = {}  # index -> its U (a view into a batch of them)
+    pending = list(range(count))
     for attempt in range(max_attempts):
-        if damped is None:
-            damped = reordered()
-        damped.diagonal().copy_(original + frac * mean_diagonal)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if info.item() == 0:
-            damped = None  # not needed once factored: one [n, n] less during the inverse
-            upper = lower_triangular_inverse(lower)
-            del lower
+        damped = torch.stack([reordered(i) for i in pending]) if len(pending) > 1 else reordered(pending[0])[None]
+        for slot, index in enumerate(pending):
+            damped[slot].diagonal().copy_(diagonals[index] + fracs[index] * means[index])
+        lower, info = torch.linalg.cholesky_ex(damped)  # [pending, n, n]
+        del damped  # not needed once factored: one [n, n] per matrix less during the inverse
+        codes = info.tolist()  # one read of the E results, not one per matrix
+        factored = [slot for slot, code in enumerate(codes) if code == 0]
+        failed = [pending[slot] for slot, code in enumerate(codes) if code != 0]
+        upper = None
+        if factored:
+            upper = lower_triangular_inverse(lower if len(factored) == len(pending) else lower[factored])
+        del lower
+        if upper is not None:
             # One reduction instead of an elementwise mask: an inf or nan anywhere makes the
             # sum non-finite (an overflowing sum of finite values only costs a retry).
-            if torch.isfinite(upper.sum()):
+            finite = [bool(torch.isfinite(upper[position].sum())) for position in range(len(factored))]
+            upper = upper.flip(-2, -1)  # J L⁻¹ J
+            for position, slot in enumerate(factored):
+                index = pending[slot]
+                if not finite[position]:
+                    failed.append(index)
+                    continue
                 if attempt:
                     logger.warning(
                         "Hessian of %s needed damping %.4g (asked %.4g) to be positive definite",
-                        module_name, frac, dampening_frac,
+                        module_names[index], fracs[index], dampening_frac,
                     )
-                return upper.flip(0, 1), frac  # J L⁻¹ J
-        frac *= 2.0
+                solved[index] = upper[position]
+        if not failed:
+            if upper is not None and upper.shape[0] == count:  # all at the first attempt
+                return upper, fracs
+            return torch.stack([solved[index] for index in range(count)]), fracs
+        pending = sorted(failed)
+        for index in pending:
+            fracs[index] *= 2.0
+    index = pending[0]
     raise CalibrationError(
-        f"Hessian of {module_name} is not positive definite after damping {dampening_frac:g} → "
-        f"{frac / 2:g}; add calibration samples or raise dampening_frac",
-        module=module_name,
+        f"Hessian of {module_names[index]} is not positive definite after damping {dampening_frac:g} → "
+        f"{fracs[index] / 2:g}; add calibration samples or raise dampening_frac",
+        module=module_names[index],
     )

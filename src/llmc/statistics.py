@@ -19,7 +19,9 @@ hooks during the pipeline's calibration pass. This module is the one place that
   ``merge``, ``finalize``), so a distributed run (``llmc.distributed``) reduces them all in one
   place, when a pass's groups are read (``StatisticsPass.groups``);
 * **shares the solves**: a modifier that splits its solve into ``GroupSolver(compute, apply)``
-  has a layer's groups computed on several ranks at once, the results sent to all.
+  has a layer's groups computed on several ranks at once, the results sent to all; with a
+  ``batch_key`` and ``compute_batch`` groups of one key (MoE experts of one shape) are
+  computed as one batched solve.
 
 A modifier holds one ``LayerCalibration`` in its run state and calls ``start`` from
 ``llmc_layer_start`` and ``finish`` from ``llmc_layer_end``; see ``docs/plugins.md``.
@@ -28,7 +30,7 @@ A modifier holds one ``LayerCalibration`` in its run state and calls ``start`` f
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -375,10 +377,17 @@ class GroupSolver:
     ``apply(group, result)`` installs it (weights, scales, report rows, pending modules) and is
     called on every rank, in the groups' order. One process computes and applies each group in
     turn; under torchrun each group is computed by one rank (``llmc.distributed.solve_groups``).
+
+    Optionally, groups that can be solved as one (the experts of an MoE block: the same shapes,
+    each with its own statistic) are: ``batch_key(group)`` gives groups that may share a batch
+    equal keys (None: solved alone), and ``compute_batch(groups)`` returns the result of each,
+    in order, exactly what ``compute`` would return for it, in one batched solve.
     """
 
     compute: Callable[[InputGroup], Any]
     apply: Callable[[InputGroup, Any], None]
+    batch_key: Callable[[InputGroup], Hashable | None] | None = None
+    compute_batch: Callable[[list[InputGroup]], list[Any]] | None = None
 
 
 def group_cost(group: InputGroup, modules: Mapping[str, torch.nn.Linear]) -> float:
@@ -478,7 +487,10 @@ class LayerCalibration:
             solve(groups)
             return
         costs = [group_cost(group, modules) for group in groups]
-        solve_groups(groups, costs, solve.compute, solve.apply, context.device, f"solving {layer_name}")
+        solve_groups(
+            groups, costs, solve.compute, solve.apply, context.device, f"solving {layer_name}",
+            batch_key=solve.batch_key, compute_batch=solve.compute_batch,
+        )
 
     def _check_tokens(self, finished: StatisticsPass) -> None:
         """Warn once per run when a statistic saw fewer tokens than its input has columns.

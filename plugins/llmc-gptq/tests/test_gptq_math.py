@@ -24,6 +24,12 @@ from llmc.quantization import (
 from llmc.quantization.scheme import QuantizationScheme
 from llmc.testing import correlated_inputs
 from llmc_gptq import gptq_quantize
+from llmc_gptq.gptq import (
+    gptq_quantize_batch,
+    gptq_quantize_prepared,
+    prepare_hessian,
+    prepare_hessians,
+)
 
 SCHEMES = {
     "int4-g32-sym": dict(num_bits=4, symmetric=True, strategy="group", group_size=32),
@@ -265,3 +271,56 @@ def test_gptq_torch_sweep_on_gpu_matches_cpu():
     cpu = gptq_quantize(W, H, **SCHEMES["int4-g32-sym"], actorder=True, backend="torch")
     assert gpu.backend == "torch" and gpu.weight.device.type == "cuda"
     torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=0, atol=1e-5 * W.abs().max().item())
+
+
+BATCH_CASES = {
+    "int4-g32": (dict(SCHEMES["int4-g32-sym"]), dict(block_size=48)),
+    "int4-g32-asym-actorder": (dict(SCHEMES["int4-g32-asym"]), dict(actorder=True, block_size=48)),
+    "int4-g32-upfront-actorder": (dict(SCHEMES["int4-g32-sym"]), dict(actorder=True, lazy_group_params=False)),
+    "fp8-block-actorder": (dict(SCHEMES["fp8-block"]), dict(actorder=True, block_size=40)),
+    "nvfp4": (dict(SCHEMES["nvfp4"]), dict(block_size=20)),
+    "nvfp4-actorder-bf16": (dict(SCHEMES["nvfp4"]), dict(actorder=True, scale_dtype=torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("case", sorted(BATCH_CASES))
+def test_gptq_batch_of_experts_equals_each_expert_alone_bit_for_bit(case, backend):
+    """Four experts of one shape, each with its own Hessian (one with a dead input, one that
+    needs more damping), mask and global scale: the batched solve gives every expert exactly
+    what its own solve gives (on CPU batched LAPACK/BLAS calls run each matrix's routine)."""
+    scheme, options = BATCH_CASES[case]
+    actorder = options.pop("actorder", False)
+    cols = 192 if _args(scheme).strategy != "group" else 128
+    weights, hessians, masks = [], [], []
+    for expert in range(4):
+        W, X, H = _data(rows=48, cols=cols, seed=10 + expert)
+        if expert == 1:
+            X[:, 7] = 0.0  # an input that never fired
+            H = _hessian(X)
+        if expert == 2:  # smallest eigenvalue below zero: damping is raised for this one only
+            H = H - (torch.linalg.eigvalsh(H).min() + 0.05 * torch.diag(H).mean()) * torch.eye(cols)
+        weights.append(W)
+        hessians.append(H)
+        masks.append(torch.rand(W.shape, generator=torch.Generator().manual_seed(expert)) > 0.3)
+    names = [f"mlp.experts.{expert}.up_proj" for expert in range(4)]
+    for kept in (None, masks):
+        prepared = prepare_hessians(hessians, dampening_frac=0.01, actorder=actorder, module_names=names)
+        batch = gptq_quantize_batch(
+            weights, prepared, **scheme, **options, kept=kept, backend=backend, module_names=names,
+            output_energies=[1.0] * 4,
+        )
+        for expert in range(4):
+            alone = prepare_hessian(hessians[expert], dampening_frac=0.01, actorder=actorder, module_name=names[expert])
+            one = gptq_quantize_prepared(
+                weights[expert], alone, **scheme, **options, kept=None if kept is None else kept[expert],
+                backend=backend, module_name=names[expert], output_energy=1.0,
+            )
+            got = batch[expert]
+            assert got.damping == one.damping and (got.damping > 0.01) == (expert == 2)
+            assert torch.equal(got.weight, one.weight), expert
+            assert torch.equal(got.scale, one.scale) and torch.equal(got.zero_point, one.zero_point)
+            assert (got.global_scale is None) == (one.global_scale is None)
+            assert got.global_scale is None or torch.equal(got.global_scale, one.global_scale)
+            assert got.hessian_error == one.hessian_error and got.output_error == one.output_error
+        assert not torch.equal(batch[0].weight, batch[3].weight)

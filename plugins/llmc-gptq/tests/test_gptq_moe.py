@@ -12,6 +12,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+import llmc.distributed as distributed
 from llmc import oneshot
 from llmc.targets import is_router
 from llmc.testing import build_moe_lm, never_route_to, sample_logits, save_tiny_model
@@ -109,3 +110,50 @@ def test_routed_calibration_rounds_an_expert_no_token_reaches(tokenizer, text_fi
     assert "model.layers.1.mlp.experts.7.down_proj received no calibration tokens" in caplog.text
     weights = [module.weight_scale for module in result.model.modules() if hasattr(module, "weight_scale")]
     assert all(torch.isfinite(scale).all() for scale in weights)
+
+
+GPTQ_W4_GROUP16_ACTORDER = GPTQ_W4_GROUP16.replace("group_size: 16}", "group_size: 16, actorder: weight}")
+
+
+def _quantize_moe(tokenizer, text_file, recipe, all_experts, caplog):
+    model = build_moe_lm("qwen3_moe")
+    never_route_to(model, 7)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="llmc.distributed"):
+        result = oneshot(
+            model=model, tokenizer=tokenizer, recipe=recipe, dataset=str(text_file), num_calibration_samples=4,
+            moe_calibrate_all_experts=all_experts,
+        )
+    batches = [record.getMessage() for record in caplog.records if "in one batch" in record.getMessage()]
+    rows = {row["module"]: {k: v for k, v in row.items() if k != "seconds"} for row in result.report["modules"]}
+    return result.model.state_dict(), rows, batches
+
+
+@pytest.mark.parametrize("recipe", [GPTQ_W4_GROUP16, GPTQ_W4_GROUP16_ACTORDER], ids=["group16", "group16-actorder"])
+@pytest.mark.parametrize("all_experts", [True, False], ids=["all-experts", "routed"])
+def test_batched_expert_solves_equal_one_by_one_solves_bit_for_bit(
+    tokenizer, text_file, caplog, monkeypatch, recipe, all_experts
+):
+    """The experts of a block solved as batches give the checkpoint and report of one solve per
+    expert, to the bit (on CPU every batched call runs each matrix's own routine); routed,
+    expert 7 gets no token and is rounded to nearest in both."""
+    batched, batched_rows, batches = _quantize_moe(tokenizer, text_file, recipe, all_experts, caplog)
+    monkeypatch.setattr(distributed, "BATCH_COST", 0.0)  # every group a batch of its own
+    alone, alone_rows, no_batches = _quantize_moe(tokenizer, text_file, recipe, all_experts, caplog)
+    # down_proj: 8 experts (7 reached when routed) in one batch per layer; routed, gate/up too
+    reached = 8 if all_experts else 7
+    assert len(batches) == (2 if all_experts else 4) and not no_batches
+    assert all(message.count(",") == reached - 1 for message in batches), batches
+    assert batched.keys() == alone.keys()
+    for key, value in batched.items():
+        assert torch.equal(value, alone[key]), key
+    assert batched_rows == alone_rows
+    down = [row for name, row in batched_rows.items() if name.endswith("down_proj") and "tokens" in row]
+    assert len({row["output_error"] for row in down}) == len(down)  # each expert its own Hessian
+    if not all_experts:  # ... from its own tokens
+        assert len({row["tokens"] for row in down}) > 3
+    for name, row in batched_rows.items():
+        if ".experts.7." in name and not all_experts:
+            assert row["method"] == "round-to-nearest"
+        elif ".experts." in name:
+            assert row["tokens"] > 0 and "method" not in row

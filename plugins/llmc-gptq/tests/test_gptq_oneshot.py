@@ -99,13 +99,14 @@ def test_gptq_true_sequential_stages_follow_the_data_flow(tokenizer, kind):
 
 def test_gptq_true_sequential_calibrates_each_stage_on_quantized_inputs(tokenizer, monkeypatch):
     seen: dict[bool, dict[str, torch.Tensor]] = {}
-    prepare = gptq_modifier.prepare_hessian
+    prepare = gptq_modifier.prepare_hessians
 
-    def recording(H, **kwargs):
-        seen[current].setdefault(kwargs["module_name"], H.clone())
-        return prepare(H, **kwargs)
+    def recording(hessians, **kwargs):
+        for name, H in zip(kwargs["module_names"], hessians):
+            seen[current].setdefault(name, H.clone())
+        return prepare(hessians, **kwargs)
 
-    monkeypatch.setattr(gptq_modifier, "prepare_hessian", recording)
+    monkeypatch.setattr(gptq_modifier, "prepare_hessians", recording)
     for current in (True, False):
         seen[current] = {}
         _run(build_causal_lm("llama"), tokenizer, GPTQModifier(scheme="W4A16", true_sequential=current))

@@ -9,7 +9,7 @@ import torch
 from llmc.hessian import inverse_cholesky_upper
 from llmc_sparsity.magnitude_modifier import magnitude_kept_mask
 from llmc_sparsity.masks_nm import pruned_count
-from llmc_sparsity.sparsegpt import sparsegpt_
+from llmc_sparsity.sparsegpt import sparsegpt_, sparsegpt_batch_
 
 
 def _problem(seed: int, rows: int = 48, cols: int = 256, tokens: int = 1024):
@@ -187,3 +187,28 @@ def test_sparsity_sparsegpt_equals_the_textbook_algorithm_on_outlier_channels_an
     assert output_error(ours) == pytest.approx(output_error(reference), rel=1e-3)
     magnitude = W * magnitude_kept_mask(W, sparsity, keep_n=keep_n, group_m=group_m)
     assert output_error(ours) < 0.5 * output_error(magnitude)
+
+
+@pytest.mark.parametrize("use_numba", [True, False], ids=["numba", "torch"])
+@pytest.mark.parametrize(("sparsity", "keep_n", "group_m"), STRUCTURES)
+def test_sparsity_sparsegpt_batch_of_experts_equals_each_alone_bit_for_bit(sparsity, keep_n, group_m, use_numba):
+    """Three experts of one shape with their own factors (and, unstructured, their own
+    sparsities): one batched sweep gives each exactly its own sweep's weights, mask and loss
+    (on CPU the batched products run each matrix's own BLAS routine)."""
+    problems = [_problem(seed, rows=40, cols=192) for seed in (3, 4, 5)]
+    sparsities = [sparsity, sparsity, sparsity] if group_m else [sparsity, 0.3, 0.6]
+    W = torch.stack([weight for _, weight, _ in problems])
+    batch = W.clone()
+    results = sparsegpt_batch_(
+        batch, torch.stack([factor for _, _, factor in problems]), sparsities=sparsities, keep_n=keep_n,
+        group_m=group_m, block_size=64 if group_m else 48, use_numba=use_numba,
+    )
+    for index, (_, weight, factor) in enumerate(problems):
+        alone = weight.clone()
+        expected = sparsegpt_(
+            alone, factor, sparsity=sparsities[index], keep_n=keep_n, group_m=group_m,
+            block_size=64 if group_m else 48, use_numba=use_numba,
+        )
+        assert torch.equal(batch[index], alone) and torch.equal(results[index].kept, expected.kept), index
+        assert results[index].loss == expected.loss
+    assert not torch.equal(results[0].kept, results[1].kept)

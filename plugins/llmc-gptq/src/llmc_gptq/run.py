@@ -9,8 +9,9 @@ Per decoder layer::
                        Linear has its input, unless another modifier has hooks on the layer
     llmc_layer_end     solve each input group (llmc_gptq.gptq: one inverse Cholesky factor per
                        group and act-order) and install the results
-                       (llmc.quantization.set_quantized_weight_); with true_sequential core
-                       re-runs the layer between groups (llmc.statistics)
+                       (llmc.quantization.set_quantized_weight_); groups of one shape (MoE
+                       experts) are solved as one batch; with true_sequential core re-runs
+                       the layer between groups (llmc.statistics)
 
 Static input scales and the KV cache's scales (``llmc.calibration``) are observed in the same
 calibration pass, on the inputs the layer receives from the compressed layers before it, and
@@ -43,8 +44,8 @@ from llmc_gptq.config import GPTQModifier
 from llmc_gptq.gptq import (
     GPTQResult,
     PreparedHessian,
-    gptq_quantize_prepared,
-    prepare_hessian,
+    gptq_quantize_batch,
+    prepare_hessians,
     reference_energy,
 )
 from llmc_gptq.statistics import output_energy_for
@@ -130,49 +131,74 @@ class GPTQRun(RunState):
         return GroupSolver(
             compute=self._compute_group,
             apply=lambda group, solved: self._apply_group(context, group, solved),
+            batch_key=self._batch_key,
+            compute_batch=self._compute_batch,
         )
+
+    def _batch_key(self, group: InputGroup) -> tuple | None:
+        """Groups with equal keys are solved as one batch (``_compute_batch``): the experts of an
+        MoE block, whose modules have the same shapes and schemes, each with its own Hessian."""
+        names = [name for name in group.names if name in self.pending]
+        if group.statistic is None or not names:
+            return None
+        modules = [self.pending[name] for name in names]
+        return tuple(
+            (tuple(module.weight.shape), module.weight.dtype, str(module.weight.device), repr(scheme))
+            for module, scheme in modules
+        )
+
+    def _compute_batch(self, groups: list[InputGroup]) -> list[dict[str, SolvedModule]]:
+        """``_compute_group`` of groups of one ``_batch_key`` (or of one group): the groups'
+        Hessians factored together (``prepare_hessians``, one inverse Cholesky factor per group
+        and act-order, shared by the group's modules), then per module position one batched
+        sweep (``gptq_quantize_batch``); on CPU each group's results are exactly those of a
+        batch of that group alone."""
+        hessians = [group.statistic.finalize() for group in groups]
+        members = [[name for name in group.names if name in self.pending] for group in groups]
+        solved: list[dict[str, SolvedModule]] = [{} for _ in groups]
+        prepared: dict[bool, list[PreparedHessian]] = {}  # shared by each group, per act-order
+        for position in range(len(members[0])):
+            names = [group_members[position] for group_members in members]
+            modules = [self.pending[name][0] for name in names]
+            scheme = self.pending[names[0]][1]
+            global_scales = [take_global_scale(self.global_scales, self.pending, name) for name in names]
+            actorder = scheme.weights.actorder is not None
+            seconds = [0.0] * len(groups)
+            if actorder not in prepared:
+                prepared[actorder] = prepare_hessians(
+                    hessians, dampening_frac=self.config.dampening_frac, actorder=actorder, module_names=names,
+                )
+                seconds = [one.seconds for one in prepared[actorder]]
+            energies = []
+            for group, name, module, H in zip(groups, names, modules, hessians):
+                energy = group.outputs.get(name)
+                if energy is not None:
+                    energies.append(energy.finalize())
+                else:  # narrow input: trace(W H Wᵀ) as one small product
+                    energies.append(reference_energy(module.weight.detach(), H, kept=sparsity_mask(module)))
+            results = gptq_quantize_batch(
+                [module.weight.detach() for module in modules],
+                prepared[actorder],
+                args=scheme.weights,
+                global_scales=global_scales,
+                block_size=self.config.block_size,
+                kept=[sparsity_mask(module) for module in modules],
+                lazy_group_params=self.lazy_group_params,
+                scale_dtype=modules[0].weight.dtype,
+                output_energies=energies,
+                backend=self.backend,
+                module_names=names,
+            )
+            for index, (name, result) in enumerate(zip(names, results)):
+                solved[index][name] = SolvedModule(result, groups[index].statistic.tokens, seconds[index])
+        return solved
 
     def _compute_group(self, group: InputGroup) -> dict[str, SolvedModule]:
         """GPTQ of the group's pending modules from their shared Hessian (nothing installed:
         under torchrun another rank may apply the result); empty without a Hessian."""
-        accumulator = group.statistic
-        if accumulator is None:
+        if group.statistic is None:
             return {}
-        H = accumulator.finalize()
-        prepared: dict[bool, PreparedHessian] = {}  # shared by the group, per act-order
-        solved: dict[str, SolvedModule] = {}
-        for name in group.names:
-            if name not in self.pending:
-                continue
-            module, scheme = self.pending[name]
-            global_scale = take_global_scale(self.global_scales, self.pending, name)
-            actorder = scheme.weights.actorder is not None
-            seconds = 0.0
-            if actorder not in prepared:
-                prepared[actorder] = prepare_hessian(
-                    H, dampening_frac=self.config.dampening_frac, actorder=actorder, module_name=name,
-                )
-                seconds = prepared[actorder].seconds
-            energy = group.outputs.get(name)
-            if energy is not None:
-                reference = energy.finalize()
-            else:  # narrow input: trace(W H Wᵀ) as one small product
-                reference = reference_energy(module.weight.detach(), H, kept=sparsity_mask(module))
-            result = gptq_quantize_prepared(
-                module.weight.detach(),
-                prepared[actorder],
-                args=scheme.weights,
-                global_scale=global_scale,
-                block_size=self.config.block_size,
-                kept=sparsity_mask(module),
-                lazy_group_params=self.lazy_group_params,
-                scale_dtype=module.weight.dtype,
-                output_energy=reference,
-                backend=self.backend,
-                module_name=name,
-            )
-            solved[name] = SolvedModule(result, accumulator.tokens, seconds)
-        return solved
+        return self._compute_batch([group])[0]
 
     def _apply_group(self, context: RunContext, group: InputGroup, solved: dict[str, SolvedModule]) -> None:
         for name in group.names:

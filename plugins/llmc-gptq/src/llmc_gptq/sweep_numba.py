@@ -5,7 +5,7 @@ its docstring for the maths). The difference is the loop order: the reference wa
 column by column, each step a handful of torch operations over all rows; here each row walks
 the whole block on its own, since rows never interact inside a sweep::
 
-    for row r in prange(rows):              (rows spread over the cores)
+    for row r in prange(E · rows):          (the rows of all E weights spread over the cores)
         for column j in [i1, i2):           (the sweep order)
             q   = round(clamp(W[r, j] / scale + zero_point))   (onto the integer or float grid)
             err = (W[r, j] - (q - zero_point) * scale) / U[j, j]
@@ -182,63 +182,65 @@ def _open_groups(
 
 @numba.njit(parallel=True, cache=True)
 def _sweep_block(
-    W: np.ndarray,  # [rows, cols] float32, sweep order, changed in place
-    U: np.ndarray,  # [cols, cols] float32, upper Cholesky factor of H^-1 (sweep order)
+    W: np.ndarray,  # [E, rows, cols] float32, sweep order, changed in place
+    U: np.ndarray,  # [E, cols, cols] float32, upper Cholesky factors of H^-1 (sweep order)
     i1: int,
     i2: int,
-    Err: np.ndarray,  # [rows, >= i2 - i1] float32, out: scaled errors of the block's columns
-    scale: np.ndarray,  # [rows, groups] float32
-    zero: np.ndarray,  # [rows, groups] float32
-    group_of_column: np.ndarray,  # [cols] int64: group of the column at each sweep position
-    kept: np.ndarray,  # [rows, cols] bool (sweep order), or [0, 0] when nothing is pruned
+    Err: np.ndarray,  # [E, rows, >= i2 - i1] float32, out: scaled errors of the block's columns
+    scale: np.ndarray,  # [E, rows, groups] float32
+    zero: np.ndarray,  # [E, rows, groups] float32
+    group_of_column: np.ndarray,  # [E, cols] int64: group of the column at each sweep position
+    kept: np.ndarray,  # [E, rows, cols] bool (sweep order), or [0, 0, 0] when nothing is pruned
     q_min: np.float32,
     q_max: np.float32,
     is_float: bool,
     mantissa_bits: int,
     min_exponent: int,
-    squared_error: np.ndarray,  # [rows] float64, accumulated: sum of err^2 per row
+    squared_error: np.ndarray,  # [E, rows] float64, accumulated: sum of err^2 per row
 ) -> None:
     n = i2 - i1
+    rows = W.shape[1]
     masked = kept.shape[0] > 0
     # Loops run from 0 over slices: numba checks negative indices otherwise, which stops LLVM
-    # from vectorising the update.
-    for r in numba.prange(W.shape[0]):
-        w = W[r, i1:i2]  # this row's block, updated in place
-        err_row = Err[r]
+    # from vectorising the update. The rows of all E weights are spread over the cores at once.
+    for t in numba.prange(W.shape[0] * rows):
+        b = t // rows
+        r = t - b * rows
+        w = W[b, r, i1:i2]  # this row's block, updated in place
+        err_row = Err[b, r]
+        factor = U[b]
+        groups = group_of_column[b]
         total = 0.0
         for jj in range(n):
             j = i1 + jj
-            g = group_of_column[j]
-            s = scale[r, g]
-            z = zero[r, g]
+            g = groups[j]
+            s = scale[b, r, g]
+            z = zero[b, r, g]
             x = w[jj]
-            if masked and not kept[r, j]:
+            if masked and not kept[b, r, j]:
                 quantized = np.float32(0.0)
             else:
                 code = _round_to_grid(
                     min(max(x / s + z, q_min), q_max), is_float, mantissa_bits, min_exponent
                 )
                 quantized = (code - z) * s
-            e = (x - quantized) / U[j, j]
+            e = (x - quantized) / factor[j, j]
             w[jj] = quantized
             err_row[jj] = e
             total += np.float64(e) * np.float64(e)
             tail = w[jj + 1 :]
-            u = U[j, j + 1 : i2]
+            u = factor[j, j + 1 : i2]
             for k in range(tail.shape[0]):
                 tail[k] = tail[k] - e * u[k]  # rank-1 update of the rest of the block
-        squared_error[r] += total
+        squared_error[b, r] += total
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy()
 
 
-_NO_MASK = np.zeros((0, 0), dtype=np.bool_)
-
-
-def _mask(kept: torch.Tensor | None) -> np.ndarray:
-    return _NO_MASK if kept is None else _numpy(kept)
+def _mask(kept: torch.Tensor | None, ndim: int) -> np.ndarray:
+    return np.zeros((0,) * ndim, dtype=np.bool_) if kept is None else _numpy(kept)
 
 
 def _float_format(grid: Grid) -> tuple[bool, int, int]:
@@ -274,7 +276,7 @@ def open_groups_numba_(
     """
     significant_bits, min_exponent = _scale_format(scale_dtype)
     _open_groups(
-        _numpy(W), _numpy(groups), _numpy(group_ptr), _numpy(group_columns), _mask(kept),
+        _numpy(W), _numpy(groups), _numpy(group_ptr), _numpy(group_columns), _mask(kept, 2),
         _numpy(scale), _numpy(zero_point), np.float32(q_min), np.float32(q_max), symmetric,
         np.float32(torch.finfo(torch.float32).eps), significant_bits, min_exponent,
     )
@@ -294,14 +296,15 @@ def sweep_block_numba_(
     grid: Grid,
     squared_error: torch.Tensor,
 ) -> None:
-    """Sweep columns ``[i1, i2)`` of ``W`` in place (CPU tensors only); see the module docstring.
+    """Sweep columns ``[i1, i2)`` of a batch of weights in place (CPU tensors only); see the
+    module docstring.
 
-    Arguments as in ``sweep_torch.sweep_block_torch_``. All tensors must be contiguous CPU
-    tensors; ``W``, ``U``, ``Err``, ``scale``, ``zero_point`` float32, ``squared_error``
-    float64, ``group_of_column`` int64.
+    Arguments as in ``sweep_torch.sweep_block_torch_`` (``W: [E, rows, cols]``, one factor and
+    grid per weight). All tensors must be contiguous CPU tensors; ``W``, ``U``, ``Err``,
+    ``scale``, ``zero_point`` float32, ``squared_error`` float64, ``group_of_column`` int64.
     """
     _sweep_block(
         _numpy(W), _numpy(U), i1, i2, _numpy(Err), _numpy(scale), _numpy(zero_point),
-        _numpy(group_of_column), _mask(kept), np.float32(grid.q_min), np.float32(grid.q_max),
+        _numpy(group_of_column), _mask(kept, 3), np.float32(grid.q_min), np.float32(grid.q_max),
         *_float_format(grid), _numpy(squared_error),
     )

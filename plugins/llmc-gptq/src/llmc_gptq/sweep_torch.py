@@ -98,32 +98,46 @@ def sweep_block_torch_(
     grid: Grid,
     squared_error: torch.Tensor,
 ) -> None:
-    """Sweep columns ``[i1, i2)`` of ``W`` in place (see the module docstring).
+    """Sweep columns ``[i1, i2)`` of a batch of E weights in place (see the module docstring).
 
-    - ``W: [rows, cols]`` float32 in sweep order; on return columns ``[i1, i2)`` hold their
+    Each weight has its own factor and grid parameters (E experts of one shape, or E = 1);
+    every operation covers the whole batch, so a column costs the same launches for any E.
+
+    - ``W: [E, rows, cols]`` float32 in sweep order; on return columns ``[i1, i2)`` hold their
       quantized values ``(q - zero_point) * scale`` and columns up to ``i2`` are updated.
-    - ``U: [cols, cols]`` float32, upper Cholesky factor of the damped ``H⁻¹`` (sweep order).
-    - ``Err: [rows, >= i2 - i1]``: receives the scaled errors ``err_j`` of the block.
-    - ``scale``, ``zero_point: [rows, groups]`` float32 (zero points hold integers), already
+    - ``U: [E, cols, cols]`` float32, upper Cholesky factors of the damped ``H⁻¹`` (sweep order).
+    - ``Err: [E, rows, >= i2 - i1]``: receives the scaled errors ``err_j`` of the block.
+    - ``scale``, ``zero_point: [E, rows, groups]`` float32 (zero points hold integers), already
       filled for every group with a column in the block.
-    - ``group_of_column: [cols]`` int64 (CPU): the group of the column at each sweep position.
-    - ``kept: [rows, cols]`` bool in sweep order, or None: False marks pruned weights.
+    - ``group_of_column: [E, cols]`` int64 (CPU): the group of the column at each sweep
+      position (they differ between weights with act-order).
+    - ``kept: [E, rows, cols]`` bool in sweep order, or None: False marks pruned weights.
     - ``grid``: the codes' grid (``llmc.quantization.grid_of``): range and rounding, integer
       or float.
-    - ``squared_error: [rows]`` float64, accumulates ``Σ_j err_j²`` per row (with ``H⁻¹ =
+    - ``squared_error: [E, rows]`` float64, accumulates ``Σ_j err_j²`` per row (with ``H⁻¹ =
       UᵀU`` this is ``ΔW H ΔWᵀ`` for the damped ``H``).
     """
-    groups = group_of_column[i1:i2].tolist()  # control flow on the CPU: no sync per column
-    block = W[:, i1:i2]  # [rows, i2 - i1], a view
+    count, rows = W.shape[0], W.shape[1]
+    block_groups = group_of_column[:, i1:i2]  # [E, block], on the CPU
+    shared = bool((block_groups == block_groups[:1]).all())
+    if shared:
+        groups = block_groups[0].tolist()  # control flow on the CPU: no sync per column
+    else:
+        index = block_groups.to(scale.device)  # [E, block]: gathered per column
+    block = W[:, :, i1:i2]  # [E, rows, i2 - i1], a view
     for j in range(i1, i2):
-        g = groups[j - i1]
-        column = W[:, j : j + 1]  # [rows, 1]
-        s, z = scale[:, g : g + 1], zero_point[:, g : g + 1]
+        column = W[:, :, j : j + 1]  # [E, rows, 1]
+        if shared:
+            g = groups[j - i1]
+            s, z = scale[:, :, g : g + 1], zero_point[:, :, g : g + 1]
+        else:
+            where = index[:, j - i1].view(count, 1, 1).expand(count, rows, 1)
+            s, z = scale.gather(2, where), zero_point.gather(2, where)
         quantized = (grid.round_((column / s).add_(z)) - z) * s  # as llmc.quantization.math
         if kept is not None:
-            quantized = torch.where(kept[:, j : j + 1], quantized, torch.zeros_like(quantized))
-        err = (column - quantized) / U[j, j]  # [rows, 1]
-        W[:, j : j + 1] = quantized
-        Err[:, j - i1 : j - i1 + 1] = err
-        squared_error += err[:, 0].double().square()
-        block[:, j + 1 - i1 :] -= err * U[j : j + 1, j + 1 : i2]  # rank-1 update of the block
+            quantized = torch.where(kept[:, :, j : j + 1], quantized, torch.zeros_like(quantized))
+        err = (column - quantized) / U[:, j : j + 1, j : j + 1]  # [E, rows, 1]
+        W[:, :, j : j + 1] = quantized
+        Err[:, :, j - i1 : j - i1 + 1] = err
+        squared_error += err[:, :, 0].double().square()
+        block[:, :, j + 1 - i1 :] -= err * U[:, j : j + 1, j + 1 : i2]  # rank-1 update of the block

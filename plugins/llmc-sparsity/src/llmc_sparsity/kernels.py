@@ -48,38 +48,44 @@ def sweep_block(
     err: np.ndarray,
     losses: np.ndarray,
 ) -> None:
-    """SparseGPT's sequential sweep over one block, in place (arXiv 2301.00774, Alg. 1).
+    """SparseGPT's sequential sweep over one block of E weights, in place (arXiv 2301.00774,
+    Alg. 1); the rows of all E weights are spread over the cores at once.
 
-    ``W1: [rows, B]`` float32 (becomes the pruned, error-compensated weights), ``U1: [B, B]``
-    the block's slice of the upper Cholesky factor of H⁻¹, ``pruned: [rows, B]`` bool (given for
-    unstructured masks; chosen here, from the updated weights, when ``group_m > 0``),
-    ``err: [rows, B]`` the scaled errors (w − q)/U_ii for the lazy update of later blocks,
-    ``losses: [rows]`` float64, incremented by ½ Σ (w − q)²/U_ii².
+    ``W1: [E, rows, B]`` float32 (becomes the pruned, error-compensated weights), ``U1: [E, B,
+    B]`` each weight's block of the upper Cholesky factor of its H⁻¹, ``pruned: [E, rows, B]``
+    bool (given for unstructured masks; chosen here, from the updated weights, when
+    ``group_m > 0``), ``err: [E, rows, B]`` the scaled errors (w − q)/U_ii for the lazy update
+    of later blocks, ``losses: [E, rows]`` float64, incremented by ½ Σ (w − q)²/U_ii².
 
     For each column i:  e = w_i / U_ii if pruned else 0;  w_i ← w_i − e·U_ii;  w_j −= e·U_ij (j > i)
     """
-    rows, count = W1.shape
-    diag = np.empty(count, dtype=U1.dtype)
-    for i in range(count):
-        diag[i] = U1[i, i]
-    for r in numba.prange(rows):
-        w = W1[r]
-        row_pruned = pruned[r]
-        row_err = err[r]
+    batch, rows, count = W1.shape
+    diag = np.empty((batch, count), dtype=U1.dtype)
+    for b in range(batch):
+        for i in range(count):
+            diag[b, i] = U1[b, i, i]
+    for t in numba.prange(batch * rows):
+        b = t // rows
+        r = t - b * rows
+        w = W1[b, r]
+        row_pruned = pruned[b, r]
+        row_err = err[b, r]
+        factor = U1[b]
+        row_diag = diag[b]
         loss = 0.0
         for i in range(count):
             if group_m > 0 and i % group_m == 0:
-                _select_nm(w, diag, row_pruned, i, keep_n, group_m)
+                _select_nm(w, row_diag, row_pruned, i, keep_n, group_m)
             if row_pruned[i]:
-                e = w[i] / diag[i]
+                e = w[i] / row_diag[i]
                 loss += e * e
                 w[i] = 0.0
                 row_err[i] = e
                 for j in range(i + 1, count):
-                    w[j] -= e * U1[i, j]
+                    w[j] -= e * factor[i, j]
             else:
                 row_err[i] = 0.0
-        losses[r] += 0.5 * loss
+        losses[b, r] += 0.5 * loss
 
 
 @numba.njit(cache=True)

@@ -9,7 +9,11 @@ import torch
 
 from llmc.context import RunContext
 from llmc.errors import ArgumentError
-from llmc.hessian import HessianAccumulator, inverse_cholesky_upper, zero_dead_columns_
+from llmc.hessian import (
+    HessianAccumulator,
+    inverse_cholesky_upper_batch,
+    zero_dead_columns_,
+)
 from llmc.modifier import TargetedModifier
 from llmc.statistics import GroupSolver, InputGroup
 from llmc.validators import is_bool, is_number_in, is_positive_int
@@ -21,7 +25,7 @@ from llmc_sparsity.base import (
     check_sparsity_spec,
 )
 from llmc_sparsity.masks_nm import parse_mask_structure
-from llmc_sparsity.sparsegpt import sparsegpt_
+from llmc_sparsity.sparsegpt import sparsegpt_batch_
 
 __all__ = ["SparseGPTModifier", "SparseGPTRun"]
 
@@ -86,32 +90,64 @@ class SparseGPTRun(BlockwisePruningRun):
         return GroupSolver(
             compute=self._compute_group,
             apply=lambda group, pruned: self._apply_group(context, group, pruned),
+            batch_key=self._batch_key,
+            compute_batch=self._compute_batch,
         )
 
-    @torch.no_grad()
-    def _compute_group(self, group: InputGroup) -> PrunedGroup | None:
-        """Prune copies of the group's pending modules; they share H, its dead columns and its
-        Cholesky factor (nothing installed: under torchrun another rank may apply it)."""
+    def _batch_key(self, group: InputGroup) -> tuple | None:
+        """Groups with equal keys are pruned as one batch (``_compute_batch``): the experts of an
+        MoE block, whose modules have the same shapes, each with its own Hessian."""
         targets = [self.pending[name] for name in group.names if name in self.pending]
         if group.statistic is None or not targets:
             return None
-        H = group.statistic.finalize()
-        weights = [
-            target.module.weight.detach().to(device=H.device, dtype=torch.float32, copy=True)
-            for target in targets
-        ]
-        dead = zero_dead_columns_(H, weights[0])
-        U, damping = inverse_cholesky_upper(H, self.config.dampening_frac, module_name=targets[0].name)
+        return tuple(
+            (tuple(target.module.weight.shape), str(target.module.weight.device)) for target in targets
+        )
+
+    @torch.no_grad()
+    def _compute_batch(self, groups: list[InputGroup]) -> list[PrunedGroup]:
+        """``_compute_group`` of groups of one ``_batch_key`` (or of one group): their Hessians
+        factored together (``llmc.hessian.inverse_cholesky_upper_batch``), then per module
+        position one batched sweep (``sparsegpt_batch_``); on CPU each group's result is exactly
+        that of a batch of that group alone."""
+        members = [[self.pending[name] for name in group.names if name in self.pending] for group in groups]
+        hessians = [group.statistic.finalize() for group in groups]
+
+        def stacked(position: int) -> torch.Tensor:  # [E, rows, cols] float32 copies
+            weights = [targets[position].module.weight for targets in members]
+            out = torch.empty((len(groups), *weights[0].shape), dtype=torch.float32, device=hessians[0].device)
+            for slot, weight in zip(out, weights):
+                slot.copy_(weight.detach())
+            return out
+
+        first: torch.Tensor | None = stacked(0)
+        deads = [zero_dead_columns_(H, W) for H, W in zip(hessians, first)]
+        U, dampings = inverse_cholesky_upper_batch(
+            hessians, self.config.dampening_frac, module_names=[targets[0].name for targets in members]
+        )
         keep_n, group_m = parse_mask_structure(self.config.mask_structure)
-        pruned = {}
-        for target, W in zip(targets, weights):
-            W[:, dead] = 0.0
-            result = sparsegpt_(
-                W, U, sparsity=target.sparsity, keep_n=keep_n, group_m=group_m,
-                block_size=self.config.block_size,
+        pruned: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = [{} for _ in groups]
+        for position in range(len(members[0])):
+            W = first if first is not None else stacked(position)
+            first = None
+            for slot, dead in zip(W, deads):
+                slot[:, dead] = 0.0
+            results = sparsegpt_batch_(
+                W, U, sparsities=[targets[position].sparsity for targets in members], keep_n=keep_n,
+                group_m=group_m, block_size=self.config.block_size,
             )
-            pruned[target.name] = (W, result.kept, result.loss)
-        return PrunedGroup(pruned, damping)
+            for index, (targets, result) in enumerate(zip(members, results)):
+                weight = W[index] if len(groups) == 1 else W[index].clone()  # own storage, sent between ranks
+                pruned[index][targets[position].name] = (weight, result.kept, result.loss)
+            del W
+        return [PrunedGroup(modules, damping) for modules, damping in zip(pruned, dampings)]
+
+    def _compute_group(self, group: InputGroup) -> PrunedGroup | None:
+        """Prune copies of the group's pending modules; they share H, its dead columns and its
+        Cholesky factor (nothing installed: under torchrun another rank may apply it)."""
+        if group.statistic is None or not any(name in self.pending for name in group.names):
+            return None
+        return self._compute_batch([group])[0]
 
     def _apply_group(self, context: RunContext, group: InputGroup, pruned: PrunedGroup | None) -> None:
         if pruned is None:
