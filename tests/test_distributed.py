@@ -20,7 +20,7 @@ import llmc.distributed as distributed
 from llmc.distributed import owners, shard_bounds, solve_groups
 from llmc.evaluate import heldout_token_ids, load_model_for_eval, perplexity
 from llmc.resume import work_dir_for
-from llmc.testing import wait_until_paused
+from llmc.testing import GPTQ_W4_GROUP16, wait_until_paused
 
 ON_LINUX = sys.platform.startswith("linux")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -240,18 +240,6 @@ def test_a_killed_rank_stops_the_run_and_the_relaunch_resumes(runs, tmp_path):
     assert report["resumed_layers"] == 2 and report["ranks"] == 2
     assert _digest(resumed) == _digest(streamed)
     assert not work_dir_for(resumed).exists()
-
-
-GPTQ_W4_GROUP16 = """
-quant_stage:
-  quant_modifiers:
-    GPTQModifier:
-      ignore: [lm_head]
-      config_groups:
-        group_0:
-          targets: [Linear]
-          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
-"""
 
 
 def test_two_ranks_solve_their_experts_in_batches_and_match_one_process(tmp_path, tokenizer):

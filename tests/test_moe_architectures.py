@@ -18,21 +18,11 @@ from llmc.models import load_model
 from llmc.moe import UnfusedExperts, find_fused_experts, unfuse_experts_
 from llmc.multimodal import mark_encoders_
 from llmc.targets import is_router, match_modules
-from llmc.testing import build_causal_lm, sample_logits, write_text_file
+from llmc.testing import GPTQ_W4_GROUP16, build_causal_lm, sample_logits, write_text_file
 
 pytest.importorskip("compressed_tensors")
 
-GPTQ_W4A16_GROUP16 = """
-quant_stage:
-  quant_modifiers:
-    GPTQModifier:
-      ignore: [lm_head]
-      config_groups:
-        group_0:
-          targets: [Linear]
-          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
-"""
-RTN_W4_GROUP16 = GPTQ_W4A16_GROUP16.replace("GPTQModifier", "QuantizationModifier")  # data-free
+RTN_W4_GROUP16 = GPTQ_W4_GROUP16.replace("GPTQModifier", "QuantizationModifier")  # data-free
 COMMON = dict(vocab_size=320, bos_token_id=0, eos_token_id=1, pad_token_id=3, tie_word_embeddings=False)
 
 
@@ -123,7 +113,7 @@ def compressed(tmp_path_factory, tokenizer):
             BUILDERS[kind]().save_pretrained(folder / "model")
             tokenizer.save_pretrained(folder / "model")
             result = oneshot(
-                model=str(folder / "model"), recipe=GPTQ_W4A16_GROUP16, dataset=str(data),
+                model=str(folder / "model"), recipe=GPTQ_W4_GROUP16, dataset=str(data),
                 num_calibration_samples=8, max_seq_length=64, output_dir=str(folder / "out"),
             )
             runs[kind] = (result, folder / "model")

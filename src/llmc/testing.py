@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "GPTQ_W4_GROUP16",
     "MOE_KINDS",
     "SAMPLE_TEXT",
     "build_causal_lm",
@@ -95,6 +96,18 @@ def build_causal_lm(
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
+
+# GPTQ with groups of 16: small enough for the tiny test models' widths
+GPTQ_W4_GROUP16 = """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: [lm_head]
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
+"""
 
 MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3")
 

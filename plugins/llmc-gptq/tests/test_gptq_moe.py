@@ -15,20 +15,16 @@ from safetensors import safe_open
 import llmc.distributed as distributed
 from llmc import oneshot
 from llmc.targets import is_router
-from llmc.testing import build_moe_lm, never_route_to, sample_logits, save_tiny_model
+from llmc.testing import (
+    GPTQ_W4_GROUP16,
+    build_moe_lm,
+    never_route_to,
+    sample_logits,
+    save_tiny_model,
+)
 
 pytest.importorskip("compressed_tensors")
 
-GPTQ_W4_GROUP16 = """
-quant_stage:
-  quant_modifiers:
-    GPTQModifier:
-      ignore: [lm_head]
-      config_groups:
-        group_0:
-          targets: [Linear]
-          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 16}
-"""
 EXPERTS = 8
 
 
