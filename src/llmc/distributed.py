@@ -69,9 +69,10 @@ T = TypeVar("T")
 _REDUCE_PIECE = 1 << 22
 
 # A batch of solves holds every member's factorisation at once: at most this summed cost
-# (rows · columns² per module, as ``owners`` weighs them), so only small solves, whose time is
-# overhead, are batched, and a batch's memory stays bounded.
-BATCH_COST = float(1 << 36)
+# (``llmc.statistics.group_cost``: columns³ + rows · columns², as ``owners`` weighs them; 64
+# experts of 256 × 1024 fit), so only small solves, whose time is overhead, are batched, and a
+# batch's memory stays bounded.
+BATCH_COST = float(1 << 38)
 
 
 def world_size() -> int:

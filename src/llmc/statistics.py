@@ -391,12 +391,15 @@ class GroupSolver:
 
 
 def group_cost(group: InputGroup, modules: Mapping[str, torch.nn.Linear]) -> float:
-    """What solving ``group`` costs, for sharing solves out: rows · columns² per module (a
-    factorisation and sweep), rows · columns for a group without a statistic (rounding)."""
+    """What solving ``group`` costs, for sharing solves out: columns³ for the factorisation of
+    its statistic, once, and rows · columns² per module for its sweep; rows · columns per module
+    for a group without a statistic (rounding)."""
     cost = 0.0
     for name in group.names:
         rows, columns = modules[name].weight.shape
         cost += rows * columns * (columns if group.statistic is not None else 1)
+    if group.statistic is not None and group.names:
+        cost += float(modules[group.names[0]].weight.shape[1]) ** 3
     return cost
 
 
