@@ -147,25 +147,37 @@ def test_gpt_oss_unfused_experts_compute_what_the_fused_ones_compute():
     assert not [name for name in linears if "router" in name]
 
 
-def test_gpt_oss_gptq_checkpoint_quantizes_every_expert_and_loads_with_the_same_logits(compressed):
-    result, source = compressed("gpt_oss")
+def _check_quantized_experts(result, kind: str, mlp: str) -> tuple[set[str], dict]:
+    """What every MoE architecture's GPTQ checkpoint must show; returns its keys and report.
+
+    ≥ 99 % of the decoder matrices quantized, finite scales, each expert's projections stored
+    packed under per-expert names (``model.layers.N.<mlp>.experts.E.gate_proj``), the router
+    stored as it was and never quantized, and every expert projection solved from real tokens.
+    """
     with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
         keys = set(checkpoint.keys())
-        quantized, total = _decoder_matrix_parameters(checkpoint, NOT_COMPRESSED["gpt_oss"])
+        quantized, total = _decoder_matrix_parameters(checkpoint, NOT_COMPRESSED[kind])
         scales = [checkpoint.get_tensor(key) for key in keys if key.endswith("weight_scale")]
     assert quantized / total >= 0.99
     assert scales and all(torch.isfinite(scale).all() for scale in scales)
-    # per-expert Linears, as llm-compressor writes them; the router as it was
-    assert {f"model.layers.1.mlp.experts.3.{p}.weight_packed" for p in ("gate_proj", "up_proj", "down_proj")} <= keys
-    assert "model.layers.1.mlp.experts.3.gate_proj.bias" in keys
-    assert {"model.layers.1.mlp.router.weight", "model.layers.1.mlp.router.bias"} <= keys
+    assert {f"model.layers.1.{mlp}.experts.3.{p}.weight_packed" for p in ("gate_proj", "up_proj", "down_proj")} <= keys
+    assert f"model.layers.1.{mlp}.router.weight" in keys
     assert not [key for key in keys if "router.weight_" in key or "gate_up_proj" in key]
-    # every expert's projections got a Hessian from real tokens
-    rows = {row["module"]: row for row in json.loads((result.output_dir / "llmc_report.json").read_text())["modules"]}
+    report = json.loads((result.output_dir / "llmc_report.json").read_text())
+    rows = {row["module"]: row for row in report["modules"]}
     for layer in (0, 1):
         for expert in range(4):
             for projection in ("gate_proj", "up_proj", "down_proj"):
-                assert rows[f"model.layers.{layer}.mlp.experts.{expert}.{projection}"]["tokens"] > 0
+                assert rows[f"model.layers.{layer}.{mlp}.experts.{expert}.{projection}"]["tokens"] > 0
+    return keys, report
+
+
+def test_gpt_oss_gptq_checkpoint_quantizes_every_expert_and_loads_with_the_same_logits(compressed):
+    result, source = compressed("gpt_oss")
+    # per-expert Linears, as llm-compressor writes them; the router as it was
+    keys, _ = _check_quantized_experts(result, "gpt_oss", "mlp")
+    assert "model.layers.1.mlp.experts.3.gate_proj.bias" in keys
+    assert "model.layers.1.mlp.router.bias" in keys
     loaded = load_model(ModelArguments(model=str(result.output_dir), device="cpu"))
     ours = sample_logits(result.model, result.tokenizer)
     torch.testing.assert_close(sample_logits(loaded, result.tokenizer), ours, rtol=1e-5, atol=1e-5)
@@ -201,25 +213,12 @@ def test_llama4_unfused_experts_compute_what_the_fused_ones_compute():
 
 def test_llama4_gptq_checkpoint_quantizes_every_expert_and_loads_in_transformers(compressed):
     result, source = compressed("llama4")
-    with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
-        keys = set(checkpoint.keys())
-        quantized, total = _decoder_matrix_parameters(checkpoint, NOT_COMPRESSED["llama4"])
-        scales = [checkpoint.get_tensor(key) for key in keys if key.endswith("weight_scale")]
-    assert quantized / total >= 0.99
-    assert scales and all(torch.isfinite(scale).all() for scale in scales)
     # per-expert Linears, the names vLLM's llama4.py and transformers' swapped experts read
-    assert {f"model.layers.1.feed_forward.experts.3.{p}.weight_packed" for p in ("gate_proj", "up_proj", "down_proj")} <= keys
-    assert "model.layers.1.feed_forward.router.weight" in keys
-    assert not [key for key in keys if "router.weight_" in key or "gate_up_proj" in key]
-    report = json.loads((result.output_dir / "llmc_report.json").read_text())
+    _, report = _check_quantized_experts(result, "llama4", "feed_forward")
     rows = {row["module"]: row for row in report["modules"]}
+    # Llama 4's experts are calibrated on the tokens routed to them (an unrouted token reaches
+    # an expert as a zero row)
     counts = report["routed_tokens"]["model.layers.0.feed_forward.experts"]
-    for layer in (0, 1):
-        for expert in range(4):
-            for projection in ("gate_proj", "up_proj", "down_proj"):
-                # Llama 4's experts are calibrated on the tokens routed to them (an unrouted
-                # token reaches an expert as a zero row)
-                assert rows[f"model.layers.{layer}.feed_forward.experts.{expert}.{projection}"]["tokens"] > 0
     assert rows["model.layers.0.feed_forward.experts.2.up_proj"]["tokens"] == counts[2]
     ours = sample_logits(result.model, result.tokenizer)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(result.output_dir).eval()

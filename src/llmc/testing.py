@@ -29,6 +29,7 @@ __all__ = [
     "build_causal_lm",
     "build_moe_lm",
     "build_tokenizer",
+    "compress_moe_logging_batches",
     "correlated_inputs",
     "kill_when_paused",
     "never_route_to",
@@ -184,6 +185,39 @@ def never_route_to(model, expert: int) -> list:
         for name, module in model.named_modules()
         if name.endswith("mlp.gate")
     ]
+
+
+def compress_moe_logging_batches(tokenizer, dataset, recipe: str, all_experts: bool) -> tuple[dict, dict, list[str]]:
+    """``oneshot`` of a tiny Qwen3-MoE whose expert 7 is never routed to, on 4 samples of
+    ``dataset``: its state dict, its report rows by module (without their ``seconds``) and the
+    batches of solves ``llmc.distributed`` logged ("groups [...] in one batch")."""
+    import logging
+
+    from llmc import oneshot
+
+    model = build_moe_lm("qwen3_moe")
+    never_route_to(model, 7)
+    batches: list[str] = []
+
+    class Batches(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "in one batch" in record.getMessage():
+                batches.append(record.getMessage())
+
+    log, handler = logging.getLogger("llmc.distributed"), Batches(logging.DEBUG)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        result = oneshot(
+            model=model, tokenizer=tokenizer, recipe=recipe, dataset=dataset, num_calibration_samples=4,
+            moe_calibrate_all_experts=all_experts,
+        )
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    rows = {row["module"]: {k: v for k, v in row.items() if k != "seconds"} for row in result.report["modules"]}
+    return result.model.state_dict(), rows, batches
 
 
 def save_tiny_model(path: str | Path, tokenizer=None, kind: str = "llama") -> Path:

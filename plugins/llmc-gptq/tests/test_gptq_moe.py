@@ -18,6 +18,7 @@ from llmc.targets import is_router
 from llmc.testing import (
     GPTQ_W4_GROUP16,
     build_moe_lm,
+    compress_moe_logging_batches,
     never_route_to,
     sample_logits,
     save_tiny_model,
@@ -111,31 +112,17 @@ def test_routed_calibration_rounds_an_expert_no_token_reaches(tokenizer, text_fi
 GPTQ_W4_GROUP16_ACTORDER = GPTQ_W4_GROUP16.replace("group_size: 16}", "group_size: 16, actorder: weight}")
 
 
-def _quantize_moe(tokenizer, text_file, recipe, all_experts, caplog):
-    model = build_moe_lm("qwen3_moe")
-    never_route_to(model, 7)
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="llmc.distributed"):
-        result = oneshot(
-            model=model, tokenizer=tokenizer, recipe=recipe, dataset=str(text_file), num_calibration_samples=4,
-            moe_calibrate_all_experts=all_experts,
-        )
-    batches = [record.getMessage() for record in caplog.records if "in one batch" in record.getMessage()]
-    rows = {row["module"]: {k: v for k, v in row.items() if k != "seconds"} for row in result.report["modules"]}
-    return result.model.state_dict(), rows, batches
-
-
 @pytest.mark.parametrize("recipe", [GPTQ_W4_GROUP16, GPTQ_W4_GROUP16_ACTORDER], ids=["group16", "group16-actorder"])
 @pytest.mark.parametrize("all_experts", [True, False], ids=["all-experts", "routed"])
 def test_batched_expert_solves_equal_one_by_one_solves_bit_for_bit(
-    tokenizer, text_file, caplog, monkeypatch, recipe, all_experts
+    tokenizer, text_file, monkeypatch, recipe, all_experts
 ):
     """The experts of a block solved as batches give the checkpoint and report of one solve per
     expert, to the bit (on CPU every batched call runs each matrix's own routine); routed,
     expert 7 gets no token and is rounded to nearest in both."""
-    batched, batched_rows, batches = _quantize_moe(tokenizer, text_file, recipe, all_experts, caplog)
+    batched, batched_rows, batches = compress_moe_logging_batches(tokenizer, str(text_file), recipe, all_experts)
     monkeypatch.setattr(distributed, "BATCH_COST", 0.0)  # every group a batch of its own
-    alone, alone_rows, no_batches = _quantize_moe(tokenizer, text_file, recipe, all_experts, caplog)
+    alone, alone_rows, no_batches = compress_moe_logging_batches(tokenizer, str(text_file), recipe, all_experts)
     # down_proj: 8 experts (7 reached when routed) in one batch per layer; routed, gate/up too
     reached = 8 if all_experts else 7
     assert len(batches) == (2 if all_experts else 4) and not no_batches

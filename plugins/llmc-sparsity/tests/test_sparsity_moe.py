@@ -10,7 +10,7 @@ import torch
 
 import llmc.distributed as distributed
 from llmc import oneshot
-from llmc.testing import build_moe_lm, never_route_to
+from llmc.testing import build_moe_lm, compress_moe_logging_batches, never_route_to
 
 WANDA = "pruning_modifiers:\n  WandaPruningModifier: {sparsity: 0.5}\n"
 
@@ -40,30 +40,16 @@ SPARSEGPT = "pruning_modifiers:\n  SparseGPTModifier: {sparsity: 0.5}\n"
 SPARSEGPT_24 = "pruning_modifiers:\n  SparseGPTModifier: {mask_structure: '2:4'}\n"
 
 
-def _prune_moe(tokenizer, text_file, recipe, all_experts, caplog):
-    model = build_moe_lm("qwen3_moe")
-    never_route_to(model, 7)
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="llmc.distributed"):
-        result = oneshot(
-            model=model, tokenizer=tokenizer, recipe=recipe, dataset=str(text_file), num_calibration_samples=4,
-            moe_calibrate_all_experts=all_experts,
-        )
-    batches = [record.getMessage() for record in caplog.records if "in one batch" in record.getMessage()]
-    rows = {row["module"]: row for row in result.report["modules"]}
-    return result.model.state_dict(), rows, batches
-
-
 @pytest.mark.parametrize("recipe", [SPARSEGPT, SPARSEGPT_24], ids=["unstructured", "2:4"])
 @pytest.mark.parametrize("all_experts", [True, False], ids=["all-experts", "routed"])
 def test_sparsegpt_batched_expert_solves_equal_one_by_one_solves_bit_for_bit(
-    tokenizer, text_file, caplog, monkeypatch, recipe, all_experts
+    tokenizer, text_file, monkeypatch, recipe, all_experts
 ):
     """Experts pruned as batches give the weights, masks and report rows of one solve per
     expert, to the bit (CPU); routed, expert 7 gets no token and is left dense in both."""
-    batched, batched_rows, batches = _prune_moe(tokenizer, text_file, recipe, all_experts, caplog)
+    batched, batched_rows, batches = compress_moe_logging_batches(tokenizer, str(text_file), recipe, all_experts)
     monkeypatch.setattr(distributed, "BATCH_COST", 0.0)  # every group a batch of its own
-    alone, alone_rows, no_batches = _prune_moe(tokenizer, text_file, recipe, all_experts, caplog)
+    alone, alone_rows, no_batches = compress_moe_logging_batches(tokenizer, str(text_file), recipe, all_experts)
     reached = 8 if all_experts else 7
     assert len(batches) == (2 if all_experts else 4) and not no_batches
     assert all(message.count(",") == reached - 1 for message in batches), batches
