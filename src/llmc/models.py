@@ -283,9 +283,10 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
     return loaded
 
 
-def _auto_class(config: Any) -> Any:
+def _auto_class(config: Any) -> tuple[Any, Any]:
     """``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language model
-    that only it maps (Qwen2.5-VL), whose language model is then the one compressed."""
+    that only it maps (Qwen2.5-VL), whose language model is then the one compressed; with the
+    mapping from config classes to model classes it reads."""
     from transformers import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
@@ -293,20 +294,17 @@ def _auto_class(config: Any) -> Any:
     )
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
+        return AutoModelForImageTextToText, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    return AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING
 
 
 def _loader(path: str, config: Any) -> Any:
     """What loads the checkpoint at ``path``: the auto class, or for a checkpoint naming experts
     one by one where transformers reads them fused, the model class unfusing them when built
     (``llmc.moe_checkpoints``)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-
     from llmc.moe_checkpoints import unfusing_model_class
 
-    auto = _auto_class(config)
-    mapping = MODEL_FOR_CAUSAL_LM_MAPPING if auto is AutoModelForCausalLM else MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    auto, mapping = _auto_class(config)
     if not os.path.isdir(path) or type(config) not in mapping:
         return auto
     unfusing = unfusing_model_class(Path(path), config, mapping[type(config)])
@@ -375,7 +373,7 @@ def load_skeleton(model_args: ModelArguments) -> tuple[PreTrainedModel, LazyWeig
         dtype = getattr(torch, dtype)
     try:
         with init_empty_weights(include_buffers=False):
-            model = _auto_class(config).from_config(
+            model = _auto_class(config)[0].from_config(
                 config, dtype=dtype, trust_remote_code=model_args.trust_remote_code
             )
     except (OSError, ValueError, KeyError, ImportError, TypeError) as error:

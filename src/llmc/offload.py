@@ -392,12 +392,11 @@ def open_journal(
     if world_size() > 1:  # every rank's share, in rank order: another rank count starts over
         shares = gather_objects(digests["calibration data"], "fingerprinting the calibration data")
         digests["calibration data"] = hashlib.sha256(" ".join(shares).encode()).hexdigest()
-    journal = RunJournal.open(output_dir, digests, resume=resume) if is_writer() else None
+    journal = RunJournal.open(output_dir, digests, resume=resume, ranks=world_size()) if is_writer() else None
     state = broadcast_object(
         journal.state() if journal is not None else None, 0, torch.device("cpu"), "reading the run's journal"
     )
     if journal is None:
         journal = RunJournal.following(output_dir, digests, state, rank=rank(), ranks=world_size())
-    journal.ranks = world_size()
     check_free_disk(work_dir_for(output_dir), sum(path.stat().st_size for path in set(model_files)) // 2)
     return journal

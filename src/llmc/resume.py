@@ -136,10 +136,11 @@ class RunJournal:
         return self.rank == 0
 
     @classmethod
-    def open(cls, output_dir: Path, fingerprint: dict[str, str], *, resume: bool) -> RunJournal:
-        """The journal to continue, or a fresh one (the old folder removed, saying why)."""
+    def open(cls, output_dir: Path, fingerprint: dict[str, str], *, resume: bool, ranks: int = 1) -> RunJournal:
+        """The journal to continue, or a fresh one (the old folder removed, saying why); rank
+        0's of ``ranks``."""
         directory = work_dir_for(output_dir)
-        journal = cls(directory, fingerprint)
+        journal = cls(directory, fingerprint, ranks=ranks)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             journal._lock = open(directory / LOCK, "a+")
