@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import llmc.distributed as distributed
-from llmc.distributed import owners, shard_bounds, solve_groups
+from llmc.distributed import RowSplit, owners, plan_solves, row_bounds, shard_bounds, solve_groups
 from llmc.evaluate import heldout_token_ids, load_model_for_eval, perplexity
 from llmc.resume import work_dir_for
 from llmc.testing import GPTQ_W4_GROUP16, wait_until_paused
@@ -79,6 +79,126 @@ def test_groups_of_one_key_are_computed_in_one_batch_and_applied_in_order(monkey
     assert applied == [(group, f"solved {group}") for group in groups]
     with pytest.raises(ValueError, match="batch_key and compute_batch together"):
         solve_groups(groups, costs, compute, lambda *_: None, torch.device("cpu"), "test", batch_key=len)
+
+
+def _llama_layer_costs(hidden=4096, intermediate=14336, kv=1024):
+    """(cost, prepare cost) of the q/k/v, o, gate/up and down groups (``group_cost``'s terms)."""
+    shapes = [([hidden, kv, kv], hidden), ([hidden], hidden), ([intermediate, intermediate], hidden), ([hidden], intermediate)]
+    costs = [cols**3 + sum(rows) * cols**2 for rows, cols in shapes]
+    return costs, [cols**3 for _, cols in shapes]
+
+
+def _finish_times(plan, costs, prepare_costs, ranks):
+    """When each rank finishes under ``plan`` (preparations, whole groups, then its rows)."""
+    load = [0.0] * ranks
+    for index in plan.shares:
+        load[plan.owner[index]] += prepare_costs[index]
+    ready = list(load)
+    for index, cost in enumerate(costs):
+        if index not in plan.shares:
+            load[plan.owner[index]] += cost
+    for index, shares in plan.shares.items():
+        for r, (start, stop) in enumerate(shares):
+            if stop > start:
+                load[r] = max(load[r], ready[plan.owner[index]]) + (stop - start) * (costs[index] - prepare_costs[index])
+    return load
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_a_group_above_a_fair_share_is_prepared_once_and_its_rows_shared(ranks):
+    costs, prepare_costs = _llama_layer_costs()
+    plan = plan_solves(costs, ranks, prepare_costs=prepare_costs, splittable=[True] * 4)
+    assert list(plan.shares) == [3]  # only down, whose cost is most of the layer
+    shares = plan.shares[3]
+    assert shares[0][0] == 0.0 and shares[-1][1] == 1.0
+    assert all(shares[r][1] == shares[r + 1][0] for r in range(ranks - 1))  # contiguous, in rank order
+    finish = _finish_times(plan, costs, prepare_costs, ranks)
+    # the preparation cannot be shared: no plan finishes before it and the rows' fair share
+    floor = prepare_costs[3] + (costs[3] - prepare_costs[3]) / ranks
+    assert max(finish) <= floor * 1.0001
+    whole = max(_finish_times(plan_solves(costs, ranks), costs, prepare_costs, ranks))
+    assert max(finish) < 0.9 * whole
+    assert plan_solves(costs, ranks, prepare_costs=prepare_costs, splittable=[True] * 4) == plan  # every rank agrees
+
+
+def test_nothing_is_split_for_one_rank_or_a_group_that_cannot_be():
+    costs, prepare_costs = _llama_layer_costs()
+    assert plan_solves(costs, 1, prepare_costs=prepare_costs, splittable=[True] * 4).shares == {}
+    plan = plan_solves(costs, 2, prepare_costs=prepare_costs, splittable=[True, True, True, False])
+    assert plan.shares == {} and plan.owner == owners(costs, 2)
+    balanced = [10.0, 10.0, 10.0, 10.0]  # no group above a fair share
+    assert plan_solves(balanced, 2, prepare_costs=[1.0] * 4, splittable=[True] * 4).shares == {}
+
+
+@pytest.mark.parametrize("rows,step", [(1, 1), (7, 1), (4096, 1), (4096, 128), (1000, 64)])
+def test_row_shares_cover_every_row_exactly_once(rows, step):
+    generator = torch.Generator().manual_seed(rows)
+    for _ in range(20):
+        cuts = sorted(torch.rand(3, generator=generator).tolist())
+        fractions = [0.0, *cuts, 1.0]
+        covered = []
+        for start, stop in zip(fractions, fractions[1:]):
+            first, last = row_bounds(rows, start, stop, step)
+            assert first % step == 0 or first == rows
+            covered.extend(range(first, last))
+        assert covered == list(range(rows))
+
+
+def _rows_example(log):
+    """Three groups of one 'modifier': the second is the large one; its result is a row-wise
+    function of its matrix and its preparation (the largest entry)."""
+    generator = torch.Generator().manual_seed(0)
+    matrices = {"a": torch.randn(8, 8, generator=generator), "big": torch.randn(64, 32, generator=generator),
+                "b": torch.randn(4, 8, generator=generator)}
+
+    def prepare(group):
+        log.append(("prepare", group))
+        return {"peak": matrices[group].abs().max()}
+
+    def rows(group, prepared, start, stop):
+        first, last = row_bounds(matrices[group].shape[0], start, stop)
+        log.append(("rows", group, first, last))
+        return torch.cumsum(matrices[group][first:last], 1) / prepared["peak"]
+
+    def compute(group):
+        log.append(("compute", group))
+        return torch.cumsum(matrices[group], 1) / matrices[group].abs().max()
+
+    split = RowSplit(prepare=prepare, compute_rows=rows, join=lambda group, _, parts: torch.cat(parts),
+                     can_split=lambda group: True)
+    applied = {}
+    solve_groups(["a", "big", "b"], [10.0, 100.0, 5.0], compute, applied.__setitem__, torch.device("cpu"), "test",
+                 split=split, prepare_costs=[2.0, 50.0, 1.0])
+    return applied
+
+
+def _rows_worker(rank, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        log = []
+        applied = _rows_example(log)
+        torch.save({"applied": applied, "log": log}, Path(folder) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_share_the_rows_of_a_large_group_and_apply_what_one_process_does(tmp_path):
+    alone = _rows_example([])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_rows_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for outcome in ranks:
+        assert list(outcome["applied"]) == ["a", "big", "b"]  # in the groups' order
+        for group, result in alone.items():
+            assert torch.equal(outcome["applied"][group], result), group
+    logs = [outcome["log"] for outcome in ranks]
+    assert ("prepare", "big") in logs[0] and ("prepare", "big") not in logs[1]
+    pieces = sorted(entry[2:] for log in logs for entry in log if entry[0] == "rows")
+    assert len(pieces) == 2 and pieces[0][0] == 0 and pieces[0][1] == pieces[1][0] and pieces[1][1] == 64
+    assert sorted(entry[1] for log in logs for entry in log if entry[0] == "compute") == ["a", "b"]
 
 
 def _cli(recipe, output, *extra, model="llmc:tiny-llama"):

@@ -30,7 +30,8 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterator, Sequence
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -54,6 +55,10 @@ __all__ = [
     "rank_device",
     "rank_share",
     "reduce_statistics",
+    "row_bounds",
+    "RowSplit",
+    "SolvePlan",
+    "plan_solves",
     "shard_bounds",
     "solve_groups",
     "sum_counts",
@@ -214,17 +219,21 @@ def _on_device(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``value`` with ``function`` applied to every tensor in it (attrs classes, dicts, lists)."""
-    if isinstance(value, torch.Tensor):
+    return _map_leaves(value, lambda leaf: isinstance(leaf, torch.Tensor), function)
+
+
+def _map_leaves(value: Any, is_leaf: Callable[[Any], bool], function: Callable[[Any], Any]) -> Any:
+    if is_leaf(value):
         return function(value)
     if isinstance(value, dict):
-        return {key: map_tensors(item, function) for key, item in value.items()}
+        return {key: _map_leaves(item, is_leaf, function) for key, item in value.items()}
     if isinstance(value, list):
-        return [map_tensors(item, function) for item in value]
+        return [_map_leaves(item, is_leaf, function) for item in value]
     if isinstance(value, tuple):
-        return tuple(map_tensors(item, function) for item in value)
+        return tuple(_map_leaves(item, is_leaf, function) for item in value)
     if attrs.has(type(value)):
         changes = {
-            field.alias: map_tensors(getattr(value, field.name), function)
+            field.alias: _map_leaves(getattr(value, field.name), is_leaf, function)
             for field in attrs.fields(type(value))
             if field.init
         }
@@ -232,16 +241,54 @@ def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) ->
     return value
 
 
+@attrs.frozen
+class _Slot:
+    """A tensor of a broadcast value, sent after the value's skeleton as raw bytes."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor, as a flat uint8 view of its storage (no copy)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
 def broadcast_object(value: T | None, source: int, device: torch.device, what: str) -> T:
-    """``value`` of rank ``source`` on every rank, its tensors on ``device`` (sent via CPU)."""
+    """``value`` of rank ``source`` on every rank, its tensors on ``device``.
+
+    The value goes as a pickled skeleton whose tensors are placeholders, then each tensor's
+    bytes straight from the source's storage into the receiver's (on the GPU under NCCL):
+    pickling the tensors of results (a weight of 5632 columns, a factor of its Hessian) costs
+    copies and time that the raw transfer does not.
+    """
     if world_size() == 1:
         return value  # type: ignore[return-value]
-    payload = [map_tensors(value, torch.Tensor.cpu) if rank() == source else None]
-    with _collective(what):
-        dist.broadcast_object_list(payload, src=source)
+    carrier = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensors: list[torch.Tensor] = []
+
+    def placeholder(tensor: torch.Tensor) -> _Slot:
+        tensors.append(tensor.detach().to(carrier).contiguous())
+        return _Slot(tuple(tensor.shape), tensor.dtype)
+
+    header: list[Any] = [None]
     if rank() == source:
-        return value  # type: ignore[return-value]
-    return map_tensors(payload[0], _on_device(device))
+        header = [_map_leaves(value, lambda leaf: isinstance(leaf, torch.Tensor), placeholder)]
+    with _collective(what):
+        dist.broadcast_object_list(header, src=source)
+        if rank() == source:
+            for tensor in tensors:
+                if tensor.numel():
+                    dist.broadcast(_raw(tensor), src=source)
+            return value  # type: ignore[return-value]
+
+        def received(slot: _Slot) -> torch.Tensor:
+            tensor = torch.empty(slot.shape, dtype=slot.dtype, device=carrier)
+            if tensor.numel():
+                dist.broadcast(_raw(tensor), src=source)
+            return tensor.to(device)
+
+        return _map_leaves(header[0], lambda leaf: isinstance(leaf, _Slot), received)
 
 
 def gather_objects(value: T, what: str) -> list[T]:
@@ -278,18 +325,27 @@ def sum_counts(counts: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def sum_in_float64_(tensor: torch.Tensor, what: str) -> None:
-    """Sum ``tensor`` over the ranks in place, piece by piece in float64."""
+    """Sum ``tensor`` (any view, such as the block rows of a Hessian) over the ranks in place.
+
+    The sum is taken in float64, piece by piece, and rounded back to the tensor's dtype. Two
+    ranks' float32 tensors are summed as they are: the float32 sum of two float32 numbers is
+    the float64 sum rounded to float32, bit for bit (float64 has more than twice float32's
+    precision, so rounding twice gives the rounding once), for half the bytes sent.
+    """
     if world_size() == 1:
         return
-    flat = tensor.view(-1)
-    for start in range(0, flat.numel(), _REDUCE_PIECE):
-        piece = flat[start:start + _REDUCE_PIECE]
-        wide = piece.to(torch.float64)
-        if dist.get_backend() == "gloo" and wide.device.type != "cpu":
-            wide = wide.cpu()
+    as_is = tensor.dtype == torch.float64 or (tensor.dtype == torch.float32 and world_size() == 2)
+    whole = tensor.view(-1) if tensor.is_contiguous() else tensor
+    step = _REDUCE_PIECE if whole.dim() == 1 else max(1, _REDUCE_PIECE // max(1, whole[0].numel()))
+    for start in range(0, whole.shape[0], step):
+        piece = whole[start:start + step]
+        sent = piece.contiguous() if as_is else piece.to(torch.float64)
+        if dist.get_backend() == "gloo" and sent.device.type != "cpu":
+            sent = sent.cpu()
         with _collective(what):
-            dist.all_reduce(wide)
-        piece.copy_(wide)
+            dist.all_reduce(sent)
+        if sent is not piece:
+            piece.copy_(sent)
 
 
 def reduce_statistics(
@@ -336,13 +392,125 @@ def reduce_statistics(
 def owners(costs: Sequence[float], ranks: int) -> list[int]:
     """The rank that solves each item: largest cost first, each to the least loaded rank
     (ties to the lower rank, then the lower index), so every rank computes the same plan."""
-    load = [0.0] * ranks
-    owner = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        chosen = min(range(ranks), key=lambda r: (load[r], r))
+    return _assign(costs, [0.0] * ranks, range(len(costs)), [0] * len(costs))
+
+
+def _assign(costs: Sequence[float], load: list[float], indices: Iterable[int], owner: list[int]) -> list[int]:
+    """``owner`` with each of ``indices`` given to the least loaded rank, largest cost first."""
+    for index in sorted(indices, key=lambda i: (-costs[i], i)):
+        chosen = min(range(len(load)), key=lambda r: (load[r], r))
         owner[index] = chosen
         load[chosen] += costs[index]
     return owner
+
+
+@attrs.frozen
+class RowSplit:
+    """How a modifier lets several ranks share the solve of one group (``solve_groups``).
+
+    A group whose solve alone outweighs a rank's fair share of the layer would keep the other
+    ranks waiting (the down projection of a Llama layer: its Hessian is the widest). Its work
+    splits in two: ``prepare(group)``, done once by one rank (GPTQ's factorisation of the
+    Hessian; the result must pickle), then the rows of its modules, which are solved
+    independently of each other from that result: ``compute_rows(group, prepared, start,
+    stop)`` solves the rows between the fractions ``start`` and ``stop`` of each module's rows
+    (``row_bounds``), and ``join(group, prepared, parts)`` makes of the parts, in row order,
+    what ``GroupSolver.compute`` returns. ``can_split(group)`` says whether the group's rows
+    are independent (a per-tensor scale or a mask chosen over a whole block of rows is not).
+    """
+
+    prepare: Callable[[Any], Any]
+    compute_rows: Callable[[Any, Any, float, float], Any]
+    join: Callable[[Any, Any, list[Any]], Any]
+    can_split: Callable[[Any], bool]
+
+
+def row_bounds(rows: int, start: float, stop: float, step: int = 1) -> tuple[int, int]:
+    """``[first, last)`` of the rows between the fractions ``start`` and ``stop`` of ``rows``,
+    at multiples of ``step``: shares that tile ``[0, 1]`` tile the rows exactly once."""
+    blocks = -(-rows // step)
+
+    def at(fraction: float) -> int:
+        return min(rows, round(fraction * blocks) * step)
+
+    return at(start), at(stop)
+
+
+@attrs.frozen
+class SolvePlan:
+    """Which rank computes what: ``owner[i]`` solves group ``i`` whole, or, for a group in
+    ``shares``, prepares it; ``shares[i][r]`` is the ``(start, stop)`` fraction of the rows
+    rank ``r`` then solves (``start == stop``: none)."""
+
+    owner: list[int]
+    shares: dict[int, list[tuple[float, float]]]
+
+
+def plan_solves(
+    costs: Sequence[float],
+    ranks: int,
+    *,
+    prepare_costs: Sequence[float] | None = None,
+    splittable: Sequence[bool] | None = None,
+) -> SolvePlan:
+    """Share out a layer's solves (``costs``, each with the part ``prepare_costs`` that one rank
+    must do before its rows can be shared out), so that the last rank finishes early.
+
+    A splittable group that costs more than a rank's fair share (total / ranks) is split
+    (``RowSplit``): its preparation goes first, to the least loaded rank; then every other
+    group, whole, largest first, to the least loaded rank (``owners``); then its rows are
+    shared out so that all ranks finish together: a rank's rows start when both its own work
+    and the preparation are done, and the rows fill the ranks that are free first.
+    """
+    count = len(costs)
+    split = [
+        index for index in range(count)
+        if ranks > 1 and splittable is not None and splittable[index] and prepare_costs is not None
+        and costs[index] > sum(costs) / ranks
+    ]
+    if not split:
+        return SolvePlan(owners(costs, ranks), {})
+    assert prepare_costs is not None
+    load = [0.0] * ranks
+    owner = _assign(prepare_costs, load, split, [0] * count)
+    ready = {index: load[owner[index]] for index in split}  # preparations come first, in order
+    _assign(costs, load, [index for index in range(count) if index not in ready], owner)
+    shares: dict[int, list[tuple[float, float]]] = {}
+    for index in sorted(split, key=lambda i: (ready[i], i)):
+        rows_cost = costs[index] - prepare_costs[index]
+        starts = [max(load[r], ready[index]) for r in range(ranks)]
+        if rows_cost > 0:
+            work = _water_fill(starts, rows_cost)
+        else:  # nothing left to share: the preparing rank solves the rows too
+            work = [1.0 if r == owner[index] else 0.0 for r in range(ranks)]
+        total = sum(work)
+        taking = [r for r in range(ranks) if work[r] > 1e-9 * total]
+        fractions, begin = [], 0.0
+        for r in range(ranks):
+            end = begin if r not in taking else 1.0 if r == taking[-1] else begin + work[r] / total
+            fractions.append((begin, end))
+            begin = end
+            if r in taking:
+                load[r] = starts[r] + max(rows_cost, 0.0) * (work[r] / total)
+        shares[index] = fractions
+    return SolvePlan(owner, shares)
+
+
+def _water_fill(starts: Sequence[float], amount: float) -> list[float]:
+    """How much of ``amount`` each rank takes so that all that take some finish together (at
+    the lowest level ``L`` with ``Σ max(0, L − start) = amount``)."""
+    order = sorted(range(len(starts)), key=lambda r: (starts[r], r))
+    level = starts[order[0]]
+    remaining, filling = amount, 1
+    while True:
+        next_start = starts[order[filling]] if filling < len(order) else float("inf")
+        if remaining <= (next_start - level) * filling:
+            level += remaining / filling
+            break
+        remaining -= (next_start - level) * filling
+        level = next_start
+        filling += 1
+    return [max(0.0, level - start) for start in starts]
 
 
 def solve_groups(
@@ -355,39 +523,99 @@ def solve_groups(
     *,
     batch_key: Callable[[T], Hashable | None] | None = None,
     compute_batch: Callable[[list[T]], list[Any]] | None = None,
+    split: RowSplit | None = None,
+    prepare_costs: Sequence[float] | None = None,
 ) -> None:
     """``apply(group, compute(group))`` for every group, the computes spread over the ranks.
 
-    One process: compute and apply one group after the other. Several: each rank computes the
-    groups ``owners`` gives it, then every group's result goes from its owner to all ranks, in
-    the groups' order, and every rank applies it.
+    One process: compute and apply one group after the other. Several (``plan_solves``):
 
-    Batches: with ``batch_key`` and ``compute_batch``, a rank's own groups of one key (not None:
-    groups the modifier can solve as one, such as MoE experts of one shape) are computed by one
-    ``compute_batch(groups) -> results`` call, when the first of them is due, in batches of at
-    most ``BATCH_COST`` summed cost (one group always fits); the results are applied in the
-    groups' order as before. The plan does not depend on batching, only how a rank computes.
+    1. each rank computes what needs nothing from the others: the preparations of the split
+       groups it owns, then its own whole groups;
+    2. each split group's preparation goes from its owner to every rank, and every rank solves
+       its share of the group's rows;
+    3. in the groups' order, every group's result goes from its owner to all ranks (a split
+       group's parts from each rank, joined); then every rank applies them, in that order.
+
+    So no rank waits on another before it has done all the work it can. Batches: with
+    ``batch_key`` and ``compute_batch``, a rank's own groups of one key (not None: groups the
+    modifier can solve as one, such as MoE experts of one shape) are computed by one
+    ``compute_batch(groups) -> results`` call, in batches of at most ``BATCH_COST`` summed cost
+    (one group always fits). The plan does not depend on batching, only how a rank computes.
+    ``split`` and ``prepare_costs`` let ranks share the rows of a group (``RowSplit``).
     """
     if (batch_key is None) != (compute_batch is None):
         raise ValueError("give batch_key and compute_batch together")
-    plan = owners(costs, world_size()) if world_size() > 1 else [0] * len(groups)
-    mine = [index for index in range(len(groups)) if plan[index] == rank()]
-    batch_of = _batches(mine, groups, costs, batch_key)
-    results: dict[int, Any] = {}
+    if world_size() == 1:
+        result_of = _own_results(range(len(groups)), groups, costs, compute, batch_key, compute_batch, what)
+        for index, group in enumerate(groups):
+            apply(group, result_of(index))
+        return
+    me = rank()
+    started = time.perf_counter()
+    plan = plan_solves(
+        costs, world_size(), prepare_costs=prepare_costs,
+        splittable=[split.can_split(group) for group in groups] if split is not None else None,
+    )
+    prepared = {index: split.prepare(groups[index]) for index in plan.shares if plan.owner[index] == me}  # type: ignore[union-attr]
+    mine = [index for index in range(len(groups)) if plan.owner[index] == me and index not in plan.shares]
+    result_of = _own_results(mine, groups, costs, compute, batch_key, compute_batch, what)
+    results = {index: result_of(index) for index in mine}
+    own_done = time.perf_counter()
+    parts: dict[int, Any] = {}
+    for index in sorted(plan.shares):
+        prepared[index] = broadcast_object(prepared.get(index), plan.owner[index], device, f"{what}: preparing group {index}")
+        start, stop = plan.shares[index][me]
+        if stop > start:
+            parts[index] = split.compute_rows(groups[index], prepared[index], start, stop)  # type: ignore[union-attr]
+    rows_done = time.perf_counter()
+    everyone: dict[int, Any] = {}  # every result, sent before any is applied: no rank waits on another's apply
     for index, group in enumerate(groups):
-        if plan[index] == rank() and index not in results:
+        if index in plan.shares:
+            mine = parts.pop(index, None)
+            pieces = [
+                broadcast_object(mine if source == me else None, source, device, f"{what}: rows of group {index}")
+                for source, (start, stop) in enumerate(plan.shares[index]) if stop > start
+            ]
+            everyone[index] = split.join(group, prepared.pop(index), pieces)  # type: ignore[union-attr]
+        else:
+            everyone[index] = broadcast_object(
+                results.pop(index, None), plan.owner[index], device, f"{what}: results of group {index}"
+            )
+    for index, group in enumerate(groups):
+        apply(group, everyone.pop(index))
+    logger.debug(
+        "%s: rank %d: own solves %.2f s, shared rows %.2f s, results sent and applied %.2f s",
+        what, me, own_done - started, rows_done - own_done, time.perf_counter() - rows_done,
+    )
+
+
+def _own_results(
+    indices: Sequence[int],
+    groups: Sequence[T],
+    costs: Sequence[float],
+    compute: Callable[[T], Any],
+    batch_key: Callable[[T], Hashable | None] | None,
+    compute_batch: Callable[[list[T]], list[Any]] | None,
+    what: str,
+) -> Callable[[int], Any]:
+    """``result_of(index)`` for each of ``indices`` (this rank's groups), in their order: the
+    group's result, computed when first asked for together with the rest of its batch."""
+    batch_of = _batches(indices, groups, costs, batch_key)
+    results: dict[int, Any] = {}
+
+    def result_of(index: int) -> Any:
+        if index not in results:
             members = batch_of[index]
             if len(members) == 1:
-                results[index] = compute(group)
+                results[index] = compute(groups[index])
             else:
                 assert compute_batch is not None
                 logger.debug("%s: groups %s in one batch", what, members)
-                computed = compute_batch([groups[member] for member in members])
-                results.update(zip(members, computed, strict=True))
-        result = results.pop(index, None)
-        if world_size() > 1:
-            result = broadcast_object(result, plan[index], device, f"{what}: results of group {index}")
-        apply(group, result)
+                results.update(zip(members, compute_batch([groups[member] for member in members]), strict=True))
+        return results.pop(index)
+
+    return result_of
 
 
 def _batches(

@@ -37,7 +37,13 @@ import attrs
 import torch
 
 from llmc.context import RunContext
-from llmc.distributed import check_same_everywhere, reduce_statistics, solve_groups, world_size
+from llmc.distributed import (
+    RowSplit,
+    check_same_everywhere,
+    reduce_statistics,
+    solve_groups,
+    world_size,
+)
 from llmc.errors import ArgumentError, CalibrationError
 from llmc.pipeline import StopLayerForward
 from llmc.torch_hooks import has_foreign_hooks
@@ -382,25 +388,36 @@ class GroupSolver:
     each with its own statistic) are: ``batch_key(group)`` gives groups that may share a batch
     equal keys (None: solved alone), and ``compute_batch(groups)`` returns the result of each,
     in order, exactly what ``compute`` would return for it, in one batched solve.
+
+    Optionally ``split`` (``llmc.distributed.RowSplit``) lets ranks share the rows of a group
+    that alone outweighs a rank's share of the layer, after one rank has prepared it
+    (``prepare_cost``: the factorisation of its statistic).
     """
 
     compute: Callable[[InputGroup], Any]
     apply: Callable[[InputGroup, Any], None]
     batch_key: Callable[[InputGroup], Hashable | None] | None = None
     compute_batch: Callable[[list[InputGroup]], list[Any]] | None = None
+    split: RowSplit | None = None
 
 
 def group_cost(group: InputGroup, modules: Mapping[str, torch.nn.Linear]) -> float:
-    """What solving ``group`` costs, for sharing solves out: columns³ for the factorisation of
-    its statistic, once, and rows · columns² per module for its sweep; rows · columns per module
-    for a group without a statistic (rounding)."""
-    cost = 0.0
+    """What solving ``group`` costs, for sharing solves out: ``prepare_cost`` (the factorisation
+    of its statistic, once) and rows · columns² per module for its sweep; rows · columns per
+    module for a group without a statistic (rounding)."""
+    cost = prepare_cost(group, modules)
     for name in group.names:
         rows, columns = modules[name].weight.shape
         cost += rows * columns * (columns if group.statistic is not None else 1)
-    if group.statistic is not None and group.names:
-        cost += float(modules[group.names[0]].weight.shape[1]) ** 3
     return cost
+
+
+def prepare_cost(group: InputGroup, modules: Mapping[str, torch.nn.Linear]) -> float:
+    """The part of ``group_cost`` done once for all of the group's rows: columns³, the
+    factorisation of its statistic (nothing without one)."""
+    if group.statistic is None or not group.names:
+        return 0.0
+    return float(modules[group.names[0]].weight.shape[1]) ** 3
 
 
 @attrs.define
@@ -492,7 +509,8 @@ class LayerCalibration:
         costs = [group_cost(group, modules) for group in groups]
         solve_groups(
             groups, costs, solve.compute, solve.apply, context.device, f"solving {layer_name}",
-            batch_key=solve.batch_key, compute_batch=solve.compute_batch,
+            batch_key=solve.batch_key, compute_batch=solve.compute_batch, split=solve.split,
+            prepare_costs=[prepare_cost(group, modules) for group in groups],
         )
 
     def _check_tokens(self, finished: StatisticsPass) -> None:

@@ -240,3 +240,34 @@ def test_gptq_float_group_and_block_schemes_load_with_the_same_logits(text_file,
         with safe_open(result.output_dir / "model.safetensors", "pt") as checkpoint:
             scales = [checkpoint.get_tensor(f"model.layers.0.self_attn.{p}_proj.weight_global_scale") for p in "qkv"]
         assert torch.equal(scales[0], scales[1]) and torch.equal(scales[0], scales[2])
+
+
+@pytest.mark.parametrize("params", [{"actorder": None}, {"actorder": "weight"}, {"scheme": "W8A8"}])
+def test_rows_solved_in_parts_and_joined_equal_the_whole_solve_bit_for_bit(tokenizer, monkeypatch, params):
+    """What ranks do with a group too large for one (``llmc.distributed.RowSplit``: one
+    factorisation, the rows in parts, joined) gives the weights of solving it whole."""
+    modifier = {"scheme": "W4A16", **params}
+    whole_run, whole = _run(build_causal_lm("llama"), tokenizer, GPTQModifier(**modifier))
+    solve_whole = gptq_modifier.GPTQRun._compute_group
+    split_groups = []
+
+    def in_parts(self, group):
+        if not self._can_split(group):
+            return solve_whole(self, group)
+        split_groups.append(group.names)
+        prepared = self._prepare_group(group)
+        parts = [self._compute_rows(group, prepared, start, stop) for start, stop in ((0, 0.37), (0.37, 0.37), (0.37, 1))]
+        return self._join_rows(group, prepared, parts)
+
+    monkeypatch.setattr(gptq_modifier.GPTQRun, "_compute_group", in_parts)
+    _, parted = _run(build_causal_lm("llama"), tokenizer, GPTQModifier(**modifier))
+    (layout,) = whole_run.layouts.values()
+    assert len(split_groups) == parted.model.config.num_hidden_layers * len(layout)  # every group of every layer
+    expected = whole.model.state_dict()
+    for key, value in parted.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    rows = {row["module"]: row for row in whole.report}
+    for row in parted.report:
+        if "output_error" in row:
+            assert row["tokens"] == rows[row["module"]]["tokens"]
+            assert row["output_error"] == pytest.approx(rows[row["module"]]["output_error"], rel=1e-6, abs=1e-12)

@@ -28,6 +28,7 @@ import torch
 
 from llmc.calibration import ActivationCalibration
 from llmc.context import RunContext
+from llmc.distributed import RowSplit, row_bounds
 from llmc.hessian import HessianAccumulator
 from llmc.masks import sparsity_mask
 from llmc.modifier import RunState
@@ -55,6 +56,15 @@ __all__ = ["GPTQRun"]
 logger = logging.getLogger("llmc.gptq")
 
 
+def _energy(group: InputGroup, name: str, module: torch.nn.Linear, H: torch.Tensor) -> float | None:
+    """``trace(W H Wᵀ)``, what a module's output error is relative to: summed from its outputs
+    during calibration (wide inputs), or one small product from ``H`` (narrow ones)."""
+    energy = group.outputs.get(name)
+    if energy is not None:
+        return energy.finalize()
+    return reference_energy(module.weight.detach(), H, kept=sparsity_mask(module))
+
+
 @attrs.frozen
 class SolvedModule:
     """One module's GPTQ result with what its report row needs (sent between ranks)."""
@@ -62,6 +72,20 @@ class SolvedModule:
     result: GPTQResult
     tokens: int
     hessian_seconds: float
+
+
+@attrs.frozen
+class PreparedGroup:
+    """A group's factorisation and what its modules' report rows need, made by one rank for
+    the ranks that share its rows (``llmc.distributed.RowSplit``)."""
+
+    hessians: dict[bool, PreparedHessian]  # per act-order
+    energies: dict[str, float | None]
+    tokens: int
+
+
+# The row sweeps of these schemes depend on nothing outside a row: its own scales and codes.
+_ROW_STRATEGIES = ("channel", "group")
 
 
 @attrs.define
@@ -133,6 +157,10 @@ class GPTQRun(RunState):
             apply=lambda group, solved: self._apply_group(context, group, solved),
             batch_key=self._batch_key,
             compute_batch=self._compute_batch,
+            split=RowSplit(
+                prepare=self._prepare_group, compute_rows=self._compute_rows, join=self._join_rows,
+                can_split=self._can_split,
+            ),
         )
 
     def _batch_key(self, group: InputGroup) -> tuple | None:
@@ -169,13 +197,7 @@ class GPTQRun(RunState):
                     hessians, dampening_frac=self.config.dampening_frac, actorder=actorder, module_names=names,
                 )
                 seconds = [one.seconds for one in prepared[actorder]]
-            energies = []
-            for group, name, module, H in zip(groups, names, modules, hessians):
-                energy = group.outputs.get(name)
-                if energy is not None:
-                    energies.append(energy.finalize())
-                else:  # narrow input: trace(W H Wᵀ) as one small product
-                    energies.append(reference_energy(module.weight.detach(), H, kept=sparsity_mask(module)))
+            energies = [_energy(group, name, module, H) for group, name, module, H in zip(groups, names, modules, hessians)]
             results = gptq_quantize_batch(
                 [module.weight.detach() for module in modules],
                 prepared[actorder],
@@ -199,6 +221,82 @@ class GPTQRun(RunState):
         if group.statistic is None:
             return {}
         return self._compute_batch([group])[0]
+
+    def _can_split(self, group: InputGroup) -> bool:
+        names = [name for name in group.names if name in self.pending]
+        return group.statistic is not None and bool(names) and all(
+            self.pending[name][1].weights.strategy in _ROW_STRATEGIES
+            and not self.pending[name][1].weights.has_global_scale
+            for name in names
+        )
+
+    def _prepare_group(self, group: InputGroup) -> PreparedGroup:
+        """The group's factorisation, once per act-order, and its modules' output energies."""
+        assert group.statistic is not None
+        H = group.statistic.finalize()
+        hessians: dict[bool, PreparedHessian] = {}
+        energies: dict[str, float | None] = {}
+        for name in [name for name in group.names if name in self.pending]:
+            module, scheme = self.pending[name]
+            actorder = scheme.weights.actorder is not None
+            if actorder not in hessians:
+                (hessians[actorder],) = prepare_hessians(
+                    [H], dampening_frac=self.config.dampening_frac, actorder=actorder, module_names=[name],
+                )
+            energies[name] = _energy(group, name, module, H)
+        return PreparedGroup(hessians, energies, group.statistic.tokens)
+
+    def _compute_rows(
+        self, group: InputGroup, prepared: PreparedGroup, start: float, stop: float
+    ) -> dict[str, GPTQResult]:
+        """GPTQ of the rows between fractions ``start`` and ``stop`` of each module of the group:
+        on CPU exactly those rows of the whole module's result (rows are swept independently)."""
+        parts: dict[str, GPTQResult] = {}
+        for name in [name for name in group.names if name in self.pending]:
+            module, scheme = self.pending[name]
+            first, last = row_bounds(module.weight.shape[0], start, stop)
+            if last <= first:
+                continue
+            kept = sparsity_mask(module)
+            (parts[name],) = gptq_quantize_batch(
+                [module.weight.detach()[first:last]],
+                [prepared.hessians[scheme.weights.actorder is not None]],
+                args=scheme.weights,
+                block_size=self.config.block_size,
+                kept=[None if kept is None else kept[first:last]],
+                lazy_group_params=self.lazy_group_params,
+                scale_dtype=module.weight.dtype,
+                backend=self.backend,
+                module_names=[name],
+            )
+        return parts
+
+    def _join_rows(
+        self, group: InputGroup, prepared: PreparedGroup, parts: list[dict[str, GPTQResult]]
+    ) -> dict[str, SolvedModule]:
+        """The modules' results from their rows' parts, in row order (``_compute_batch``'s)."""
+        solved: dict[str, SolvedModule] = {}
+        timed: set[bool] = set()  # the factorisation's time goes to the first module using it
+        for name in [name for name in group.names if name in self.pending]:
+            pieces = [part[name] for part in parts if name in part]
+            actorder = self.pending[name][1].weights.actorder is not None
+            hessian = prepared.hessians[actorder]
+            error = sum(piece.hessian_error for piece in pieces)
+            energy = prepared.energies[name]
+            result = GPTQResult(
+                weight=torch.cat([piece.weight for piece in pieces]),
+                scale=torch.cat([piece.scale for piece in pieces]),
+                zero_point=torch.cat([piece.zero_point for piece in pieces]),
+                global_scale=None,
+                damping=hessian.damping,
+                hessian_error=error,
+                output_error=error / energy if energy else None,
+                seconds=sum(piece.seconds for piece in pieces),
+                backend=pieces[0].backend,
+            )
+            solved[name] = SolvedModule(result, prepared.tokens, 0.0 if actorder in timed else hessian.seconds)
+            timed.add(actorder)
+        return solved
 
     def _apply_group(self, context: RunContext, group: InputGroup, solved: dict[str, SolvedModule]) -> None:
         for name in group.names:
