@@ -11,10 +11,11 @@ the caller already did, and destroys it only when it created it. What differs fr
   (``reduce_statistics``): tensors that add up across shards are summed in float64 (so a
   Hessian differs from one process's only by the fp32 rounding of each rank's partial sums),
   everything else is gathered and merged in rank order with the statistic's own ``merge``;
-* **solves**: a layer's input groups are spread over the ranks by cost (``owners``: the
-  largest first, each to the least loaded rank), each rank solves its own (groups a modifier
-  can solve as one, MoE experts of one shape, in batches), and the results are broadcast so
-  every rank applies every result (``solve_groups``);
+* **solves**: a layer's input groups are spread over the ranks by cost (``plan_solves``: the
+  largest first, each to the least loaded rank; a group larger than a rank's fair share is
+  factored by one rank and its rows swept by several, ``RowSplit``), each rank solves its own
+  (groups a modifier can solve as one, MoE experts of one shape, in batches), and the results
+  are broadcast so every rank applies every result (``solve_groups``);
 * **output**: only rank 0 writes the checkpoint and the report (``is_writer``); the others
   wait for it at the end, so the checkpoint exists when ``oneshot`` returns on any rank.
 
