@@ -177,3 +177,14 @@ def test_hessian_can_take_more_tokens_after_it_was_read():
     both = torch.cat([first, second])
     torch.testing.assert_close(accumulator.H, 2 / 70 * both.T @ both, rtol=1e-5, atol=1e-5)
     assert torch.equal(accumulator.H, accumulator.H.T)
+
+
+def test_a_released_hessian_frees_its_matrix_and_refuses_to_be_read():
+    accumulator = HessianAccumulator.for_linear(torch.nn.Linear(64, 8))
+    accumulator.update(torch.randn(2, 16, 64))
+    assert accumulator.finalize().shape == (64, 64)
+    accumulator.release()
+    assert accumulator.S.numel() == 0 and accumulator.tokens == 32
+    for read in (accumulator.finalize, accumulator.shard_sums, lambda: accumulator.update(torch.randn(4, 64))):
+        with pytest.raises(CalibrationError, match="released after its solve"):
+            read()

@@ -45,6 +45,7 @@ class HessianAccumulator:
     block: int = 512
     tokens: int = 0
     _mirrored: bool = attrs.field(default=False, repr=False)
+    _released: bool = attrs.field(default=False, repr=False)
 
     @classmethod
     def for_linear(cls, module: torch.nn.Linear) -> HessianAccumulator:
@@ -92,7 +93,19 @@ class HessianAccumulator:
         """H, what a solver factors."""
         return self.H
 
+    def release(self) -> None:
+        """Free the matrix once a solver has taken what it needs from it (its factor): for a
+        wide input the largest tensor of the solve besides the factor. ``tokens`` stays; reading,
+        updating or merging afterwards is refused."""
+        self.S = self.S.new_empty((0, 0))
+        self._released = True
+
+    def _check_held(self) -> None:
+        if self._released:
+            raise CalibrationError("this Hessian was released after its solve and cannot be read or updated")
+
     def _to_sums(self) -> None:
+        self._check_held()
         if self._mirrored:  # H was read: back to sums (the mirrored lower part is rewritten later)
             self.S.mul_(self.tokens / 2.0)
             self._mirrored = False
@@ -104,6 +117,7 @@ class HessianAccumulator:
         No second [cols, cols] matrix: for a 5632-wide input that is 127 MB less at the peak
         of a solve. The same tensor is returned until more tokens are added.
         """
+        self._check_held()
         if not self._mirrored:
             columns = self.S.shape[0]
             for start in range(0, columns, self.block):

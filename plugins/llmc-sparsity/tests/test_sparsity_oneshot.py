@@ -337,3 +337,41 @@ def test_sparsity_zeros_survive_float_schemes(model_dir, text_file, tmp_path, qu
     assert checked == 2 * LINEARS_PER_LAYER
     config = json.loads((result.output_dir / "config.json").read_text())
     assert config["quantization_config"]["format"] == fmt
+
+
+@pytest.mark.parametrize("structure", ["2:4", "4:8"])
+def test_sparsegpt_rows_pruned_in_parts_and_joined_equal_the_whole_group_bit_for_bit(
+    model_dir, text_file, monkeypatch, structure
+):
+    """What ranks do with a group too large for one (``llmc.distributed.RowSplit``: one
+    factorisation, the rows in parts, joined) gives the weights and masks of pruning it whole;
+    an unstructured mask, chosen over all rows at once, is never split."""
+    from llmc_sparsity import sparsegpt_modifier
+
+    recipe = f"SparseGPTModifier: {{mask_structure: '{structure}'}}"
+    whole = _prune(model_dir, text_file, recipe)
+    prune_whole = sparsegpt_modifier.SparseGPTRun._compute_group
+    split_groups = []
+
+    def in_parts(self, group):
+        if not self._can_split(group):
+            return prune_whole(self, group)
+        split_groups.append(group.names)
+        prepared = self._prepare_group(group)
+        parts = [self._compute_rows(group, prepared, start, stop) for start, stop in ((0, 0.41), (0.41, 0.41), (0.41, 1))]
+        return self._join_rows(group, prepared, parts)
+
+    monkeypatch.setattr(sparsegpt_modifier.SparseGPTRun, "_compute_group", in_parts)
+    parted = _prune(model_dir, text_file, recipe)
+    assert len(split_groups) == 2 * 4  # q/k/v, o, gate/up and down of both layers
+    expected = whole.model.state_dict()
+    for key, value in parted.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    losses = {row["module"]: row["obs_loss"] for row in whole.report["modules"] if "obs_loss" in row}
+    assert len(losses) == 2 * LINEARS_PER_LAYER
+    for row in parted.report["modules"]:
+        if "obs_loss" in row:
+            assert row["obs_loss"] == pytest.approx(losses[row["module"]], rel=1e-6)
+    split_groups.clear()
+    _prune(model_dir, text_file, "SparseGPTModifier: {sparsity: 0.5}")
+    assert not split_groups

@@ -8,6 +8,7 @@ import attrs
 import torch
 
 from llmc.context import RunContext
+from llmc.distributed import RowSplit, row_bounds
 from llmc.errors import ArgumentError
 from llmc.hessian import (
     HessianAccumulator,
@@ -79,6 +80,15 @@ class PrunedGroup:
     damping: float
 
 
+@attrs.frozen
+class PreparedFactor:
+    """A group's factorisation, made by one rank for the ranks that share its rows."""
+
+    U: torch.Tensor
+    dead: torch.Tensor
+    damping: float
+
+
 @attrs.define
 class SparseGPTRun(BlockwisePruningRun):
     """Run state: the modules still to prune (``config`` is the ``SparseGPTModifier``)."""
@@ -92,6 +102,10 @@ class SparseGPTRun(BlockwisePruningRun):
             apply=lambda group, pruned: self._apply_group(context, group, pruned),
             batch_key=self._batch_key,
             compute_batch=self._compute_batch,
+            split=RowSplit(
+                prepare=self._prepare_group, compute_rows=self._compute_rows, join=self._join_rows,
+                can_split=self._can_split,
+            ),
         )
 
     def _batch_key(self, group: InputGroup) -> tuple | None:
@@ -148,6 +162,57 @@ class SparseGPTRun(BlockwisePruningRun):
         if group.statistic is None or not any(name in self.pending for name in group.names):
             return None
         return self._compute_batch([group])[0]
+
+    def _can_split(self, group: InputGroup) -> bool:
+        """N:M masks are chosen row by row, so ranks can share a group's rows; an unstructured
+        mask is chosen over all rows of a block at once, so it cannot be split."""
+        _, group_m = parse_mask_structure(self.config.mask_structure)
+        return bool(group_m) and group.statistic is not None and any(name in self.pending for name in group.names)
+
+    @torch.no_grad()
+    def _prepare_group(self, group: InputGroup) -> PreparedFactor:
+        """The group's dead inputs and Cholesky factor, shared by its modules' rows."""
+        assert group.statistic is not None
+        H = group.statistic.finalize()
+        targets = [self.pending[name] for name in group.names if name in self.pending]
+        dead = zero_dead_columns_(H, torch.empty(0, H.shape[0], device=H.device))
+        U, (damping,) = inverse_cholesky_upper_batch([H], self.config.dampening_frac, module_names=[targets[0].name])
+        return PreparedFactor(U[0], dead, damping)
+
+    @torch.no_grad()
+    def _compute_rows(
+        self, group: InputGroup, prepared: PreparedFactor, start: float, stop: float
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """The rows between fractions ``start`` and ``stop`` of each module, pruned from the
+        shared factor: on CPU exactly those rows of the whole module's result."""
+        keep_n, group_m = parse_mask_structure(self.config.mask_structure)
+        parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for target in [self.pending[name] for name in group.names if name in self.pending]:
+            first, last = row_bounds(target.module.weight.shape[0], start, stop)
+            if last <= first:
+                continue
+            W = target.module.weight.detach()[first:last].to(device=prepared.U.device, dtype=torch.float32, copy=True)
+            W[:, prepared.dead] = 0.0
+            (result,) = sparsegpt_batch_(
+                W[None], prepared.U[None], sparsities=[target.sparsity], keep_n=keep_n, group_m=group_m,
+                block_size=self.config.block_size,
+            )
+            parts[target.name] = (W, result.kept, result.loss)
+        return parts
+
+    def _join_rows(
+        self, group: InputGroup, prepared: PreparedFactor, parts: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
+    ) -> PrunedGroup:
+        """The group's result from its rows' parts, in row order (``_compute_batch``'s)."""
+        modules = {}
+        for name in [name for name in group.names if name in self.pending]:
+            pieces = [part[name] for part in parts if name in part]
+            modules[name] = (
+                torch.cat([piece[0] for piece in pieces]),
+                torch.cat([piece[1] for piece in pieces]),
+                sum(piece[2] for piece in pieces),
+            )
+        return PrunedGroup(modules, prepared.damping)
 
     def _apply_group(self, context: RunContext, group: InputGroup, pruned: PrunedGroup | None) -> None:
         if pruned is None:
