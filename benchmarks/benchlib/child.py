@@ -96,6 +96,8 @@ def print_report(facts: dict[str, Any], imported: float | None, **measured: Any)
         line["import_s"] = round(imported - PROCESS_STARTED, 2)
     line.update(measured)
     line["total_s"] = round(time.perf_counter() - PROCESS_STARTED, 2)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports: ranks' lines would interleave
+        return
     print(json.dumps(line), flush=True)
 
 
