@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ __all__ = [
     "SAMPLE_TEXT",
     "build_causal_lm",
     "build_moe_lm",
+    "solving_rows_in_parts",
     "build_tokenizer",
     "compress_moe_logging_batches",
     "correlated_inputs",
@@ -294,3 +296,28 @@ def wait_until_paused(process: subprocess.Popen, log: Path, *, timeout_s: float 
         time.sleep(0.05)
     if process.poll() is not None:
         raise AssertionError(f"the run exited ({process.returncode}) before pausing: {log.read_text()}")
+
+
+def solving_rows_in_parts(run_class: type, cuts: Sequence[float] = (0.37, 0.37)) -> tuple[Any, list[list[str]]]:
+    """A ``_compute_group`` for ``run_class`` (a modifier's run state whose ``_solver`` offers a
+    ``llmc.distributed.RowSplit``) that solves every group it can split as ranks sharing its
+    rows would, in one process: prepared once, its rows in parts between ``cuts`` (an empty
+    part included), joined; other groups whole. Returns it and the list of the groups split.
+
+    Patched in (``monkeypatch.setattr(run_class, "_compute_group", ...)``), a run must give
+    what solving each group whole gives.
+    """
+    solve_whole = run_class._compute_group
+    split: list[list[str]] = []
+    fractions = [0.0, *cuts, 1.0]
+
+    def in_parts(self: Any, group: Any) -> Any:
+        rows = self._solver(None).split
+        if not rows.can_split(group):
+            return solve_whole(self, group)
+        split.append(list(group.names))
+        prepared = rows.prepare(group)
+        parts = [rows.compute_rows(group, prepared, start, stop) for start, stop in zip(fractions, fractions[1:])]
+        return rows.join(group, prepared, parts)
+
+    return in_parts, split

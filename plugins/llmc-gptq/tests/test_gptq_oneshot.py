@@ -15,7 +15,7 @@ from llmc.data import make_batches, padding_token_id
 from llmc.masks import set_sparsity_mask_
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.quantization import is_quantized
-from llmc.testing import SAMPLE_TEXT, build_causal_lm, sample_logits
+from llmc.testing import SAMPLE_TEXT, build_causal_lm, sample_logits, solving_rows_in_parts
 from llmc_gptq import GPTQModifier
 from llmc_gptq import run as gptq_modifier
 from llmc_gptq import statistics as gptq_statistics
@@ -248,17 +248,7 @@ def test_rows_solved_in_parts_and_joined_equal_the_whole_solve_bit_for_bit(token
     factorisation, the rows in parts, joined) gives the weights of solving it whole."""
     modifier = {"scheme": "W4A16", **params}
     whole_run, whole = _run(build_causal_lm("llama"), tokenizer, GPTQModifier(**modifier))
-    solve_whole = gptq_modifier.GPTQRun._compute_group
-    split_groups = []
-
-    def in_parts(self, group):
-        if not self._can_split(group):
-            return solve_whole(self, group)
-        split_groups.append(group.names)
-        prepared = self._prepare_group(group)
-        parts = [self._compute_rows(group, prepared, start, stop) for start, stop in ((0, 0.37), (0.37, 0.37), (0.37, 1))]
-        return self._join_rows(group, prepared, parts)
-
+    in_parts, split_groups = solving_rows_in_parts(gptq_modifier.GPTQRun)
     monkeypatch.setattr(gptq_modifier.GPTQRun, "_compute_group", in_parts)
     _, parted = _run(build_causal_lm("llama"), tokenizer, GPTQModifier(**modifier))
     (layout,) = whole_run.layouts.values()

@@ -12,7 +12,7 @@ from llmc.errors import CalibrationError, RecipeError
 from llmc.masks import sparsity_mask
 from llmc.plugins import load_registry
 from llmc.recipe import load_recipe, recipe_to_yaml
-from llmc.testing import build_causal_lm, sample_logits
+from llmc.testing import build_causal_lm, sample_logits, solving_rows_in_parts
 from llmc_sparsity import SparseGPTModifier, checkpoint_sparsity_config
 from llmc_sparsity.config import mask_structure_of
 
@@ -350,17 +350,7 @@ def test_sparsegpt_rows_pruned_in_parts_and_joined_equal_the_whole_group_bit_for
 
     recipe = f"SparseGPTModifier: {{mask_structure: '{structure}'}}"
     whole = _prune(model_dir, text_file, recipe)
-    prune_whole = sparsegpt_modifier.SparseGPTRun._compute_group
-    split_groups = []
-
-    def in_parts(self, group):
-        if not self._can_split(group):
-            return prune_whole(self, group)
-        split_groups.append(group.names)
-        prepared = self._prepare_group(group)
-        parts = [self._compute_rows(group, prepared, start, stop) for start, stop in ((0, 0.41), (0.41, 0.41), (0.41, 1))]
-        return self._join_rows(group, prepared, parts)
-
+    in_parts, split_groups = solving_rows_in_parts(sparsegpt_modifier.SparseGPTRun, cuts=(0.41, 0.41))
     monkeypatch.setattr(sparsegpt_modifier.SparseGPTRun, "_compute_group", in_parts)
     parted = _prune(model_dir, text_file, recipe)
     assert len(split_groups) == 2 * 4  # q/k/v, o, gate/up and down of both layers
