@@ -218,7 +218,7 @@ def _on_device(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda tensor: tensor.to(device)
 
 
-def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(value: Any, function: Callable[[torch.Tensor], Any]) -> Any:
     """``value`` with ``function`` applied to every tensor in it (attrs classes, dicts, lists)."""
     return _map_leaves(value, lambda leaf: isinstance(leaf, torch.Tensor), function)
 
@@ -274,7 +274,7 @@ def broadcast_object(value: T | None, source: int, device: torch.device, what: s
 
     header: list[Any] = [None]
     if rank() == source:
-        header = [_map_leaves(value, lambda leaf: isinstance(leaf, torch.Tensor), placeholder)]
+        header = [map_tensors(value, placeholder)]
     with _collective(what):
         dist.broadcast_object_list(header, src=source)
         if rank() == source:
@@ -573,9 +573,9 @@ def solve_groups(
     everyone: dict[int, Any] = {}  # every result, sent before any is applied: no rank waits on another's apply
     for index, group in enumerate(groups):
         if index in plan.shares:
-            mine = parts.pop(index, None)
+            own_part = parts.pop(index, None)
             pieces = [
-                broadcast_object(mine if source == me else None, source, device, f"{what}: rows of group {index}")
+                broadcast_object(own_part if source == me else None, source, device, f"{what}: rows of group {index}")
                 for source, (start, stop) in enumerate(plan.shares[index]) if stop > start
             ]
             everyone[index] = split.join(group, prepared.pop(index), pieces)  # type: ignore[union-attr]

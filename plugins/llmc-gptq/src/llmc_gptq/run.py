@@ -76,8 +76,8 @@ class SolvedModule:
 
 @attrs.frozen
 class PreparedGroup:
-    """A group's factorisation and what its modules' report rows need, made by one rank for
-    the ranks that share its rows (``llmc.distributed.RowSplit``)."""
+    """A group's factorisation and what its modules' report rows need (``_prepare_groups``);
+    made by one rank for the ranks that share its rows (``llmc.distributed.RowSplit``)."""
 
     hessians: dict[bool, PreparedHessian]  # per act-order
     energies: dict[str, float | None]
@@ -177,38 +177,20 @@ class GPTQRun(RunState):
 
     def _compute_batch(self, groups: list[InputGroup]) -> list[dict[str, SolvedModule]]:
         """``_compute_group`` of groups of one ``_batch_key`` (or of one group): the groups'
-        Hessians factored together (``prepare_hessians``, one inverse Cholesky factor per group
-        and act-order, shared by the group's modules), then per module position one batched
+        Hessians factored together (``_prepare_groups``), then per module position one batched
         sweep (``gptq_quantize_batch``); on CPU each group's results are exactly those of a
         batch of that group alone."""
-        hessians = [group.statistic.finalize() for group in groups]
+        prepared = self._prepare_groups(groups)
         members = [[name for name in group.names if name in self.pending] for group in groups]
-        positions = [[group_members[position] for group_members in members] for position in range(len(members[0]))]
-        # Everything the Hessians give first (factors per act-order, output energies), so that
-        # they are freed before the sweeps: a 14336-wide one is 822 MB.
-        prepared: dict[bool, list[PreparedHessian]] = {}  # shared by each group, per act-order
-        timed: list[bool] = []  # whether a position reports the factorisation's time
-        energies: list[list[float | None]] = []
-        for names in positions:
-            actorder = self.pending[names[0]][1].weights.actorder is not None
-            timed.append(actorder not in prepared)
-            if actorder not in prepared:
-                prepared[actorder] = prepare_hessians(
-                    hessians, dampening_frac=self.config.dampening_frac, actorder=actorder, module_names=names,
-                )
-            energies.append([
-                _energy(group, name, self.pending[name][0], H) for group, name, H in zip(groups, names, hessians)
-            ])
-        tokens = [group.statistic.tokens for group in groups]
-        del hessians
-        for group in groups:
-            group.statistic.release()
         solved: list[dict[str, SolvedModule]] = [{} for _ in groups]
-        for position, names in enumerate(positions):
+        timed: set[bool] = set()  # the factorisation's time goes to the first position using it
+        for position in range(len(members[0])):
+            names = [group_members[position] for group_members in members]
             modules = [self.pending[name][0] for name in names]
             scheme = self.pending[names[0]][1]
             global_scales = [take_global_scale(self.global_scales, self.pending, name) for name in names]
-            factors = prepared[scheme.weights.actorder is not None]
+            actorder = scheme.weights.actorder is not None
+            factors = [one.hessians[actorder] for one in prepared]
             results = gptq_quantize_batch(
                 [module.weight.detach() for module in modules],
                 factors,
@@ -218,14 +200,43 @@ class GPTQRun(RunState):
                 kept=[sparsity_mask(module) for module in modules],
                 lazy_group_params=self.lazy_group_params,
                 scale_dtype=modules[0].weight.dtype,
-                output_energies=energies[position],
+                output_energies=[one.energies[name] for one, name in zip(prepared, names)],
                 backend=self.backend,
                 module_names=names,
             )
             for index, (name, result) in enumerate(zip(names, results)):
-                seconds = factors[index].seconds if timed[position] else 0.0
-                solved[index][name] = SolvedModule(result, tokens[index], seconds)
+                seconds = 0.0 if actorder in timed else factors[index].seconds
+                solved[index][name] = SolvedModule(result, prepared[index].tokens, seconds)
+            timed.add(actorder)
         return solved
+
+    def _prepare_groups(self, groups: list[InputGroup]) -> list[PreparedGroup]:
+        """Everything the groups' Hessians give: per act-order one inverse Cholesky factor per
+        group (``prepare_hessians``, factored together, shared by the group's modules) and each
+        module's output energy. The Hessians are then freed, before any sweep: a 14336-wide
+        one is 822 MB."""
+        hessians = [group.statistic.finalize() for group in groups]
+        members = [[name for name in group.names if name in self.pending] for group in groups]
+        factors: list[dict[bool, PreparedHessian]] = [{} for _ in groups]
+        energies: list[dict[str, float | None]] = [{} for _ in groups]
+        for position in range(len(members[0])):
+            names = [group_members[position] for group_members in members]
+            actorder = self.pending[names[0]][1].weights.actorder is not None
+            if actorder not in factors[0]:
+                together = prepare_hessians(
+                    hessians, dampening_frac=self.config.dampening_frac, actorder=actorder, module_names=names,
+                )
+                for own, one in zip(factors, together):
+                    own[actorder] = one
+            for own, group, name, H in zip(energies, groups, names, hessians):
+                own[name] = _energy(group, name, self.pending[name][0], H)
+        del hessians
+        for group in groups:
+            group.statistic.release()
+        return [
+            PreparedGroup(own_factors, own_energies, group.statistic.tokens)
+            for own_factors, own_energies, group in zip(factors, energies, groups)
+        ]
 
     def _compute_group(self, group: InputGroup) -> dict[str, SolvedModule]:
         """GPTQ of the group's pending modules from their shared Hessian (nothing installed:
@@ -244,21 +255,7 @@ class GPTQRun(RunState):
 
     def _prepare_group(self, group: InputGroup) -> PreparedGroup:
         """The group's factorisation, once per act-order, and its modules' output energies."""
-        assert group.statistic is not None
-        H = group.statistic.finalize()
-        hessians: dict[bool, PreparedHessian] = {}
-        energies: dict[str, float | None] = {}
-        for name in [name for name in group.names if name in self.pending]:
-            module, scheme = self.pending[name]
-            actorder = scheme.weights.actorder is not None
-            if actorder not in hessians:
-                (hessians[actorder],) = prepare_hessians(
-                    [H], dampening_frac=self.config.dampening_frac, actorder=actorder, module_names=[name],
-                )
-            energies[name] = _energy(group, name, module, H)
-        del H
-        group.statistic.release()  # what the rows need is in the factors
-        return PreparedGroup(hessians, energies, group.statistic.tokens)
+        return self._prepare_groups([group])[0]
 
     def _compute_rows(
         self, group: InputGroup, prepared: PreparedGroup, start: float, stop: float
