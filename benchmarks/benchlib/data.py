@@ -7,6 +7,11 @@
 * ``llama8b-8``: Llama-3-8B's layer shape (hidden 4096, intermediate 14336, 32/8 heads) with 8
   decoder layers, bf16 (~3.5 GB in 9 shards), random, calibrated on 8 × 256 tokens: the model of
   the streaming (peak memory) benchmark. Written a layer at a time, never whole in memory.
+* ``llama8b-32``: the same with all 32 decoder layers (~14 GB; the embedded tokenizer's small
+  vocabulary keeps embeddings and ``lm_head`` at 34 MB each): the whole 8B shape, for the
+  streaming run's peak, time per layer and kill-and-resume.
+* ``llama8b-1``: one such decoder layer, calibrated on 16 × 512 tokens: the one-layer GPTQ
+  time against llm-compressor's.
 * ``qwen3-moe``: Qwen3-MoE's shape at small scale (hidden 1024, 8 layers, 64 experts of width
   256, top-8, 16/4 heads), bf16, random, calibrated on 32 × 256 tokens: the model of the MoE
   benchmark (issue 10). Random weights: time, memory and calibration coverage only.
@@ -40,6 +45,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "embedded": {"samples": 128, "seq_len": 512, "perplexity": True},
     "wide": {"samples": 16, "seq_len": 512, "perplexity": False},
     "llama8b-8": {"samples": 8, "seq_len": 256, "perplexity": False},
+    "llama8b-32": {"samples": 8, "seq_len": 256, "perplexity": False},
+    "llama8b-1": {"samples": 16, "seq_len": 512, "perplexity": False},
     "qwen3-moe": {"samples": 32, "seq_len": 256, "perplexity": False},
     **{name: {"samples": 64, "seq_len": 512, "perplexity": True} for name in REAL_MODELS},
 }
@@ -152,9 +159,12 @@ def make_qwen3_moe(
 
 
 def make_llama8b_layers(
-    path: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL
+    path: str | os.PathLike[str],
+    tokenizer_dir: str | os.PathLike[str] = EMBEDDED_MODEL,
+    layers: int = LLAMA8B_SPEC["num_hidden_layers"],
 ) -> Path:
-    """``LLAMA8B_SPEC`` as a bf16 checkpoint: one shard per decoder layer plus one for the rest.
+    """``LLAMA8B_SPEC`` (with ``layers`` decoder layers) as a bf16 checkpoint: one shard per
+    decoder layer plus one for the rest.
 
     Each layer's tensors are drawn (normal, std 0.02; norms 1) and written before the next is
     drawn, so building it needs one layer of memory. Reused when the spec matches.
@@ -165,7 +175,7 @@ def make_llama8b_layers(
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    spec = {**LLAMA8B_SPEC, "vocab_size": len(tokenizer)}
+    spec = {**LLAMA8B_SPEC, "num_hidden_layers": layers, "vocab_size": len(tokenizer)}
     spec_file = path / _SPEC_FILE
     if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
         return path
@@ -316,6 +326,10 @@ def model_dir(kind: str) -> Path:
         return make_wide_llama(BENCH_ROOT / "wide-llama")
     if kind == "llama8b-8":
         return make_llama8b_layers(BENCH_ROOT / "llama8b-8")
+    if kind == "llama8b-1":
+        return make_llama8b_layers(BENCH_ROOT / "llama8b-1", layers=1)
+    if kind == "llama8b-32":
+        return make_llama8b_layers(BENCH_ROOT / "llama8b-32", layers=32)
     if kind == "qwen3-moe":
         return make_qwen3_moe(BENCH_ROOT / "qwen3-moe")
     if kind in REAL_MODELS:
