@@ -20,6 +20,7 @@ from llmc.statistics import GroupSolver, InputGroup
 from llmc.validators import is_bool, is_number_in, is_positive_int
 from llmc_sparsity.base import (
     BlockwisePruningRun,
+    PruneTarget,
     apply_kept_mask_,
     check_mask_structure,
     check_sparsity_matches_structure,
@@ -108,10 +109,14 @@ class SparseGPTRun(BlockwisePruningRun):
             ),
         )
 
+    def _targets(self, group: InputGroup) -> list[PruneTarget]:
+        """The group's modules still to prune, in the group's order."""
+        return [self.pending[name] for name in group.names if name in self.pending]
+
     def _batch_key(self, group: InputGroup) -> tuple | None:
         """Groups with equal keys are pruned as one batch (``_compute_batch``): the experts of an
         MoE block, whose modules have the same shapes, each with its own Hessian."""
-        targets = [self.pending[name] for name in group.names if name in self.pending]
+        targets = self._targets(group)
         if group.statistic is None or not targets:
             return None
         return tuple(
@@ -124,7 +129,7 @@ class SparseGPTRun(BlockwisePruningRun):
         factored together (``llmc.hessian.inverse_cholesky_upper_batch``), then per module
         position one batched sweep (``sparsegpt_batch_``); on CPU each group's result is exactly
         that of a batch of that group alone."""
-        members = [[self.pending[name] for name in group.names if name in self.pending] for group in groups]
+        members = [self._targets(group) for group in groups]
         hessians = [group.statistic.finalize() for group in groups]
 
         def stacked(position: int) -> torch.Tensor:  # [E, rows, cols] float32 copies
@@ -174,7 +179,7 @@ class SparseGPTRun(BlockwisePruningRun):
         """The group's dead inputs and Cholesky factor, shared by its modules' rows."""
         assert group.statistic is not None
         H = group.statistic.finalize()
-        targets = [self.pending[name] for name in group.names if name in self.pending]
+        targets = self._targets(group)
         dead = zero_dead_columns_(H, torch.empty(0, H.shape[0], device=H.device))
         U, (damping,) = inverse_cholesky_upper_batch([H], self.config.dampening_frac, module_names=[targets[0].name])
         return PreparedFactor(U[0], dead, damping)
@@ -187,7 +192,7 @@ class SparseGPTRun(BlockwisePruningRun):
         shared factor: on CPU exactly those rows of the whole module's result."""
         keep_n, group_m = parse_mask_structure(self.config.mask_structure)
         parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for target in [self.pending[name] for name in group.names if name in self.pending]:
+        for target in self._targets(group):
             first, last = row_bounds(target.module.weight.shape[0], start, stop)
             if last <= first:
                 continue
@@ -205,7 +210,7 @@ class SparseGPTRun(BlockwisePruningRun):
     ) -> PrunedGroup:
         """The group's result from its rows' parts, in row order (``_compute_batch``'s)."""
         modules = {}
-        for name in [name for name in group.names if name in self.pending]:
+        for name in [target.name for target in self._targets(group)]:
             pieces = [part[name] for part in parts if name in part]
             modules[name] = (
                 torch.cat([piece[0] for piece in pieces]),
