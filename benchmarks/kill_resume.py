@@ -17,9 +17,11 @@ running it again: the run is the long part.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -27,10 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib.child import last_json_line
+from benchlib import driver
 from benchlib.data import add_model_arguments, prepare
-from benchlib.env import BENCH_DIR, BENCH_ROOT, RESULTS_DIR, load_average, parse, script_parser
-from benchlib.measure import measure, wait_until_idle
+from benchlib.env import BENCH_ROOT, RESULTS_DIR, parse, script_parser
 from benchlib.results import calibration_facts, model_facts, our_versions, write_results
 
 REPORT = "llmc_report.json"
@@ -104,19 +105,6 @@ def _killed_peak(resumed_rows: list[dict[str, Any]], killed_layers: int) -> floa
     return max(peaks) if peaks else None
 
 
-def _run(label: str, command: list[str], log: Path, *, idle_wait_s: float) -> dict[str, Any]:
-    busy = wait_until_idle(idle_wait_s)
-    started = time.strftime("%H:%M:%S")
-    print(f"[{started}] {label} (machine busy {busy}, load {load_average()}) ...", flush=True)
-    run = measure(command, log_path=log)
-    run.update(label=label, started=started, busy_before=busy, internal=last_json_line(log))
-    print(
-        f"    exit {run['returncode']}, {run['wall_s']:.1f} s, {run['peak_rss_mb']:.0f} MB",
-        flush=True,
-    )
-    return run
-
-
 def main(argv: list[str]) -> int:
     parser = script_parser(__doc__)
     add_model_arguments(parser)
@@ -135,54 +123,45 @@ def main(argv: list[str]) -> int:
     name = args.name or f"{args.model}-{args.recipe}-kill-resume"
     model_dir, chunks = prepare(args.model, args.samples, args.seq_len)
     work = BENCH_ROOT / "runs" / name
-    command = [
-        sys.executable,
-        str(BENCH_DIR / "ours_oneshot.py"),
-        "--model",
-        str(model_dir),
-        "--chunks",
-        str(chunks),
-        "--recipe",
-        args.recipe,
-        "--offload",
-        "disk",
-        "--output",
-    ]
     full, resumed = work / "full", work / "resumed"
-    runs = []
-    full_log = work / "logs" / "full.log"
-    if args.reuse_full and (full / REPORT).is_file():
-        previous = RESULTS_DIR / f"{name}.json"
-        runs.append(
-            next(r for r in json.loads(previous.read_text())["runs"] if r["label"] == "full")
+
+    def run(label: str, output: Path) -> dict[str, Any]:
+        # the output is ours to name: the driver's own checkpoint folder would be emptied first
+        config = driver.ours(
+            label,
+            model_dir,
+            chunks,
+            "--recipe",
+            args.recipe,
+            "--offload",
+            "disk",
+            "--output",
+            str(output),
+            rounds=1,
         )
+        config = dataclasses.replace(config, writes_checkpoint=False)
+        work.mkdir(parents=True, exist_ok=True)
+        return driver.one_run(config, 0, work=work, idle_wait_s=args.idle_wait, timeout_s=None)
+
+    if args.reuse_full and (full / REPORT).is_file():
+        previous = json.loads((RESULTS_DIR / f"{name}.json").read_text())["runs"]
+        runs = [next(r for r in previous if r["label"] == "full")]
     else:
-        runs.append(_run("full", [*command, str(full)], full_log, idle_wait_s=args.idle_wait))
+        runs = [run("full", full)]
     runs[0]["layers"] = _layer_rows(full)
 
-    # the killed run: a watcher thread sends SIGKILL once the journal names enough layers
+    # the killed run starts from nothing (an earlier journal would be resumed); a watcher
+    # thread sends SIGKILL once the journal names enough layers
+    for stale in (resumed, resumed.parent / f".{resumed.name}.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     done, killed = threading.Event(), {}
     watcher = threading.Thread(target=_kill_after, args=(resumed, args.kill_after, done, killed))
     watcher.start()
-    runs.append(
-        _run(
-            "killed",
-            [*command, str(resumed)],
-            work / "logs" / "killed.log",
-            idle_wait_s=args.idle_wait,
-        )
-    )
+    runs.append(run("killed", resumed))
     done.set()
     watcher.join()
     runs[1]["killed"] = killed
-    runs.append(
-        _run(
-            "resumed",
-            [*command, str(resumed)],
-            work / "logs" / "resumed.log",
-            idle_wait_s=args.idle_wait,
-        )
-    )
+    runs.append(run("resumed", resumed))
     runs[2]["layers"] = _layer_rows(resumed)
     runs[1]["layers_peak_rss_mb"] = _killed_peak(runs[2]["layers"], killed.get("layers", 0))
 

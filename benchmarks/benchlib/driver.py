@@ -98,9 +98,10 @@ def _slug(label: str) -> str:
     return label.replace(":", "_").replace("@", "_").replace("+", "_").replace("/", "_")
 
 
-def _one_run(
+def one_run(
     config: Config, round_: int, *, work: Path, idle_wait_s: float, timeout_s: float | None
 ) -> dict[str, Any]:
+    """One run of ``config`` once the machine is quiet, logged to ``work/logs``."""
     slug = f"{_slug(config.label)}-{round_}"
     log = work / "logs" / f"{slug}.log"
     command = list(config.command)
@@ -162,7 +163,7 @@ def interleave(
         for config in configs:
             if round_ >= config.rounds or config.label in dropped:
                 continue
-            run = _one_run(config, round_, work=work, idle_wait_s=idle_wait_s, timeout_s=timeout_s)
+            run = one_run(config, round_, work=work, idle_wait_s=idle_wait_s, timeout_s=timeout_s)
             if run.get("skipped") or run["timed_out"]:
                 dropped.add(config.label)
             ok = run["returncode"] == 0 and not run["timed_out"]
