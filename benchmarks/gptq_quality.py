@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from benchlib.child import load_chunks
+from benchlib.child import load_chunks, reorder
 from benchlib.data import MODELS, chunks_file, model_dir
 from benchlib.env import load_average, machine_line, names, parse, print_json_line, script_parser
 
@@ -94,7 +94,6 @@ def run_variant(
     calibration_precision: str = "auto",
 ) -> dict[str, Any]:
     """Calibrate a fresh copy of the model in ``model_path`` with variant ``name``; its perplexity and times."""
-    import torch
     from benchlib.pipeline import calibrate, load
 
     from llmc.evaluate import perplexity
@@ -114,8 +113,7 @@ def run_variant(
                 setattr(run, key, value)
             return run
 
-        if order_seed is not None:  # same tokens, other order: H differs only by float rounding
-            chunks = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(order_seed))]
+        chunks = reorder(chunks, order_seed)  # same tokens: H differs only by float rounding
         done = calibrate(
             model_path,
             chunks if method == "gptq" else None,

@@ -6,7 +6,8 @@ Run with llmc's venv (usually started by a driver, under ``/usr/bin/time -v``)::
     python benchmarks/ours_oneshot.py --model DIR --chunks FILE --floor [--precision bfloat16]
 
 ``--recipe`` is one of ``benchlib.recipes.OURS_RECIPES``; ``--actorder`` and
-``--true-sequential`` change every GPTQModifier in it. ``--precision`` is the dtype the model is
+``--true-sequential`` change every GPTQModifier in it; ``--gptq-refills-masks`` lets them fill
+the zeros a pruning step left (llm-compressor 0.14's GPTQ, for comparisons). ``--precision`` is the dtype the model is
 loaded and calibrated in (Hessians are float32 whatever it is); ``--calibration-precision`` the
 dtype the calibration forwards autocast to. ``--floor`` compresses nothing: llmc's pipeline
 with the calibration passes alone (``benchlib.pipeline``), the floor any calibrated recipe pays.
@@ -59,6 +60,20 @@ def report_figures(report: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
+def refill_sparsity_masks() -> None:
+    """Every GPTQ run of this process lets its updates fill pruned weights (``keep_sparsity_mask``)."""
+    from llmc_gptq import GPTQModifier
+
+    start = GPTQModifier.start
+
+    def start_refilling(self: Any, context: Any) -> Any:
+        run = start(self, context)
+        run.keep_sparsity_mask = False
+        return run
+
+    GPTQModifier.start = start_refilling
+
+
 def main(argv: list[str]) -> int:
     parser = script_parser(__doc__)
     child.add_arguments(parser)
@@ -87,13 +102,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--offload", default="auto", help="where the weights live: auto, none, cpu or disk (llmc.offload)"
     )
+    parser.add_argument(
+        "--gptq-refills-masks",
+        action="store_true",
+        help="GPTQ fills the zeros a pruning step left, as llm-compressor 0.14 does (comparisons only)",
+    )
     args = parse(parser, argv)
     if args.floor == (args.recipe is not None):
         parser.error("give exactly one of --recipe and --floor")
     if args.recipe is not None and args.output is None:
         parser.error("--recipe needs --output")
 
-    chunks = load_chunks(args.chunks)  # [n, seq_len]
+    chunks = load_chunks(args.chunks, args.order_seed)  # [n, seq_len]
     facts = run_facts(
         "llmc",
         chunks,
@@ -135,6 +155,8 @@ def main(argv: list[str]) -> int:
 
     from llmc import oneshot  # the entrypoint imports lazily: keep that out of oneshot_s
 
+    if args.gptq_refills_masks:
+        refill_sparsity_masks()
     calibration = calibration_arguments(chunks)
     imported = time.perf_counter()
     result = oneshot(

@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
     from llmcompressor.entrypoints.oneshot import Oneshot
 
     imported = time.perf_counter()
-    chunks = load_chunks(args.chunks)  # [n, seq_len]
+    chunks = load_chunks(args.chunks, args.order_seed)  # [n, seq_len]
     calibration = calibration_arguments(chunks)
     modifier = make_modifier(args.recipe)
     _cpu_workarounds()

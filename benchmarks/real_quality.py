@@ -10,7 +10,10 @@ as bf16 folders; both tools calibrate on the same 64 × 512 tokens of ``llmc:std
 split by the same code (``perplexity.py``: transformers + compressed-tensors, fp32). Each method
 runs as ``ours:METHOD`` and ``peer:METHOD`` in turn (A B A B), each a whole process under
 ``/usr/bin/time -v``, so the results file has wall time and peak RSS beside the perplexity;
-the pairs table at the end divides each of ours by the peer's run of the same method.
+the pairs table at the end divides each of ours by the peer's run of the same method, and
+says how much of each checkpoint is still 2:4 sparse. ``--tools ours-refill`` adds ours with
+GPTQ filling the zeros SparseGPT left, as llm-compressor 0.14's GPTQ does: the like-for-like
+partner of the peer's pruned + GPTQ checkpoint, which is not sparse any more.
 
 ``--methods`` defaults to the issue's list for the model: GPTQ W4 (groups of 64 where 128
 does not divide the widths), GPTQ W8A8, SparseGPT 50 % and 2:4, Wanda 50 % and 2:4, SparseGPT
@@ -46,13 +49,18 @@ def main(argv: list[str]) -> int:
     driver.add_arguments(parser, repeats=1, timeout_min=60.0, idle_wait=0.0)
     parser.set_defaults(model="smollm2")
     parser.add_argument("--methods", help="comma-separated recipe names (default: the issue's)")
-    parser.add_argument("--tools", default="ours,peer", help="ours, peer or both (comma-separated)")
+    parser.add_argument(
+        "--tools",
+        default="ours,peer",
+        help="ours, peer, ours-refill (ours with GPTQ filling pruned weights, as the peer's "
+        "does; pruned + GPTQ methods only), comma-separated",
+    )
     args = parse(parser, argv)
     if args.model not in REAL_MODELS:
         parser.error(f"--model must be a real model: one of {', '.join(REAL_MODELS)}")
     known = [name for name in OURS_RECIPES if name in PEER_RECIPES]
     methods = names(parser, args.methods or ",".join(default_methods(args.model)), known, "methods")
-    tools = names(parser, args.tools, ("ours", "peer"), "tools")
+    tools = names(parser, args.tools, ("ours", "peer", "ours-refill"), "tools")
 
     def configs(model_dir: Path, chunks: Path) -> list[driver.Config]:
         out = []
@@ -63,6 +71,13 @@ def main(argv: list[str]) -> int:
                         f"ours:{method}", model_dir, chunks, "--recipe", method, rounds=args.repeats
                     )
                 )
+            if "ours-refill" in tools and "+gptq" in method:
+                out.append(
+                    driver.ours(
+                        f"ours-refill:{method}", model_dir, chunks, "--recipe", method,
+                        "--gptq-refills-masks", rounds=args.repeats,
+                    )
+                )  # fmt: skip
             if "peer" in tools:
                 out.append(
                     driver.peer(f"peer:{method}", model_dir, chunks, method, rounds=args.repeats)
@@ -75,7 +90,17 @@ def main(argv: list[str]) -> int:
     if results_file.is_file():
         results = json.loads(results_file.read_text())
         print(f"\n{name}: ours / llm-compressor, per method (medians)")
-        pair_table(results["summary"], methods, baseline_ppl=results.get("baseline_perplexity"))
+        summary = results["summary"]
+        pair_table(summary, methods, baseline_ppl=results.get("baseline_perplexity"))
+        for method in methods:
+            refill, peer = summary.get(f"ours-refill:{method}"), summary.get(f"peer:{method}")
+            if refill and refill.get("perplexity"):
+                against = peer.get("perplexity") if peer else None
+                ratio = f", {refill['perplexity'] / against:.4f} x the peer's" if against else ""
+                print(
+                    f"ours-refill:{method}: ppl {refill['perplexity']:.3f}{ratio}, "
+                    f"2:4 share {refill.get('two_four_share')}"
+                )
     return status
 
 

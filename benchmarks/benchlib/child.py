@@ -30,6 +30,7 @@ __all__ = [
     "last_json_line",
     "load_chunks",
     "print_report",
+    "reorder",
     "run_facts",
 ]
 
@@ -40,14 +41,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunks", required=True, help="safetensors file with input_ids [n, seq_len]"
     )
+    parser.add_argument(
+        "--order-seed",
+        type=int,
+        help="calibrate on the same chunks in this seed's order (default: the file's)",
+    )
 
 
-def load_chunks(path: str | os.PathLike[str]) -> Any:
-    """The ``[n, seq_len]`` int64 token ids written by ``benchlib.data.calibration_chunks``."""
+def load_chunks(path: str | os.PathLike[str], order_seed: int | None = None) -> Any:
+    """The ``[n, seq_len]`` int64 token ids written by ``benchlib.data.calibration_chunks``,
+    in the file's order or in ``order_seed``'s (``reorder``)."""
     import torch
     from safetensors.torch import load_file
 
-    return load_file(str(path))["input_ids"].to(torch.long)
+    return reorder(load_file(str(path))["input_ids"].to(torch.long), order_seed)
+
+
+def reorder(chunks: Any, order_seed: int | None) -> Any:
+    """The same chunks in a seeded order, the same for both tools' venvs (None: as given).
+
+    The Hessians then differ only by float summation order, which is what moves a run on a
+    real model by up to a few percent: the spread over orders is the noise a comparison of
+    two tools has to beat.
+    """
+    import torch
+
+    if order_seed is None:
+        return chunks
+    return chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(order_seed))]
 
 
 def calibration_arguments(chunks: Any) -> dict[str, Any]:

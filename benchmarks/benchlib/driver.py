@@ -81,7 +81,8 @@ def peer(label: str, model_dir: Path, chunks: Path, recipe: str, *, rounds: int)
 def evaluate_checkpoint(
     model_dir: Path, log: Path, max_chunks: int | None = None
 ) -> tuple[float | None, dict[str, Any]]:
-    """Held-out perplexity, in its own process (transformers + compressed-tensors, llmc's venv).
+    """Held-out perplexity, in its own process (transformers + compressed-tensors, llmc's venv),
+    and the evaluation's facts: its wall time, peak RSS, and the checkpoint's weight sparsity.
 
     ``max_chunks``: only the first chunks of 512 held-out tokens (the same ones for every
     checkpoint), where evaluating a larger model on all of them costs more than its run.
@@ -90,8 +91,10 @@ def evaluate_checkpoint(
     if max_chunks:
         command += ["--max-chunks", str(max_chunks)]
     result = measure(command, log_path=log)
-    value = (last_json_line(log) or {}).get("perplexity")
-    return value, {k: result[k] for k in ("wall_s", "peak_rss_mb", "returncode")}
+    printed = last_json_line(log) or {}
+    facts = {k: result[k] for k in ("wall_s", "peak_rss_mb", "returncode")}
+    facts.update({k: printed[k] for k in ("zero_share", "two_four_share") if k in printed})
+    return printed.get("perplexity"), facts
 
 
 def _slug(label: str) -> str:
@@ -99,12 +102,21 @@ def _slug(label: str) -> str:
 
 
 def one_run(
-    config: Config, round_: int, *, work: Path, idle_wait_s: float, timeout_s: float | None
+    config: Config,
+    round_: int,
+    *,
+    work: Path,
+    idle_wait_s: float,
+    timeout_s: float | None,
+    order_rounds: bool = False,
 ) -> dict[str, Any]:
-    """One run of ``config`` once the machine is quiet, logged to ``work/logs``."""
+    """One run of ``config`` once the machine is quiet, logged to ``work/logs``; with
+    ``order_rounds``, rounds after the first calibrate on the chunks in the round's order."""
     slug = f"{_slug(config.label)}-{round_}"
     log = work / "logs" / f"{slug}.log"
     command = list(config.command)
+    if order_rounds and round_ > 0:
+        command += ["--order-seed", str(round_)]
     output = work / "checkpoints" / slug
     if config.writes_checkpoint:
         if output.exists():
@@ -118,8 +130,9 @@ def one_run(
     )
     run = measure(command, log_path=log, timeout_s=timeout_s, cwd=work)
     run.update(
-        label=config.label, round=round_, started=started, busy_before=busy, loadavg_before=load
-    )
+        label=config.label, round=round_, started=started, busy_before=busy, loadavg_before=load,
+        order_seed=round_ if order_rounds and round_ > 0 else None,
+    )  # fmt: skip
     run["loadavg_after"] = load_average()
     run["internal"] = last_json_line(log)
     if config.writes_checkpoint:
@@ -149,6 +162,7 @@ def interleave(
     evaluate_rounds: int = 0,
     after_each: Callable[[list[dict[str, Any]]], None] | None = None,
     max_eval_chunks: int | None = None,
+    order_rounds: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the configurations round by round; one record per run (``measure``'s, and more).
 
@@ -163,7 +177,10 @@ def interleave(
         for config in configs:
             if round_ >= config.rounds or config.label in dropped:
                 continue
-            run = one_run(config, round_, work=work, idle_wait_s=idle_wait_s, timeout_s=timeout_s)
+            run = one_run(
+                config, round_, work=work, idle_wait_s=idle_wait_s, timeout_s=timeout_s,
+                order_rounds=order_rounds,
+            )  # fmt: skip
             if run.get("skipped") or run["timed_out"]:
                 dropped.add(config.label)
             ok = run["returncode"] == 0 and not run["timed_out"]
@@ -215,6 +232,12 @@ def add_arguments(
         "--max-eval-chunks",
         type=int,
         help="evaluate on the first N held-out chunks of 512 tokens only (default: all)",
+    )
+    parser.add_argument(
+        "--order-rounds",
+        action="store_true",
+        help="round r > 0 calibrates every tool on the same chunks in seed r's order (round 0: "
+        "the file's), so the medians are over orders; use with --perplexity-rounds",
     )
     parser.add_argument(
         "--name", help="results name: results/<name>.json (default: from the configurations)"
@@ -287,6 +310,7 @@ def compare(
         evaluate_rounds=args.perplexity_rounds if evaluate else 0,
         after_each=save,
         max_eval_chunks=args.max_eval_chunks,
+        order_rounds=args.order_rounds,
     )
     if not runs:
         return 0

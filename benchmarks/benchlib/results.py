@@ -81,6 +81,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "cpu_s": _median([(r["user_s"] or 0) + (r["sys_s"] or 0) for r in good]),
             "others_cpu_s": _median([r.get("others_cpu_s") for r in good]),
             "perplexity": _median([r.get("perplexity") for r in good]),
+            "two_four_share": _median([(r.get("eval") or {}).get("two_four_share") for r in good]),
         }
         for key in _OWN_FIGURES:
             row[key] = _median([_own(r, key) for r in good])
@@ -168,7 +169,9 @@ def pair_table(
 ) -> list[dict[str, Any]]:
     """Print and return, per method, ``ours:M`` against ``peer:M``: perplexity, wall, RSS, ratios.
 
-    The target is a perplexity ratio at most 1.002 for every method.
+    The target is a perplexity ratio at most 1.002 for every method. ``2:4``: the share of the
+    checkpoint's groups of four weights with two zeros or more (``perplexity.py``), which says
+    whether a pruned-then-quantized checkpoint is still 2:4 sparse.
     """
     rows = []
     for method in methods:
@@ -184,14 +187,16 @@ def pair_table(
                 "wall_ratio": _ratio(ours.get("wall_s"), peer.get("wall_s")),
                 "ours_rss_mb": ours.get("peak_rss_mb"),
                 "peer_rss_mb": peer.get("peak_rss_mb"),
+                "ours_two_four": ours.get("two_four_share"),
+                "peer_two_four": peer.get("two_four_share"),
             }
         )
     header = ("method", "ours ppl", "peer ppl", "ppl ratio", "ours wall", "peer wall", "wall ratio",
-              "ours RSS", "peer RSS")  # fmt: skip
+              "ours RSS", "peer RSS", "ours 2:4", "peer 2:4")  # fmt: skip
     print(f"{header[0]:<30}" + "".join(f"{h:>11}" for h in header[1:]))
     for row in rows:
         values = list(row.values())[1:]
-        digits = (3, 3, 4, 1, 1, 3, 0, 0)
+        digits = (3, 3, 4, 1, 1, 3, 0, 0, 3, 3)
         print(f"{row['method']:<30}" + "".join(_fmt(v, 11, d) for v, d in zip(values, digits)))
     if baseline_ppl is not None:
         print(f"{'uncompressed model':<30}{baseline_ppl:>11.3f}")

@@ -22,6 +22,7 @@ __all__ = [
     "MASK_BUFFER",
     "MaskSummary",
     "apply_mask_",
+    "clear_sparsity_mask_",
     "mask_structure",
     "mask_summary",
     "restore_mask_summary_",
@@ -101,6 +102,15 @@ def set_sparsity_mask_(module: torch.nn.Module, kept: torch.Tensor) -> None:
     if kept.shape != module.weight.shape:
         raise ValueError(f"mask shape {tuple(kept.shape)} differs from weight {tuple(module.weight.shape)}")
     module.register_buffer(MASK_BUFFER, _pack_bits(kept), persistent=False)
+
+
+def clear_sparsity_mask_(module: torch.nn.Module) -> None:
+    """Forget ``module``'s mask: a later step refilled its zeros, so the checkpoint must not
+    claim them."""
+    if getattr(module, MASK_BUFFER, None) is not None:
+        delattr(module, MASK_BUFFER)
+    if getattr(module, _SUMMARY, None) is not None:
+        object.__delattr__(module, _SUMMARY)
 
 
 def sparsity_mask(module: torch.nn.Module) -> torch.Tensor | None:

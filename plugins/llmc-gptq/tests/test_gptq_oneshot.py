@@ -12,7 +12,7 @@ from safetensors import safe_open
 from llmc import RunContext, oneshot
 from llmc import statistics as core_statistics
 from llmc.data import make_batches, padding_token_id
-from llmc.masks import set_sparsity_mask_
+from llmc.masks import set_sparsity_mask_, sparsity_mask
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.quantization import is_quantized
 from llmc.testing import SAMPLE_TEXT, build_causal_lm, sample_logits, solving_rows_in_parts
@@ -145,6 +145,26 @@ def test_gptq_keeps_a_pruning_mask(tokenizer, actorder):
         weight = model.get_submodule(name).weight
         assert torch.all(weight[~kept] == 0), name
         assert torch.count_nonzero(weight) > 0.3 * weight.numel(), name  # small kept weights may round to 0
+
+
+def test_gptq_told_not_to_keep_a_mask_refills_the_zeros_and_drops_the_mask(tokenizer):
+    """llm-compressor 0.14's behaviour, for comparisons: its 2:4 + GPTQ checkpoint is dense."""
+    model = build_causal_lm("llama", layers=1)
+    generator = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, module in model.named_modules():
+        if name.endswith("_proj"):
+            kept = torch.rand(module.weight.shape, generator=generator) > 0.5
+            with torch.no_grad():
+                module.weight.mul_(kept)
+            set_sparsity_mask_(module, kept)
+            masks[name] = kept
+    _run(model, tokenizer, GPTQModifier(scheme="W8A16"), keep_sparsity_mask=False)
+    for name, kept in masks.items():
+        module = model.get_submodule(name)
+        assert sparsity_mask(module) is None, name
+        refilled = torch.count_nonzero(module.weight.detach()[~kept]) / (~kept).sum()
+        assert refilled > 0.05, (name, float(refilled))  # kept: exactly 0 (the test above)
 
 
 def test_gptq_targeted_lm_head_is_rounded_at_finalize(tokenizer, caplog):

@@ -30,7 +30,7 @@ from llmc.calibration import ActivationCalibration
 from llmc.context import RunContext
 from llmc.distributed import RowSplit, row_bounds
 from llmc.hessian import HessianAccumulator
-from llmc.masks import sparsity_mask
+from llmc.masks import clear_sparsity_mask_, sparsity_mask
 from llmc.modifier import RunState
 from llmc.modifiers.quantization import describe_scheme
 from llmc.quantization import (
@@ -95,6 +95,10 @@ class GPTQRun(RunState):
     ``lazy_group_params`` (True) computes a group's scale when the sweep reaches it, from the
     error-updated weights; False fixes the scales up front from the original weights, as
     llm-compressor does (kept for comparisons, see docs/benchmarks.md).
+    ``keep_sparsity_mask`` (True) keeps the zeros a pruning step left before GPTQ in one stage
+    (``sparsegpt-2:4`` + W4 stays 2:4, what sparse kernels need); False lets GPTQ's updates fill
+    them and drops the mask, what llm-compressor 0.14 does (for comparisons only: that
+    checkpoint is no longer sparse).
     ``backend`` picks the sweep: "auto" (numba on CPU, torch on GPU), "numba" or "torch".
     """
 
@@ -105,6 +109,7 @@ class GPTQRun(RunState):
     # them are still pending, so that vLLM's fused matrix has one
     global_scales: dict[str, torch.Tensor] = attrs.field(factory=dict)
     lazy_group_params: bool = True
+    keep_sparsity_mask: bool = True
     backend: str = "auto"
     calibration: LayerCalibration = attrs.field(init=False)
     activations: ActivationCalibration = attrs.field(factory=lambda: ActivationCalibration("GPTQModifier"))
@@ -197,7 +202,7 @@ class GPTQRun(RunState):
                 args=scheme.weights,
                 global_scales=global_scales,
                 block_size=self.config.block_size,
-                kept=[sparsity_mask(module) for module in modules],
+                kept=[self._kept(module) for module in modules],
                 lazy_group_params=self.lazy_group_params,
                 scale_dtype=modules[0].weight.dtype,
                 output_energies=[one.energies[name] for one, name in zip(prepared, names)],
@@ -268,7 +273,7 @@ class GPTQRun(RunState):
             first, last = row_bounds(module.weight.shape[0], start, stop)
             if last <= first:
                 continue
-            kept = sparsity_mask(module)
+            kept = self._kept(module)
             (parts[name],) = gptq_quantize_batch(
                 [module.weight.detach()[first:last]],
                 [prepared.hessians[scheme.weights.actorder is not None]],
@@ -309,6 +314,10 @@ class GPTQRun(RunState):
             timed.add(actorder)
         return solved
 
+    def _kept(self, module: torch.nn.Linear) -> torch.Tensor | None:
+        """The weights GPTQ must leave at zero: the pruning mask, unless told to refill them."""
+        return sparsity_mask(module) if self.keep_sparsity_mask else None
+
     def _apply_group(self, context: RunContext, group: InputGroup, solved: dict[str, SolvedModule]) -> None:
         for name in group.names:
             if name not in self.pending:
@@ -331,6 +340,8 @@ class GPTQRun(RunState):
         solved: SolvedModule,
     ) -> None:
         result = solved.result
+        if not self.keep_sparsity_mask:
+            clear_sparsity_mask_(module)
         original = module.weight.detach().clone()
         set_quantized_weight_(
             module, scheme, weight_fake_quantized=result.weight, scale=result.scale,
