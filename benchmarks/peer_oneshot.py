@@ -65,11 +65,14 @@ W4_G64 = {
 def make_modifier(recipe: str):
     """The llm-compressor 0.14 modifier (or list of them) for one of the benchmark's recipe names.
 
-    ``sparsegpt-2:4+gptq-*`` is one stage of both, as ours; llm-compressor's GPTQ does not keep
-    the zeros SparseGPT left (its updates fill them), so that checkpoint is not 2:4 sparse.
+    ``sparsegpt-2:4+gptq-*`` and ``sparsegpt-2:4-then-gptq-*`` are both modifiers in one list:
+    llm-compressor 0.14 runs a sequential pipeline for each in turn (the whole model is pruned,
+    then GPTQ calibrates on the pruned model), and its GPTQ does not keep the zeros SparseGPT
+    left (its updates fill them), so that checkpoint is not 2:4 sparse.
     """
-    if recipe.startswith("sparsegpt-2:4+"):
-        return [make_modifier("sparsegpt-2:4"), make_modifier(recipe.split("+", 1)[1])]
+    if recipe.startswith(("sparsegpt-2:4+", "sparsegpt-2:4-then-")):
+        quantizer = recipe.split("+", 1)[1] if "+" in recipe else recipe.split("-then-", 1)[1]
+        return [make_modifier("sparsegpt-2:4"), make_modifier(quantizer)]
     if recipe in ("gptq-w4a16", "gptq-w4a16-g64", "gptq-w8a8"):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
@@ -112,6 +115,9 @@ def main(argv: list[str]) -> int:
     child.add_arguments(parser)
     parser.add_argument("--recipe", required=True, choices=PEER_RECIPES)
     parser.add_argument("--output", required=True, help="where the compressed checkpoint goes")
+    parser.add_argument(
+        "--precision", default="auto", help="model dtype for calibration (auto: the checkpoint's)"
+    )
     args = parse(parser, argv)
 
     import llmcompressor
@@ -129,6 +135,7 @@ def main(argv: list[str]) -> int:
         recipe=modifier,
         **calibration,
         output_dir=args.output,
+        precision=args.precision,
     )
     loaded = time.perf_counter()
     run()
@@ -138,6 +145,7 @@ def main(argv: list[str]) -> int:
         chunks,
         version=llmcompressor.__version__,
         recipe=args.recipe,
+        precision=args.precision,
         device=str(next(run.model.parameters()).device),
     )
     print_report(

@@ -50,6 +50,12 @@ def main(argv: list[str]) -> int:
     parser.set_defaults(model="smollm2")
     parser.add_argument("--methods", help="comma-separated recipe names (default: the issue's)")
     parser.add_argument(
+        "--precision",
+        default="auto",
+        help="dtype both tools load and calibrate the model in (auto: the checkpoint's bf16; "
+        "float32 where the CPU has no bf16 matrix units, on which bf16 is ~40 x slower)",
+    )
+    parser.add_argument(
         "--tools",
         default="ours,peer",
         help="ours, peer, ours-refill (ours with GPTQ filling pruned weights, as the peer's "
@@ -62,25 +68,30 @@ def main(argv: list[str]) -> int:
     methods = names(parser, args.methods or ",".join(default_methods(args.model)), known, "methods")
     tools = names(parser, args.tools, ("ours", "peer", "ours-refill"), "tools")
 
+    precision = ("--precision", args.precision)
+
     def configs(model_dir: Path, chunks: Path) -> list[driver.Config]:
         out = []
         for method in methods:
             if "ours" in tools:
                 out.append(
                     driver.ours(
-                        f"ours:{method}", model_dir, chunks, "--recipe", method, rounds=args.repeats
-                    )
+                        f"ours:{method}", model_dir, chunks, "--recipe", method, *precision,
+                        rounds=args.repeats,
+                    )  # fmt: skip
                 )
-            if "ours-refill" in tools and "+gptq" in method:
+            if "ours-refill" in tools and method.startswith(("sparsegpt", "wanda")) and "gptq" in method:
                 out.append(
                     driver.ours(
-                        f"ours-refill:{method}", model_dir, chunks, "--recipe", method,
+                        f"ours-refill:{method}", model_dir, chunks, "--recipe", method, *precision,
                         "--gptq-refills-masks", rounds=args.repeats,
                     )
                 )  # fmt: skip
             if "peer" in tools:
                 out.append(
-                    driver.peer(f"peer:{method}", model_dir, chunks, method, rounds=args.repeats)
+                    driver.peer(
+                        f"peer:{method}", model_dir, chunks, method, *precision, rounds=args.repeats
+                    )
                 )
         return out
 

@@ -72,9 +72,12 @@ def ours(label: str, model_dir: Path, chunks: Path, *args: str, rounds: int) -> 
     return Config(label, command, rounds, writes_checkpoint=not floor, is_floor=floor)
 
 
-def peer(label: str, model_dir: Path, chunks: Path, recipe: str, *, rounds: int) -> Config:
-    """``peer_oneshot.py`` in the peer's venv on the model and chunks, recipe ``recipe``."""
-    command = _child(str(PEER_PYTHON), PEER_SCRIPT, model_dir, chunks, ("--recipe", recipe))
+def peer(
+    label: str, model_dir: Path, chunks: Path, recipe: str, *args: str, rounds: int
+) -> Config:
+    """``peer_oneshot.py`` in the peer's venv on the model and chunks, recipe ``recipe``, with
+    ``args`` (``--precision float32``, ...)."""
+    command = _child(str(PEER_PYTHON), PEER_SCRIPT, model_dir, chunks, ("--recipe", recipe, *args))
     return Config(label, command, rounds, writes_checkpoint=True, is_peer=True)
 
 

@@ -127,6 +127,12 @@ OURS_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
         _stage("sparsity", _sparsegpt("mask_structure: '2:4'"), _GPTQ_G64),
         ("SparseGPTModifier", "GPTQModifier"),
     ),
+    # two stages, so two passes over the model: GPTQ calibrates on the pruned model, what
+    # llm-compressor 0.14 does with the one-stage recipe above (it runs a pipeline per modifier)
+    "sparsegpt-2:4-then-gptq-w4a16-g64": (
+        _stage("sparsity", _sparsegpt("mask_structure: '2:4'")) + _stage("quant", _GPTQ_G64),
+        ("SparseGPTModifier", "GPTQModifier"),
+    ),
 }
 
 # Every preset family of issue 9, by round-to-nearest and GPTQ: name -> (method, preset). The
@@ -166,6 +172,7 @@ PEER_RECIPES = (
     "wanda-2:4",
     "sparsegpt-2:4+gptq-w4a16",
     "sparsegpt-2:4+gptq-w4a16-g64",
+    "sparsegpt-2:4-then-gptq-w4a16-g64",
     *(name for name in AWQ_RECIPES if name != "gptq-w4a16"),
     *(name for name in SCHEME_RECIPES if name not in AWQ_RECIPES and name not in ("gptq-w4a16", "gptq-w8a8")),
 )
