@@ -128,9 +128,8 @@ def test_gptq_more_groups_than_stages_fall_back_to_two_passes(tokenizer, monkeyp
     assert len(context.report) == 7
 
 
-@pytest.mark.parametrize("actorder", ["weight", None], ids=["actorder", "columns"])
-def test_gptq_keeps_a_pruning_mask(tokenizer, actorder):
-    model = build_causal_lm("llama")
+def _prune_at_random(model) -> dict[str, torch.Tensor]:
+    """Half of every projection's weights zeroed and masked, as a pruning step leaves them."""
     generator = torch.Generator().manual_seed(0)
     masks = {}
     for name, module in model.named_modules():
@@ -140,6 +139,13 @@ def test_gptq_keeps_a_pruning_mask(tokenizer, actorder):
                 module.weight.mul_(kept)
             set_sparsity_mask_(module, kept)
             masks[name] = kept
+    return masks
+
+
+@pytest.mark.parametrize("actorder", ["weight", None], ids=["actorder", "columns"])
+def test_gptq_keeps_a_pruning_mask(tokenizer, actorder):
+    model = build_causal_lm("llama")
+    masks = _prune_at_random(model)
     _run(model, tokenizer, GPTQModifier(scheme="W4A16", actorder=actorder))
     for name, kept in masks.items():
         weight = model.get_submodule(name).weight
@@ -150,15 +156,7 @@ def test_gptq_keeps_a_pruning_mask(tokenizer, actorder):
 def test_gptq_told_not_to_keep_a_mask_refills_the_zeros_and_drops_the_mask(tokenizer):
     """llm-compressor 0.14's behaviour, for comparisons: its 2:4 + GPTQ checkpoint is dense."""
     model = build_causal_lm("llama", layers=1)
-    generator = torch.Generator().manual_seed(0)
-    masks = {}
-    for name, module in model.named_modules():
-        if name.endswith("_proj"):
-            kept = torch.rand(module.weight.shape, generator=generator) > 0.5
-            with torch.no_grad():
-                module.weight.mul_(kept)
-            set_sparsity_mask_(module, kept)
-            masks[name] = kept
+    masks = _prune_at_random(model)
     _run(model, tokenizer, GPTQModifier(scheme="W8A16"), keep_sparsity_mask=False)
     for name, kept in masks.items():
         module = model.get_submodule(name)
