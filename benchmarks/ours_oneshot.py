@@ -7,10 +7,11 @@ Run with llmc's venv (usually started by a driver, under ``/usr/bin/time -v``)::
 
 ``--recipe`` is one of ``benchlib.recipes.OURS_RECIPES``; ``--actorder`` and
 ``--true-sequential`` change every GPTQModifier in it; ``--gptq-refills-masks`` lets them fill
-the zeros a pruning step left (llm-compressor 0.14's GPTQ, for comparisons). ``--precision`` is the dtype the model is
-loaded and calibrated in (Hessians are float32 whatever it is); ``--calibration-precision`` the
-dtype the calibration forwards autocast to. ``--floor`` compresses nothing: llmc's pipeline
-with the calibration passes alone (``benchlib.pipeline``), the floor any calibrated recipe pays.
+the zeros a pruning step left (llm-compressor 0.14's GPTQ, for comparisons). ``--precision`` is
+the dtype the model is loaded and calibrated in (Hessians are float32 whatever it is);
+``--calibration-precision`` the dtype the calibration forwards autocast to. ``--floor``
+compresses nothing: llmc's pipeline with the calibration passes alone (``benchlib.pipeline``),
+the floor any calibrated recipe pays.
 
 Prints, as its last line, a JSON object with its own timings (``oneshot_s``: the call alone,
 without interpreter start and imports) and what the run report says (GPTQ solve seconds and

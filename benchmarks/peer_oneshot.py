@@ -70,9 +70,9 @@ def make_modifier(recipe: str):
     then GPTQ calibrates on the pruned model), and its GPTQ does not keep the zeros SparseGPT
     left (its updates fill them), so that checkpoint is not 2:4 sparse.
     """
-    if recipe.startswith(("sparsegpt-2:4+", "sparsegpt-2:4-then-")):
-        quantizer = recipe.split("+", 1)[1] if "+" in recipe else recipe.split("-then-", 1)[1]
-        return [make_modifier("sparsegpt-2:4"), make_modifier(quantizer)]
+    pruner, joint, quantizer = recipe.partition("+") if "+" in recipe else recipe.partition("-then-")
+    if pruner == "sparsegpt-2:4" and joint:
+        return [make_modifier(pruner), make_modifier(quantizer)]
     if recipe in ("gptq-w4a16", "gptq-w4a16-g64", "gptq-w8a8"):
         from llmcompressor.modifiers.gptq import GPTQModifier
 

@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
                         rounds=args.repeats,
                     )  # fmt: skip
                 )
-            if "ours-refill" in tools and method.startswith(("sparsegpt", "wanda")) and "gptq" in method:
+            if "ours-refill" in tools and method.startswith("sparsegpt") and "gptq" in method:
                 out.append(
                     driver.ours(
                         f"ours-refill:{method}", model_dir, chunks, "--recipe", method, *precision,
