@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 
 from llmc import hookimpl, oneshot
+from llmc.args import ModelArguments
 from llmc.context import RunContext
+from llmc.errors import ArgumentError
 from llmc.hessian import HessianAccumulator
+from llmc.models import calibration_dtype, cpu_computes_fast_in
 from llmc.pipeline import LayerwisePipeline, make_lifecycle
 from llmc.testing import build_causal_lm
 
@@ -82,3 +88,62 @@ def test_oneshot_calibration_precision_leaves_the_checkpoint_dtype(tmp_path, tin
         output_dir=str(tmp_path / "out"),
     )
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+
+
+_AVX2 = {"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False,
+         "avx512_bw": False, "avx_ne_convert": False, "avx512_fp16": False, "amx_fp16": False}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("dtype", "features", "fast"),
+    [
+        (torch.bfloat16, {}, False),
+        (torch.float16, {}, False),
+        (torch.bfloat16, {"avx512_bf16": True}, True),
+        (torch.bfloat16, {"amx_bf16": True}, True),
+        (torch.bfloat16, {"avx512_bw": True}, True),
+        (torch.float16, {"avx512_bw": True}, False),
+        (torch.float16, {"avx512_fp16": True}, True),
+        (torch.float32, {}, True),
+        (torch.bfloat16, {"architecture": "aarch64"}, True),
+    ],
+)
+def test_cpu_computes_fast_in_reads_the_matrix_features_of_x86_cpus(dtype, features, fast):
+    assert cpu_computes_fast_in(dtype, {**_AVX2, **features}) is fast
+
+
+@pytest.mark.parametrize(("features", "warned"), [({}, True), ({"avx512_bf16": True}, False)])
+def test_bfloat16_passes_on_a_cpu_without_bf16_instructions_are_warned_of(monkeypatch, caplog, features, warned):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**_AVX2, **features})
+    model = build_causal_lm(layers=1).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="llmc.models"):
+        assert calibration_dtype(ModelArguments(model=model), model, torch.device("cpu")) is None
+        # the same model on no particular device, or autocast from float32: only a CPU's passes
+        calibration_dtype(ModelArguments(model=model), model)
+    messages = [r.getMessage() for r in caplog.records if r.name == "llmc.models"]
+    if warned:
+        assert len(messages) == 1
+        assert "bfloat16 on a CPU without bfloat16 matrix instructions" in messages[0]
+        assert "precision='float32'" in messages[0]
+    else:
+        assert messages == []
+
+
+@pytest.mark.parametrize("given", ["precision", "loaded"], ids=["precision-bfloat16", "bfloat16-model"])
+def test_float32_passes_of_a_bfloat16_model_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, given):
+    out = tmp_path / "out"
+    if given == "precision":  # refused with the arguments, before the model loads
+        model, settings = str(tiny_model_dir), {"precision": "bfloat16"}
+    else:  # its dtype is known once it is loaded
+        model = build_causal_lm(layers=1).to(torch.bfloat16)
+        settings = {"tokenizer": str(tiny_model_dir)}
+    with pytest.raises(ArgumentError) as raised:
+        oneshot(
+            model=model, recipe="llmc:w8a16", dataset="llmc:stdlib-docs", num_calibration_samples=4,
+            max_seq_length=32, calibration_precision="float32", output_dir=str(out), **settings,
+        )
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "calibration_precision='float32'" in message and "bfloat16 model" in message
+    assert "precision='float32'" in message.split(";")[1]
+    assert not out.exists() or not any(out.iterdir())

@@ -73,6 +73,20 @@ def _path_or_none(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def upcast_refusal(model_dtype: str) -> str:
+    """Why ``calibration_precision='float32'`` cannot apply to a model of ``model_dtype``."""
+    return (
+        f"calibration_precision='float32' cannot raise the passes of a {model_dtype} model above "
+        "its dtype (autocast only lowers precision); load it in float32 with precision='float32'"
+    )
+
+
+def _not_above_precision(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    """Refused here when ``precision`` names the dtype; ``calibration_dtype`` checks a loaded one."""
+    if value == "float32" and instance.precision in ("bfloat16", "float16"):
+        raise ArgumentError(upcast_refusal(instance.precision), name=attribute.name)
+
+
 @attrs.frozen(kw_only=True)
 class ModelArguments:
     """Which model to compress and how to load it."""
@@ -99,10 +113,11 @@ class ModelArguments:
     )
     calibration_precision: str = attrs.field(
         default="auto",
-        validator=OneOf(PRECISIONS),
+        validator=[OneOf(PRECISIONS), _not_above_precision],
         metadata=_help(
             "dtype the calibration forward passes compute in (autocast): auto = the model's own; "
-            "bfloat16 roughly halves them on CPUs with native bf16 and on GPUs. Weights, "
+            "bfloat16 roughly halves them on CPUs with native bf16 and on GPUs. Never above the "
+            "model's dtype (for float32 passes of a bf16 model, use precision=float32). Weights, "
             "Hessians and the checkpoint keep their dtype"
         ),
     )

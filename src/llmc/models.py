@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from llmc.args import SELF_TEACHER, ModelArguments
+from llmc.args import SELF_TEACHER, ModelArguments, upcast_refusal
 from llmc.data.presets import asset_path
 from llmc.errors import ArgumentError, ModelLoadError, did_you_mean
 from llmc.hub import hub_is_reachable
@@ -35,6 +35,7 @@ __all__ = [
     "MODEL_PRESETS",
     "TeacherSource",
     "calibration_dtype",
+    "cpu_computes_fast_in",
     "default_device",
     "load_model",
     "load_skeleton",
@@ -203,10 +204,63 @@ def _dtype_of(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
-def calibration_dtype(model_args: ModelArguments, model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype calibration forwards autocast to, or None to compute in the model's own."""
+def calibration_dtype(
+    model_args: ModelArguments, model: torch.nn.Module, device: torch.device | None = None
+) -> torch.dtype | None:
+    """The dtype calibration forwards autocast to, or None to compute in the model's own.
+
+    Autocast only lowers precision: asked for float32 passes of a half-precision model it would
+    disable itself with a warning and compute in half precision, so that request is refused with
+    the setting that does it (``precision='float32'``). On a ``device`` that is a CPU without
+    matrix instructions for the half-precision dtype the passes compute in, a warning says so:
+    such CPUs run those matmuls in a slow fallback, and the run can take many times longer than
+    in float32 without a word from torch.
+    """
+    model_dtype = _dtype_of(model)
     wanted = _DTYPES.get(model_args.calibration_precision)
-    return None if wanted is None or wanted == _dtype_of(model) else wanted
+    if wanted is torch.float32 and model_dtype in _HALF_PRECISIONS:
+        raise ArgumentError(upcast_refusal(_dtype_name(model_dtype)), name="calibration_precision")
+    compute = None if wanted is None or wanted == model_dtype else wanted
+    if device is not None and device.type == "cpu":
+        dtype = compute or model_dtype
+        if dtype in _HALF_PRECISIONS and not cpu_computes_fast_in(dtype):
+            logger.warning(
+                "calibrating in %s on a CPU without %s matrix instructions (%s): torch runs those "
+                "matmuls in a slow fallback; precision='float32' (--precision float32) computes "
+                "the passes in float32 instead",
+                _dtype_name(dtype), _dtype_name(dtype), " or ".join(_FAST_CPU_FEATURES[dtype]),
+            )
+    return compute
+
+
+_HALF_PRECISIONS = (torch.bfloat16, torch.float16)
+
+# x86 features with which oneDNN (torch's CPU matmuls) computes in each half precision at about
+# float32's speed or faster; avx512_bw stands for the AVX-512 core set, on which oneDNN converts
+# bf16 to float32 in registers. Without any of them both fall back to an elementwise loop.
+_FAST_CPU_FEATURES = {
+    torch.bfloat16: ("avx512_bf16", "amx_bf16", "avx512_bw", "avx_ne_convert"),
+    torch.float16: ("avx512_fp16", "amx_fp16", "avx_ne_convert"),
+}
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_computes_fast_in(dtype: torch.dtype, capabilities: dict[str, Any] | None = None) -> bool:
+    """Whether this CPU (or one with torch's ``capabilities``) has matmul instructions for ``dtype``.
+
+    Only x86 CPUs are judged (torch reports their features); any other answers True.
+    """
+    if capabilities is None:
+        try:
+            capabilities = torch.cpu.get_capabilities()
+        except (AttributeError, RuntimeError):  # an older torch, or a CPU it cannot query
+            return True
+    if dtype not in _FAST_CPU_FEATURES or capabilities.get("architecture") != "x86_64":
+        return True
+    return any(capabilities.get(feature) for feature in _FAST_CPU_FEATURES[dtype])
 
 
 def _asymmetric_packed_workaround(config: Any) -> dict[str, Any]:

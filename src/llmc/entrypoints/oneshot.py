@@ -155,11 +155,12 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         elif data_args.dataset is not None:
             logger.info("the recipe is data-free; the dataset is not used")
         size_before = sum(p.numel() * p.element_size() for p in model.parameters())
+        calibration_device = device if mode in ("cpu", "disk") else next(model.parameters()).device
         context = RunContext(
             model=model,
-            device=device if mode in ("cpu", "disk") else next(model.parameters()).device,
+            device=calibration_device,
             tokenizer=tokenizer,
-            compute_dtype=calibration_dtype(model_args, model),
+            compute_dtype=calibration_dtype(model_args, model, calibration_device),
         )
         if model_args.layer_inputs == "disk" and mode != "disk":
             raise ArgumentError(

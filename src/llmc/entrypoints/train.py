@@ -112,11 +112,12 @@ def train(**kwargs: Any) -> TrainResult:
             calibration = make_batches(samples, data_args.batch_size, pad_id)
 
         # 3. The stages, in recipe order (a "self" teacher is copied before the first).
+        device = next(model.parameters()).device
         context = RunContext(
             model=model,
-            device=next(model.parameters()).device,
+            device=device,
             tokenizer=tokenizer,
-            compute_dtype=calibration_dtype(model_args, model),
+            compute_dtype=calibration_dtype(model_args, model, device),
             teacher=TeacherSource.for_run(model_args, model) if needs_teacher else None,
         )
         losses: list[float] = []
