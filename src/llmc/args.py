@@ -96,7 +96,8 @@ class ModelArguments:
         converter=_path_or_none,
         validator=_model_like,
         metadata=_help(
-            "model to compress: a local directory, a hub name, or (from Python) a loaded model; "
+            "model to compress: a local directory, a hub name, a .gguf file, or (from Python) a "
+            "loaded model; "
             "'llmc:tiny-llama' is the embedded demo model",
             cli_type="str",
         ),

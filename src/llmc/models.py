@@ -5,8 +5,9 @@ The loaders are transformers' own ``AutoModelForCausalLM``/``AutoTokenizer``
 module adds is the part users trip over: the embedded demo model by name, a dtype chosen by one
 word, one-line errors for a missing path, a hub that cannot be reached (decided in a moment
 rather than after transformers' ~25 s of retries) or a checkpoint that needs a package not
-installed, and per-expert MoE checkpoints that transformers reads only fused
-(``llmc.moe_checkpoints``).
+installed, per-expert MoE checkpoints that transformers reads only fused
+(``llmc.moe_checkpoints``), and a ``.gguf`` file given as the model, which transformers reads
+only when told its folder and name apart (``gguf_file=``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "calibration_dtype",
     "cpu_computes_fast_in",
     "default_device",
+    "gguf_loaded_bytes",
+    "is_gguf_file",
     "load_model",
     "load_skeleton",
     "local_model_folder",
@@ -85,14 +88,44 @@ def resolve_model_path(name: str | os.PathLike[str]) -> str:
         return str(folder)
     local = os.path.expanduser(name)
     if os.path.exists(local):
-        if not os.path.isdir(local):
+        if not os.path.isdir(local) and not is_gguf_file(local):
             raise ModelLoadError(
-                f"model path {name!r} is a file; pass the folder that holds config.json"
+                f"model path {name!r} is a file; pass the folder that holds config.json "
+                "(or a .gguf file)"
             )
         return local
     if _looks_like_path(name):
         raise ModelLoadError(f"model path {name!r} does not exist")
     return name
+
+
+def is_gguf_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a GGUF file (llama.cpp's format), which transformers reads whole."""
+    return str(path).lower().endswith(".gguf") and os.path.isfile(path)
+
+
+def _gguf_source(path: str) -> tuple[str, dict[str, Any]]:
+    """The folder and loader options for ``path``: a GGUF file is named by ``gguf_file``."""
+    if is_gguf_file(path):
+        folder, name = os.path.split(os.path.abspath(path))
+        return folder, {"gguf_file": name}
+    return path, {}
+
+
+def gguf_loaded_bytes(model_args: ModelArguments) -> int | None:
+    """What a ``.gguf`` model takes once transformers has dequantized it (None for others), so
+    ``offload='auto'`` can judge whether it fits: the file is 2-8 x smaller than that."""
+    if not isinstance(model_args.model, str):
+        return None
+    path = resolve_model_path(model_args.model)
+    if not is_gguf_file(path):
+        return None
+    try:
+        import gguf
+    except ImportError:
+        return None  # loading it says what to install
+    itemsize = _DTYPES.get(model_args.precision, torch.float32).itemsize
+    return sum(int(tensor.n_elements) for tensor in gguf.GGUFReader(path).tensors) * itemsize
 
 
 def default_device(requested: str | torch.device | None = None) -> torch.device:
@@ -160,6 +193,11 @@ def _hub_kwargs(path: str, model_args: ModelArguments) -> dict[str, Any]:
 
 
 def _load_error(kind: str, name: str, kwargs: dict[str, Any], error: Exception) -> ModelLoadError:
+    if "gguf_file" in kwargs and isinstance(error, ImportError):
+        return ModelLoadError(
+            f"reading the GGUF file {name!r} needs the gguf package: pip install gguf "
+            "(or llmc-core[gguf])"
+        )
     if "trust_remote_code" in str(error) or "contains custom code" in str(error):
         return ModelLoadError(
             f"{kind} {name!r} needs its own Python code to load (auto_map in its config); if you "
@@ -314,9 +352,9 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
                 model_args.precision,
             )
         return model
-    path = resolve_model_path(model)
+    path, gguf = _gguf_source(resolve_model_path(model))
     device = device or default_device(model_args.device)
-    kwargs = _hub_kwargs(path, model_args)
+    kwargs = {**_hub_kwargs(path, model_args), **gguf}
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as error:
@@ -325,16 +363,37 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
     kwargs.update(_asymmetric_packed_workaround(config))
     dtype = "auto" if model_args.precision == "auto" else _DTYPES[model_args.precision]
     dtype = _decompression_dtype(config, dtype)
-    loader = _loader(path, config)
+    if gguf:
+        logger.info(
+            "%s: transformers dequantizes its tensors to %s; quantized ones keep their values on "
+            "the file's grid", gguf["gguf_file"], "float32" if dtype == "auto" else _dtype_name(dtype),
+        )
+    loader = _loader(path, config) if not gguf else _auto_class(config)[0]
     try:
         loaded = loader.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
         raise _load_error("model", model, kwargs, error) from error
+    if gguf:
+        _drop_gguf_marker(loaded)
     loaded.eval()
     if any(p.device != device for p in loaded.parameters()):
         loaded.to(device)
     _mark_exclusive_parameters(loaded)
     return loaded
+
+
+def _drop_gguf_marker(model: PreTrainedModel) -> None:
+    """Make a model transformers read from a GGUF file the dense model it is in memory.
+
+    transformers marks it as quantized with GGUF (``quantization_config``, ``hf_quantizer``)
+    although its weights are dequantized: saving it is then refused, the Trainer refuses to
+    fine-tune it, and it would look like a quantized checkpoint to the rest of the run.
+    """
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
 
 
 def _auto_class(config: Any) -> tuple[Any, Any]:
@@ -483,8 +542,8 @@ def load_tokenizer(model_args: ModelArguments, model: Any = None) -> Any:
             "pass tokenizer=path/to/tokenizer",
             name="tokenizer",
         )
-    path = resolve_model_path(source)
-    kwargs = _hub_kwargs(path, model_args)
+    path, gguf = _gguf_source(resolve_model_path(source))
+    kwargs = {**_hub_kwargs(path, model_args), **gguf}
     if tokenizer is not None:
         kwargs.pop("revision", None)  # the revision names a commit of the model repository
     try:

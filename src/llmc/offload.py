@@ -372,7 +372,7 @@ def disk_problem(model_folder: Path | None, output_dir: Any, stages: int) -> str
     if output_dir is None:
         return "each layer is written to output_dir when done, and no output_dir was given"
     if model_folder is None:
-        return "the model must be a local folder of safetensors files (not an object or hub name)"
+        return "the model must be a local folder of safetensors files (not an object, a hub name or a GGUF file)"
     if stages != 1:
         return f"the recipe has {stages} stages and a streamed run runs one"
     return None

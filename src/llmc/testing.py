@@ -36,6 +36,7 @@ __all__ = [
     "kill_when_paused",
     "never_route_to",
     "sample_logits",
+    "save_tiny_gguf",
     "save_tiny_model",
     "wait_until_paused",
     "write_text_file",
@@ -232,6 +233,80 @@ def save_tiny_model(path: str | Path, tokenizer=None, kind: str = "llama") -> Pa
     (build_moe_lm(kind) if kind in MOE_KINDS else build_causal_lm(kind)).save_pretrained(path)
     (tokenizer if tokenizer is not None else build_tokenizer()).save_pretrained(path)
     return path
+
+
+def save_tiny_gguf(model_dir: str | Path, path: str | Path) -> Path:
+    """Write the Llama checkpoint in ``model_dir`` (float32, byte-level BPE tokenizer) as the
+    GGUF file llama.cpp's converter would, with float32 tensors, so loading a ``.gguf`` model is
+    tested without downloading one. Needs the ``gguf`` package.
+
+    The format's facts: llama.cpp's tensor names; q/k rows interleaved per head (transformers
+    undoes it on load); a "gpt2" tokenizer as its token list, types and merges.
+    """
+    import gguf
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = load_file(str(model_dir / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0)))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    specials = {token["id"] for token in tokenizer["added_tokens"] if token["special"]}
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([
+        gguf.TokenType.CONTROL if vocab[token] in specials else gguf.TokenType.NORMAL for token in tokens
+    ])
+    writer.add_token_merges([
+        " ".join(merge) if isinstance(merge, list) else merge for merge in tokenizer["model"]["merges"]
+    ])
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id), ("pad", writer.add_pad_token_id)):
+        if config.get(f"{key}_token_id") is not None:
+            add(config[f"{key}_token_id"])
+
+    def interleaved(weight: torch.Tensor, groups: int) -> torch.Tensor:
+        rows = weight.shape[0]
+        return weight.reshape(groups, 2, rows // groups // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for index in range(config["num_hidden_layers"]):
+        for part, short in parts.items():
+            names[f"model.layers.{index}.{part}.weight"] = f"blk.{index}.{short}.weight"
+    for name, weight in weights.items():
+        if name.endswith("q_proj.weight"):
+            weight = interleaved(weight, heads)
+        elif name.endswith("k_proj.weight"):
+            weight = interleaved(weight, kv_heads)
+        writer.add_tensor(names[name], weight.float().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
 
 
 def write_text_file(path: str | Path, lines: list[str] = SAMPLE_TEXT) -> Path:

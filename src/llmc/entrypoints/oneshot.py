@@ -37,6 +37,7 @@ from llmc.lazy_weights import checkpoint_files
 from llmc.models import (
     calibration_dtype,
     default_device,
+    gguf_loaded_bytes,
     load_model,
     load_skeleton,
     load_tokenizer,
@@ -124,10 +125,11 @@ def oneshot(**kwargs: Any) -> OneshotResult:
         if model_files and (folder / "config.json").is_file():
             model_files.append(folder / "config.json")
         device = rank_device(requested)
+        model_bytes = sum(p.stat().st_size for p in model_files) if model_files else gguf_loaded_bytes(model_args)
         mode = choose_offload(
             model_args.offload,
             # every rank on this machine holds its own copy in host memory
-            model_bytes=sum(p.stat().st_size for p in model_files) * local_ranks() if model_files else None,
+            model_bytes=model_bytes * local_ranks() if model_bytes else None,
             device=device or next(model_args.model.parameters()).device,
             disk_problem=disk_problem(folder, output_dir, len(recipe.stages)),
         )
