@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmc import oneshot
+from llmc import oneshot, train
 from llmc.args import ModelArguments
 from llmc.errors import ArgumentError, ModelLoadError
 from llmc.models import (
@@ -81,3 +81,14 @@ def test_other_files_are_refused_and_a_missing_gguf_package_is_named(tmp_path):
         resolve_model_path(str(text))
     error = _load_error("model", "x.gguf", {"gguf_file": "x.gguf"}, ImportError("no module named gguf"))
     assert str(error) == "reading the GGUF file 'x.gguf' needs the gguf package: pip install gguf (or llmc-core[gguf])"
+
+
+def test_train_fine_tunes_a_gguf_model_and_saves_it(gguf_path, text_file, tmp_path):
+    """transformers refuses to train or save a model it marked as GGUF-quantized; ours is dense."""
+    result = train(
+        model=str(gguf_path), dataset=str(text_file), max_seq_length=24, max_steps=2,
+        per_device_train_batch_size=4, learning_rate=1e-3, output_dir=str(tmp_path / "ft"),
+    )
+    assert len(result.report["losses"]) == 2
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
+    assert getattr(saved.config, "quantization_config", None) is None
