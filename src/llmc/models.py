@@ -263,9 +263,9 @@ def calibration_dtype(
         dtype = compute or model_dtype
         if dtype in _HALF_PRECISIONS and not cpu_computes_fast_in(dtype):
             logger.warning(
-                "calibrating in %s on a CPU without %s matrix instructions (%s): torch runs those "
-                "matmuls in a slow fallback; precision='float32' (--precision float32) computes "
-                "the passes in float32 instead",
+                "this run computes in %s on a CPU without %s matrix instructions (%s): torch runs "
+                "those matmuls in a slow fallback; precision='float32' (--precision float32) "
+                "computes in float32 instead",
                 _dtype_name(dtype), _dtype_name(dtype), " or ".join(_FAST_CPU_FEATURES[dtype]),
             )
     return compute
