@@ -26,7 +26,8 @@ round-to-nearest, so a GPTQ weight is on exactly the grid the checkpoint stores.
 Group parameters (``scale``, ``zero_point``) are computed when the sweep reaches the block
 holding a group's first column, from the error-updated values of the group's columns
 (``lazy_group_params=True``, what the paper's reference code does), or up front from the
-original weights (False, llm-compressor's choice). Group membership is always by *original*
+original weights (False, llm-compressor's choice and ``GPTQRun``'s default: better on both real
+models measured, docs/benchmarks.md). Group membership is always by *original*
 column index, also with act-order, so the checkpoint needs no ``g_idx``.
 
 Symbols: ``U`` the factor above; ``Err: [rows, block]`` the scaled errors ``(w − q) / U_jj``;
