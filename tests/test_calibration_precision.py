@@ -129,6 +129,16 @@ def test_bfloat16_passes_on_a_cpu_without_bf16_instructions_are_warned_of(monkey
         assert messages == []
 
 
+def test_bfloat16_autocast_of_a_float32_model_on_a_slow_cpu_points_back_to_auto(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: dict(_AVX2))
+    model = build_causal_lm(layers=1)
+    with caplog.at_level(logging.WARNING, logger="llmc.models"):
+        dtype = calibration_dtype(ModelArguments(model=model, calibration_precision="bfloat16"), model, torch.device("cpu"))
+    assert dtype is torch.bfloat16
+    [message] = [r.getMessage() for r in caplog.records if r.name == "llmc.models"]
+    assert "calibration_precision='auto'" in message and "precision='float32'" not in message
+
+
 @pytest.mark.parametrize("given", ["precision", "loaded"], ids=["precision-bfloat16", "bfloat16-model"])
 def test_float32_passes_of_a_bfloat16_model_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, given):
     out = tmp_path / "out"

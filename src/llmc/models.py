@@ -262,11 +262,14 @@ def calibration_dtype(
     if device is not None and device.type == "cpu":
         dtype = compute or model_dtype
         if dtype in _HALF_PRECISIONS and not cpu_computes_fast_in(dtype):
+            fix = (  # autocast asked for, or the model's own dtype
+                "calibration_precision='auto' (--calibration-precision auto)" if compute is not None
+                else "precision='float32' (--precision float32)"
+            )
             logger.warning(
                 "this run computes in %s on a CPU without %s matrix instructions (%s): torch runs "
-                "those matmuls in a slow fallback; precision='float32' (--precision float32) "
-                "computes in float32 instead",
-                _dtype_name(dtype), _dtype_name(dtype), " or ".join(_FAST_CPU_FEATURES[dtype]),
+                "those matmuls in a slow fallback; %s computes in float32 instead",
+                _dtype_name(dtype), _dtype_name(dtype), " or ".join(_FAST_CPU_FEATURES[dtype]), fix,
             )
     return compute
 
