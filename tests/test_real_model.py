@@ -58,7 +58,7 @@ sparsity_stage:
 
 
 @pytest.fixture(scope="module")
-def heldout(tmp_path_factory):
+def heldout():
     model, tokenizer = load_model_for_eval(str(_gguf()), precision="float32", device="cpu")
     tokens = heldout_token_ids(tokenizer, "llmc:stdlib-docs-heldout")
     return tokens, perplexity(model, tokens, max_chunks=8)

@@ -97,8 +97,7 @@ class ModelArguments:
         validator=_model_like,
         metadata=_help(
             "model to compress: a local directory, a hub name, a .gguf file, or (from Python) a "
-            "loaded model; "
-            "'llmc:tiny-llama' is the embedded demo model",
+            "loaded model; 'llmc:tiny-llama' is the embedded demo model",
             cli_type="str",
         ),
     )

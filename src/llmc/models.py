@@ -355,7 +355,8 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
                 model_args.precision,
             )
         return model
-    path, gguf = _gguf_source(resolve_model_path(model))
+    resolved = resolve_model_path(model)
+    path, gguf = _gguf_source(resolved)
     device = device or default_device(model_args.device)
     kwargs = {**_hub_kwargs(path, model_args), **gguf}
     try:
@@ -371,7 +372,7 @@ def load_model(model_args: ModelArguments, device: torch.device | None = None) -
             "%s: transformers dequantizes its tensors to %s; quantized ones keep their values on "
             "the file's grid", gguf["gguf_file"], "float32" if dtype == "auto" else _dtype_name(dtype),
         )
-    loader = _loader(path, config) if not gguf else _auto_class(config)[0]
+    loader = _loader(resolved, config)  # a GGUF file is not a folder: the auto class
     try:
         loaded = loader.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, ImportError, SafetensorError) as error:
