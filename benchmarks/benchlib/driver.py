@@ -72,9 +72,7 @@ def ours(label: str, model_dir: Path, chunks: Path, *args: str, rounds: int) -> 
     return Config(label, command, rounds, writes_checkpoint=not floor, is_floor=floor)
 
 
-def peer(
-    label: str, model_dir: Path, chunks: Path, recipe: str, *args: str, rounds: int
-) -> Config:
+def peer(label: str, model_dir: Path, chunks: Path, recipe: str, *args: str, rounds: int) -> Config:
     """``peer_oneshot.py`` in the peer's venv on the model and chunks, recipe ``recipe``, with
     ``args`` (``--precision float32``, ...)."""
     command = _child(str(PEER_PYTHON), PEER_SCRIPT, model_dir, chunks, ("--recipe", recipe, *args))
@@ -111,15 +109,15 @@ def one_run(
     work: Path,
     idle_wait_s: float,
     timeout_s: float | None,
-    order_rounds: bool = False,
+    order_seed: int | None = None,
 ) -> dict[str, Any]:
-    """One run of ``config`` once the machine is quiet, logged to ``work/logs``; with
-    ``order_rounds``, rounds after the first calibrate on the chunks in the round's order."""
+    """One run of ``config`` once the machine is quiet, logged to ``work/logs``, calibrating
+    on the chunks in ``order_seed``'s order (None or 0: the file's)."""
     slug = f"{_slug(config.label)}-{round_}"
     log = work / "logs" / f"{slug}.log"
     command = list(config.command)
-    if order_rounds and round_ > 0:
-        command += ["--order-seed", str(round_)]
+    if order_seed:
+        command += ["--order-seed", str(order_seed)]
     output = work / "checkpoints" / slug
     if config.writes_checkpoint:
         if output.exists():
@@ -134,7 +132,7 @@ def one_run(
     run = measure(command, log_path=log, timeout_s=timeout_s, cwd=work)
     run.update(
         label=config.label, round=round_, started=started, busy_before=busy, loadavg_before=load,
-        order_seed=round_ if order_rounds and round_ > 0 else None,
+        order_seed=order_seed or None,
     )  # fmt: skip
     run["loadavg_after"] = load_average()
     run["internal"] = last_json_line(log)
@@ -165,11 +163,12 @@ def interleave(
     evaluate_rounds: int = 0,
     after_each: Callable[[list[dict[str, Any]]], None] | None = None,
     max_eval_chunks: int | None = None,
-    order_rounds: bool = False,
+    order_seeds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the configurations round by round; one record per run (``measure``'s, and more).
 
-    Checkpoints of the first ``evaluate_rounds`` rounds are evaluated (held-out perplexity).
+    Round r calibrates on the chunks in ``order_seeds[r]``'s order (0, or no seeds: the
+    file's). Checkpoints of the first ``evaluate_rounds`` rounds are evaluated (held-out perplexity).
     ``after_each`` gets the runs so far after every run, so that a comparison stopped part-way
     still leaves its numbers.
     """
@@ -182,7 +181,7 @@ def interleave(
                 continue
             run = one_run(
                 config, round_, work=work, idle_wait_s=idle_wait_s, timeout_s=timeout_s,
-                order_rounds=order_rounds,
+                order_seed=order_seeds[round_] if order_seeds else None,
             )  # fmt: skip
             if run.get("skipped") or run["timed_out"]:
                 dropped.add(config.label)
@@ -243,8 +242,28 @@ def add_arguments(
         "the file's), so the medians are over orders; use with --perplexity-rounds",
     )
     parser.add_argument(
+        "--order-seeds",
+        help="comma-separated: round r calibrates every tool in seed r's order (0: the file's); "
+        "sets the number of rounds, e.g. 1,2 to add two orders to an earlier file-order run",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="evaluate the uncompressed model too (--no-baseline: a second invocation beside "
+        "one that does)",
+    )
+    parser.add_argument(
         "--name", help="results name: results/<name>.json (default: from the configurations)"
     )
+
+
+def order_seeds(args: argparse.Namespace) -> list[int] | None:
+    """Each round's calibration order from ``--order-seeds`` or ``--order-rounds`` (None: the
+    file's for every round)."""
+    if args.order_seeds:
+        return [int(part) for part in args.order_seeds.split(",")]
+    return list(range(args.repeats)) if args.order_rounds else None
 
 
 def compare(
@@ -268,6 +287,8 @@ def compare(
     )
 
     model_dir, chunks_file = prepare(args.model, args.samples, args.seq_len)
+    if args.order_seeds:
+        args.repeats = len(order_seeds(args))
     configs = make_configs(model_dir, chunks_file)
     versions_peer = peer_versions() if any(c.is_peer for c in configs) else None
     if versions_peer is None and any(c.is_peer for c in configs):
@@ -285,7 +306,7 @@ def compare(
     work = BENCH_ROOT / "runs" / name
     evaluate = MODELS[args.model]["perplexity"] if args.perplexity is None else args.perplexity
     baseline_ppl = None
-    if evaluate:
+    if evaluate and args.baseline:
         baseline_ppl, _ = evaluate_checkpoint(
             model_dir, work / "logs" / "uncompressed.ppl.log", args.max_eval_chunks
         )
@@ -313,7 +334,7 @@ def compare(
         evaluate_rounds=args.perplexity_rounds if evaluate else 0,
         after_each=save,
         max_eval_chunks=args.max_eval_chunks,
-        order_rounds=args.order_rounds,
+        order_seeds=order_seeds(args),
     )
     if not runs:
         return 0
