@@ -153,7 +153,6 @@ def main(argv: list[str]) -> int:
         num_bits=_SOLVE["num_bits"], type="int", symmetric=True, strategy="group",
         group_size=_SOLVE["group_size"],
     )  # fmt: skip
-    rows_out = []
     print(
         f"{'module':<34} {'same codes':>10} {'scale =':>7} {'ours':>10} {'peer':>10} {'ours/peer':>9} {'rtn':>10}"
     )
@@ -177,7 +176,6 @@ def main(argv: list[str]) -> int:
             "rtn": relative_error(W, rtn, H64),
         }
         row["ratio"] = row["ours"] / row["peer"]
-        rows_out.append(row)
         print(
             f"{name:<34} {row['same_codes']:>10.4%} {str(row['scales_equal']):>7} {row['ours']:>10.3e} "
             f"{row['peer']:>10.3e} {row['ratio']:>9.4f} {row['rtn']:>10.3e}",

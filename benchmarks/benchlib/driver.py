@@ -287,8 +287,9 @@ def compare(
     )
 
     model_dir, chunks_file = prepare(args.model, args.samples, args.seq_len)
+    seeds = order_seeds(args)
     if args.order_seeds:
-        args.repeats = len(order_seeds(args))
+        args.repeats = len(seeds)
     configs = make_configs(model_dir, chunks_file)
     versions_peer = peer_versions() if any(c.is_peer for c in configs) else None
     if versions_peer is None and any(c.is_peer for c in configs):
@@ -334,7 +335,7 @@ def compare(
         evaluate_rounds=args.perplexity_rounds if evaluate else 0,
         after_each=save,
         max_eval_chunks=args.max_eval_chunks,
-        order_seeds=order_seeds(args),
+        order_seeds=seeds,
     )
     if not runs:
         return 0
