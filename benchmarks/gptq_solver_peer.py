@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
     import torch
     from benchlib.child import load_chunks
     from benchlib.data import add_model_arguments, prepare
-    from benchlib.env import PEER_PYTHON, parse, print_json_line, script_parser
+    from benchlib.env import PEER_PYTHON, int_list, parse, print_json_line, script_parser
     from llmc_gptq import gptq_quantize
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
@@ -124,10 +124,12 @@ def main(argv: list[str]) -> int:
     parser = script_parser(__doc__)
     add_model_arguments(parser)
     parser.set_defaults(model="qwen-coder-0.5b", samples=16)
-    parser.add_argument("--layers", default="0", help="comma-separated decoder layer indices")
+    parser.add_argument(
+        "--layers", type=int_list, default=[0], help="comma-separated decoder layer indices"
+    )
     parser.add_argument("--json", help="write one JSON line per module here")
     args = parse(parser, argv)
-    layers = sorted({int(part) for part in args.layers.split(",")})
+    layers = sorted(set(args.layers))
 
     model_dir, chunks_path = prepare(args.model, None, None)
     chunks = load_chunks(chunks_path)[: args.samples]

@@ -24,7 +24,15 @@ from typing import Any
 
 from benchlib.child import EXIT_PLUGIN_MISSING, last_json_line
 from benchlib.data import MODELS, add_model_arguments, prepare
-from benchlib.env import BENCH_DIR, BENCH_ROOT, PEER_PYTHON, REPO_ROOT, RESULTS_DIR, load_average
+from benchlib.env import (
+    BENCH_DIR,
+    BENCH_ROOT,
+    PEER_PYTHON,
+    REPO_ROOT,
+    RESULTS_DIR,
+    int_list,
+    load_average,
+)
 from benchlib.measure import measure, wait_until_idle
 
 __all__ = [
@@ -243,6 +251,7 @@ def add_arguments(
     )
     parser.add_argument(
         "--order-seeds",
+        type=int_list,
         help="comma-separated: round r calibrates every tool in seed r's order (0: the file's); "
         "sets the number of rounds, e.g. 1,2 to add two orders to an earlier file-order run",
     )
@@ -262,7 +271,7 @@ def order_seeds(args: argparse.Namespace) -> list[int] | None:
     """Each round's calibration order from ``--order-seeds`` or ``--order-rounds`` (None: the
     file's for every round)."""
     if args.order_seeds:
-        return [int(part) for part in args.order_seeds.split(",")]
+        return args.order_seeds
     return list(range(args.repeats)) if args.order_rounds else None
 
 

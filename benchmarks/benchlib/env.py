@@ -81,6 +81,15 @@ def names(
     return given
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated integers (``1,2``), a usage error naming the bad part."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    bad = [part for part in parts if not part.lstrip("-").isdigit()]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers (e.g. 1,2)")
+    return [int(part) for part in parts]
+
+
 def print_json_line(
     record: dict[str, Any], append_to: str | os.PathLike[str] | None = None
 ) -> None:
