@@ -123,7 +123,10 @@ core changes.
   batch once everything is collected, and runs true-sequential stages; `solve(groups)` gets
   each `InputGroup` (names, input statistic, output statistics). A statistic implements
   `Statistic` (`update(x, mask)`, `merge(other)`, `finalize()`), so a distributed run reduces
-  every statistic in `LayerCalibration.finish`, before `solve`.
+  every statistic in `LayerCalibration.finish`, before `solve`. A statistic with a
+  `share_key` (and a `readers` count its `release` honours) is gathered once for every
+  modifier of the stage that asks for an equal one; a solver must then not change what
+  `finalize()` returns beyond what it would do to its own copy (`zero_dead_columns_`).
 - **A modifier's parameters**: subclass `llmc.modifier.TargetedModifier` (`targets`, `ignore`)
   or, for a quantizer, `llmc.modifiers.quantization.QuantizingModifier` (`scheme`,
   `config_groups`, `skip_incompatible`, `plan(context)`); validate fields with

@@ -46,6 +46,14 @@ class HessianAccumulator:
     tokens: int = 0
     _mirrored: bool = attrs.field(default=False, repr=False)
     _released: bool = attrs.field(default=False, repr=False)
+    # passes over the layer that read this Hessian besides the one gathering it
+    # (``llmc.statistics``: SparseGPT and GPTQ of one stage share it); release waits for all
+    readers: int = attrs.field(default=0, repr=False)
+
+    @property
+    def share_key(self) -> tuple:
+        """Two accumulators of one input with equal keys gather equal sums."""
+        return ("hessian", tuple(self.S.shape), self.block, str(self.S.device))
 
     @classmethod
     def for_linear(cls, module: torch.nn.Linear) -> HessianAccumulator:
@@ -96,7 +104,10 @@ class HessianAccumulator:
     def release(self) -> None:
         """Free the matrix once a solver has taken what it needs from it (its factor): for a
         wide input the largest tensor of the solve besides the factor. ``tokens`` stays; reading,
-        updating or merging afterwards is refused."""
+        updating or merging afterwards is refused. A shared Hessian is freed by its last reader."""
+        if self.readers:
+            self.readers -= 1
+            return
         self.S = self.S.new_empty((0, 0))
         self._released = True
 

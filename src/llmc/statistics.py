@@ -14,6 +14,11 @@ hooks during the pipeline's calibration pass. This module is the one place that
 * **runs true-sequential stages**: with ``true_sequential`` each input group is solved in data
   flow order and the layer re-run in between, so a group's statistic comes from the outputs of
   the already-compressed groups before it;
+* **shares a statistic between modifiers**: two modifiers of one stage calibrating the same
+  Linears in the pipeline's pass (SparseGPT 2:4 then GPTQ W4: both want each group's Hessian)
+  get one statistic object, gathered once, when it offers a ``share_key`` (the Hessian does):
+  the first pass to hook the layer updates it, the others read it. Their results are the
+  ones two identical statistics gave, with one product per group instead of two;
 * **finalizes**: ``LayerCalibration.finish`` is where a layer's statistics are complete and
   handed to the modifier's solver. Every statistic implements ``Statistic`` (``update``,
   ``merge``, ``finalize``), so a distributed run (``llmc.distributed``) reduces them all in one
@@ -30,6 +35,7 @@ A modifier holds one ``LayerCalibration`` in its run state and calls ``start`` f
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,6 +74,12 @@ logger = logging.getLogger("llmc.statistics")
 MAX_STAGES = 8
 STOP_POLICIES = ("always", "if-alone", "never")
 
+# layer -> (leader module name, share_key) -> (owning pass, its group index, the statistic):
+# the statistics a pass gathers that later passes over the same layer may read instead
+_SHARED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, Hashable], tuple[Any, int, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
 
 @runtime_checkable
 class Statistic(Protocol):
@@ -79,6 +91,9 @@ class Statistic(Protocol):
     ``finalize`` returns the value a solver uses. A statistic made of sums over tokens may also
     offer ``shard_sums() -> list[Tensor]``: its tensors that add up across data shards, which a
     distributed run then sums in place (with ``tokens``) instead of gathering whole statistics.
+    A statistic that another modifier's pass may read instead of gathering its own offers
+    ``share_key``: equal keys of one input promise equal statistics (and a ``release`` that
+    frees only once every reader released it).
     """
 
     tokens: int
@@ -197,6 +212,8 @@ class StatisticsPass:
         self._collected: int | None = None
         self._alone: bool | None = None
         self._reduced: set[int] = set()  # groups whose statistics hold every rank's data
+        self._borrowed: dict[int, tuple[StatisticsPass, int]] = {}  # group -> (owner pass, its index)
+        self._shared_keys: list[tuple[str, Hashable]] = []  # statistics this pass lends
         self._handles = [layer.register_forward_pre_hook(self._new_batch)]
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_pre_hook(self._before(name)))
@@ -207,6 +224,10 @@ class StatisticsPass:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        lent = _SHARED.get(self.layer, {})
+        for key in self._shared_keys:
+            lent.pop(key, None)
+        self._shared_keys.clear()
         self._held.clear()
         self._last_input.clear()
         layout = self.layout if self.layout is not None else []
@@ -321,8 +342,11 @@ class StatisticsPass:
                 return
             if leads:
                 if index not in self.inputs:
-                    self.inputs[index] = self._input_statistic(module)
-                self.inputs[index].update(x.detach(), self.context.attention_mask)
+                    self.inputs[index] = self._new_input_statistic(module, name, index)
+                if index in self._borrowed:
+                    self._check_lender_saw(name, index, x)
+                else:
+                    self.inputs[index].update(x.detach(), self.context.attention_mask)
                 self._last_input[index] = x
             elif not same_tensor(x, self._last_input.get(index)):
                 leader = self.layout[index][0]
@@ -341,6 +365,40 @@ class StatisticsPass:
                 raise StopLayerForward
 
         return hook
+
+    def _new_input_statistic(self, module: torch.nn.Linear, name: str, index: int) -> Statistic:
+        """A new statistic of group ``index``'s input, or the equal one an earlier pass over the
+        layer gathers from the same forwards (another modifier's pipeline pass), to read.
+
+        Shared only between pipeline passes (every group collected, ``stop`` "if-alone": the
+        passes see the same batches) in one process (a distributed run reduces each pass's
+        statistics in place, once per pass)."""
+        statistic = self._input_statistic(module)
+        key = getattr(statistic, "share_key", None)
+        if key is None or self.collect is not None or self.stop != "if-alone" or world_size() > 1:
+            return statistic
+        lent = _SHARED.setdefault(self.layer, {})
+        entry = lent.get((name, key))
+        if entry is not None and entry[0] is not self and entry[0]._handles:
+            owner, owner_index, shared = entry
+            if owner._batches == self._batches == 1:  # both on the pass's first forward
+                self._borrowed[index] = (owner, owner_index)
+                shared.readers += 1
+                return shared
+        lent[(name, key)] = (self, index, statistic)
+        self._shared_keys.append((name, key))
+        return statistic
+
+    def _check_lender_saw(self, name: str, index: int, x: torch.Tensor) -> None:
+        """A borrowed statistic must have just folded in this very input (the lender's hooks run
+        first, on the same forward); anything else would silently mix batches."""
+        owner, owner_index = self._borrowed[index]
+        if not same_tensor(x, owner._last_input.get(owner_index)):
+            raise CalibrationError(
+                f"the calibration statistic of {name} is shared between two modifiers, but the one "
+                "that gathers it did not see this batch's input; calibrate them in separate stages",
+                module=name,
+            )
 
     def _after(self, name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -365,3 +365,38 @@ def test_sparsegpt_rows_pruned_in_parts_and_joined_equal_the_whole_group_bit_for
     split_groups.clear()
     _prune(model_dir, text_file, "SparseGPTModifier: {sparsity: 0.5}")
     assert not split_groups
+
+
+def test_sparsegpt_and_gptq_of_one_stage_gather_each_hessian_once(model_dir, text_file, monkeypatch):
+    """2:4 + W4A16 in one stage: both modifiers want every group's Hessian of the same forwards;
+    sharing the one statistic halves the products and changes no weight, bit for bit."""
+    if "GPTQModifier" not in load_registry().modifiers:
+        pytest.skip("llmc-gptq is not installed")
+    from llmc.hessian import HessianAccumulator
+
+    recipe = (
+        "sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier: {mask_structure: '2:4'}\n"
+        "    GPTQModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head]}\n"
+    )
+    products = []
+    update = HessianAccumulator.update
+
+    def counted(self, x, mask=None):
+        products.append(x.shape)
+        update(self, x, mask)
+
+    monkeypatch.setattr(HessianAccumulator, "update", counted)
+    shared = _prune(model_dir, text_file, recipe)
+    shared_products = len(products)
+    products.clear()
+    monkeypatch.setattr(HessianAccumulator, "share_key", property(lambda self: None))
+    separate = _prune(model_dir, text_file, recipe)
+
+    assert shared_products > 0 and len(products) == 2 * shared_products
+    separate_state = separate.model.state_dict()
+    for name, tensor in shared.model.state_dict().items():
+        assert torch.equal(tensor, separate_state[name]), name
+    def solved(report):  # what each module's solve reached, without its timings
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in report["modules"]]
+
+    assert solved(shared.report) == solved(separate.report)
